@@ -1,0 +1,1 @@
+"""Chat channels, one module each; every module registers its Channel class."""

@@ -1,0 +1,1 @@
+"""SCRM bot service core: platform-free."""

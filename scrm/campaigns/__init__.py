@@ -1,0 +1,1 @@
+"""The campaign engine: definitions from files, planning into the outbox, and sending."""

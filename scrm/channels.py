@@ -1,0 +1,118 @@
+"""The one small interface every chat channel implements, and the platform-free data crossing it.
+
+A channel turns platform input into an :class:`InboundEvent` and hands it to the core through
+:class:`Inbox`; the core sends an :class:`OutboundMessage` back through :meth:`Channel.send`.
+Nothing here (or anywhere in ``scrm``) imports a platform SDK: that lives in ``handlers/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from aiohttp import web
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    """One thing a person did on a channel: a message, a subscription, a group join..."""
+
+    channel: str
+    account: str
+    external_id: str
+    kind: str  # text, image, voice, location, link, subscribe, unsubscribe, click, ...
+    text: str = ""
+    #: Platform id used to drop retries (MsgId, update_id, FromUserName+CreateTime).
+    platform_msg_id: str | None = None
+    display_name: str | None = None
+    #: Acquisition source (QR scene, deep-link payload, contact-me state).
+    source: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """What the core decided about an inbound event, returned once it is committed."""
+
+    duplicate: bool = False
+    replies: tuple[str, ...] = ()
+    customer_id: int | None = None
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    channel: str
+    account: str
+    external_id: str
+    text: str
+    delivery_id: int | None = None
+    campaign: str | None = None
+
+
+SendStatus = Literal["sent", "skipped", "failed", "retry"]
+
+
+@dataclass(frozen=True)
+class SendResult:
+    status: SendStatus
+    reason: str | None = None
+    platform_msg_id: str | None = None
+    #: For ``retry``: seconds to wait before the next try (platform throttling).
+    retry_after: float = 0.0
+
+
+#: The core's entry point for inbound events; resolves after the event is committed.
+Inbox = Callable[[InboundEvent], Awaitable[Reaction]]
+
+
+class Channel(ABC):
+    """One configured account of one channel type."""
+
+    type_name: ClassVar[str]
+    settings_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, account: str, settings: BaseModel, service: Service) -> None:
+        self.account = account
+        self.settings = settings
+        self.service = service
+
+    def routes(self) -> list[web.RouteDef]:
+        """Webhook routes this account serves on the service's own aiohttp server."""
+        return []
+
+    async def start(self) -> None:
+        """Open HTTP sessions or other resources (called from the app's cleanup context)."""
+
+    async def stop(self) -> None:
+        """Release what :meth:`start` opened."""
+
+    @abstractmethod
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Send one message; must not raise for platform errors, but report them."""
+
+
+_REGISTRY: dict[str, type[Channel]] = {}
+
+
+def register(cls: type[Channel]) -> type[Channel]:
+    """Class decorator used by each module in ``handlers/``."""
+    _REGISTRY[cls.type_name] = cls
+    return cls
+
+
+def channel_types() -> dict[str, type[Channel]]:
+    """All channel types, importing every module of the ``handlers`` package once."""
+    import handlers
+
+    for module in pkgutil.iter_modules(handlers.__path__):
+        importlib.import_module(f"handlers.{module.name}")
+    return dict(_REGISTRY)

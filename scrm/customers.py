@@ -1,0 +1,82 @@
+"""Customers and their channel identities, and the touchpoints that record every interaction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm.store.models import Customer, Identity, Touchpoint
+
+
+async def find_customer(session: AsyncSession, channel: str, external_id: str, account: str | None = None) -> Customer | None:
+    query = select(Customer).join(Identity).where(Identity.channel == channel, Identity.external_id == external_id)
+    if account is not None:
+        query = query.where(Identity.account == account)
+    return (await session.scalars(query.order_by(Identity.id).limit(1))).first()
+
+
+async def find_or_create(
+    session: AsyncSession,
+    channel: str,
+    account: str,
+    external_id: str,
+    now: datetime,
+    display_name: str | None = None,
+    source: str | None = None,
+) -> tuple[Customer, bool]:
+    """The customer behind an identity, created (with the identity) on first contact."""
+    customer = await find_customer(session, channel, external_id, account)
+    if customer is not None:
+        if display_name and not customer.display_name:
+            customer.display_name = display_name
+        return customer, False
+    customer = Customer(
+        display_name=display_name,
+        acquisition_source=source or f"{channel}:{account}",
+        first_seen_at=now,
+        last_seen_at=now,
+        attributes={},
+    )
+    session.add(customer)
+    await session.flush()
+    session.add(Identity(customer_id=customer.id, channel=channel, account=account, external_id=external_id, created_at=now))
+    await session.flush()
+    return customer, True
+
+
+def touchpoint(
+    session: AsyncSession,
+    *,
+    customer_id: int | None,
+    channel: str,
+    account: str,
+    direction: str,
+    kind: str,
+    now: datetime,
+    text: str | None = None,
+    payload: dict[str, Any] | None = None,
+    platform_msg_id: str | None = None,
+    campaign: str | None = None,
+    delivery_id: int | None = None,
+    actor: str | None = None,
+) -> Touchpoint:
+    """Append one touchpoint to the session; the caller's transaction commits it."""
+    row = Touchpoint(
+        customer_id=customer_id,
+        actor=actor,
+        channel=channel,
+        account=account,
+        direction=direction,
+        kind=kind,
+        text=text,
+        payload=payload or {},
+        platform_msg_id=platform_msg_id,
+        campaign=campaign,
+        delivery_id=delivery_id,
+        created_at=now,
+    )
+    session.add(row)
+    return row

@@ -1,0 +1,100 @@
+"""Group commit: many inbound events share one transaction, each acknowledged after the commit.
+
+A commit per request caps ingest at a few percent of a bare handler; here one writer task takes
+whatever has queued while the previous commit was in flight and commits it together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from scrm import pipeline
+from scrm.channels import InboundEvent, Reaction
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[InboundEvent, asyncio.Future[Reaction]]
+
+
+class StoreUnavailable(Exception):
+    """The event could not be committed; the channel should ask the platform to retry (503)."""
+
+
+class Ingestor:
+    def __init__(self, service: Service, max_batch: int = 500) -> None:
+        self.service = service
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scrm-ingest")
+
+    async def stop(self) -> None:
+        """Commit everything already queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def submit(self, event: InboundEvent) -> Reaction:
+        """Resolves once the event and its effects are committed."""
+        if self._task is None:
+            raise StoreUnavailable("ingest is not running")
+        future: asyncio.Future[Reaction] = asyncio.get_running_loop().create_future()
+        await self._queue.put((event, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        try:
+            outcomes = await self._process([event for event, _ in batch])
+        except Exception:
+            if len(batch) == 1:
+                log.exception("could not commit inbound event")
+                _resolve(batch[0][1], exc=StoreUnavailable("store error"))
+                return
+            # One bad event (or a unique-key race with another instance) must not fail its batch mates.
+            for item in batch:
+                await self._commit([item])
+            return
+        for (_, future), outcome in zip(batch, outcomes):
+            _resolve(future, outcome.reaction)
+        if any(o.planned for o in outcomes):
+            self.service.wake_outbox()
+
+    async def _process(self, events: list[InboundEvent]) -> list[pipeline.Outcome]:
+        svc = self.service
+        async with svc.sessions() as session, session.begin():
+            now = svc.clock.now()
+            return [await pipeline.handle(svc, session, event, now) for event in events]
+
+
+def _resolve(future: asyncio.Future[Reaction], reaction: Reaction | None = None, exc: Exception | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert reaction is not None
+        future.set_result(reaction)

@@ -1,0 +1,141 @@
+"""What happens to one inbound event inside the ingest transaction.
+
+Customer upsert, the touchpoint, customer commands, keyword tags and campaign triggers all share
+the transaction, so an event acknowledged to the platform has had all its effects committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm import commands, coupons, reports
+from scrm.campaigns.planner import plan_event
+from scrm.channels import InboundEvent, Reaction
+from scrm.customers import find_or_create, touchpoint
+from scrm.store.models import Customer, Touchpoint
+from scrm.tagging import add_tag
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+#: Event kinds that count as the person writing to us (they open reply windows, update last inbound).
+MESSAGE_KINDS = frozenset(reports.INBOUND_MESSAGE_KINDS)
+
+
+@dataclass
+class Outcome:
+    reaction: Reaction
+    planned: list[str] = field(default_factory=list)
+
+
+async def _is_duplicate(session: AsyncSession, event: InboundEvent) -> bool:
+    if event.platform_msg_id is None:
+        return False
+    found = await session.scalar(
+        select(Touchpoint.id).where(
+            Touchpoint.channel == event.channel,
+            Touchpoint.account == event.account,
+            Touchpoint.platform_msg_id == event.platform_msg_id,
+        )
+    )
+    return found is not None
+
+
+async def handle(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
+    if await _is_duplicate(session, event):
+        return Outcome(Reaction(duplicate=True))
+    role = service.config.staff.get(f"{event.channel}:{event.external_id}")
+    if role is not None:
+        return await _handle_staff(service, session, event, role, now)
+    return await _handle_customer(service, session, event, now)
+
+
+def _record(session: AsyncSession, event: InboundEvent, now: datetime, customer_id: int | None,
+            actor: str | None = None) -> None:
+    touchpoint(session, customer_id=customer_id, actor=actor, channel=event.channel, account=event.account,
+               direction="in", kind=event.kind, now=now, text=event.text or None, payload=event.payload,
+               platform_msg_id=event.platform_msg_id)
+
+
+def _reply(session: AsyncSession, event: InboundEvent, now: datetime, text: str, customer_id: int | None,
+           actor: str | None = None) -> None:
+    touchpoint(session, customer_id=customer_id, actor=actor, channel=event.channel, account=event.account,
+               direction="out", kind="reply", now=now, text=text)
+
+
+async def _handle_staff(service: Service, session: AsyncSession, event: InboundEvent, role: str,
+                        now: datetime) -> Outcome:
+    actor = f"staff:{event.channel}:{event.external_id}"
+    _record(session, event, now, None, actor)
+    command = commands.staff_command(event.text)
+    if command is None:
+        text = "员工命令 Staff commands: /report [7d|30d]"
+    elif role not in commands.STAFF_ROLES[command.name]:
+        text = commands.REFUSAL_REPLY
+    else:
+        days = commands.report_days(command.args)
+        if days is None:
+            text = "用法 Usage: /report [7d|30d]"
+        else:
+            text = reports.format_summary(await reports.summary(session, now, days))
+    _reply(session, event, now, text, None, actor)
+    return Outcome(Reaction(replies=(text,)))
+
+
+async def _handle_customer(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
+    customer, created = await find_or_create(
+        session, event.channel, event.account, event.external_id, now, event.display_name, event.source
+    )
+    customer.last_seen_at = now
+    if event.kind in MESSAGE_KINDS:
+        customer.last_inbound_at = now
+    _record(session, event, now, customer.id)
+    outcome = Outcome(Reaction(customer_id=customer.id))
+    replies: list[str] = []
+    text = event.text.strip()
+
+    if event.kind == "unsubscribe":
+        customer.opted_out = True
+    elif text and commands.is_opt_out(text):
+        customer.opted_out = True
+        replies.append(commands.OPT_OUT_REPLY)
+    elif text and commands.staff_command(text):
+        replies.append(commands.REFUSAL_REPLY)
+    elif text and (code := commands.redeem_code(text)):
+        result = await coupons.redeem(session, code, now, via="chat", customer_id=customer.id)
+        if result.status == "redeemed":
+            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
+                       direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
+        replies.append(result.reply)
+    elif text:
+        await _tag_keywords(service, session, customer, event, now, outcome)
+
+    if created:
+        outcome.planned += await _trigger(service, session, customer, event, now, "first_message")
+    for reply in replies:
+        _reply(session, event, now, reply, customer.id)
+    outcome.reaction = Reaction(replies=tuple(replies), customer_id=customer.id)
+    return outcome
+
+
+async def _tag_keywords(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
+                        now: datetime, outcome: Outcome) -> None:
+    for hit in service.tagger.match(event.text):
+        if await add_tag(session, customer.id, hit.tag, "keyword", hit.keyword, now):
+            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
+                       direction="internal", kind="tag_added", now=now, payload={"tag": hit.tag, "keyword": hit.keyword})
+            outcome.planned += await _trigger(service, session, customer, event, now, "tag_added", hit.tag)
+
+
+async def _trigger(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
+                   now: datetime, name: str, tag: str | None = None) -> list[str]:
+    return await plan_event(
+        session, list(service.campaigns.values()), service.paused, name,  # type: ignore[arg-type]
+        customer_id=customer.id, channel=event.channel, account=event.account,
+        external_id=event.external_id, now=now, tag=tag,
+    )

@@ -1,0 +1,62 @@
+"""The 360° view of one customer: identities, tags with their sources, coupons, recent touchpoints."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm.store.models import Coupon, CouponCode, Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+async def customer_view(session: AsyncSession, customer: Customer, touchpoints: int = 20) -> dict[str, Any]:
+    cid = customer.id
+    identities = (await session.scalars(select(Identity).where(Identity.customer_id == cid).order_by(Identity.id))).all()
+    tags = (await session.execute(
+        select(Tag.name, CustomerTag).join(CustomerTag, CustomerTag.tag_id == Tag.id)
+        .where(CustomerTag.customer_id == cid).order_by(CustomerTag.added_at, Tag.name)
+    )).all()
+    codes = (await session.execute(
+        select(CouponCode, Coupon.name).join(Coupon).where(CouponCode.customer_id == cid).order_by(CouponCode.id)
+    )).all()
+    recent = (await session.scalars(
+        select(Touchpoint).where(Touchpoint.customer_id == cid).order_by(Touchpoint.id.desc()).limit(touchpoints)
+    )).all()
+    deliveries = (await session.scalars(select(Delivery).where(Delivery.customer_id == cid).order_by(Delivery.id))).all()
+    return {
+        "id": cid,
+        "display_name": customer.display_name,
+        "stage": customer.stage,
+        "opted_out": customer.opted_out,
+        "acquisition_source": customer.acquisition_source,
+        "first_seen_at": _iso(customer.first_seen_at),
+        "last_seen_at": _iso(customer.last_seen_at),
+        "last_inbound_at": _iso(customer.last_inbound_at),
+        "identities": [{"channel": i.channel, "account": i.account, "external_id": i.external_id} for i in identities],
+        "tags": [
+            {"name": name, "source": ct.source, "detail": ct.source_detail, "score": ct.score,
+             "added_at": _iso(ct.added_at), "expires_at": _iso(ct.expires_at)}
+            for name, ct in tags
+        ],
+        "coupons": [
+            {"code": c.code, "pool": pool, "granted_at": _iso(c.granted_at), "expires_at": _iso(c.expires_at),
+             "redeemed_at": _iso(c.redeemed_at)}
+            for c, pool in codes
+        ],
+        "deliveries": [
+            {"campaign": d.campaign, "step": d.step, "status": d.status, "reason": d.reason, "due_at": _iso(d.due_at),
+             "finished_at": _iso(d.finished_at)}
+            for d in deliveries
+        ],
+        "touchpoints": [
+            {"at": _iso(t.created_at), "direction": t.direction, "kind": t.kind, "channel": t.channel,
+             "text": t.text, "campaign": t.campaign, "payload": t.payload}
+            for t in reversed(recent)
+        ],
+    }

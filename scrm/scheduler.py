@@ -1,0 +1,30 @@
+"""APScheduler wiring: the jobs that drive the outbox (and, later, cron campaigns)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+log = logging.getLogger(__name__)
+
+OUTBOX_JOB = "outbox"
+
+
+def build_scheduler(service: Service) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
+                                                             "misfire_grace_time": 30})
+    scheduler.add_job(service.outbox.tick, "interval", id=OUTBOX_JOB,
+                      seconds=service.config.scheduler.outbox_tick_seconds)
+    return scheduler
+
+
+def run_soon(scheduler: AsyncIOScheduler, job_id: str) -> None:
+    """Bring a job's next run forward to now (e.g. the outbox after an event planned a send)."""
+    if scheduler.running and (job := scheduler.get_job(job_id)) is not None:
+        job.modify(next_run_time=datetime.now(UTC))

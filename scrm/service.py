@@ -1,0 +1,99 @@
+"""The running service: configuration, store, tagger, campaigns, channels, ingest, outbox, scheduler.
+
+Built synchronously (so a web app can collect each channel's routes) and started/stopped from the
+app's cleanup context, or by the CLI for in-process work.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from scrm.campaigns.definitions import LoadedCampaign, load_campaigns
+from scrm.campaigns.outbox import Outbox
+from scrm.channels import Channel, InboundEvent, Reaction, channel_types
+from scrm.clock import Clock, SystemClock
+from scrm.config import Config
+from scrm.ingest import Ingestor
+from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
+from scrm.store import migrate
+from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.models import Campaign
+from scrm.tagging import KeywordTagger
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.tagger = KeywordTagger(config.tagging.rules)
+        self.campaigns: dict[str, LoadedCampaign] = {c.definition.name: c for c in load_campaigns(config)}
+        self.paused: set[str] = set()
+        types = channel_types()
+        self.channels: dict[tuple[str, str], Channel] = {
+            (kind, account): types[kind](account, types[kind].settings_model.model_validate(settings), self)
+            for kind, accounts in config.channels.items()
+            for account, settings in accounts.items()
+        }
+        self.engine: AsyncEngine = make_engine(config.store_url)
+        self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        self.ingestor = Ingestor(self)
+        self.outbox = Outbox(self)
+        self.scheduler = build_scheduler(self)
+
+    def channel(self, kind: str, account: str) -> Channel | None:
+        return self.channels.get((kind, account))
+
+    async def receive(self, event: InboundEvent) -> Reaction:
+        """Channels call this; it returns after the event is committed."""
+        return await self.ingestor.submit(event)
+
+    def wake_outbox(self) -> None:
+        run_soon(self.scheduler, OUTBOX_JOB)
+
+    async def start(self, scheduler: bool = True) -> None:
+        await migrate.upgrade(self.engine)
+        await self._sync_campaigns()
+        await self.outbox.recover()
+        for channel in self.channels.values():
+            await channel.start()
+        await self.ingestor.start()
+        if scheduler:
+            self.scheduler.start()
+
+    async def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        await self.ingestor.stop()
+        async with self.outbox._lock:  # let an in-flight send finish and be recorded
+            pass
+        for channel in self.channels.values():
+            await channel.stop()
+        await self.engine.dispose()
+
+    async def health(self) -> dict[str, str]:
+        status = {"scheduler": "running" if self.scheduler.running else "stopped"}
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            status["store"] = "ok"
+        except Exception as exc:  # any driver error means the same thing to an operator
+            status["store"] = f"unreachable: {type(exc).__name__}"
+        return status
+
+    async def _sync_campaigns(self) -> None:
+        """Mirror campaign files into the store; pause state lives in the store and survives restarts."""
+        now = self.clock.now()
+        async with self.sessions() as session, session.begin():
+            rows = {c.name: c for c in (await session.scalars(select(Campaign))).all()}
+            for name, loaded in self.campaigns.items():
+                row = rows.get(name)
+                if row is None:
+                    session.add(Campaign(name=name, paused=False, definition_hash=loaded.digest, updated_at=now))
+                elif row.definition_hash != loaded.digest:
+                    row.definition_hash, row.updated_at = loaded.digest, now
+            self.paused = {name for name, row in rows.items() if row.paused}

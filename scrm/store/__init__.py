@@ -1,0 +1,1 @@
+"""The customer store: models, engine and migrations."""

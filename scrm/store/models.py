@@ -1,0 +1,193 @@
+"""The customer store's tables (SQLAlchemy 2 typed ORM).
+
+All timestamps are naive UTC: SQLite keeps no zone, so one convention serves both stores.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(), str: String(255)}
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    display_name: Mapped[str | None]
+    phone: Mapped[str | None] = mapped_column(String(32))
+    birthday: Mapped[date | None] = mapped_column(Date)
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    locale: Mapped[str | None] = mapped_column(String(16))
+    stage: Mapped[str] = mapped_column(String(16), default="acquisition", index=True)
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    acquisition_source: Mapped[str | None] = mapped_column(String(64))
+    first_seen_at: Mapped[datetime] = mapped_column(index=True)
+    last_seen_at: Mapped[datetime]
+    last_inbound_at: Mapped[datetime | None]
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    identities: Mapped[list[Identity]] = relationship(back_populates="customer")
+
+
+class Identity(Base):
+    """A customer's id on one account of one channel; one person may have several."""
+
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("channel", "account", "external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+    customer: Mapped[Customer] = relationship(back_populates="identities")
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class CustomerTag(Base):
+    __tablename__ = "customer_tags"
+    __table_args__ = (UniqueConstraint("customer_id", "tag_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id"), index=True)
+    #: Which rule set it: ``keyword`` / ``behaviour`` / ``operator`` / ``campaign``.
+    source: Mapped[str] = mapped_column(String(16))
+    #: What exactly: the keyword hit, the rule name, the operator's identity.
+    source_detail: Mapped[str | None]
+    score: Mapped[float] = mapped_column(Float, default=1.0)
+    added_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+
+    tag: Mapped[Tag] = relationship()
+
+
+class Touchpoint(Base):
+    """Append-only record of every interaction; staff interactions carry ``actor`` and no customer."""
+
+    __tablename__ = "touchpoints"
+    __table_args__ = (
+        UniqueConstraint("channel", "account", "platform_msg_id", name="uq_touchpoints_platform_msg"),
+        Index("ix_touchpoints_customer_created", "customer_id", "created_at"),
+        Index("ix_touchpoints_created_kind", "created_at", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+    actor: Mapped[str | None] = mapped_column(String(160))
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    #: ``in`` (from the person), ``out`` (to the person), ``internal`` (grants, stage changes...).
+    direction: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32))
+    platform_msg_id: Mapped[str | None] = mapped_column(String(128))
+    text: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    delivery_id: Mapped[int | None]
+    created_at: Mapped[datetime]
+
+
+class Campaign(Base):
+    """Runtime state of a campaign whose definition lives in a file under ``campaigns/``."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    definition_hash: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime]
+
+
+class Delivery(Base):
+    """The outbox: one planned message per (campaign, step, customer), ever."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("campaign", "step", "customer_id", name="uq_deliveries_once"),
+        Index("ix_deliveries_status_due", "status", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(64), index=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    #: planned -> sending -> sent | skipped | failed | unknown (crashed mid-send, never resent).
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    reason: Mapped[str | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str | None] = mapped_column(Text)
+    due_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class Coupon(Base):
+    """A coupon pool; its terms come from config and are mirrored here for reports."""
+
+    __tablename__ = "coupons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    value: Mapped[float] = mapped_column(Float, default=0)
+
+
+class CouponCode(Base):
+    __tablename__ = "coupon_codes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    coupon_id: Mapped[int] = mapped_column(ForeignKey("coupons.id"), index=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(unique=True)
+    granted_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    redeemed_at: Mapped[datetime | None]
+
+    coupon: Mapped[Coupon] = relationship()
+
+
+class Redemption(Base):
+    __tablename__ = "redemptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code_id: Mapped[int] = mapped_column(ForeignKey("coupon_codes.id"), unique=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    #: Who recorded it: ``chat`` (the customer) or ``cli`` / ``api`` (the till).
+    via: Mapped[str] = mapped_column(String(16))
+    redeemed_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Conversion(Base):
+    """An order or goal event; a coupon redemption is one too."""
+
+    __tablename__ = "conversions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    order_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    amount: Mapped[float] = mapped_column(Float, default=0)
+    currency: Mapped[str] = mapped_column(String(3), default="CNY")
+    coupon_code: Mapped[str | None] = mapped_column(String(32))
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(index=True)

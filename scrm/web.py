@@ -1,0 +1,37 @@
+"""The aiohttp application factory: health check plus every configured channel's webhook routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from scrm.clock import Clock
+from scrm.config import Config
+from scrm.service import Service
+
+SERVICE = web.AppKey("service", Service)
+
+
+def create_app(config: Config, clock: Clock | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.service.max_body_bytes)
+    service = Service(config, clock)
+    app[SERVICE] = service
+    app.cleanup_ctx.append(_service_ctx)
+    app.router.add_get("/healthz", healthz)
+    for channel in service.channels.values():
+        app.router.add_routes(channel.routes())
+    return app
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    service = app[SERVICE]
+    await service.start()
+    yield
+    await service.stop()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    status = await request.app[SERVICE].health()
+    healthy = status["store"] == "ok" and status["scheduler"] == "running"
+    return web.json_response({"status": "ok" if healthy else "degraded", **status}, status=200 if healthy else 503)
