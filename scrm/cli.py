@@ -56,7 +56,7 @@ async def _store(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSessio
     from scrm.store.engine import make_engine, make_sessionmaker
     from scrm.store.migrate import upgrade
 
-    engine = make_engine(config.store_url)
+    engine = make_engine(config.store_url, config.store.schema_name)
     try:
         await upgrade(engine)
         yield make_sessionmaker(engine)
@@ -159,7 +159,7 @@ def db_upgrade(ctx: click.Context) -> None:
     config = _load(ctx)
 
     async def go() -> str | None:
-        engine = make_engine(config.store_url)
+        engine = make_engine(config.store_url, config.store.schema_name)
         try:
             await upgrade(engine)
             return await current_revision(engine)

@@ -54,6 +54,8 @@ class ServiceConfig(_Strict):
 
 class StoreConfig(_Strict):
     url: str = "sqlite+aiosqlite:///scrm.db"
+    #: PostgreSQL only: keep the tables in this schema (it must exist) instead of ``public``.
+    schema_name: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
     @field_validator("url")
     @classmethod

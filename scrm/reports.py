@@ -47,7 +47,7 @@ async def summary(session: AsyncSession, until: datetime, days: int = 7) -> Summ
         return int(await session.scalar(query) or 0)
 
     def window(column: Any) -> Any:
-        return (column >= since) & (column < until)
+        return (column >= since) & (column <= until)
 
     sent = (Delivery.status == "sent") & window(Delivery.finished_at)
     customer_tp = Touchpoint.customer_id.is_not(None) & window(Touchpoint.created_at)

@@ -39,7 +39,7 @@ class Service:
             for kind, accounts in config.channels.items()
             for account, settings in accounts.items()
         }
-        self.engine: AsyncEngine = make_engine(config.store_url)
+        self.engine: AsyncEngine = make_engine(config.store_url, config.store.schema_name)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.ingestor = Ingestor(self)
         self.outbox = Outbox(self)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real store (SQLite file, and PostgreSQL when SCRM_TEST_POSTGRES_URL is set),
+configs built from the shipped example, and the real aiohttp app driven by pytest-aiohttp's client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from scrm.clock import ManualClock
+from scrm.config import Config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("SCRM_TEST_POSTGRES_URL")
+
+
+def example_config() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "config.example.toml").read_text("utf-8"))
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """Store settings for one test: a fresh SQLite file, or a fresh schema on the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield {"url": f"sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"}
+        return
+    if not POSTGRES_URL:
+        pytest.skip("PostgreSQL store tests need SCRM_TEST_POSTGRES_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(POSTGRES_URL)
+    async with admin.begin() as conn:
+        await conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield {"url": POSTGRES_URL, "schema_name": schema}
+    finally:
+        async with admin.begin() as conn:
+            await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        await admin.dispose()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, store: dict[str, Any]) -> Callable[..., Config]:
+    """The shipped example config on the test's store, with overrides merged in."""
+
+    def build(overrides: dict[str, Any] | None = None) -> Config:
+        data = deep_merge(example_config(), {"store": store, "campaigns": {"path": str(ROOT / "campaigns")}})
+        return parse_config(deep_merge(data, overrides or {}), tmp_path, environ={})
+
+    return build
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll an async check until it returns something truthy; the scheduler runs for real."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)
