@@ -15,11 +15,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import click
 from aiohttp import web
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from scrm.service import Service
+
+
+#: Inbound kinds that are the person writing to us (they update last inbound and open reply windows).
+MESSAGE_KINDS = frozenset({"text", "image", "voice", "video", "location", "link", "command"})
+
+#: Other inbound kinds the core reacts to; any other kind is recorded as a touchpoint and nothing more.
+#:  subscribe         followed the account / added the staff member / started the bot (captures; clears opt-out)
+#:  unsubscribe       unfollowed; ``blocked``: blocked the bot — both opt the customer out of pushes
+#:  contact_removed   deleted the brand's staff member as a contact: stage becomes ``lost``
+#:  contact_shared    shared their own phone number (``payload["phone"]``): saved with consent
+#:  group_joined / group_left   joined or left a customer group (``payload["group_id"]``)
+#:  menu_click, menu_view, scan, contact_updated, group_created, group_updated, group_dismissed: recorded
+CORE_EVENT_KINDS = frozenset({"subscribe", "unsubscribe", "blocked", "contact_removed", "contact_shared",
+                              "group_joined", "group_left"})
 
 
 @dataclass(frozen=True)
@@ -29,7 +44,7 @@ class InboundEvent:
     channel: str
     account: str
     external_id: str
-    kind: str  # text, image, voice, location, link, subscribe, unsubscribe, click, ...
+    kind: str  # one of MESSAGE_KINDS or the event kinds listed above
     text: str = ""
     #: Platform id used to drop retries (MsgId, update_id, FromUserName+CreateTime).
     platform_msg_id: str | None = None
@@ -49,6 +64,15 @@ class Reaction:
 
 
 @dataclass(frozen=True)
+class NoticeTemplate:
+    """A platform notice template (WeChat template message) for use outside the reply window."""
+
+    template_id: str
+    fields: dict[str, str]
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class OutboundMessage:
     channel: str
     account: str
@@ -56,6 +80,10 @@ class OutboundMessage:
     text: str
     delivery_id: int | None = None
     campaign: str | None = None
+    #: When the person last wrote to us: channels with a reply window (WeChat's 48 h) decide with it.
+    last_inbound_at: datetime | None = None
+    #: The campaign's notice template, rendered, for channels that need one outside the window.
+    template: NoticeTemplate | None = None
 
 
 SendStatus = Literal["sent", "skipped", "failed", "retry"]
@@ -95,9 +123,17 @@ class Channel(ABC):
     async def stop(self) -> None:
         """Release what :meth:`start` opened."""
 
+    def jobs(self) -> list[tuple[str, Callable[[], Awaitable[None]], float]]:
+        """Periodic work for the scheduler as ``(job id, coroutine function, interval seconds)``,
+        e.g. fetching mass-send results that a platform only reports later."""
+        return []
+
     @abstractmethod
     async def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; must not raise for platform errors, but report them."""
+
+    #: Channel-specific CLI commands, mounted as ``scrm <type_name> ...``.
+    cli: ClassVar[click.Group | None] = None
 
 
 _REGISTRY: dict[str, type[Channel]] = {}

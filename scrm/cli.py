@@ -315,3 +315,14 @@ def report(ctx: click.Context, days: int, as_json: bool) -> None:
         click.echo(json.dumps(summary.as_dict(), ensure_ascii=False, indent=2))
     else:
         out.print(reports.format_summary(summary), markup=False, highlight=False)
+
+
+def _mount_channel_commands() -> None:
+    from scrm.channels import channel_types
+
+    for kind, cls in channel_types().items():
+        if cls.cli is not None:
+            main.add_command(cls.cli, kind)
+
+
+_mount_channel_commands()

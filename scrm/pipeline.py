@@ -15,16 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import commands, coupons, reports
 from scrm.campaigns.planner import plan_event
-from scrm.channels import InboundEvent, Reaction
+from scrm.channels import MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.customers import find_or_create, touchpoint
 from scrm.store.models import Customer, Touchpoint
 from scrm.tagging import add_tag
 
 if TYPE_CHECKING:
     from scrm.service import Service
-
-#: Event kinds that count as the person writing to us (they open reply windows, update last inbound).
-MESSAGE_KINDS = frozenset(reports.INBOUND_MESSAGE_KINDS)
 
 
 @dataclass
@@ -99,21 +96,19 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
     replies: list[str] = []
     text = event.text.strip()
 
-    if event.kind == "unsubscribe":
+    if event.kind in ("unsubscribe", "blocked"):
         customer.opted_out = True
-    elif text and commands.is_opt_out(text):
-        customer.opted_out = True
-        replies.append(commands.OPT_OUT_REPLY)
-    elif text and commands.staff_command(text):
-        replies.append(commands.REFUSAL_REPLY)
-    elif text and (code := commands.redeem_code(text)):
-        result = await coupons.redeem(session, code, now, via="chat", customer_id=customer.id)
-        if result.status == "redeemed":
-            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
-                       direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
-        replies.append(result.reply)
-    elif text:
-        await _tag_keywords(service, session, customer, event, now, outcome)
+    elif event.kind == "subscribe":
+        customer.opted_out = False
+        if event.source and not created:
+            customer.attributes = {**customer.attributes, "last_source": event.source}
+    elif event.kind == "contact_removed":
+        customer.stage, customer.opted_out = "lost", True
+    elif event.kind == "contact_shared" and isinstance(event.payload.get("phone"), str):
+        customer.phone = event.payload["phone"][:32]
+        customer.attributes = {**customer.attributes, "phone_consent": {"source": event.channel, "at": now.isoformat()}}
+    elif event.kind in MESSAGE_KINDS and text:
+        replies += await _customer_text(service, session, customer, event, text, now, outcome)
 
     if created:
         outcome.planned += await _trigger(service, session, customer, event, now, "first_message")
@@ -121,6 +116,24 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
         _reply(session, event, now, reply, customer.id)
     outcome.reaction = Reaction(replies=tuple(replies), customer_id=customer.id)
     return outcome
+
+
+async def _customer_text(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
+                         text: str, now: datetime, outcome: Outcome) -> list[str]:
+    """Customer commands (opt out, redeem, staff-only refusal) or, for ordinary text, keyword tags."""
+    if commands.is_opt_out(text):
+        customer.opted_out = True
+        return [commands.OPT_OUT_REPLY]
+    if commands.staff_command(text):
+        return [commands.REFUSAL_REPLY]
+    if code := commands.redeem_code(text):
+        result = await coupons.redeem(session, code, now, via="chat", customer_id=customer.id)
+        if result.status == "redeemed":
+            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
+                       direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
+        return [result.reply]
+    await _tag_keywords(service, session, customer, event, now, outcome)
+    return []
 
 
 async def _tag_keywords(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,

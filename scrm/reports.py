@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.channels import MESSAGE_KINDS
 from scrm.store.models import Conversion, CouponCode, Customer, Delivery, Redemption, Touchpoint
 
-INBOUND_MESSAGE_KINDS = ("text", "image", "voice", "video", "location", "link", "command")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ async def summary(session: AsyncSession, until: datetime, days: int = 7) -> Summ
         until=until,
         new_customers=await count(select(func.count()).where(window(Customer.first_seen_at))),
         messages_in=await count(select(func.count()).where(
-            customer_tp, Touchpoint.direction == "in", Touchpoint.kind.in_(INBOUND_MESSAGE_KINDS))),
+            customer_tp, Touchpoint.direction == "in", Touchpoint.kind.in_(MESSAGE_KINDS))),
         messages_out=await count(select(func.count()).where(customer_tp, Touchpoint.direction == "out",
                                                             Touchpoint.kind.in_(("reply", "campaign_message")))),
         campaign_sends=await count(select(func.count()).where(sent)),

@@ -21,6 +21,9 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
                                                              "misfire_grace_time": 30})
     scheduler.add_job(service.outbox.tick, "interval", id=OUTBOX_JOB,
                       seconds=service.config.scheduler.outbox_tick_seconds)
+    for (kind, account), channel in service.channels.items():
+        for name, job, seconds in channel.jobs():
+            scheduler.add_job(job, "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
     return scheduler
 
 

@@ -5,16 +5,27 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from scrm.clock import Clock
 from scrm.config import Config
+from scrm.ingest import StoreUnavailable
 from scrm.service import Service
 
 SERVICE = web.AppKey("service", Service)
 
 
+@web.middleware
+async def store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An event the store could not commit was not acknowledged: 503 makes the platform retry."""
+    try:
+        return await handler(request)
+    except StoreUnavailable:
+        return web.json_response({"error": "store_unavailable", "message": "try again later"}, status=503)
+
+
 def create_app(config: Config, clock: Clock | None = None) -> web.Application:
-    app = web.Application(client_max_size=config.service.max_body_bytes)
+    app = web.Application(client_max_size=config.service.max_body_bytes, middlewares=[store_errors])
     service = Service(config, clock)
     app[SERVICE] = service
     app.cleanup_ctx.append(_service_ctx)

@@ -49,8 +49,18 @@ class CouponSpec(_Strict):
     pool: str
 
 
+class Template(_Strict):
+    """Notice template (WeChat template message) used outside a channel's reply window."""
+
+    template_id: str = Field(min_length=1)
+    url: str | None = None
+    #: Template field name -> text (a message template itself, e.g. "{{ customer.name }}").
+    fields: dict[str, str] = {}
+
+
 class Message(_Strict):
     text: str = Field(min_length=1)
+    template: Template | None = None
 
 
 class CampaignDefinition(_Strict):
@@ -90,9 +100,12 @@ def _check(definition: CampaignDefinition, config: Config) -> list[str]:
         if definition.coupon.pool not in config.coupons:
             known = ", ".join(sorted(config.coupons)) or "none configured"
             problems.append(f"coupon.pool: unknown pool {definition.coupon.pool!r} (known: {known})")
-    problem = templates.check(definition.message.text, available)
-    if problem:
-        problems.append(f"message.text: {problem}")
+    sources = {"message.text": definition.message.text}
+    if definition.message.template is not None:
+        sources.update({f"message.template.fields.{k}": v for k, v in definition.message.template.fields.items()})
+    for key, source in sources.items():
+        if problem := templates.check(source, available):
+            problems.append(f"{key}: {problem}")
     return problems
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
 from scrm.campaigns import templates
-from scrm.channels import OutboundMessage, SendResult
+from scrm.channels import NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
 from scrm.store.models import Customer, CustomerTag, Delivery, Tag
 
@@ -132,7 +132,12 @@ class Outbox:
             context["coupon"] = {"code": code.code, "value": f"{pool.value:g}",
                                  "expires": code.expires_at.date().isoformat() if code.expires_at else ""}
         d.text = templates.render(definition.message.text, context)
-        return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text, d.id, d.campaign))
+        notice = None
+        if (spec := definition.message.template) is not None:
+            notice = NoticeTemplate(spec.template_id, {k: templates.render(v, context) for k, v in spec.fields.items()},
+                                    spec.url)
+        return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text, d.id, d.campaign,
+                                               customer.last_inbound_at, notice))
 
     async def _send(self, p: _Prepared) -> SendResult:
         if p.message is None:
