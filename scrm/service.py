@@ -69,8 +69,7 @@ class Service:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.ingestor.stop()
-        async with self.outbox._lock:  # let an in-flight send finish and be recorded
-            pass
+        await self.outbox.close()
         for channel in self.channels.values():
             await channel.stop()
         await self.engine.dispose()

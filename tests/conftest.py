@@ -7,7 +7,7 @@ import asyncio
 import os
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +33,37 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@pytest.fixture(scope="session")
+def pg_schemas() -> Iterator[list[str]]:
+    """Schemas created by PostgreSQL tests, dropped when the run ends (after every app has closed)."""
+    schemas: list[str] = []
+    yield schemas
+    if schemas and POSTGRES_URL:
+        asyncio.run(_drop_schemas(schemas))
+
+
+async def _drop_schemas(schemas: list[str]) -> None:
+    admin = create_async_engine(POSTGRES_URL)
+    async with admin.begin() as conn:
+        for schema in schemas:
+            await conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    await admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path, pg_schemas: list[str]) -> dict[str, Any]:
     """Store settings for one test: a fresh SQLite file, or a fresh schema on the test PostgreSQL."""
     if request.param == "sqlite":
-        yield {"url": f"sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"}
-        return
+        return {"url": f"sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"}
     if not POSTGRES_URL:
         pytest.skip("PostgreSQL store tests need SCRM_TEST_POSTGRES_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test)")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(POSTGRES_URL)
     async with admin.begin() as conn:
         await conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield {"url": POSTGRES_URL, "schema_name": schema}
-    finally:
-        async with admin.begin() as conn:
-            await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        await admin.dispose()
+    await admin.dispose()
+    pg_schemas.append(schema)
+    return {"url": POSTGRES_URL, "schema_name": schema}
 
 
 @pytest.fixture

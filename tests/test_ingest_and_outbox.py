@@ -1,0 +1,100 @@
+"""Store guarantees: one touchpoint per platform message, group commit under concurrency,
+at-most-once delivery across a crash, opt-out respected, health reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sqlalchemy import func, select, update
+
+from scrm.channels import InboundEvent
+from scrm.store.models import Customer, Delivery, Identity, Touchpoint
+from scrm.web import SERVICE, create_app
+from tests.conftest import eventually
+
+
+async def count(service, model, *where) -> int:
+    async with service.sessions() as s:
+        return await s.scalar(select(func.count()).select_from(model).where(*where))
+
+
+async def test_platform_retries_make_one_touchpoint(aiohttp_client, make_config, clock):
+    client = await aiohttp_client(create_app(make_config(), clock))
+    service = client.app[SERVICE]
+    body = {"user": "dora", "text": "奶粉", "id": "m-1"}
+    first, second = await asyncio.gather(
+        client.post("/console/local/messages", json=body), client.post("/console/local/messages", json=body))
+    results = sorted([(await first.json())["duplicate"], (await second.json())["duplicate"]])
+    assert results == [False, True]
+    assert await count(service, Touchpoint, Touchpoint.direction == "in") == 1
+
+
+async def test_concurrent_messages_share_commits_and_all_land(aiohttp_client, make_config, clock):
+    client = await aiohttp_client(create_app(make_config(), clock))
+    service = client.app[SERVICE]
+    users = [f"u{i}" for i in range(40)]
+
+    async def post(user: str, n: int):
+        resp = await client.post("/console/local/messages", json={"user": user, "text": f"你好 {n}", "id": f"{user}-{n}"})
+        assert resp.status == 200
+
+    await asyncio.gather(*(post(u, n) for u in users for n in range(5)))
+    assert await count(service, Touchpoint, Touchpoint.direction == "in") == 200
+    assert await count(service, Customer) == 40
+    assert await count(service, Identity) == 40
+
+
+async def test_delivery_mid_send_at_crash_becomes_unknown_and_is_never_resent(aiohttp_client, make_config, clock):
+    config = make_config()
+    client = await aiohttp_client(create_app(config, clock))
+    service = client.app[SERVICE]
+    await client.post("/console/local/messages", json={"user": "erin", "text": "hi", "id": "e-1"})
+    await eventually(lambda: count(service, Delivery, Delivery.status == "sent"))
+    # Simulate a process that died after claiming a delivery: the row is left "sending".
+    async with service.sessions() as s, s.begin():
+        await s.execute(update(Delivery).values(status="sending"))
+    await client.close()
+
+    restarted = await aiohttp_client(create_app(config, clock))
+    service = restarted.app[SERVICE]
+    assert await count(service, Delivery, Delivery.status == "unknown", Delivery.reason == "crashed_mid_send") == 1
+    await service.outbox.tick()
+    assert await count(service, Touchpoint, Touchpoint.kind == "campaign_message") == 1
+    assert await count(service, Touchpoint, Touchpoint.kind == "delivery_unknown") == 1
+
+
+async def test_opted_out_customer_is_not_sent_to(aiohttp_client, make_config, clock):
+    client = await aiohttp_client(create_app(make_config(), clock))
+    service = client.app[SERVICE]
+    # Opt out in the same breath as the first message: the welcome is planned but must be skipped.
+    await service.receive(InboundEvent("console", "local", "finn", "text", text="退订", platform_msg_id="f-1"))
+    await eventually(lambda: count(service, Delivery, Delivery.status == "skipped"))
+    async with service.sessions() as s:
+        delivery = await s.scalar(select(Delivery))
+    assert (delivery.status, delivery.reason) == ("skipped", "opted_out")
+    assert await count(service, Touchpoint, Touchpoint.kind == "campaign_message") == 0
+    replies = (await (await client.get("/console/local/updates", params={"user": "finn"})).json())["messages"]
+    assert replies == []
+
+
+async def test_console_rejects_bad_input_and_writes_nothing(aiohttp_client, make_config, clock):
+    client = await aiohttp_client(create_app(make_config({"service": {"max_body_bytes": 2048}}), clock))
+    service = client.app[SERVICE]
+    bad = [
+        (client.post("/console/local/messages", data=b"{not json"), 400),
+        (client.post("/console/local/messages", json={"user": "a b", "text": "x"}), 400),
+        (client.post("/console/local/messages", json={"user": "gia", "text": ""}), 400),
+        (client.post("/console/local/messages", json={"user": "gia", "text": "x" * 5000}), 413),
+        (client.post("/console/nope/messages", json={"user": "gia", "text": "x"}), 404),
+    ]
+    for request, status in bad:
+        assert (await request).status == status
+    assert await count(service, Touchpoint) == 0
+
+
+async def test_healthz(aiohttp_client, make_config, clock):
+    client = await aiohttp_client(create_app(make_config(), clock))
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok", "scheduler": "running", "store": "ok"}
