@@ -89,7 +89,8 @@ def main(ctx: click.Context, config_path: str) -> None:
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @main.command()
