@@ -1,0 +1,472 @@
+"""WeChat Official Account (公众号): passive callbacks in, customer-service and template messages out.
+
+Inbound: ``GET /wechat/<account>`` answers WeChat's URL check; ``POST /wechat/<account>`` takes messages
+and events in plaintext or safe mode (AES), commits them through the core and answers within WeChat's
+5-second limit — with a passive text reply when the core has one, else ``success``.
+
+Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
+the campaign's template message outside it (or a ``skipped`` result). wechatpy's client is synchronous,
+so every API call runs on this account's own small thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import requests
+import xmltodict
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from sqlalchemy import func, select
+from wechatpy import events as wx_events
+from wechatpy import messages as wx_messages
+from wechatpy import parse_message
+from wechatpy.client import WeChatClient
+from wechatpy.crypto import WeChatCrypto
+from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException, WeChatClientException
+from wechatpy.replies import TextReply
+
+from scrm.channels import Channel, InboundEvent, OutboundMessage, Reaction, SendResult, register
+from scrm.store.models import Identity, Touchpoint
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Customer-service messages are allowed this long after the person's last interaction.
+REPLY_WINDOW = timedelta(hours=48)
+#: Inbound event kinds that open the window besides messages (WeChat: follow, QR scan, click menu).
+WINDOW_EVENT_KINDS = ("subscribe", "scan", "menu_click")
+#: WeChat shows text replies up to about this many bytes.
+MAX_REPLY_BYTES = 2048
+OUTSIDE_WINDOW = "outside_48h_window"
+TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
+QUOTA_ERRCODES = frozenset({45009, 45047})
+MAX_BACKOFF_SECONDS = 300.0
+_DECLARATION = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+class WeChatSettings(BaseModel):
+    """One Official Account, as set up under 设置与开发 > 基本配置 on mp.weixin.qq.com."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field(min_length=1, max_length=64)
+    app_secret: SecretStr
+    #: The callback Token (3-32 letters or digits) WeChat signs every callback with.
+    token: str = Field(pattern=r"^[A-Za-z0-9]{3,32}$")
+    #: EncodingAESKey (43 characters): set it to accept safe mode (encrypt_type=aes) callbacks.
+    encoding_aes_key: str | None = Field(None, pattern=r"^[A-Za-z0-9]{43}$")
+    api_base_url: str = "https://api.weixin.qq.com/"
+    #: WeChat gives up on an answer after 5 s; answer ``success`` before that, the event still commits.
+    reply_timeout_seconds: float = Field(4.5, gt=0, lt=5)
+    request_timeout_seconds: float = Field(10.0, gt=0)
+    #: Wait after a quota errcode (45009 daily API quota, 45047 customer-message quota).
+    quota_retry_seconds: float = Field(60.0, gt=0)
+    #: First wait after a system-busy errcode (-1) or a network error; doubles on each retry.
+    retry_backoff_seconds: float = Field(2.0, gt=0)
+    #: Threads for wechatpy's blocking calls (at most this many API calls in flight).
+    max_concurrent_requests: int = Field(8, ge=1, le=64)
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL such as https://api.weixin.qq.com/")
+        return value if value.endswith("/") else value + "/"
+
+
+class WeChatApiError(Exception):
+    """A WeChat API call that did not succeed; ``reason`` reads like SendResult reasons."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _TokenError(Exception):
+    """The token endpoint refused (wrong AppSecret, IP not whitelisted, quota...)."""
+
+    def __init__(self, errcode: int, errmsg: str) -> None:
+        super().__init__(f"{errcode}: {errmsg}")
+        self.errcode = errcode
+
+
+class _Api(WeChatClient):
+    """wechatpy's client aimed at the configured base URL, with a thread-safe token cache.
+
+    wechatpy's own token refresh is off (``auto_retry=False``): it recurses for as long as WeChat keeps
+    answering 40001, and its token fetch ignores both the base URL and the request timeout.
+    """
+
+    def __init__(self, settings: WeChatSettings) -> None:
+        super().__init__(settings.app_id, settings.app_secret.get_secret_value(),
+                         timeout=settings.request_timeout_seconds, auto_retry=False)
+        self.API_BASE_URL = settings.api_base_url + "cgi-bin/"
+        self._token_lock = threading.Lock()
+
+    def fetch_access_token(self) -> dict[str, Any]:
+        res = self._http.get(self.API_BASE_URL + "token", timeout=self.timeout, params={
+            "grant_type": "client_credential", "appid": self.appid, "secret": self.secret})
+        res.raise_for_status()
+        result = res.json()
+        if not isinstance(result, dict) or not result.get("access_token"):
+            errcode = int(result.get("errcode", 0)) if isinstance(result, dict) else 0
+            raise _TokenError(errcode, str(result.get("errmsg", "")) if isinstance(result, dict) else "not JSON")
+        expires_in = int(result.get("expires_in", 7200))
+        self.session.set(self.access_token_key, result["access_token"], expires_in)
+        self.expires_at = int(time.time()) + expires_in
+        return result
+
+    @property  # type: ignore[override]
+    def access_token(self) -> str:
+        """The cached token, fetched once (not once per thread) when missing or about to expire."""
+        with self._token_lock:
+            token = self.session.get(self.access_token_key)
+            if token and self.expires_at and self.expires_at - time.time() > 60:
+                return str(token)
+            self.fetch_access_token()
+            return str(self.session.get(self.access_token_key))
+
+    def refresh_token(self, stale: str) -> None:
+        """Refetch unless another thread already replaced the token WeChat just rejected."""
+        with self._token_lock:
+            if self.session.get(self.access_token_key) == stale:
+                self.fetch_access_token()
+
+    def call(self, fn: Callable[[_Api], T]) -> T:
+        """One API call; an invalid or expired token is refreshed and the call retried once."""
+        token = self.access_token
+        try:
+            return fn(self)
+        except WeChatClientException as exc:
+            if exc.errcode not in TOKEN_ERRCODES:
+                raise
+            log.info("wechat %s: access token rejected (%s), refreshing", self.appid, exc.errcode)
+        self.refresh_token(token)
+        return fn(self)
+
+
+def _signature(*parts: str) -> str:
+    return hashlib.sha1("".join(sorted(parts)).encode("utf-8")).hexdigest()
+
+
+def cut_utf8(text: str, limit: int = MAX_REPLY_BYTES) -> str:
+    """Shorten to at most ``limit`` UTF-8 bytes without splitting a character, marking the cut."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
+def _reject_declarations(body: bytes) -> None:
+    if _DECLARATION.search(body):
+        raise web.HTTPBadRequest(text="XML with DOCTYPE or ENTITY declarations is not accepted")
+
+
+def _parse(body: bytes | str) -> wx_messages.BaseMessage:
+    try:
+        message = parse_message(body)
+        if message is None or not message.source or len(message.source) > 128:
+            raise ValueError("no FromUserName")
+        if message.time is None:  # CreateTime (a number) identifies events for dedupe
+            raise ValueError("no CreateTime")
+        if message.type in ("text", "image", "voice", "video", "shortvideo", "location", "link"):
+            message.id  # noqa: B018 - MsgId, when present, must be a number too
+        return message  # type: ignore[no-any-return]
+    except Exception as exc:  # expat, a missing <xml> root or field, a non-numeric id: all malformed input
+        raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+@register
+class WeChatChannel(Channel):
+    type_name = "wechat"
+    settings_model = WeChatSettings
+    settings: WeChatSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.settings
+        self._crypto = WeChatCrypto(s.token, s.encoding_aes_key, s.app_id) if s.encoding_aes_key else None
+        self._api = _Api(s)
+        self._executor: ThreadPoolExecutor | None = None
+        #: Retries so far per delivery for the doubling back-off (bounded: oldest entries drop out).
+        self._retries: OrderedDict[int, int] = OrderedDict()
+        self._late: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.settings.max_concurrent_requests,
+                                                thread_name_prefix=f"wechat-{self.account}")
+
+    async def stop(self) -> None:
+        if self._late:
+            await asyncio.wait(self._late, timeout=self.settings.request_timeout_seconds)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- inbound -----------------------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        path = f"/wechat/{self.account}"
+        return [web.get(path, self._verify_url, allow_head=False), web.post(path, self._callback)]
+
+    def _signed(self, query: Mapping[str, str]) -> bool:
+        signature, timestamp, nonce = query.get("signature"), query.get("timestamp"), query.get("nonce")
+        if not signature or timestamp is None or nonce is None:
+            return False
+        return hmac.compare_digest(_signature(self.settings.token, timestamp, nonce), signature)
+
+    async def _verify_url(self, request: web.Request) -> web.Response:
+        if not self._signed(request.query):
+            raise web.HTTPForbidden(text="bad signature")
+        return web.Response(text=request.query.get("echostr", ""))
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        query = request.query
+        if not self._signed(query):
+            raise web.HTTPForbidden(text="bad signature")
+        encrypt_type = query.get("encrypt_type", "raw").lower()
+        if encrypt_type not in ("raw", "aes"):
+            raise web.HTTPBadRequest(text="encrypt_type: raw or aes")
+        body = await request.read()
+        _reject_declarations(body)
+        xml: bytes | str = body
+        if encrypt_type == "aes":
+            xml = self._decrypt(body, query)
+            _reject_declarations(xml.encode("utf-8"))
+        message = _parse(xml)
+        event = self._to_event(message)
+        if event is None:  # kinds the service does not track (card, mass-send reports...): just acknowledge
+            return _success()
+        replies = await self._react(event)
+        if not replies:
+            return _success()
+        content = cut_utf8("\n".join(replies)).replace("]]>", "]]]]><![CDATA[>")
+        reply = TextReply(message=message, content=content).render()
+        if self._crypto is not None and encrypt_type == "aes":
+            reply = self._crypto.encrypt_message(reply, query["nonce"], query["timestamp"])
+        return web.Response(text=reply, content_type="application/xml")
+
+    def _decrypt(self, body: bytes, query: Mapping[str, str]) -> str:
+        if self._crypto is None:
+            raise web.HTTPBadRequest(text="safe mode (encrypt_type=aes) needs encoding_aes_key in this account's settings")
+        msg_signature = query.get("msg_signature")
+        if not msg_signature:
+            raise web.HTTPForbidden(text="msg_signature missing")
+        try:
+            encrypted = xmltodict.parse(body)["xml"]["Encrypt"]
+            if not isinstance(encrypted, str):
+                raise ValueError("Encrypt is not text")
+        except Exception as exc:  # expat error, missing root or element
+            raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
+        try:
+            return str(self._crypto.decrypt_message({"Encrypt": encrypted}, msg_signature,
+                                                    query["timestamp"], query["nonce"]))
+        except (InvalidSignatureException, InvalidAppIdException):
+            raise web.HTTPForbidden(text="bad msg_signature or AppID") from None
+        except Exception as exc:  # base64, block size, padding or text errors in the ciphertext
+            raise web.HTTPBadRequest(text=f"undecryptable Encrypt ({type(exc).__name__})") from None
+
+    def _to_event(self, m: wx_messages.BaseMessage) -> InboundEvent | None:
+        kind: str
+        text, source = "", None
+        payload: dict[str, Any] = {}
+        if isinstance(m, wx_messages.TextMessage):
+            kind, text = "text", m.content or ""
+        elif isinstance(m, wx_messages.ImageMessage):
+            kind, payload = "image", {"media_id": m.media_id, "pic_url": m.image}
+        elif isinstance(m, wx_messages.VoiceMessage):
+            kind, payload = "voice", {"media_id": m.media_id, "format": m.format, "recognition": m.recognition}
+        elif isinstance(m, wx_messages.VideoMessage | wx_messages.ShortVideoMessage):
+            kind, payload = "video", {"media_id": m.media_id, "thumb_media_id": m.thumb_media_id,
+                                      "short": m.type == "shortvideo"}
+        elif isinstance(m, wx_messages.LocationMessage):
+            kind, payload = "location", {"latitude": _float(m.location_x), "longitude": _float(m.location_y),
+                                         "scale": m.scale, "label": m.label}
+        elif isinstance(m, wx_messages.LinkMessage):
+            kind, payload = "link", {"title": m.title, "description": m.description, "url": m.url}
+        elif isinstance(m, wx_events.SubscribeScanEvent):
+            # parse_message already stripped the "qrscene_" prefix from EventKey
+            kind, payload = "subscribe", {"scene": m.scene_id, "ticket": m.ticket}
+            source = f"wechat:qr:{m.scene_id}"[:64] if m.scene_id else None
+        elif isinstance(m, wx_events.SubscribeEvent):
+            kind = "subscribe"
+        elif isinstance(m, wx_events.UnsubscribeEvent):
+            kind = "unsubscribe"
+        elif isinstance(m, wx_events.ScanEvent):
+            kind, payload = "scan", {"scene": m.scene_id, "ticket": m.ticket}
+        elif isinstance(m, wx_events.ClickEvent):
+            kind, payload = "menu_click", {"key": m.key}
+        elif isinstance(m, wx_events.ViewEvent):
+            kind, payload = "menu_view", {"url": m.url}
+        elif isinstance(m, wx_events.LocationEvent):
+            kind, payload = "location_report", {"latitude": m.latitude, "longitude": m.longitude,
+                                                "precision": m.precision}
+        else:
+            log.debug("wechat %s: ignoring %r", self.account, m)
+            return None
+        # WeChat retries an unanswered callback: messages carry MsgId, events only sender + time.
+        msg_id = str(m.id) if kind in ("text", "image", "voice", "video", "location", "link") and m.id else None
+        return InboundEvent(self.type_name, self.account, m.source, kind, text=text,
+                            platform_msg_id=msg_id or f"{m.source}:{m.time}", source=source,
+                            payload={k: v for k, v in payload.items() if v is not None})
+
+    async def _react(self, event: InboundEvent) -> tuple[str, ...]:
+        """The core's replies, or none if it takes longer than WeChat waits (the commit goes on)."""
+        task = asyncio.ensure_future(self.service.receive(event))
+        try:
+            reaction = await asyncio.wait_for(asyncio.shield(task), self.settings.reply_timeout_seconds)
+        except TimeoutError:
+            log.warning("wechat %s: event %s took over %ss; answered success", self.account,
+                        event.platform_msg_id, self.settings.reply_timeout_seconds)
+            task.add_done_callback(partial(self._late_reaction, event.external_id))
+            return ()
+        return () if reaction.duplicate else reaction.replies
+
+    def _late_reaction(self, openid: str, task: asyncio.Future[Reaction]) -> None:
+        """A reply the passive answer missed goes out as a customer-service message (the window is open)."""
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            log.error("wechat %s: event from %s answered success but not committed: %r", self.account, openid, exc)
+            return
+        reaction = task.result()
+        if reaction.replies and not reaction.duplicate:
+            text = "\n".join(reaction.replies)
+            late = asyncio.ensure_future(self._request(lambda api: api.message.send_text(openid, text), None))
+            self._late.add(late)
+            late.add_done_callback(self._late_sent)
+
+    def _late_sent(self, task: asyncio.Future[SendResult]) -> None:
+        self._late.discard(task)  # type: ignore[arg-type]
+        if not task.cancelled() and task.result().status != "sent":
+            log.warning("wechat %s: late reply not sent: %s", self.account, task.result())
+
+    # -- outbound ----------------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        openid = message.external_id
+        if await self._in_window(message):
+            text = message.text
+            result = await self._request(lambda api: api.message.send_text(openid, text), message.delivery_id)
+            if result.reason != OUTSIDE_WINDOW:
+                return result
+        if message.template is None:
+            return SendResult("skipped", OUTSIDE_WINDOW)
+        t = message.template
+        data = {name: {"value": value} for name, value in t.fields.items()}
+        return await self._request(lambda api: api.message.send_template(openid, t.template_id, data, url=t.url),
+                                   message.delivery_id)
+
+    async def upload_image(self, png: bytes, filename: str = "chart.png") -> str:
+        """Upload a temporary image (WeChat keeps it 3 days) for image messages; returns its media_id."""
+        try:
+            result = await self._run(lambda api: api.media.upload("image", (filename, png, "image/png")))
+        except (WeChatClientException, _TokenError) as exc:
+            raise WeChatApiError(self._error_result(exc, None).reason or "wechat:error") from exc
+        except requests.RequestException as exc:
+            raise WeChatApiError(f"network:{type(exc).__name__}") from exc
+        if not isinstance(result, dict) or not result.get("media_id"):
+            raise WeChatApiError("wechat:bad_response")
+        return str(result["media_id"])
+
+    async def send_image(self, openid: str, media_id: str) -> SendResult:
+        """Customer-service image message (e.g. a report chart); the 48-hour window applies."""
+        return await self._request(lambda api: api.message.send_image(openid, media_id), None)
+
+    async def _in_window(self, message: OutboundMessage) -> bool:
+        now = self.service.clock.now()
+        if message.last_inbound_at is not None and now - message.last_inbound_at < REPLY_WINDOW:
+            return True
+        # Following, scanning a QR code or clicking a menu also opens the window, but the core only
+        # tracks messages in last_inbound_at: look for those events in the touchpoints.
+        async with self.service.sessions() as session:
+            last_event: datetime | None = await session.scalar(
+                select(func.max(Touchpoint.created_at))
+                .join(Identity, Identity.customer_id == Touchpoint.customer_id)
+                .where(Identity.channel == self.type_name, Identity.account == self.account,
+                       Identity.external_id == message.external_id,
+                       Touchpoint.channel == self.type_name, Touchpoint.account == self.account,
+                       Touchpoint.direction == "in", Touchpoint.kind.in_(WINDOW_EVENT_KINDS))
+            )
+        return last_event is not None and now - last_event < REPLY_WINDOW
+
+    async def _run(self, fn: Callable[[_Api], T]) -> T:
+        if self._executor is None:
+            raise RuntimeError(f"wechat channel {self.account!r} is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._api.call, fn)
+
+    async def _request(self, fn: Callable[[_Api], Any], delivery_id: int | None) -> SendResult:
+        """Run one sending call and turn WeChat's answer into a SendResult (never raises for WeChat)."""
+        try:
+            result = await self._run(fn)
+        except (WeChatClientException, _TokenError) as exc:
+            return self._error_result(exc, delivery_id)
+        except requests.RequestException as exc:
+            return self._backoff(delivery_id, f"network:{type(exc).__name__}")
+        self._retries.pop(delivery_id, None)  # type: ignore[arg-type]
+        if not isinstance(result, dict):  # wechatpy hands back the raw response when it is not JSON
+            return SendResult("failed", "wechat:bad_response")
+        msgid = result.get("msgid")
+        return SendResult("sent", platform_msg_id=str(msgid) if msgid else None)
+
+    def _error_result(self, exc: WeChatClientException | _TokenError, delivery_id: int | None) -> SendResult:
+        code = exc.errcode
+        if code is None:  # HTTP error status from the API gateway
+            status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
+            if status >= 500 or status == 429:
+                return self._backoff(delivery_id, f"http:{status}")
+            return self._finish(delivery_id, SendResult("failed", f"http:{status}"))
+        prefix = "wechat:token:" if isinstance(exc, _TokenError) else "wechat:"
+        if code == 45015:
+            return self._finish(delivery_id, SendResult("skipped", OUTSIDE_WINDOW))
+        if code == 43004:
+            return self._finish(delivery_id, SendResult("skipped", "not_subscribed"))
+        if code in QUOTA_ERRCODES:
+            return SendResult("retry", f"{prefix}{code}", retry_after=self.settings.quota_retry_seconds)
+        if code == -1:
+            return self._backoff(delivery_id, f"{prefix}{code}")
+        return self._finish(delivery_id, SendResult("failed", f"{prefix}{code}"))
+
+    def _backoff(self, delivery_id: int | None, reason: str) -> SendResult:
+        tries = 1
+        if delivery_id is not None:
+            tries = self._retries.pop(delivery_id, 0) + 1
+            self._retries[delivery_id] = tries
+            while len(self._retries) > 10_000:
+                self._retries.popitem(last=False)
+        wait = min(self.settings.retry_backoff_seconds * 2 ** (tries - 1), MAX_BACKOFF_SECONDS)
+        return SendResult("retry", reason, retry_after=wait)
+
+    def _finish(self, delivery_id: int | None, result: SendResult) -> SendResult:
+        self._retries.pop(delivery_id, None)  # type: ignore[arg-type]
+        return result
+
+
+def _success() -> web.Response:
+    """Stops WeChat's retries and shows the person nothing."""
+    return web.Response(text="success")

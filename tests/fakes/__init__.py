@@ -1,0 +1,1 @@
+"""Fake platform servers (loopback aiohttp apps) and payload builders for the channel tests."""
