@@ -24,13 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 from xml.parsers.expat import ExpatError
 
 import aiohttp
 import xmltodict
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -94,7 +94,7 @@ class WeComSettings(BaseModel):
     #: Staff userid whose mass-send tasks carry campaign messages.
     sender: str = Field(min_length=1)
     #: Contact-me ``State`` (up to 30 chars) -> rule; ``default`` for contacts without (or an unknown) state.
-    welcome: dict[str, WelcomeRule] = {}
+    welcome: dict[Annotated[str, StringConstraints(min_length=1, max_length=30)], WelcomeRule] = {}
     result_poll_seconds: float = Field(300.0, gt=0)
     #: Mass-send tasks older than this are no longer polled for results.
     result_window_days: int = Field(7, gt=0)
@@ -107,14 +107,6 @@ class WeComSettings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value if value.endswith("/") else value + "/"
-
-    @field_validator("welcome")
-    @classmethod
-    def _states(cls, value: dict[str, WelcomeRule]) -> dict[str, WelcomeRule]:
-        for state in value:
-            if not 1 <= len(state) <= 30:
-                raise ValueError(f"state {state!r}: WeCom states are 1-30 characters")
-        return value
 
 
 class WeComError(Exception):
@@ -504,22 +496,19 @@ class WeComChannel(Channel):
         return None
 
     async def _welcome(self, job: _WelcomeJob) -> None:
-        """Tags from the state's rule, then (with a WelcomeCode) the personalized welcome, within the window."""
+        """Name and tags from the state's rule, then (with a WelcomeCode) the personal welcome, within the window."""
         found = self._rule(job.state)
-        if found is None:
-            return
-        key, rule = found
+        key, rule = found if found is not None else ("", None)
         loop = asyncio.get_running_loop()
         try:
             name = None
-            if job.code:
-                try:
-                    name = await asyncio.wait_for(self._contact_name(job.external_id),
-                                                  max(job.deadline - loop.time() - 5.0, 0.5))
-                except (WeComError, TimeoutError) as exc:
-                    log.info("wecom %s: no name for %s (%s)", self.account, job.external_id, exc)
+            try:  # leave the welcome call most of the window
+                name = await asyncio.wait_for(self._contact_name(job.external_id),
+                                              max(job.deadline - loop.time() - 5.0, 0.5))
+            except (WeComError, TimeoutError) as exc:
+                log.info("wecom %s: no name for %s (%s)", self.account, job.external_id, exc)
             prepared = await self._prepare_welcome(job, key, rule, name)
-            if not job.code:
+            if rule is None or not job.code:
                 return
             errcode: int | str | None = None
             errmsg = prepared.problem or ""
@@ -545,11 +534,17 @@ class WeComChannel(Channel):
         name = (data.get("external_contact") or {}).get("name")
         return name if isinstance(name, str) and name else None
 
-    async def _prepare_welcome(self, job: _WelcomeJob, key: str, rule: WelcomeRule, name: str | None) -> _Prepared:
+    async def _prepare_welcome(self, job: _WelcomeJob, key: str, rule: WelcomeRule | None,
+                               name: str | None) -> _Prepared:
         svc = self.service
         prepared = _Prepared(rule=key)
         planned: list[str] = []
         detail = f"wecom:welcome:{key}"
+        if rule is not None and job.code and rule.coupon_pool and (pool := svc.config.coupons.get(rule.coupon_pool)):
+            # coupons.grant creates a missing pool row with a plain INSERT, which races the outbox's first
+            # grant of the same pool (unique violation); create it conflict-free first.
+            async with svc.sessions() as session, session.begin():
+                await insert_ignore(session, Coupon.__table__, {"name": rule.coupon_pool, "value": pool.value})
         async with svc.sessions() as session, session.begin():
             now = svc.clock.now()
             customer = await session.get(Customer, job.customer_id)
@@ -558,6 +553,8 @@ class WeComChannel(Channel):
                 return prepared
             if name and not customer.display_name:
                 customer.display_name = name[:255]
+            if rule is None:
+                return prepared
             for tag in rule.tags:
                 if await add_tag(session, customer.id, tag, "behaviour", detail, now):
                     touchpoint(session, customer_id=customer.id, channel="wecom", account=self.account,
