@@ -11,9 +11,9 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SCRM_"
 #: Environment variables with this prefix are not config keys (tests, the config path itself).
@@ -74,13 +74,112 @@ class CampaignsConfig(_Strict):
     path: str = "campaigns"
 
 
+def _expression(value: str) -> str:
+    from scrm.segments import check
+
+    if problem := check(value, _SEGMENT_NAMES_ONLY):
+        raise ValueError(problem)
+    return value
+
+
+class _AnySegment(dict[str, str]):
+    """During field validation segment names are not known yet; cross-checks run in Config."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        return "true"
+
+
+_SEGMENT_NAMES_ONLY = _AnySegment()
+Expression = Annotated[str, AfterValidator(_expression)]
+
+
 class KeywordRule(_Strict):
-    tag: str = Field(min_length=1)
-    keywords: list[str] = Field(min_length=1)
+    """A tag and the words that give it; synonyms are simply more keywords."""
+
+    tag: str = Field(min_length=1, max_length=64)
+    keywords: list[str] = []
+    #: Regular expressions matched against the normalized text (each costs a scan; prefer keywords).
+    regex: list[str] = []
+    #: ``any``: one keyword is enough; ``all``: every keyword must appear in the message.
+    match: Literal["any", "all"] = "any"
+    #: Words that cancel a hit when they come just before it (不要奶粉 does not tag 奶粉).
+    negations: list[str] = []
+    #: Score per keyword hit (default 1) accumulating per customer; the tag is applied at ``threshold``.
+    weights: dict[str, float] = {}
+    threshold: float = Field(1.0, gt=0)
+    #: The tag expires this many days after the last hit; none = kept until removed.
+    ttl_days: int | None = Field(None, gt=0)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+        return values
+
+    @model_validator(mode="after")
+    def _has_terms(self) -> KeywordRule:
+        if not self.keywords and not self.regex:
+            raise ValueError("needs keywords or regex")
+        unknown = set(self.weights) - set(self.keywords)
+        if unknown:
+            raise ValueError(f"weights for words that are not keywords: {', '.join(sorted(unknown))}")
+        return self
+
+
+class BehaviourRule(_Strict):
+    """A tag held by customers matching a segment expression, e.g. ``msgs(7) >= 5``."""
+
+    tag: str = Field(min_length=1, max_length=64)
+    when: Expression
+    #: Sticky tags stay when the condition stops holding; others are removed.
+    sticky: bool = False
+
+
+class ActivityDrop(_Strict):
+    """Tag customers whose inbound messages in the last ``days`` fell by ``drop_percent`` against
+    their own previous ``days`` (the churn-warning pattern)."""
+
+    tag: str = "activity-drop"
+    days: int = Field(7, gt=0)
+    drop_percent: float = Field(50, gt=0, le=100)
 
 
 class TaggingConfig(_Strict):
     rules: list[KeywordRule] = []
+    behaviour: list[BehaviourRule] = []
+    activity_drop: ActivityDrop | None = None
+    #: Extra jieba dictionary file (one "word [freq [tag]]" per line), relative to the config file.
+    dictionary: str | None = None
+
+
+Stage = Literal["acquisition", "nurture", "retention", "upsell", "winback", "lost"]
+STAGES: tuple[Stage, ...] = ("acquisition", "nurture", "retention", "upsell", "winback", "lost")
+
+
+class Transition(_Strict):
+    """Move customers in one of ``from`` stages to ``to`` when ``when`` holds; checked in file order."""
+
+    from_: list[Stage] = Field(alias="from", min_length=1)
+    to: Stage
+    when: Expression
+
+
+class LifecycleConfig(_Strict):
+    transitions: list[Transition] = []
+
+
+class ProfilesConfig(_Strict):
+    #: Full re-evaluation of behaviour tags, stages and expiries (touched customers are done at once).
+    refresh_minutes: float = Field(15, gt=0)
+    #: Daily RFM recomputation, "HH:MM" in the service time zone.
+    rfm_at: str = Field("03:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
 class CouponPool(_Strict):
@@ -96,6 +195,10 @@ class Config(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     campaigns: CampaignsConfig = CampaignsConfig()
     tagging: TaggingConfig = TaggingConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    #: Named segments: ``name = "expression"`` (see scrm.segments for the language).
+    segments: dict[str, Expression] = {}
+    profiles: ProfilesConfig = ProfilesConfig()
     coupons: dict[str, CouponPool] = {}
     #: ``"<channel>:<external id>" = role`` for staff who may run staff chat commands.
     staff: dict[str, Role] = {}
@@ -103,6 +206,18 @@ class Config(_Strict):
     channels: dict[str, dict[str, dict[str, Any]]] = {}
     #: Folder the config file lives in; relative paths in the file are relative to it.
     base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _segment_references(self) -> Config:
+        from scrm.segments import check
+
+        problems = []
+        for name, text in self.segments.items():
+            if problem := check(text, self.segments):
+                problems.append(f"segments.{name}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def resolve(self, path: str) -> Path:
         p = Path(path)

@@ -18,6 +18,15 @@ async def find_customer(session: AsyncSession, channel: str, external_id: str, a
     return (await session.scalars(query.order_by(Identity.id).limit(1))).first()
 
 
+async def find_by_ref(session: AsyncSession, ref: str) -> Customer | None:
+    """A customer named the way operators do: ``#12`` / ``12`` (store id) or ``channel:external_id``."""
+    ref = ref.strip()
+    if ref.lstrip("#").isdigit():
+        return await session.get(Customer, int(ref.lstrip("#")))
+    channel, sep, external_id = ref.partition(":")
+    return await find_customer(session, channel, external_id) if sep and external_id else None
+
+
 async def find_or_create(
     session: AsyncSession,
     channel: str,

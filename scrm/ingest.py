@@ -82,6 +82,7 @@ class Ingestor:
             _resolve(future, outcome.reaction)
         if any(o.planned for o in outcomes):
             self.service.wake_outbox()
+        self.service.touch({o.reaction.customer_id for o in outcomes if o.reaction.customer_id is not None})
 
     async def _process(self, events: list[InboundEvent]) -> list[pipeline.Outcome]:
         svc = self.service

@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import commands, coupons, reports
-from scrm.campaigns.planner import plan_event
+from scrm.campaigns.planner import plan_event, plan_triggered
 from scrm.channels import MESSAGE_KINDS, InboundEvent, Reaction
-from scrm.customers import find_or_create, touchpoint
+from scrm.customers import find_by_ref, find_or_create, touchpoint
 from scrm.store.models import Customer, Touchpoint
-from scrm.tagging import add_tag
+from scrm.tagging import add_tag, apply_hit, remove_tag
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -71,9 +71,11 @@ async def _handle_staff(service: Service, session: AsyncSession, event: InboundE
     _record(session, event, now, None, actor)
     command = commands.staff_command(event.text)
     if command is None:
-        text = "员工命令 Staff commands: /report [7d|30d]"
+        text = commands.STAFF_HELP
     elif role not in commands.STAFF_ROLES[command.name]:
         text = commands.REFUSAL_REPLY
+    elif command.name == "tag":
+        text = await _staff_tag(service, session, command.args, actor, now)
     else:
         days = commands.report_days(command.args)
         if days is None:
@@ -82,6 +84,35 @@ async def _handle_staff(service: Service, session: AsyncSession, event: InboundE
             text = reports.format_summary(await reports.summary(session, now, days))
     _reply(session, event, now, text, None, actor)
     return Outcome(Reaction(replies=(text,)))
+
+
+async def change_tags(service: Service, session: AsyncSession, customer: Customer, changes: list[tuple[bool, str]],
+                      actor: str, now: datetime) -> list[str]:
+    """Operator tag edits (chat or CLI), each recorded as a touchpoint; returns what changed."""
+    done = []
+    for add, name in changes:
+        changed = (await add_tag(session, customer.id, name, "operator", actor, now) if add
+                   else await remove_tag(session, customer.id, name))
+        if changed:
+            touchpoint(session, customer_id=customer.id, actor=actor, channel="system", account="-",
+                       direction="internal", kind="tag_added" if add else "tag_removed", now=now,
+                       payload={"tag": name, "by": actor})
+            done.append(("+" if add else "-") + name)
+            if add:
+                await plan_triggered(service, session, "tag_added", [customer.id], now, tag=name)
+    return done
+
+
+async def _staff_tag(service: Service, session: AsyncSession, args: str, actor: str, now: datetime) -> str:
+    parsed = commands.tag_changes(args)
+    if parsed is None:
+        return "用法 Usage: /tag <customer> +tag -tag   (customer: #id or channel:id)"
+    ref, changes = parsed
+    customer = await find_by_ref(session, ref)
+    if customer is None:
+        return f"没有找到客户 No customer {ref}"
+    done = await change_tags(service, session, customer, changes, actor, now)
+    return f"{ref}: {' '.join(done) if done else '没有变化 no change'}"
 
 
 async def _handle_customer(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
@@ -139,9 +170,10 @@ async def _customer_text(service: Service, session: AsyncSession, customer: Cust
 async def _tag_keywords(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
                         now: datetime, outcome: Outcome) -> None:
     for hit in service.tagger.match(event.text):
-        if await add_tag(session, customer.id, hit.tag, "keyword", hit.keyword, now):
+        if await apply_hit(session, customer.id, hit, now):
             touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
-                       direction="internal", kind="tag_added", now=now, payload={"tag": hit.tag, "keyword": hit.keyword})
+                       direction="internal", kind="tag_added", now=now,
+                       payload={"tag": hit.tag, "keyword": hit.keyword, "score": hit.score})
             outcome.planned += await _trigger(service, session, customer, event, now, "tag_added", hit.tag)
 
 

@@ -17,7 +17,8 @@ from scrm.channels import Channel, InboundEvent, Reaction, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.config import Config
 from scrm.ingest import Ingestor
-from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
+from scrm import profiles, rfm
+from scrm.scheduler import OUTBOX_JOB, PROFILES_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.models import Campaign
@@ -30,9 +31,12 @@ class Service:
     def __init__(self, config: Config, clock: Clock | None = None) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.tagger = KeywordTagger(config.tagging.rules)
+        dictionary = config.resolve(config.tagging.dictionary) if config.tagging.dictionary else None
+        self.tagger = KeywordTagger(config.tagging.rules, dictionary)
         self.campaigns: dict[str, LoadedCampaign] = {c.definition.name: c for c in load_campaigns(config)}
         self.paused: set[str] = set()
+        #: Customers whose events were committed since the last incremental profile refresh.
+        self.touched: set[int] = set()
         types = channel_types()
         self.channels: dict[tuple[str, str], Channel] = {
             (kind, account): types[kind](account, types[kind].settings_model.model_validate(settings), self)
@@ -54,6 +58,30 @@ class Service:
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)
+
+    def touch(self, customer_ids: set[int]) -> None:
+        """Queue customers for the incremental profile refresh (behaviour tags, stages)."""
+        if customer_ids:
+            self.touched |= customer_ids
+            run_soon(self.scheduler, PROFILES_JOB)
+
+    async def refresh_touched(self) -> profiles.RefreshResult | None:
+        ids, self.touched = self.touched, set()
+        return await self._refresh(sorted(ids)) if ids else None
+
+    async def refresh_all(self) -> profiles.RefreshResult:
+        return await self._refresh(None)
+
+    async def _refresh(self, ids: list[int] | None) -> profiles.RefreshResult:
+        async with self.sessions() as session, session.begin():
+            result = await profiles.refresh(self, session, self.clock.now(), ids)
+        if result.planned:
+            self.wake_outbox()
+        return result
+
+    async def recompute_rfm(self) -> int:
+        async with self.sessions() as session, session.begin():
+            return await rfm.recompute(session)
 
     async def start(self, scheduler: bool = True) -> None:
         await migrate.upgrade(self.engine)

@@ -1,24 +1,34 @@
-"""Keyword tagging with jieba: one pass over a message's tokens against an index of all keywords."""
+"""Keyword tagging with jieba: one pass over a message's tokens against an index of all keywords.
+
+Every multi-character keyword (and negation word) joins jieba's dictionary when the tagger is built,
+so rule terms segment as one token; matching is then a dict lookup per token, whatever the number of
+rules. Hits carry a score; a tag is applied when its accumulated score reaches the rule's threshold.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import jieba
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
-from scrm.store.models import CustomerTag, Tag
+from scrm.store.models import CustomerTag, Tag, TagScore
 
 _jieba_lock = threading.Lock()
 jieba.setLogLevel(logging.WARNING)
+#: How many tokens before a hit are searched for the rule's negation words.
+NEGATION_WINDOW = 2
+_PUNCT = re.compile(r"^[\W_]+$")
 
 
 def normalize(text: str) -> str:
@@ -30,32 +40,60 @@ def normalize(text: str) -> str:
 class TagHit:
     tag: str
     keyword: str
+    score: float
+    rule: KeywordRule
+
+
+def tokenize(text: str) -> list[str]:
+    return [t for t in jieba.lcut(normalize(text)) if t.strip() and not _PUNCT.match(t)]
 
 
 class KeywordTagger:
-    """Matches messages against keyword rules; the dictionary is loaded when this is built."""
-
-    def __init__(self, rules: Iterable[KeywordRule]) -> None:
-        self._index: dict[str, list[str]] = defaultdict(list)
+    def __init__(self, rules: Sequence[KeywordRule], dictionary: Path | None = None) -> None:
+        self.rules = list(rules)
+        #: first token -> (token sequence, rule index, keyword as written)
+        self._index: dict[str, list[tuple[tuple[str, ...], int, str]]] = defaultdict(list)
+        self._negations: list[frozenset[str]] = []
+        self._regex: list[tuple[re.Pattern[str], int]] = []
         with _jieba_lock:
             jieba.initialize()
-            for rule in rules:
-                for keyword in rule.keywords:
-                    word = normalize(keyword)
-                    if rule.tag not in self._index[word]:
-                        self._index[word].append(rule.tag)
-                    if len(word) > 1:
+            if dictionary is not None:
+                jieba.load_userdict(str(dictionary))
+            for rule in self.rules:
+                for word in [*rule.keywords, *rule.negations]:
+                    word = normalize(word)
+                    if len(word) > 1 and " " not in word:
                         jieba.add_word(word, freq=100_000)
-
-    def tokens(self, text: str) -> list[str]:
-        return [t for t in jieba.lcut(normalize(text)) if t.strip()]
+            for i, rule in enumerate(self.rules):
+                self._negations.append(frozenset(normalize(w) for w in rule.negations))
+                for keyword in rule.keywords:
+                    tokens = tuple(tokenize(keyword))
+                    if tokens:
+                        self._index[tokens[0]].append((tokens, i, keyword))
+                self._regex += [(re.compile(normalize(p)), i) for p in rule.regex]
 
     def match(self, text: str) -> list[TagHit]:
-        hits: dict[str, TagHit] = {}
-        for token in self.tokens(text):
-            for tag in self._index.get(token, ()):
-                hits.setdefault(tag, TagHit(tag, token))
-        return list(hits.values())
+        tokens = tokenize(text)
+        found: dict[int, dict[str, float]] = defaultdict(dict)
+        for pos, token in enumerate(tokens):
+            for sequence, i, keyword in self._index.get(token, ()):
+                if tuple(tokens[pos:pos + len(sequence)]) != sequence:
+                    continue
+                if self._negations[i] & set(tokens[max(0, pos - NEGATION_WINDOW):pos]):
+                    continue
+                found[i][keyword] = self.rules[i].weights.get(keyword, 1.0)
+        if self._regex:
+            folded = normalize(text)
+            for pattern, i in self._regex:
+                if m := pattern.search(folded):
+                    found[i].setdefault(m.group(0), 1.0)
+        hits = []
+        for i, keywords in found.items():
+            rule = self.rules[i]
+            if rule.match == "all" and not set(rule.keywords) <= set(keywords):
+                continue
+            hits.append(TagHit(rule.tag, next(iter(keywords)), sum(keywords.values()), rule))
+        return hits
 
 
 async def tag_id(session: AsyncSession, name: str) -> int:
@@ -69,15 +107,47 @@ async def tag_id(session: AsyncSession, name: str) -> int:
 
 
 async def add_tag(
-    session: AsyncSession, customer_id: int, name: str, source: str, detail: str | None, now: datetime
+    session: AsyncSession, customer_id: int, name: str, source: str, detail: str | None, now: datetime,
+    score: float = 1.0, expires_at: datetime | None = None,
 ) -> bool:
-    """Give a customer a tag; False when they already had it."""
+    """Give a customer a tag (refreshing its score and expiry if held); True when it is new."""
     tid = await tag_id(session, name)
-    exists = await session.scalar(
-        select(CustomerTag.id).where(CustomerTag.customer_id == customer_id, CustomerTag.tag_id == tid)
+    held = await session.scalar(
+        select(CustomerTag).where(CustomerTag.customer_id == customer_id, CustomerTag.tag_id == tid)
     )
-    if exists is not None:
+    if held is not None:
+        held.score, held.expires_at = max(held.score, score), expires_at
         return False
-    session.add(CustomerTag(customer_id=customer_id, tag_id=tid, source=source, source_detail=detail, added_at=now))
+    session.add(CustomerTag(customer_id=customer_id, tag_id=tid, source=source, source_detail=detail, score=score,
+                            added_at=now, expires_at=expires_at))
     await session.flush()
     return True
+
+
+async def remove_tag(session: AsyncSession, customer_id: int, name: str) -> bool:
+    tid = await session.scalar(select(Tag.id).where(Tag.name == name))
+    if tid is None:
+        return False
+    result = await session.execute(
+        delete(CustomerTag).where(CustomerTag.customer_id == customer_id, CustomerTag.tag_id == tid)
+    )
+    return bool(result.rowcount)
+
+
+async def apply_hit(session: AsyncSession, customer_id: int, hit: TagHit, now: datetime) -> bool:
+    """Add a hit's score to the customer's interest in the tag; True when the tag is newly applied."""
+    rule = hit.rule
+    expires = now + timedelta(days=rule.ttl_days) if rule.ttl_days else None
+    score = hit.score
+    if rule.threshold > hit.score or rule.weights:
+        tid = await tag_id(session, rule.tag)
+        row = await session.scalar(
+            select(TagScore).where(TagScore.customer_id == customer_id, TagScore.tag_id == tid))
+        if row is None:
+            row = TagScore(customer_id=customer_id, tag_id=tid, score=0.0, updated_at=now)
+            session.add(row)
+        row.score, row.updated_at = row.score + hit.score, now
+        score = row.score
+        if score < rule.threshold:
+            return False
+    return await add_tag(session, customer_id, rule.tag, "keyword", hit.keyword, now, score, expires)

@@ -13,13 +13,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scrm.campaigns import templates
-from scrm.config import Config
+from scrm.config import Config, Stage
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 #: Events the core raises that a campaign can be triggered by.
-TriggerEvent = Literal["first_message", "tag_added"]
+TriggerEvent = Literal["first_message", "tag_added", "stage_changed"]
 
 
 def parse_duration(value: str) -> timedelta:
@@ -35,7 +35,10 @@ class _Strict(BaseModel):
 
 class Trigger(_Strict):
     event: TriggerEvent
+    #: For ``tag_added``: which tag.
     tag: str | None = None
+    #: For ``stage_changed``: the stage entered.
+    stage: Stage | None = None
     delay: str = "0s"
 
     @field_validator("delay")
@@ -94,6 +97,8 @@ def _check(definition: CampaignDefinition, config: Config) -> list[str]:
     problems: list[str] = []
     if definition.trigger.event == "tag_added" and not definition.trigger.tag:
         problems.append("trigger.tag: missing (required for event = \"tag_added\")")
+    if definition.trigger.event == "stage_changed" and not definition.trigger.stage:
+        problems.append("trigger.stage: missing (required for event = \"stage_changed\")")
     available = {"customer", "campaign"}
     if definition.coupon is not None:
         available.add("coupon")

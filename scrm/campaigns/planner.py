@@ -5,11 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from sqlalchemy import ColumnElement, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from typing import TYPE_CHECKING
+
 from scrm.campaigns.definitions import LoadedCampaign, TriggerEvent
-from scrm.store.dialect import insert_ignore
-from scrm.store.models import Delivery
+from scrm.store.dialect import insert_ignore, insert_select_ignore
+from scrm.store.models import Customer, Delivery, Identity
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+
+def triggered(campaigns: Sequence[LoadedCampaign], paused: set[str], event: TriggerEvent, *, tag: str | None = None,
+              stage: str | None = None) -> list[LoadedCampaign]:
+    """The active campaigns an event starts (a tag or stage event names which tag or stage)."""
+    return [
+        c for c in campaigns
+        if c.definition.trigger.event == event and c.definition.name not in paused
+        and (event != "tag_added" or c.definition.trigger.tag == tag)
+        and (event != "stage_changed" or c.definition.trigger.stage == stage)
+    ]
 
 
 async def plan_event(
@@ -27,10 +44,8 @@ async def plan_event(
 ) -> list[str]:
     """Plan every active campaign triggered by ``event``; returns the names newly planned."""
     planned: list[str] = []
-    for loaded in campaigns:
+    for loaded in triggered(campaigns, paused, event, tag=tag):
         d = loaded.definition
-        if d.trigger.event != event or d.name in paused or (event == "tag_added" and d.trigger.tag != tag):
-            continue
         inserted = await insert_ignore(
             session,
             Delivery.__table__,
@@ -49,4 +64,39 @@ async def plan_event(
         )
         if inserted:
             planned.append(d.name)
+    return planned
+
+
+async def plan_many(
+    session: AsyncSession, campaign: str, step: int, where: ColumnElement[bool], due_at: datetime, now: datetime,
+    channels: Sequence[str] | None = None,
+) -> int:
+    """Plan one step for every customer matching ``where``, in one INSERT ... SELECT.
+
+    Each customer is reached on their first identity (on one of ``channels`` when given); customers
+    already planned for this step are left alone (the outbox's unique key), so re-planning is harmless.
+    """
+    identity_query = select(func.min(Identity.id)).where(Identity.customer_id == Customer.id)
+    if channels:
+        identity_query = identity_query.where(Identity.channel.in_(channels))
+    query = (
+        select(
+            literal(campaign), literal(step), Customer.id, Identity.channel, Identity.account, Identity.external_id,
+            literal("planned"), literal(0), literal(due_at), literal(now),
+        )
+        .join(Identity, Identity.id == identity_query.correlate(Customer).scalar_subquery())
+        .where(where)
+    )
+    columns = ["campaign", "step", "customer_id", "channel", "account", "external_id", "status", "attempts",
+               "due_at", "created_at"]
+    return await insert_select_ignore(session, Delivery.__table__, columns, query)
+
+
+async def plan_triggered(service: Service, session: AsyncSession, event: TriggerEvent, ids: Sequence[int],
+                         now: datetime, tag: str | None = None, stage: str | None = None) -> int:
+    """Plan the campaigns an event starts for many customers at once (behaviour tags, stage moves)."""
+    planned = 0
+    for loaded in triggered(list(service.campaigns.values()), service.paused, event, tag=tag, stage=stage):
+        d = loaded.definition
+        planned += await plan_many(session, d.name, 0, Customer.id.in_(ids), now + d.delay, now)
     return planned

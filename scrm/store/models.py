@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, SmallInteger, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -32,6 +32,10 @@ class Customer(Base):
     last_seen_at: Mapped[datetime]
     last_inbound_at: Mapped[datetime | None]
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: RFM quintiles (5 = best), recomputed on a schedule over customers with conversions.
+    rfm_r: Mapped[int | None] = mapped_column(SmallInteger)
+    rfm_f: Mapped[int | None] = mapped_column(SmallInteger)
+    rfm_m: Mapped[int | None] = mapped_column(SmallInteger)
 
     identities: Mapped[list[Identity]] = relationship(back_populates="customer")
 
@@ -75,6 +79,19 @@ class CustomerTag(Base):
     expires_at: Mapped[datetime | None]
 
     tag: Mapped[Tag] = relationship()
+
+
+class TagScore(Base):
+    """Accumulated interest per customer and tag; the tag is applied once the rule's threshold is passed."""
+
+    __tablename__ = "tag_scores"
+    __table_args__ = (UniqueConstraint("customer_id", "tag_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id"))
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime]
 
 
 class Touchpoint(Base):

@@ -1,0 +1,246 @@
+"""Segment expressions: a small, safe boolean language compiled to one SQL condition on customers.
+
+Operators write ``tag('奶粉') and days_silent >= 30 and not opted_out`` or ``rfm.r >= 4``; the text is
+parsed with Python's ``ast`` (only the nodes below are accepted) and compiled to SQLAlchemy Core,
+so a segment is always one query and customers are never loaded into Python to be filtered.
+
+Names: ``stage``, ``opted_out``, ``source`` (acquisition source), ``locale``, ``timezone``, ``channel``
+(has an identity on that channel), ``days_silent`` (days since the last inbound message, or since first
+seen), ``days_since_seen``, ``age_days`` (since first seen), ``rfm.r`` / ``rfm.f`` / ``rfm.m`` (1-5),
+``attr.<name>`` (custom attributes).
+Functions: ``tag(name)``, ``msgs(days)`` / ``msgs(from_days, to_days)`` (inbound messages in that
+window), ``conversions([days])``, ``revenue([days])``, ``coupons_received([days])``,
+``coupons_redeemed([days])``, ``segment(name)``.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
+
+from scrm.channels import MESSAGE_KINDS
+from scrm.store.models import Conversion, CouponCode, Customer, CustomerTag, Identity, Redemption, Tag, Touchpoint
+
+
+class ExpressionError(ValueError):
+    """The expression cannot be compiled; the message says where and why."""
+
+
+_STRING_FIELDS = {
+    "stage": Customer.stage,
+    "source": Customer.acquisition_source,
+    "locale": Customer.locale,
+    "timezone": Customer.timezone,
+}
+_AGE_FIELDS: dict[str, Callable[[], Any]] = {
+    "days_silent": lambda: func.coalesce(Customer.last_inbound_at, Customer.first_seen_at),
+    "days_since_seen": lambda: Customer.last_seen_at,
+    "age_days": lambda: Customer.first_seen_at,
+}
+_RFM = {"r": Customer.rfm_r, "f": Customer.rfm_f, "m": Customer.rfm_m}
+_FLIP = {ast.Gt: ast.Lt, ast.GtE: ast.LtE, ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Eq: ast.Eq, ast.NotEq: ast.NotEq}
+
+
+@dataclass(frozen=True)
+class _Age:
+    """A "days since <timestamp>" field: compared by turning the constant into a timestamp."""
+
+    column: Any
+
+
+@dataclass(frozen=True)
+class _Channel:
+    pass
+
+
+def _compare(op: ast.cmpop, left: Any, right: Any) -> ColumnElement[bool]:
+    match op:
+        case ast.Eq():
+            return left == right
+        case ast.NotEq():
+            return left != right
+        case ast.Lt():
+            return left < right
+        case ast.LtE():
+            return left <= right
+        case ast.Gt():
+            return left > right
+        case ast.GtE():
+            return left >= right
+    raise ExpressionError(f"operator {type(op).__name__} is not supported here")
+
+
+class Compiler:
+    def __init__(self, now: datetime, segments: Mapping[str, str] | None = None) -> None:
+        self.now = now
+        self.segments = segments or {}
+        self._stack: list[str] = []
+
+    def compile(self, text: str) -> ColumnElement[bool]:
+        try:
+            tree = ast.parse(text.strip(), mode="eval")
+        except SyntaxError as exc:
+            raise ExpressionError(f"syntax error at column {exc.offset}: {text!r}") from None
+        return self._bool(tree.body)
+
+    # -- boolean level
+    def _bool(self, node: ast.expr) -> ColumnElement[bool]:
+        match node:
+            case ast.BoolOp(op=ast.And(), values=values):
+                return and_(*(self._bool(v) for v in values))
+            case ast.BoolOp(op=ast.Or(), values=values):
+                return or_(*(self._bool(v) for v in values))
+            case ast.UnaryOp(op=ast.Not(), operand=operand):
+                return not_(self._bool(operand))
+            case ast.Compare(left=left, ops=ops, comparators=rights):
+                parts, lhs = [], left
+                for op, rhs in zip(ops, rights):
+                    parts.append(self._comparison(op, lhs, rhs))
+                    lhs = rhs
+                return and_(*parts)
+            case ast.Name(id="opted_out"):
+                return Customer.opted_out.is_(True)
+            case ast.Constant(value=bool() as flag):
+                return true() if flag else false()
+            case ast.Call():
+                value = self._call(node)
+                if isinstance(value, ColumnElement) and value.type.python_type is bool:
+                    return value
+        raise ExpressionError(f"expected a condition, got {ast.unparse(node)!r}")
+
+    def _comparison(self, op: ast.cmpop, left: ast.expr, right: ast.expr) -> ColumnElement[bool]:
+        if isinstance(op, (ast.In, ast.NotIn)):
+            values = self._list(right)
+            target = self._value(left)
+            if isinstance(target, _Channel):
+                found = exists().where(Identity.customer_id == Customer.id, Identity.channel.in_(values))
+            elif isinstance(target, _Age):
+                raise ExpressionError(f"{ast.unparse(left)} cannot be used with 'in'")
+            else:
+                found = target.in_(values)
+            return not_(found) if isinstance(op, ast.NotIn) else found
+        lhs, rhs = self._value(left), self._value(right)
+        if isinstance(rhs, (_Age, _Channel)) and not isinstance(lhs, (_Age, _Channel)):
+            lhs, rhs, op = rhs, lhs, _FLIP[type(op)]()
+        if isinstance(lhs, _Channel):
+            if not isinstance(op, (ast.Eq, ast.NotEq)) or not isinstance(rhs, str):
+                raise ExpressionError("channel is compared with == or != to a channel name")
+            found = exists().where(Identity.customer_id == Customer.id, Identity.channel == rhs)
+            return found if isinstance(op, ast.Eq) else not_(found)
+        if isinstance(lhs, _Age):
+            if not isinstance(rhs, (int, float)) or isinstance(op, (ast.Eq, ast.NotEq)):
+                raise ExpressionError("days_* fields are compared with <, <=, >, >= to a number of days")
+            # "days since t >= N" is "t <= now - N days": compare timestamps, portable across stores.
+            threshold = self.now - timedelta(days=rhs)
+            return _compare(_FLIP[type(op)](), lhs.column, threshold)
+        return _compare(op, lhs, rhs)
+
+    # -- value level
+    def _value(self, node: ast.expr) -> Any:
+        match node:
+            case ast.Constant(value=str() | int() | float() as value) if not isinstance(value, bool):
+                return value
+            case ast.UnaryOp(op=ast.USub(), operand=ast.Constant(value=int() | float() as value)):
+                return -value
+            case ast.Name(id=name) if name in _STRING_FIELDS:
+                return _STRING_FIELDS[name]
+            case ast.Name(id=name) if name in _AGE_FIELDS:
+                return _Age(_AGE_FIELDS[name]())
+            case ast.Name(id="channel"):
+                return _Channel()
+            case ast.Attribute(value=ast.Name(id="rfm"), attr=attr) if attr in _RFM:
+                return _RFM[attr]
+            case ast.Attribute(value=ast.Name(id="attr"), attr=attr):
+                return Customer.attributes[attr].as_string()
+            case ast.BinOp(left=left, op=op, right=right) if isinstance(op, (ast.Add, ast.Sub, ast.Mult)):
+                lhs, rhs = self._value(left), self._value(right)
+                if isinstance(lhs, (_Age, _Channel)) or isinstance(rhs, (_Age, _Channel)):
+                    raise ExpressionError(f"no arithmetic on {ast.unparse(node)!r}")
+                return {ast.Add: lambda: lhs + rhs, ast.Sub: lambda: lhs - rhs, ast.Mult: lambda: lhs * rhs}[type(op)]()
+            case ast.Call():
+                return self._call(node)
+        raise ExpressionError(f"unknown name or value {ast.unparse(node)!r}")
+
+    def _list(self, node: ast.expr) -> list[Any]:
+        if isinstance(node, (ast.List, ast.Tuple)) and all(isinstance(e, ast.Constant) for e in node.elts):
+            return [e.value for e in node.elts]  # type: ignore[attr-defined]
+        raise ExpressionError(f"'in' needs a list of constants, got {ast.unparse(node)!r}")
+
+    def _args(self, node: ast.Call, kinds: tuple[type, ...], at_most: int) -> list[Any]:
+        if node.keywords or len(node.args) > at_most:
+            raise ExpressionError(f"{ast.unparse(node)}: takes at most {at_most} argument(s)")
+        values = []
+        for arg in node.args:
+            if not isinstance(arg, ast.Constant) or not isinstance(arg.value, kinds) or isinstance(arg.value, bool):
+                raise ExpressionError(f"{ast.unparse(node)}: arguments must be constants")
+            values.append(arg.value)
+        return values
+
+    def _call(self, node: ast.Call) -> Any:
+        if not isinstance(node.func, ast.Name):
+            raise ExpressionError(f"unknown function {ast.unparse(node.func)!r}")
+        name = node.func.id
+        if name == "tag":
+            args = self._args(node, (str,), 1)
+            if len(args) != 1:
+                raise ExpressionError("tag() takes the tag name")
+            return exists().where(
+                CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == Tag.id, Tag.name == args[0],
+                or_(CustomerTag.expires_at.is_(None), CustomerTag.expires_at > self.now),
+            )
+        if name == "segment":
+            args = self._args(node, (str,), 1)
+            if len(args) != 1 or args[0] not in self.segments:
+                raise ExpressionError(f"segment(): unknown segment {args[0] if args else ''!r}")
+            if args[0] in self._stack:
+                raise ExpressionError(f"segment {args[0]!r} refers to itself")
+            self._stack.append(args[0])
+            try:
+                return self.compile(self.segments[args[0]])
+            finally:
+                self._stack.pop()
+        if name == "msgs":
+            args = self._args(node, (int, float), 2)
+            if not args:
+                raise ExpressionError("msgs() takes a number of days, or a window (from_days, to_days)")
+            start, end = (0, args[0]) if len(args) == 1 else args
+            return (
+                select(func.count(Touchpoint.id))
+                .where(Touchpoint.customer_id == Customer.id, Touchpoint.direction == "in",
+                       Touchpoint.kind.in_(MESSAGE_KINDS),
+                       Touchpoint.created_at > self.now - timedelta(days=end),
+                       Touchpoint.created_at <= self.now - timedelta(days=start))
+                .scalar_subquery()
+            )
+        aggregates = {
+            "conversions": (func.count(Conversion.id), Conversion.customer_id, Conversion.created_at),
+            "revenue": (func.coalesce(func.sum(Conversion.amount), 0), Conversion.customer_id, Conversion.created_at),
+            "coupons_received": (func.count(CouponCode.id), CouponCode.customer_id, CouponCode.granted_at),
+            "coupons_redeemed": (func.count(Redemption.id), Redemption.customer_id, Redemption.redeemed_at),
+        }
+        if name in aggregates:
+            agg, owner, when = aggregates[name]
+            args = self._args(node, (int, float), 1)
+            query = select(agg).where(owner == Customer.id)
+            if args:
+                query = query.where(when > self.now - timedelta(days=args[0]))
+            return query.scalar_subquery()
+        raise ExpressionError(f"unknown function {name!r}")
+
+
+def check(text: str, segments: Mapping[str, str] | None = None) -> str | None:
+    """The problem with an expression, or None (used when validating config)."""
+    try:
+        Compiler(datetime(2000, 1, 1), segments).compile(text)
+    except ExpressionError as exc:
+        return str(exc)
+    return None
+
+
+def condition(text: str, now: datetime, segments: Mapping[str, str] | None = None) -> ColumnElement[bool]:
+    return Compiler(now, segments).compile(text)
