@@ -1,0 +1,375 @@
+"""The Telegram channel through the real app, store and scheduler, against a fake Bot API server
+that enforces Telegram's flood limits — on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from scrm import commands
+from scrm.config import Config, ConfigError
+from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+from scrm.web import SERVICE, create_app
+from tests.conftest import eventually
+from tests.fakes.telegram import FakeTelegram, Updates, group_chat, png, user
+
+TOKEN = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
+SECRET = "wh_s3cret-Token_123"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+ALICE = user(1001, "Alice", "Wang", "alice_w")
+# PTB's own RetryAfter constructor reads its deprecated int-valued attribute.
+pytestmark = pytest.mark.filterwarnings("ignore:.*`retry_after`.*:DeprecationWarning")
+
+
+@pytest.fixture
+async def fake(aiohttp_server) -> FakeTelegram:
+    fake = FakeTelegram(TOKEN)
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("/bot"))
+    return fake
+
+
+@pytest.fixture
+def updates(fake: FakeTelegram) -> Updates:
+    return Updates(fake.bot_user)
+
+
+def telegram_config(make_config: Callable[..., Config], base_url: str, extra: dict[str, Any] | None = None,
+                    **settings: Any) -> Config:
+    account = {"token": TOKEN, "webhook_secret": SECRET, "api_base_url": base_url, **settings}
+    return make_config({"channels": {"telegram": {"main": account}}, **(extra or {})})
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_config, clock, fake):
+    return await aiohttp_client(create_app(telegram_config(make_config, fake.base_url), clock))
+
+
+async def post(client, update: Any, secret: str | None = SECRET, path: str = "/telegram/main"):
+    headers = {SECRET_HEADER: secret} if secret is not None else {}
+    data = update if isinstance(update, bytes) else json.dumps(update).encode()
+    return await client.post(path, data=data, headers={**headers, "Content-Type": "application/json"})
+
+
+async def deliver(client, update: dict[str, Any]) -> None:
+    resp = await post(client, update)
+    assert resp.status == 200, await resp.text()
+
+
+async def count(client, model: Any, *where: Any) -> int:
+    async with client.app[SERVICE].sessions() as s:
+        return await s.scalar(select(func.count()).select_from(model).where(*where))
+
+
+async def customer_of(client, user_id: int) -> Customer | None:
+    async with client.app[SERVICE].sessions() as s:
+        return await s.scalar(select(Customer).join(Identity).where(
+            Identity.channel == "telegram", Identity.account == "main", Identity.external_id == str(user_id)))
+
+
+async def delivery_of(client, user_id: int) -> Delivery | None:
+    async with client.app[SERVICE].sessions() as s:
+        return await s.scalar(select(Delivery).where(Delivery.external_id == str(user_id)))
+
+
+async def test_secret_token_is_required(client, updates):
+    update = updates.text(ALICE, "你好")
+    assert (await post(client, update, secret=None)).status == 403
+    assert (await post(client, update, secret="wrong-secret")).status == 403
+    assert await count(client, Touchpoint) == 0 and await count(client, Customer) == 0
+    assert (await post(client, update)).status == 200
+    assert await count(client, Touchpoint, Touchpoint.direction == "in") == 1
+
+
+async def test_text_makes_customer_tags_and_welcome_through_outbox(client, fake, updates):
+    update = updates.text(ALICE, "你好,我想买奶粉,有优惠券吗")
+    await deliver(client, update)
+    await deliver(client, update)  # Telegram's retry of the same update_id
+
+    customer = await customer_of(client, 1001)
+    assert customer is not None
+    assert (customer.display_name, customer.acquisition_source) == ("Alice Wang", "telegram:main")
+    async with client.app[SERVICE].sessions() as s:
+        tags = set((await s.scalars(select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id))).all())
+        inbound = (await s.scalars(select(Touchpoint).where(Touchpoint.direction == "in"))).all()
+    assert tags == {"奶粉", "coupon-seeker"}
+    assert [(t.kind, t.text, t.platform_msg_id) for t in inbound] == [
+        ("text", "你好,我想买奶粉,有优惠券吗", str(update["update_id"]))]
+
+    async def welcomed() -> list[str]:
+        return fake.texts_to(1001)
+
+    messages = await eventually(welcomed)
+    assert len(messages) == 1 and messages[0].startswith("Alice Wang,欢迎")
+    delivery = await delivery_of(client, 1001)
+    assert delivery is not None and (delivery.campaign, delivery.status) == ("welcome", "sent")
+    assert delivery.text == messages[0]
+    await client.app[SERVICE].outbox.tick()
+    assert fake.texts_to(1001) == messages  # sent once
+
+
+async def test_start_deep_link_sets_acquisition_source(client, updates):
+    long_payload = "spring_2024-" + "x" * 52  # 64 characters, the most a deep link carries
+    await deliver(client, updates.text(ALICE, "/start ref_spring-2024"))
+    await deliver(client, updates.text(user(1002, "Bo"), f"/start {long_payload}"))
+    await deliver(client, updates.text(user(1003, "Cai"), "/start bad!payload"))
+    await deliver(client, updates.text(user(1004, "Dan"), "/help"))
+
+    alice = await customer_of(client, 1001)
+    assert alice is not None and alice.acquisition_source == "telegram:start:ref_spring-2024"
+    bo = await customer_of(client, 1002)
+    assert bo is not None and bo.acquisition_source == f"telegram:start:{long_payload}"[:64]
+    cai = await customer_of(client, 1003)
+    assert cai is not None and cai.acquisition_source == "telegram:main"  # invalid payload ignored
+    async with client.app[SERVICE].sessions() as s:
+        kinds = dict((await s.execute(select(Touchpoint.text, Touchpoint.kind).where(Touchpoint.direction == "in"))).all())
+        start = await s.scalar(select(Touchpoint.payload).where(Touchpoint.text == f"/start {long_payload}"))
+    assert kinds == {"/start ref_spring-2024": "subscribe", f"/start {long_payload}": "subscribe",
+                     "/start bad!payload": "subscribe", "/help": "command"}
+    assert start == {"start": long_payload}
+
+
+async def test_contact_only_saved_when_it_is_the_senders_own(client, updates):
+    bo = user(1002, "Bo")
+    await deliver(client, updates.contact(ALICE, "+8613800001111"))
+    await deliver(client, updates.contact(bo, "+8613900002222", owner=user(4242, "Someone", "Else")))
+
+    alice = await customer_of(client, 1001)
+    assert alice is not None and alice.phone == "+8613800001111"
+    assert alice.attributes["phone_consent"]["source"] == "telegram"
+    bo_customer = await customer_of(client, 1002)
+    assert bo_customer is not None and bo_customer.phone is None
+    async with client.app[SERVICE].sessions() as s:
+        payloads = (await s.scalars(select(Touchpoint.payload))).all()
+    assert "+8613900002222" not in json.dumps(payloads)  # a third party's number is not kept anywhere
+    assert await count(client, Touchpoint, Touchpoint.kind == "contact_shared") == 1
+
+
+async def test_group_join_and_leave(client, updates):
+    group = group_chat(-1001234567890)
+    bo, cai = user(1002, "Bo"), user(1003, "Cai")
+    joined = updates.members_joined(group, [bo, cai], added_by=ALICE)
+    await deliver(client, joined)
+    await deliver(client, joined)  # retry
+    await deliver(client, updates.member_left(group, bo))
+
+    async with client.app[SERVICE].sessions() as s:
+        rows = (await s.execute(
+            select(Identity.external_id, Touchpoint.kind, Touchpoint.payload)
+            .join(Identity, Identity.customer_id == Touchpoint.customer_id)
+            .where(Touchpoint.direction == "in").order_by(Touchpoint.id))).all()
+    assert [tuple(r) for r in rows] == [
+        ("1002", "group_joined", {"group_id": -1001234567890}),
+        ("1003", "group_joined", {"group_id": -1001234567890}),
+        ("1002", "group_left", {"group_id": -1001234567890}),
+    ]
+    assert await customer_of(client, 1001) is None  # the one who added them did not join
+
+
+async def test_blocking_the_bot_opts_out(client, updates):
+    await deliver(client, updates.text(ALICE, "hi"))
+    await deliver(client, updates.bot_blocked(ALICE))
+    alice = await customer_of(client, 1001)
+    assert alice is not None and alice.opted_out is True
+    assert await count(client, Touchpoint, Touchpoint.kind == "blocked") == 1
+
+
+async def test_core_replies_go_back_to_the_chat(aiohttp_client, make_config, clock, fake, updates):
+    config = telegram_config(make_config, fake.base_url)
+    config.staff["telegram:2001"] = "manager"
+    client = await aiohttp_client(create_app(config, clock))
+    await deliver(client, updates.text(ALICE, "退订"))
+    await deliver(client, updates.text(user(2001, "Manager"), "/report"))
+
+    async def replied() -> bool:
+        return bool(fake.texts_to(1001)) and bool(fake.texts_to(2001))
+
+    await eventually(replied)
+    assert fake.texts_to(1001) == [commands.OPT_OUT_REPLY]
+    assert "新客户" in fake.texts_to(2001)[0]
+    alice = await customer_of(client, 1001)
+    assert alice is not None and alice.opted_out
+
+    async def welcome_skipped() -> bool:
+        d = await delivery_of(client, 1001)
+        return d is not None and (d.status, d.reason) == ("skipped", "opted_out")
+
+    await eventually(welcome_skipped)
+    assert fake.texts_to(1001) == [commands.OPT_OUT_REPLY]
+
+
+async def test_flood_wait_replans_then_sends_once(client, fake, updates, clock):
+    fake.inject_flood(retry_after=2)
+    await deliver(client, updates.text(ALICE, "你好"))
+
+    async def replanned() -> Delivery | None:
+        d = await delivery_of(client, 1001)
+        return d if d is not None and d.attempts == 1 and d.status == "planned" and d.reason == "rate_limited" else None
+
+    delivery = await eventually(replanned)
+    assert [t.limit for t in fake.throttled] == ["injected"] and fake.sent == []
+    assert (delivery.due_at - clock.now()).total_seconds() == pytest.approx(2, abs=0.01)
+    clock.advance(2)
+
+    async def sent() -> bool:
+        d = await delivery_of(client, 1001)
+        return d is not None and d.status == "sent"
+
+    await eventually(sent)
+    assert len(fake.texts_to(1001)) == 1
+    assert await count(client, Touchpoint, Touchpoint.kind == "campaign_message") == 1
+
+
+async def test_blocked_on_send_is_skipped_and_opts_out(client, fake, updates):
+    fake.blocked.add(1001)
+    await deliver(client, updates.text(ALICE, "你好"))
+
+    async def skipped() -> Delivery | None:
+        d = await delivery_of(client, 1001)
+        return d if d is not None and d.status == "skipped" else None
+
+    delivery = await eventually(skipped)
+    assert delivery.reason == "blocked" and fake.sent == []
+    alice = await customer_of(client, 1001)
+    assert alice is not None and alice.opted_out is True
+    assert await count(client, Touchpoint, Touchpoint.kind == "blocked") == 1
+
+
+async def test_unreachable_api_means_retry_not_failure(aiohttp_client, make_config, clock, updates):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = await aiohttp_client(create_app(telegram_config(make_config, f"http://127.0.0.1:{port}/bot"), clock))
+    await deliver(client, updates.text(ALICE, "你好"))  # inbound does not need the Bot API
+
+    async def replanned() -> Delivery | None:
+        d = await delivery_of(client, 1001)
+        return d if d is not None and d.attempts == 1 and d.status == "planned" else None
+
+    delivery = await eventually(replanned)
+    assert delivery.reason.startswith("network")
+
+
+async def test_bad_input_is_rejected_and_writes_nothing(aiohttp_client, make_config, clock, fake, updates):
+    config = telegram_config(make_config, fake.base_url, extra={"service": {"max_body_bytes": 4096}})
+    client = await aiohttp_client(create_app(config, clock))
+    assert (await post(client, b"{not json")).status == 400
+    assert (await post(client, b"\xff\xfe")).status == 400
+    assert (await post(client, [1, 2])).status == 400
+    assert (await post(client, {"update_id": "7"})).status == 400
+    assert (await post(client, {"update_id": 7, "message": {"text": "no chat, no date"}})).status == 400
+    assert (await post(client, {"update_id": 8, "message": "text"})).status == 400
+    big = updates.text(ALICE, "奶粉" * 3000)
+    assert (await post(client, big)).status == 413
+    assert (await post(client, updates.text(ALICE, "hi"), path="/telegram/other")).status == 404
+    assert await count(client, Touchpoint) == 0 and await count(client, Customer) == 0
+    # An update the service does not track is acknowledged (no retries) and writes nothing either.
+    assert (await post(client, {"update_id": 9, "edited_message": updates.text(ALICE, "x")["message"]})).status == 200
+    assert await count(client, Touchpoint) == 0
+
+
+async def test_fan_out_stays_under_flood_limits(client, fake, updates):
+    people = [user(5000 + i, f"Fan{i}") for i in range(60)]
+    for resp in await asyncio.gather(*(post(client, updates.text(p, "hello")) for p in people)):
+        assert resp.status == 200
+
+    async def all_sent() -> bool:
+        return len(fake.sent) >= 60 and await count(client, Delivery, Delivery.status == "sent") == 60
+
+    await eventually(all_sent, timeout=15)
+    assert fake.throttled == []  # the fake enforces 30/s overall and 1/s per chat: none was needed
+    assert sorted(s.chat_id for s in fake.sent) == [p["id"] for p in people]  # one each, no duplicates
+    times = sorted(s.at for s in fake.sent)
+    assert max(sum(1 for t in times if start <= t < start + 1) for start in times) <= 30
+
+
+async def test_send_photo_uploads_multipart(client, fake):
+    channel = client.app[SERVICE].channel("telegram", "main")
+    image = png(4, 3)
+    result = await channel.send_photo(1001, image, "本周报表 Weekly report")
+    assert result.status == "sent" and result.platform_msg_id
+    (photo,) = fake.sent
+    assert (photo.method, photo.chat_id, photo.photo, photo.caption) == ("sendPhoto", 1001, image, "本周报表 Weekly report")
+    fake.blocked.add(1002)
+    assert (await channel.send_photo(1002, image, "x")).reason == "blocked"
+    assert (await channel.send_photo(1003, b"not an image", "x")).status == "failed"
+
+
+async def test_long_polling_feeds_the_same_conversion(aiohttp_client, make_config, clock, fake, updates):
+    fake.webhook = {"url": "https://old.example.com/telegram/main", "secret_token": SECRET}
+    config = make_config({"channels": {"telegram": {"main": {"token": TOKEN, "polling": True,
+                                                             "api_base_url": fake.base_url}}}})
+    client = await aiohttp_client(create_app(config, clock))
+    assert (await post(client, updates.text(ALICE, "x"))).status == 404  # no webhook route when polling
+    update = updates.text(ALICE, "想买奶粉")
+    fake.push_update(update)
+
+    async def tagged() -> bool:
+        customer = await customer_of(client, 1001)
+        return customer is not None and await count(client, CustomerTag, CustomerTag.customer_id == customer.id) == 1
+
+    await eventually(tagged)
+    assert fake.webhook is None and fake.method_calls("deleteWebhook")
+
+    async def confirmed() -> bool:  # the next getUpdates carries offset = update_id + 1
+        return not fake.pending_updates
+
+    await eventually(confirmed)
+    assert any(int(c.get("offset") or 0) == update["update_id"] + 1 for c in fake.method_calls("getUpdates"))
+    assert await count(client, Touchpoint, Touchpoint.direction == "in") == 1
+
+    async def welcomed() -> bool:  # campaigns work the same with polling
+        return bool(fake.texts_to(1001))
+
+    await eventually(welcomed)
+
+
+async def test_set_webhook_cli(tmp_path, fake):
+    from scrm.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[store]
+url = "sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"
+
+[channels.telegram.main]
+token = "{TOKEN}"
+webhook_secret = "{SECRET}"
+api_base_url = "{fake.base_url}"
+""", "utf-8")
+    runner = CliRunner()
+
+    def cli(*args: str):
+        # The CLI runs its own event loop; the fake keeps serving on this one meanwhile.
+        return asyncio.to_thread(runner.invoke, main, ["-c", str(config), "telegram", *args])
+
+    ok = await cli("set-webhook", "main", "https://shop.example.com/")
+    assert ok.exit_code == 0, ok.output
+    assert fake.webhook == {"url": "https://shop.example.com/telegram/main", "secret_token": SECRET,
+                            "allowed_updates": ["message", "my_chat_member"]}
+    assert "https://shop.example.com/telegram/main" in ok.output
+
+    plain = await cli("set-webhook", "main", "http://shop.example.com")
+    assert plain.exit_code == 1 and "https url must be provided" in plain.output.lower()
+    unknown = await cli("set-webhook", "nosuchbot", "https://shop.example.com")
+    assert unknown.exit_code == 2 and "nosuchbot" in unknown.output
+    assert fake.webhook["url"] == "https://shop.example.com/telegram/main"
+
+
+async def test_settings_are_validated(make_config):
+    with pytest.raises(ConfigError) as missing:
+        make_config({"channels": {"telegram": {"main": {"token": TOKEN}}}})
+    assert any(p.startswith("channels.telegram.main.webhook_secret: required unless polling") for p in missing.value.problems)
+    with pytest.raises(ConfigError) as bad:
+        make_config({"channels": {"telegram": {"main": {"token": "nope", "webhook_secret": "a b", "surprise": 1}}}})
+    problems = "\n".join(bad.value.problems)
+    assert "channels.telegram.main.token: not a bot token" in problems
+    assert "channels.telegram.main.webhook_secret: 1-256 characters" in problems
+    assert "channels.telegram.main.surprise: unknown key" in problems
