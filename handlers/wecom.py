@@ -300,7 +300,7 @@ class WeComChannel(Channel):
         event = InboundEvent("wecom", self.account, external, kind, source=source, payload=payload,
                              platform_msg_id=_msg_id("change_external_contact", change, external, created))
         reaction = await self.service.receive(event)
-        if change == "add_external_contact" and not reaction.duplicate and reaction.customer_id is not None:
+        if kind == "subscribe" and not reaction.duplicate and reaction.customer_id is not None:
             job = _WelcomeJob(reaction.customer_id, external, owner, state, _text(data, "WelcomeCode") or None,
                               received_at + WELCOME_CODE_TTL - WELCOME_MARGIN)
             self._spawn(self._welcome(job), external)
