@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ from scrm import commands
 from scrm.config import Config, ConfigError
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import eventually
+from tests.conftest import ROOT, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, png, user
 
 TOKEN = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
@@ -290,6 +294,19 @@ async def test_fan_out_stays_under_flood_limits(client, fake, updates):
     assert max(sum(1 for t in times if start <= t < start + 1) for start in times) <= 30
 
 
+async def test_two_messages_to_one_chat_are_a_second_apart(client, fake, updates):
+    # An unknown coupon code as the first message: the core's reply and the welcome both go to Alice.
+    await deliver(client, updates.text(ALICE, "我要用券 NOSUCH123"))
+
+    async def both() -> bool:
+        return len(fake.texts_to(1001)) == 2
+
+    await eventually(both)
+    first, second = (s for s in fake.sent if s.chat_id == 1001)
+    assert fake.throttled == [] and second.at - first.at >= 0.95
+    assert any(s.text and s.text.startswith("Alice Wang,欢迎") for s in (first, second))
+
+
 async def test_send_photo_uploads_multipart(client, fake):
     channel = client.app[SERVICE].channel("telegram", "main")
     image = png(4, 3)
@@ -331,19 +348,31 @@ async def test_long_polling_feeds_the_same_conversion(aiohttp_client, make_confi
     await eventually(welcomed)
 
 
-async def test_set_webhook_cli(tmp_path, fake):
-    from scrm.cli import main
-
+def write_config(tmp_path: Path, fake: FakeTelegram) -> Path:
     config = tmp_path / "config.toml"
     config.write_text(f"""
 [store]
 url = "sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"
+
+[campaigns]
+path = "{ROOT / 'campaigns'}"
+
+[coupons.welcome]
+prefix = "WEL"
+value = 10
 
 [channels.telegram.main]
 token = "{TOKEN}"
 webhook_secret = "{SECRET}"
 api_base_url = "{fake.base_url}"
 """, "utf-8")
+    return config
+
+
+async def test_set_webhook_cli(tmp_path, fake):
+    from scrm.cli import main
+
+    config = write_config(tmp_path, fake)
     runner = CliRunner()
 
     def cli(*args: str):
@@ -373,3 +402,26 @@ async def test_settings_are_validated(make_config):
     assert "channels.telegram.main.token: not a bot token" in problems
     assert "channels.telegram.main.webhook_secret: 1-256 characters" in problems
     assert "channels.telegram.main.surprise: unknown key" in problems
+
+
+async def test_poll_cli_serves_the_bot_until_interrupted(tmp_path, fake, updates):
+    fake.webhook = {"url": "https://old.example.com/telegram/main", "secret_token": SECRET}
+    config = write_config(tmp_path, fake)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRM_")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "scrm", "-c", str(config), "telegram", "poll",
+                                                "main", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        fake.push_update(updates.text(ALICE, "你好"))
+
+        async def welcomed() -> bool:
+            return bool(fake.texts_to(1001)) and not fake.pending_updates
+
+        await eventually(welcomed, timeout=30)
+        assert fake.webhook is None and fake.texts_to(1001)[0].startswith("Alice Wang,欢迎")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert "polling telegram bot main" in out.decode()
