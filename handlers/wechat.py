@@ -179,7 +179,7 @@ def _reject_declarations(body: bytes) -> None:
 def _parse(body: bytes | str) -> wx_messages.BaseMessage:
     try:
         message = parse_message(body)
-        if message is None or not message.source or len(message.source) > 128:
+        if message is None or not isinstance(message.source, str) or not 0 < len(message.source) <= 128:
             raise ValueError("no FromUserName")
         if message.time is None:  # CreateTime (a number) identifies events for dedupe
             raise ValueError("no CreateTime")
@@ -224,8 +224,10 @@ class WeChatChannel(Channel):
         if self._late:
             await asyncio.wait(self._late, timeout=self.settings.request_timeout_seconds)
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # calls already running end within request_timeout_seconds; wait for them off the loop
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
             self._executor = None
+            self._api._http.close()
 
     # -- inbound -----------------------------------------------------------------------------------
 
@@ -237,7 +239,8 @@ class WeChatChannel(Channel):
         signature, timestamp, nonce = query.get("signature"), query.get("timestamp"), query.get("nonce")
         if not signature or timestamp is None or nonce is None:
             return False
-        return hmac.compare_digest(_signature(self.settings.token, timestamp, nonce), signature)
+        expected = _signature(self.settings.token, timestamp, nonce)
+        return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
 
     async def _verify_url(self, request: web.Request) -> web.Response:
         if not self._signed(request.query):
@@ -311,7 +314,7 @@ class WeChatChannel(Channel):
         elif isinstance(m, wx_events.SubscribeScanEvent):
             # parse_message already stripped the "qrscene_" prefix from EventKey
             kind, payload = "subscribe", {"scene": m.scene_id, "ticket": m.ticket}
-            source = f"wechat:qr:{m.scene_id}"[:64] if m.scene_id else None
+            source = f"wechat:qr:{m.scene_id}"[:64] if isinstance(m.scene_id, str) and m.scene_id else None
         elif isinstance(m, wx_events.SubscribeEvent):
             kind = "subscribe"
         elif isinstance(m, wx_events.UnsubscribeEvent):
@@ -328,6 +331,8 @@ class WeChatChannel(Channel):
         else:
             log.debug("wechat %s: ignoring %r", self.account, m)
             return None
+        if not isinstance(text, str) or any(isinstance(v, dict | list) for v in payload.values()):
+            raise web.HTTPBadRequest(text="malformed WeChat XML (nested or repeated fields)")
         # WeChat retries an unanswered callback: messages carry MsgId, events only sender + time.
         msg_id = str(m.id) if kind in ("text", "image", "voice", "video", "location", "link") and m.id else None
         return InboundEvent(self.type_name, self.account, m.source, kind, text=text,

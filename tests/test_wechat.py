@@ -251,6 +251,7 @@ async def test_bad_input_is_refused_and_writes_nothing(aiohttp_client, make_conf
                + good.replace("奶粉", "&lol2;"))
     cases = [
         (bad_sig, "/wechat/brand", 403),
+        (Callback({**bad_sig.query, "signature": "签名"}, good.encode()), "/wechat/brand", 403),
         (Callback({}, good.encode()), "/wechat/brand", 403),
         (forged, "/wechat/brand", 403),
         (wrong_app, "/wechat/brand", 403),
@@ -258,15 +259,21 @@ async def test_bad_input_is_refused_and_writes_nothing(aiohttp_client, make_conf
         (plaintext(TOKEN, "not xml at all"), "/wechat/brand", 400),
         (plaintext(TOKEN, "<xml><FromUserName>o_mal</FromUserName><MsgType>text</MsgType></xml>"), "/wechat/brand", 400),
         (plaintext(TOKEN, good.replace("<MsgId>1</MsgId>", "<MsgId>x1</MsgId>")), "/wechat/brand", 400),
-        (plaintext(TOKEN, doctype), "/wechat/brand", 400),
-        (safe_mode(TOKEN, AES_KEY, fake.app_id, doctype), "/wechat/brand", 400),
+        (plaintext(TOKEN, good.replace("<![CDATA[o_mal]]>", "<a>o_mal</a>")), "/wechat/brand", 400),
+        (plaintext(TOKEN, good.replace("<![CDATA[奶粉]]>", "<b>奶粉</b><b>奶粉</b>")), "/wechat/brand", 400),
+        (plaintext(TOKEN, good.replace("<CreateTime>", "<Created>").replace("</CreateTime>", "</Created>")),
+         "/wechat/brand", 400),
         (safe_mode(TOKEN, AES_KEY, fake.app_id, good), "/wechat/plain", 400),  # safe mode not configured
         (plaintext(TOKEN, text_xml("o_mal", "奶" * 2000, 2)), "/wechat/brand", 413),
         (plaintext(TOKEN, good), "/wechat/unknown", 404),
     ]
     for cb, path, status in cases:
         resp = await post(client, cb, path)
-        assert resp.status == status, (path, cb.body[:80], resp.status, await resp.text())
+        answer = await resp.text()
+        assert resp.status == status, (path, cb.body[:80], resp.status, answer)
+    for cb in (plaintext(TOKEN, doctype), safe_mode(TOKEN, AES_KEY, fake.app_id, doctype)):
+        resp = await post(client, cb)
+        assert (resp.status, await resp.text()) == (400, "XML with DOCTYPE or ENTITY declarations is not accepted")
     assert await count(service, Touchpoint) == 0
     assert await count(service, Customer) == 0
     # the same message, well signed, is accepted on both accounts
@@ -338,12 +345,13 @@ fields = { first = "{{ customer.name }},您有优惠券待使用", remark = "活
 """
 
 
-def campaigns_dir(tmp_path: Path) -> str:
+def campaigns_dir(tmp_path: Path, delay: str = "3d") -> str:
+    """The demo welcome plus two tag-triggered campaigns, one of them with a template for outside the window."""
     folder = tmp_path / "campaigns"
     folder.mkdir()
     (folder / "welcome.toml").write_text((ROOT / "campaigns" / "welcome.toml").read_text("utf-8"), "utf-8")
-    (folder / "later.toml").write_text(LATER, "utf-8")
-    (folder / "notice.toml").write_text(NOTICE, "utf-8")
+    (folder / "later.toml").write_text(LATER.replace('"3d"', f'"{delay}"'), "utf-8")
+    (folder / "notice.toml").write_text(NOTICE.replace('"3d"', f'"{delay}"'), "utf-8")
     return str(folder)
 
 
@@ -367,20 +375,26 @@ async def test_outside_48h_skips_or_falls_back_to_template(aiohttp_client, make_
     assert (skipped.delivery_id, skipped.payload) == (found["formula-followup"].id, {"reason": "outside_48h_window"})
 
 
-async def test_wechat_refusals_are_recorded_as_skips(aiohttp_client, make_config, clock, fake):
-    client, service = await start(aiohttp_client, make_config, clock, fake)
+async def test_wechat_refusals_are_recorded_as_skips(aiohttp_client, make_config, clock, fake, tmp_path):
+    client, service = await start(aiohttp_client, make_config, clock, fake,
+                                  overrides={"campaigns": {"path": campaigns_dir(tmp_path, delay="0s")}})
     fake.window_closed.add("o_kim")  # WeChat's own view of the window disagrees with ours: 45015
     fake.unsubscribed.add("o_lou")  # unfollowed meanwhile: 43004
-    await post(client, plaintext(TOKEN, text_xml("o_kim", "你好", 41)))
+    await post(client, plaintext(TOKEN, text_xml("o_kim", "你好,有优惠吗", 41)))
     await post(client, plaintext(TOKEN, text_xml("o_lou", "你好", 42)))
 
-    async def reasons():
+    async def outcomes():
         async with service.sessions() as s:
-            rows = (await s.scalars(select(Delivery).where(Delivery.status == "skipped"))).all()
-            return sorted((d.external_id, d.reason) for d in rows) if len(rows) == 2 else None
+            rows = (await s.scalars(select(Delivery).where(Delivery.status != "planned"))).all()
+            return sorted((d.external_id, d.campaign, d.status, d.reason) for d in rows) if len(rows) == 3 else None
 
-    assert await eventually(reasons) == [("o_kim", "outside_48h_window"), ("o_lou", "not_subscribed")]
+    assert await eventually(outcomes) == [
+        ("o_kim", "coupon-notice", "sent", None),  # 45015 on the customer message: the template went instead
+        ("o_kim", "welcome", "skipped", "outside_48h_window"),
+        ("o_lou", "welcome", "skipped", "not_subscribed"),
+    ]
     assert fake.custom_messages == []
+    assert [(m["touser"], m["template_id"]) for m in fake.template_messages] == [("o_kim", "TPL_NOTICE")]
 
 
 async def test_expired_token_is_refreshed_and_message_sent_once(aiohttp_client, make_config, clock, fake):
