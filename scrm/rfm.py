@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.store.models import Conversion, Customer
@@ -23,8 +23,10 @@ async def recompute(session: AsyncSession) -> int:
         .subquery()
     )
     def quintile(column: Any) -> Any:
-        # cume_dist gives tied values the same rank, so equal spenders get equal scores.
-        return (cast(func.cume_dist().over(order_by=column) * 5 - 1e-9, Integer) + 1)
+        # cume_dist gives tied values the same rank, so equal spenders get equal scores; CASE
+        # instead of floor() because SQLite builds often lack math functions.
+        share = func.cume_dist().over(order_by=column)
+        return case(*((share <= q / 5, q) for q in range(1, 5)), else_=5)
 
     scored = select(
         per_customer.c.cid,

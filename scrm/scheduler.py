@@ -21,15 +21,16 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                              "misfire_grace_time": 30})
     config = service.config
-    scheduler.add_job(service.outbox.tick, "interval", id=OUTBOX_JOB, seconds=config.scheduler.outbox_tick_seconds)
-    scheduler.add_job(service.refresh_touched, "interval", id=PROFILES_JOB, seconds=5)
-    scheduler.add_job(service.refresh_all, "interval", id="profiles:all", minutes=config.profiles.refresh_minutes)
+    job = service.job
+    scheduler.add_job(job(service.outbox.tick), "interval", id=OUTBOX_JOB, seconds=config.scheduler.outbox_tick_seconds)
+    scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
+    scheduler.add_job(job(service.refresh_all), "interval", id="profiles:all", minutes=config.profiles.refresh_minutes)
     hour, minute = config.profiles.rfm_at.split(":")
-    scheduler.add_job(service.recompute_rfm, "cron", id="rfm", hour=int(hour), minute=int(minute),
+    scheduler.add_job(job(service.recompute_rfm), "cron", id="rfm", hour=int(hour), minute=int(minute),
                       timezone=config.service.timezone)
     for (kind, account), channel in service.channels.items():
-        for name, job, seconds in channel.jobs():
-            scheduler.add_job(job, "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
+        for name, fn, seconds in channel.jobs():
+            scheduler.add_job(job(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
     return scheduler
 
 

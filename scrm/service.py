@@ -6,7 +6,11 @@ app's cleanup context, or by the CLI for in-process work.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -37,6 +41,8 @@ class Service:
         self.paused: set[str] = set()
         #: Customers whose events were committed since the last incremental profile refresh.
         self.touched: set[int] = set()
+        self._stopping = False
+        self._running_jobs: set[asyncio.Task[Any]] = set()
         types = channel_types()
         self.channels: dict[tuple[str, str], Channel] = {
             (kind, account): types[kind](account, types[kind].settings_model.model_validate(settings), self)
@@ -93,11 +99,30 @@ class Service:
         if scheduler:
             self.scheduler.start()
 
+    def job(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Wrap a scheduler job so that stop() can wait for it: a job cut off mid-transaction
+        would leave a connection behind and its work half recorded."""
+
+        @functools.wraps(fn)
+        async def run() -> Any:
+            if self._stopping:
+                return None
+            task = asyncio.current_task()
+            assert task is not None
+            self._running_jobs.add(task)
+            try:
+                return await fn()
+            finally:
+                self._running_jobs.discard(task)
+
+        return run
+
     async def stop(self) -> None:
+        self._stopping = True
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        await asyncio.gather(*self._running_jobs, return_exceptions=True)
         await self.ingestor.stop()
-        await self.outbox.close()
         for channel in self.channels.values():
             await channel.stop()
         await self.engine.dispose()

@@ -45,6 +45,7 @@ async def test_four_step_flow(aiohttp_client, make_config, clock):
 
     messages = await eventually(welcome)
     assert len(messages) == 1 and messages[0].startswith("alice,欢迎")
+    await eventually(lambda: _sent(app_client))  # recorded just after the channel took it
     async with service.sessions() as s:
         code = await s.scalar(select(CouponCode).where(CouponCode.customer_id == customer.id))
         assert code is not None and code.code in messages[0]

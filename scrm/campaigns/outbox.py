@@ -40,12 +40,6 @@ class Outbox:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._lock = asyncio.Lock()
-        self._closed = False
-
-    async def close(self) -> None:
-        """Wait for an in-flight tick to record its outcomes; later ticks do nothing."""
-        async with self._lock:
-            self._closed = True
 
     async def recover(self) -> int:
         """Mark deliveries left mid-send by a crashed process as ``unknown``; returns how many."""
@@ -64,8 +58,6 @@ class Outbox:
     async def tick(self) -> int:
         """Send what is due now; returns the number of deliveries finished or deferred."""
         async with self._lock:
-            if self._closed:
-                return 0
             prepared = await self._claim()
             if not prepared:
                 return 0
