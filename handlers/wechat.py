@@ -5,8 +5,10 @@ and events in plaintext or safe mode (AES), commits them through the core and an
 5-second limit — with a passive text reply when the core has one, else ``success``.
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
-the campaign's template message outside it (or a ``skipped`` result). wechatpy's client is synchronous,
-so every API call runs on this account's own small thread pool, never on the event loop.
+the campaign's template message outside it (or a ``skipped`` result). Throttling, system-busy answers
+and connection failures are retried later; a send whose answer was lost is reported, never resent
+(WeChat has no idempotency key). wechatpy's client is synchronous, so every API call runs on this
+account's own small thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 
 import requests
 import xmltodict
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy import func, select
@@ -104,6 +107,27 @@ class _TokenError(Exception):
         self.errcode = errcode
 
 
+class _NotSent(Exception):
+    """A network error before the message itself went out (fetching the token), safe to retry."""
+
+    def __init__(self, cause: requests.RequestException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _never_connected(exc: requests.RequestException) -> bool:
+    """True when the request cannot have reached WeChat (refused, DNS, connect timeout).
+
+    After a read timeout or a dropped connection WeChat may have delivered the message; custom/send has
+    no idempotency key, so resending could deliver it twice.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    cause = exc.args[0] if exc.args else None
+    return isinstance(exc, requests.ConnectionError) and isinstance(cause, MaxRetryError) \
+        and isinstance(cause.reason, NewConnectionError)
+
+
 class _Api(WeChatClient):
     """wechatpy's client aimed at the configured base URL, with a thread-safe token cache.
 
@@ -148,14 +172,20 @@ class _Api(WeChatClient):
 
     def call(self, fn: Callable[[_Api], T]) -> T:
         """One API call; an invalid or expired token is refreshed and the call retried once."""
-        token = self.access_token
+        try:
+            token = self.access_token
+        except requests.RequestException as exc:
+            raise _NotSent(exc) from exc
         try:
             return fn(self)
         except WeChatClientException as exc:
             if exc.errcode not in TOKEN_ERRCODES:
                 raise
             log.info("wechat %s: access token rejected (%s), refreshing", self.appid, exc.errcode)
-        self.refresh_token(token)
+        try:
+            self.refresh_token(token)
+        except requests.RequestException as exc:
+            raise _NotSent(exc) from exc
         return fn(self)
 
 
@@ -392,6 +422,8 @@ class WeChatChannel(Channel):
             result = await self._run(lambda api: api.media.upload("image", (filename, png, "image/png")))
         except (WeChatClientException, _TokenError) as exc:
             raise WeChatApiError(self._error_result(exc, None).reason or "wechat:error") from exc
+        except _NotSent as exc:
+            raise WeChatApiError(f"network:{type(exc.cause).__name__}") from exc
         except requests.RequestException as exc:
             raise WeChatApiError(f"network:{type(exc).__name__}") from exc
         if not isinstance(result, dict) or not result.get("media_id"):
@@ -431,8 +463,13 @@ class WeChatChannel(Channel):
             result = await self._run(fn)
         except (WeChatClientException, _TokenError) as exc:
             return self._error_result(exc, delivery_id)
+        except _NotSent as exc:
+            return self._backoff(delivery_id, f"network:{type(exc.cause).__name__}")
         except requests.RequestException as exc:
-            return self._backoff(delivery_id, f"network:{type(exc).__name__}")
+            if _never_connected(exc):
+                return self._backoff(delivery_id, f"network:{type(exc).__name__}")
+            log.warning("wechat %s: outcome of delivery %s unknown: %r", self.account, delivery_id, exc)
+            return self._finish(delivery_id, SendResult("failed", f"unknown_outcome:{type(exc).__name__}"))
         self._retries.pop(delivery_id, None)  # type: ignore[arg-type]
         if not isinstance(result, dict):  # wechatpy hands back the raw response when it is not JSON
             return SendResult("failed", "wechat:bad_response")

@@ -119,9 +119,10 @@ class Service:
 
     async def stop(self) -> None:
         self._stopping = True
+        # APScheduler's asyncio executor cancels running jobs on shutdown: let them finish first.
+        await asyncio.gather(*self._running_jobs, return_exceptions=True)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        await asyncio.gather(*self._running_jobs, return_exceptions=True)
         await self.ingestor.stop()
         for channel in self.channels.values():
             await channel.stop()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from handlers.wechat import MAX_REPLY_BYTES, cut_utf8
+from handlers.wechat import MAX_REPLY_BYTES, WeChatApiError, cut_utf8
 from scrm.config import ConfigError
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
@@ -385,7 +385,7 @@ async def test_wechat_refusals_are_recorded_as_skips(aiohttp_client, make_config
 
     async def outcomes():
         async with service.sessions() as s:
-            rows = (await s.scalars(select(Delivery).where(Delivery.status != "planned"))).all()
+            rows = (await s.scalars(select(Delivery).where(Delivery.finished_at.is_not(None)))).all()
             return sorted((d.external_id, d.campaign, d.status, d.reason) for d in rows) if len(rows) == 3 else None
 
     assert await eventually(outcomes) == [
@@ -410,22 +410,18 @@ async def test_expired_token_is_refreshed_and_message_sent_once(aiohttp_client, 
     assert answers == [0, 42001, 0]
 
 
-@pytest.mark.parametrize(("failure", "reason", "wait"), [
-    (45009, "wechat:45009", 60), (45047, "wechat:45047", 60), (-1, "wechat:-1", 1), ("stall", "network:ReadTimeout", 1),
-])
-async def test_throttling_and_outages_replan_the_delivery(aiohttp_client, make_config, clock, fake, failure, reason, wait):
-    client, service = await start(aiohttp_client, make_config, clock, fake, request_timeout_seconds=0.3)
-    if failure == "stall":
-        fake.stall_next("message/custom/send", 1.0)
-    else:
-        fake.fail_next("message/custom/send", failure)
+async def _replanned(service, attempts: int = 1) -> Delivery | None:
+    d = (await deliveries(service)).get("welcome")
+    return d if d is not None and d.attempts == attempts and d.status == "planned" else None
+
+
+@pytest.mark.parametrize(("errcode", "wait"), [(45009, 60), (45047, 60), (-1, 1)])
+async def test_throttling_and_busy_answers_replan_the_delivery(aiohttp_client, make_config, clock, fake, errcode, wait):
+    client, service = await start(aiohttp_client, make_config, clock, fake)
+    fake.fail_next("message/custom/send", errcode)
     await post(client, plaintext(TOKEN, text_xml("o_oli", "你好", 61)))
-
-    async def replanned():
-        d = (await deliveries(service)).get("welcome")
-        return d if d is not None and d.attempts == 1 and d.status == "planned" else None
-
-    d = await eventually(replanned)
+    reason = f"wechat:{errcode}"
+    d = await eventually(lambda: _replanned(service))
     assert d.reason == reason and d.due_at == clock.now() + timedelta(seconds=wait)
     assert await count(service, Touchpoint, Touchpoint.kind == "delivery_failed") == 0
     clock.advance(wait)
@@ -433,6 +429,50 @@ async def test_throttling_and_outages_replan_the_delivery(aiohttp_client, make_c
     d = (await deliveries(service))["welcome"]
     assert (d.status, d.attempts) == ("sent", 2)
     assert [m["touser"] for m in fake.custom_messages] == ["o_oli"]
+
+
+async def test_busy_wechat_backs_off_doubling(aiohttp_client, make_config, clock, fake):
+    client, service = await start(aiohttp_client, make_config, clock, fake)
+    fake.fail_next("message/custom/send", -1, times=2)
+    await post(client, plaintext(TOKEN, text_xml("o_oma", "你好", 62)))
+    first = await eventually(lambda: _replanned(service))
+    assert first.due_at == clock.now() + timedelta(seconds=1)
+    clock.advance(1)
+    await service.outbox.tick()
+    second = await _replanned(service, attempts=2)
+    assert second is not None and second.due_at == clock.now() + timedelta(seconds=2)
+    clock.advance(2)
+    await service.outbox.tick()
+    assert (await deliveries(service))["welcome"].status == "sent"
+
+
+async def test_unreachable_wechat_is_retried(aiohttp_client, make_config, clock, fake, unused_tcp_port):
+    client, service = await start(aiohttp_client, make_config, clock, fake,
+                                  api_base_url=f"http://127.0.0.1:{unused_tcp_port}/")
+    await post(client, plaintext(TOKEN, text_xml("o_pam", "你好", 63)))
+    d = await eventually(lambda: _replanned(service))
+    assert d.reason == "network:ConnectionError" and d.due_at == clock.now() + timedelta(seconds=1)
+
+
+async def test_lost_answer_is_never_resent(aiohttp_client, make_config, clock, fake):
+    client, service = await start(aiohttp_client, make_config, clock, fake, request_timeout_seconds=0.3)
+    fake.stall_next("token", 0.6)  # no message went out yet: safe to retry
+    await post(client, plaintext(TOKEN, text_xml("o_quin", "你好", 64)))
+    d = await eventually(lambda: _replanned(service))
+    assert d.reason == "network:ReadTimeout"
+    fake.stall_next("message/custom/send", 0.6)  # WeChat got the message, its answer came too late
+    clock.advance(1)
+    await service.outbox.tick()
+    d = (await deliveries(service))["welcome"]
+    assert (d.status, d.reason, d.attempts) == ("failed", "unknown_outcome:ReadTimeout", 2)
+
+    async def delivered():
+        return fake.custom_messages
+
+    assert [m["touser"] for m in await eventually(delivered)] == ["o_quin"]
+    clock.advance(3600)
+    await service.outbox.tick()
+    assert len(fake.custom_messages) == 1 and fake.count("message/custom/send") == 1
 
 
 async def test_chart_image_upload_and_send(aiohttp_client, make_config, clock, fake):
@@ -446,6 +486,8 @@ async def test_chart_image_upload_and_send(aiohttp_client, make_config, clock, f
     result = await channel.send_image("o_pia", media_id)
     assert result.status == "sent"
     assert fake.custom_messages == [{"touser": "o_pia", "msgtype": "image", "image": {"media_id": media_id}}]
+    with pytest.raises(WeChatApiError, match="^wechat:40005$"):  # WeChat checks the file really is an image
+        await channel.upload_image(b"GIF-not-really")
 
 
 async def _status(service, campaign: str, status: str) -> bool:

@@ -83,7 +83,8 @@ class FakeWeChat:
         self._queued[endpoint].extend([errcode] * times)
 
     def stall_next(self, endpoint: str, seconds: float) -> None:
-        """The next call to ``endpoint`` waits this long before answering (client timeouts)."""
+        """The next answer from ``endpoint`` comes this late, after WeChat acted on the call (a message
+        is delivered, a token issued): the client's timeout then leaves it not knowing the outcome."""
         self._stalls[endpoint].append(seconds)
 
     def expire_tokens(self) -> None:
@@ -104,24 +105,26 @@ class FakeWeChat:
         app.router.add_post("/cgi-bin/media/upload", self._media_upload)
         return app
 
-    def _answer(self, endpoint: str, query: dict[str, str], body: Any, answer: dict[str, Any]) -> web.Response:
+    async def _answer(self, endpoint: str, query: dict[str, str], body: Any, answer: dict[str, Any]) -> web.Response:
         self.calls.append(Call(endpoint, query, body, answer))
+        if stalls := self._stalls[endpoint]:
+            await asyncio.sleep(stalls.popleft())
         return web.Response(text=json.dumps(answer, ensure_ascii=False), content_type="application/json",
                             charset="utf-8")
 
     async def _token(self, request: web.Request) -> web.Response:
         q = dict(request.query)
         if q.get("grant_type") != "client_credential":
-            return self._answer("token", q, None, {"errcode": 40002, "errmsg": "invalid grant_type"})
+            return await self._answer("token", q, None, {"errcode": 40002, "errmsg": "invalid grant_type"})
         if q.get("appid") != self.app_id:
-            return self._answer("token", q, None, error(40013))
+            return await self._answer("token", q, None, error(40013))
         if q.get("secret") != self.app_secret:
-            return self._answer("token", q, None, error(40125))
+            return await self._answer("token", q, None, error(40125))
         if queued := self._queued["token"]:
-            return self._answer("token", q, None, error(queued.popleft()))
+            return await self._answer("token", q, None, error(queued.popleft()))
         token = secrets.token_urlsafe(48)
         self._tokens[token] = time.monotonic() + self.token_ttl
-        return self._answer("token", q, None, {"access_token": token, "expires_in": self.token_ttl})
+        return await self._answer("token", q, None, {"access_token": token, "expires_in": self.token_ttl})
 
     def _check_token(self, query: dict[str, str]) -> int:
         token = query.get("access_token")
@@ -137,9 +140,7 @@ class FakeWeChat:
         return 0
 
     async def _guard(self, endpoint: str, query: dict[str, str], openid: object) -> int:
-        """Errcode shared by every API: stalls, queued failures, token, then the user's state."""
-        if stalls := self._stalls[endpoint]:
-            await asyncio.sleep(stalls.popleft())
+        """Errcode shared by every API: queued failures, token, then the user's state."""
         if code := self._check_token(query):
             return code
         if queued := self._queued[endpoint]:
@@ -161,54 +162,54 @@ class FakeWeChat:
         endpoint, q = "message/custom/send", dict(request.query)
         body = await self._json(request)
         if not isinstance(body, dict):
-            return self._answer(endpoint, q, body, error(44002))
+            return await self._answer(endpoint, q, body, error(44002))
         if code := await self._guard(endpoint, q, body.get("touser")):
-            return self._answer(endpoint, q, body, error(code))
+            return await self._answer(endpoint, q, body, error(code))
         if body["touser"] in self.window_closed:
-            return self._answer(endpoint, q, body, error(45015))
+            return await self._answer(endpoint, q, body, error(45015))
         msgtype = body.get("msgtype")
         content = body.get(msgtype) if isinstance(msgtype, str) else None
         if msgtype == "text" and not (isinstance(content, dict) and content.get("content")):
-            return self._answer(endpoint, q, body, error(44002))
+            return await self._answer(endpoint, q, body, error(44002))
         if msgtype == "image" and not (isinstance(content, dict) and content.get("media_id") in self.media):
-            return self._answer(endpoint, q, body, {"errcode": 40007, "errmsg": "invalid media_id"})
+            return await self._answer(endpoint, q, body, {"errcode": 40007, "errmsg": "invalid media_id"})
         if msgtype not in ("text", "image"):
-            return self._answer(endpoint, q, body, error(40008))
+            return await self._answer(endpoint, q, body, error(40008))
         self.custom_messages.append(body)
-        return self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok"})
+        return await self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok"})
 
     async def _template_send(self, request: web.Request) -> web.Response:
         endpoint, q = "message/template/send", dict(request.query)
         body = await self._json(request)
         if not isinstance(body, dict):
-            return self._answer(endpoint, q, body, error(44002))
+            return await self._answer(endpoint, q, body, error(44002))
         if code := await self._guard(endpoint, q, body.get("touser")):
-            return self._answer(endpoint, q, body, error(code))
+            return await self._answer(endpoint, q, body, error(code))
         if body.get("template_id") not in self.templates:
-            return self._answer(endpoint, q, body, error(40037))
+            return await self._answer(endpoint, q, body, error(40037))
         data = body.get("data")
         if not isinstance(data, dict) or not all(isinstance(v, dict) and "value" in v for v in data.values()):
-            return self._answer(endpoint, q, body, {"errcode": 47001, "errmsg": "data format error"})
+            return await self._answer(endpoint, q, body, {"errcode": 47001, "errmsg": "data format error"})
         self.template_messages.append(body)
         msgid = 200_000_000 + len(self.template_messages)
-        return self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok", "msgid": msgid})
+        return await self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok", "msgid": msgid})
 
     async def _media_upload(self, request: web.Request) -> web.Response:
         endpoint, q = "media/upload", dict(request.query)
         if code := await self._guard(endpoint, q, None):
-            return self._answer(endpoint, q, None, error(code))
+            return await self._answer(endpoint, q, None, error(code))
         if q.get("type") not in ("image", "voice", "video", "thumb"):
-            return self._answer(endpoint, q, None, error(40004))
+            return await self._answer(endpoint, q, None, error(40004))
         reader = await request.multipart()
         part = await reader.next()
         if part is None or getattr(part, "name", None) != "media" or not getattr(part, "filename", None):
-            return self._answer(endpoint, q, None, error(40005))
+            return await self._answer(endpoint, q, None, error(40005))
         data = await part.read()  # type: ignore[union-attr]
         if not (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")):
-            return self._answer(endpoint, q, {"filename": part.filename, "size": len(data)}, error(40005))
+            return await self._answer(endpoint, q, {"filename": part.filename, "size": len(data)}, error(40005))
         media_id = uuid.uuid4().hex
         self.media[media_id] = data
-        return self._answer(endpoint, q, {"filename": part.filename, "size": len(data)},
+        return await self._answer(endpoint, q, {"filename": part.filename, "size": len(data)},
                             {"type": q["type"], "media_id": media_id, "created_at": int(time.time())})
 
 
