@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, func, literal, select
+from sqlalchemy import ColumnElement, String, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scrm.campaigns.definitions import LoadedCampaign, TriggerEvent
 from scrm.store.dialect import insert_ignore, insert_select_ignore
@@ -52,6 +52,8 @@ async def plan_event(
             {
                 "campaign": d.name,
                 "step": 0,
+                "target": f"c{customer_id}",
+                "occurrence": "",
                 "customer_id": customer_id,
                 "channel": channel,
                 "account": account,
@@ -67,9 +69,14 @@ async def plan_event(
     return planned
 
 
+def _value(value: Any) -> Any:
+    """Plain values become bound literals; SQL expressions (per-customer due times, variants) pass."""
+    return value if isinstance(value, ColumnElement) else literal(value)
+
+
 async def plan_many(
-    session: AsyncSession, campaign: str, step: int, where: ColumnElement[bool], due_at: datetime, now: datetime,
-    channels: Sequence[str] | None = None,
+    session: AsyncSession, campaign: str, step: int, where: ColumnElement[bool], due_at: Any, now: datetime,
+    channels: Sequence[str] | None = None, occurrence: Any = "", variant: Any = None,
 ) -> int:
     """Plan one step for every customer matching ``where``, in one INSERT ... SELECT.
 
@@ -81,14 +88,15 @@ async def plan_many(
         identity_query = identity_query.where(Identity.channel.in_(channels))
     query = (
         select(
-            literal(campaign), literal(step), Customer.id, Identity.channel, Identity.account, Identity.external_id,
-            literal("planned"), literal(0), literal(due_at), literal(now),
+            literal(campaign), literal(step), literal("c") + cast(Customer.id, String), _value(occurrence),
+            Customer.id, Identity.channel, Identity.account, Identity.external_id, _value(variant),
+            literal("planned"), literal(0), _value(due_at), literal(now),
         )
         .join(Identity, Identity.id == identity_query.correlate(Customer).scalar_subquery())
         .where(where)
     )
-    columns = ["campaign", "step", "customer_id", "channel", "account", "external_id", "status", "attempts",
-               "due_at", "created_at"]
+    columns = ["campaign", "step", "target", "occurrence", "customer_id", "channel", "account", "external_id",
+               "variant", "status", "attempts", "due_at", "created_at"]
     return await insert_select_ignore(session, Delivery.__table__, columns, query)
 
 

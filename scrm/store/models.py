@@ -23,6 +23,8 @@ class Customer(Base):
     display_name: Mapped[str | None]
     phone: Mapped[str | None] = mapped_column(String(32))
     birthday: Mapped[date | None] = mapped_column(Date)
+    #: "MM-DD" of the birthday: all a birthday campaign needs, and indexable.
+    birthday_md: Mapped[str | None] = mapped_column(String(5), index=True)
     timezone: Mapped[str | None] = mapped_column(String(64))
     locale: Mapped[str | None] = mapped_column(String(16))
     stage: Mapped[str] = mapped_column(String(16), default="acquisition", index=True)
@@ -132,30 +134,83 @@ class Campaign(Base):
     updated_at: Mapped[datetime]
 
 
+class ChatGroup(Base):
+    """A customer group (WeCom customer group, Telegram group) that group campaigns can target."""
+
+    __tablename__ = "chat_groups"
+    __table_args__ = (UniqueConstraint("channel", "account", "external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    title: Mapped[str | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+    __table_args__ = (UniqueConstraint("group_id", "customer_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("chat_groups.id"), index=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    joined_at: Mapped[datetime]
+    left_at: Mapped[datetime | None]
+
+
 class Delivery(Base):
-    """The outbox: one planned message per (campaign, step, customer), ever."""
+    """The outbox: one planned message per (campaign, step, target, occurrence), ever.
+
+    ``target`` is ``c<customer id>`` or ``g<group id>``; ``occurrence`` tells repeated runs apart
+    (a birthday's year, a weekly run's date, a coupon's code) and is empty for once-ever messages.
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("campaign", "step", "customer_id", name="uq_deliveries_once"),
+        UniqueConstraint("campaign", "step", "target", "occurrence", name="uq_deliveries_once"),
         Index("ix_deliveries_status_due", "status", "due_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign: Mapped[str] = mapped_column(String(64), index=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    target: Mapped[str] = mapped_column(String(24))
+    occurrence: Mapped[str] = mapped_column(String(64), default="")
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("chat_groups.id"))
     channel: Mapped[str] = mapped_column(String(16))
     account: Mapped[str] = mapped_column(String(32))
     external_id: Mapped[str] = mapped_column(String(128))
+    #: A/B variant name, when the campaign has variants.
+    variant: Mapped[str | None] = mapped_column(String(16))
     #: planned -> sending -> sent | skipped | failed | unknown (crashed mid-send, never resent).
     status: Mapped[str] = mapped_column(String(16), default="planned")
     reason: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     text: Mapped[str | None] = mapped_column(Text)
+    platform_msg_id: Mapped[str | None] = mapped_column(String(128))
     due_at: Mapped[datetime]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class CampaignRun(Base):
+    """One scheduled run of a cron/date campaign: what makes misfires and double runs visible."""
+
+    __tablename__ = "campaign_runs"
+    __table_args__ = (UniqueConstraint("campaign", "occurrence"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(64))
+    occurrence: Mapped[str] = mapped_column(String(64))
+    #: ran | skipped_misfire
+    status: Mapped[str] = mapped_column(String(16))
+    scheduled_at: Mapped[datetime]
+    ran_at: Mapped[datetime]
+    planned: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Coupon(Base):
@@ -173,11 +228,12 @@ class CouponCode(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     coupon_id: Mapped[int] = mapped_column(ForeignKey("coupons.id"), index=True)
-    code: Mapped[str] = mapped_column(String(32), unique=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    #: None until granted (imported codes wait in the pool).
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     delivery_id: Mapped[int | None] = mapped_column(unique=True)
     granted_at: Mapped[datetime | None]
-    expires_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
     redeemed_at: Mapped[datetime | None]
 
     coupon: Mapped[Coupon] = relationship()
