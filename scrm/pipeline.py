@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import commands, coupons, reports
-from scrm.campaigns.planner import plan_event, plan_triggered
+from scrm import commands, coupons, staff
+from scrm.campaigns.planner import plan_event
 from scrm.channels import MESSAGE_KINDS, InboundEvent, Reaction
-from scrm.customers import find_by_ref, find_or_create, touchpoint
+from scrm.config import Role
+from scrm.customers import find_or_create, touchpoint
 from scrm.store.models import Customer, Touchpoint
-from scrm.tagging import add_tag, apply_hit, remove_tag
+from scrm.tagging import apply_hit
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -65,54 +66,13 @@ def _reply(session: AsyncSession, event: InboundEvent, now: datetime, text: str,
                direction="out", kind="reply", now=now, text=text)
 
 
-async def _handle_staff(service: Service, session: AsyncSession, event: InboundEvent, role: str,
+async def _handle_staff(service: Service, session: AsyncSession, event: InboundEvent, role: Role,
                         now: datetime) -> Outcome:
     actor = f"staff:{event.channel}:{event.external_id}"
     _record(session, event, now, None, actor)
-    command = commands.staff_command(event.text)
-    if command is None:
-        text = commands.STAFF_HELP
-    elif role not in commands.STAFF_ROLES[command.name]:
-        text = commands.REFUSAL_REPLY
-    elif command.name == "tag":
-        text = await _staff_tag(service, session, command.args, actor, now)
-    else:
-        days = commands.report_days(command.args)
-        if days is None:
-            text = "用法 Usage: /report [7d|30d]"
-        else:
-            text = reports.format_summary(await reports.summary(session, now, days))
+    text = await staff.dispatch(staff.StaffContext(service, session, event, actor, role, now))
     _reply(session, event, now, text, None, actor)
     return Outcome(Reaction(replies=(text,)))
-
-
-async def change_tags(service: Service, session: AsyncSession, customer: Customer, changes: list[tuple[bool, str]],
-                      actor: str, now: datetime) -> list[str]:
-    """Operator tag edits (chat or CLI), each recorded as a touchpoint; returns what changed."""
-    done = []
-    for add, name in changes:
-        changed = (await add_tag(session, customer.id, name, "operator", actor, now) if add
-                   else await remove_tag(session, customer.id, name))
-        if changed:
-            touchpoint(session, customer_id=customer.id, actor=actor, channel="system", account="-",
-                       direction="internal", kind="tag_added" if add else "tag_removed", now=now,
-                       payload={"tag": name, "by": actor})
-            done.append(("+" if add else "-") + name)
-            if add:
-                await plan_triggered(service, session, "tag_added", [customer.id], now, tag=name)
-    return done
-
-
-async def _staff_tag(service: Service, session: AsyncSession, args: str, actor: str, now: datetime) -> str:
-    parsed = commands.tag_changes(args)
-    if parsed is None:
-        return "用法 Usage: /tag <customer> +tag -tag   (customer: #id or channel:id)"
-    ref, changes = parsed
-    customer = await find_by_ref(session, ref)
-    if customer is None:
-        return f"没有找到客户 No customer {ref}"
-    done = await change_tags(service, session, customer, changes, actor, now)
-    return f"{ref}: {' '.join(done) if done else '没有变化 no change'}"
 
 
 async def _handle_customer(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
@@ -155,8 +115,8 @@ async def _customer_text(service: Service, session: AsyncSession, customer: Cust
     if commands.is_opt_out(text):
         customer.opted_out = True
         return [commands.OPT_OUT_REPLY]
-    if commands.staff_command(text):
-        return [commands.REFUSAL_REPLY]
+    if staff.parse(text):
+        return [staff.REFUSAL_REPLY]
     if code := commands.redeem_code(text):
         result = await coupons.redeem(session, code, now, via="chat", customer_id=customer.id)
         if result.status == "redeemed":

@@ -8,7 +8,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm.store.models import Coupon, CouponCode, Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+from scrm.store.models import (
+    Coupon,
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Delivery,
+    Identity,
+    Tag,
+    Touchpoint,
+)
 
 
 def _iso(value: datetime | None) -> str | None:

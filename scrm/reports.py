@@ -10,8 +10,14 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.channels import MESSAGE_KINDS
-from scrm.store.models import Conversion, CouponCode, Customer, Delivery, Redemption, Touchpoint
-
+from scrm.store.models import (
+    Conversion,
+    CouponCode,
+    Customer,
+    Delivery,
+    Redemption,
+    Touchpoint,
+)
 
 
 @dataclass(frozen=True)

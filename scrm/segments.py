@@ -24,7 +24,16 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
 
 from scrm.channels import MESSAGE_KINDS
-from scrm.store.models import Conversion, CouponCode, Customer, CustomerTag, Identity, Redemption, Tag, Touchpoint
+from scrm.store.models import (
+    Conversion,
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Identity,
+    Redemption,
+    Tag,
+    Touchpoint,
+)
 
 
 class ExpressionError(ValueError):

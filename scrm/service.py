@@ -15,13 +15,13 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from scrm import profiles, rfm
 from scrm.campaigns.definitions import LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
 from scrm.channels import Channel, InboundEvent, Reaction, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.config import Config
 from scrm.ingest import Ingestor
-from scrm import profiles, rfm
 from scrm.scheduler import OUTBOX_JOB, PROFILES_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, String, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
-
-from typing import TYPE_CHECKING, Any
 
 from scrm.campaigns.definitions import LoadedCampaign, TriggerEvent
 from scrm.store.dialect import insert_ignore, insert_select_ignore

@@ -1,0 +1,84 @@
+"""What every ``scrm`` command shares: the group, config loading with clean errors, store access."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scrm.campaigns.definitions import CampaignError
+from scrm.config import Config, ConfigError, load_config
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def load(ctx: click.Context) -> Config:
+    path = ctx.obj["config_path"]
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print(f"[bold red]{path}: configuration has {len(exc.problems)} problem(s):[/]", highlight=False)
+        for line in exc.problems:
+            err.print(f"  {line}", markup=False, highlight=False)
+        sys.exit(EXIT_USAGE)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    from scrm.store.engine import make_engine, make_sessionmaker
+    from scrm.store.migrate import upgrade
+
+    engine = make_engine(config.store_url, config.store.schema_name)
+    try:
+        await upgrade(engine)
+        yield make_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+def guard(fn: Callable[..., T]) -> Callable[..., T]:
+    """Campaign file problems are user errors: print them, no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except CampaignError as exc:
+            err.print(f"[bold red]campaign definitions have {len(exc.problems)} problem(s):[/]")
+            for line in exc.problems:
+                err.print(f"  {line}", markup=False, highlight=False)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", default="config.toml", envvar="SCRM_CONFIG", show_default=True,
+              type=click.Path(dir_okay=False), help="Config file (env SCRM_CONFIG).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str) -> None:
+    """SCRM bot service: capture, tag and nurture customers from chat channels."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+

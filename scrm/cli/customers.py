@@ -1,0 +1,160 @@
+"""Customers and segments: the 360° view, manual tags, segment counts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from scrm.cli.base import (
+    EXIT_FAILED,
+    err,
+    load,
+    main,
+    open_store,
+    out,
+    run_async,
+)
+
+
+@main.group()
+def customers() -> None:
+    """Look customers up."""
+
+
+@customers.command("show")
+@click.argument("identity", metavar="CHANNEL:EXTERNAL_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
+    """The 360° view: identities, tags and their sources, stage, coupons, last touchpoints."""
+    from scrm.customers import find_customer
+    from scrm.profile import customer_view
+
+    channel, sep, external_id = identity.partition(":")
+    if not sep or not external_id:
+        raise click.BadParameter("use <channel>:<external id>, e.g. console:alice", param_hint="IDENTITY")
+    config = load(ctx)
+
+    async def go() -> dict[str, Any] | None:
+        async with open_store(config) as sessions, sessions() as session:
+            customer = await find_customer(session, channel, external_id)
+            return await customer_view(session, customer) if customer else None
+
+    view = run_async(go())
+    if view is None:
+        err.print(f"no customer with identity {identity}")
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(view, ensure_ascii=False, indent=2))
+        return
+    _print_view(view)
+
+
+@customers.command("tag", context_settings={"ignore_unknown_options": True})
+@click.argument("ref", metavar="CUSTOMER")
+@click.argument("changes", nargs=-1, required=True, metavar="+TAG|-TAG...")
+@click.option("--by", default="cli", show_default=True, help="Who is making the change (recorded).")
+@click.pass_context
+def customers_tag(ctx: click.Context, ref: str, changes: tuple[str, ...], by: str) -> None:
+    """Add (+vip) or remove (-vip) tags by hand; CUSTOMER is #id or channel:external_id."""
+    from scrm.clock import SystemClock
+    from scrm.customers import find_by_ref
+    from scrm.service import Service
+    from scrm.staff.tags import change_tags, tag_changes
+
+    parsed = tag_changes(" ".join((ref, *changes)))
+    if parsed is None:
+        raise click.BadParameter("each change is +tag or -tag", param_hint="CHANGES")
+    config = load(ctx)
+
+    async def go() -> list[str] | None:
+        service = Service(config)
+        try:
+            await service.start(scheduler=False)
+            async with service.sessions() as session, session.begin():
+                customer = await find_by_ref(session, ref)
+                if customer is None:
+                    return None
+                return await change_tags(service, session, customer, parsed[1], f"operator:{by}", SystemClock().now())
+        finally:
+            await service.stop()
+
+    done = run_async(go())
+    if done is None:
+        err.print(f"no customer {ref}")
+        sys.exit(EXIT_FAILED)
+    out.print(f"{ref}: {' '.join(done) or 'no change'}")
+
+
+def _print_view(view: dict[str, Any]) -> None:
+    out.print(f"[bold]{view['display_name'] or '-'}[/] #{view['id']}  stage={view['stage']}  "
+              f"opted_out={view['opted_out']}  source={view['acquisition_source']}")
+    out.print("identities: " + ", ".join(f"{i['channel']}:{i['account']}:{i['external_id']}" for i in view["identities"]))
+    for title, rows, cols in (
+        ("Tags", view["tags"], ("name", "source", "detail", "added_at", "expires_at")),
+        ("Coupons", view["coupons"], ("code", "pool", "granted_at", "expires_at", "redeemed_at")),
+        ("Touchpoints", view["touchpoints"], ("at", "direction", "kind", "campaign", "text")),
+    ):
+        table = Table(title=title, title_justify="left")
+        for col in cols:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(_cell(row[c]) for c in cols))
+        out.print(table)
+
+
+def _cell(value: Any, width: int = 40) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@main.group()
+def segments() -> None:
+    """Named segments from the config."""
+
+
+@segments.command("show")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True, help="Customers to preview.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def segments_show(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
+    """Count a segment's customers and preview some (one SQL query each)."""
+    from sqlalchemy import func, select
+
+    from scrm import segments as seg
+    from scrm.clock import SystemClock
+    from scrm.store.models import Customer
+
+    config = load(ctx)
+    if name not in config.segments:
+        err.print(f"no segment {name!r} (configured: {', '.join(sorted(config.segments)) or 'none'})")
+        sys.exit(EXIT_FAILED)
+
+    async def go() -> tuple[int, list[Any]]:
+        condition = seg.condition(config.segments[name], SystemClock().now(), config.segments)
+        async with open_store(config) as sessions, sessions() as session:
+            total = await session.scalar(select(func.count()).select_from(Customer).where(condition))
+            rows = (await session.execute(
+                select(Customer.id, Customer.display_name, Customer.stage, Customer.last_seen_at)
+                .where(condition).order_by(Customer.id).limit(limit))).all()
+            return int(total or 0), list(rows)
+
+    total, rows = run_async(go())
+    preview = [{"id": r.id, "name": r.display_name, "stage": r.stage, "last_seen_at": r.last_seen_at.isoformat()}
+               for r in rows]
+    if as_json:
+        click.echo(json.dumps({"segment": name, "expression": config.segments[name], "count": total,
+                               "preview": preview}, ensure_ascii=False, indent=2))
+        return
+    out.print(f"[bold]{name}[/]: {total} customer(s)  ({config.segments[name]})", highlight=False)
+    table = Table("id", "name", "stage", "last seen")
+    for p in preview:
+        table.add_row(str(p["id"]), p["name"] or "", p["stage"], p["last_seen_at"])
+    out.print(table)
+
+

@@ -1,0 +1,106 @@
+"""Getting started and running: init, run, chat, db."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from scrm.cli.base import (
+    EXIT_FAILED,
+    err,
+    guard,
+    load,
+    main,
+    out,
+    run_async,
+)
+
+
+def demo_file(name: str) -> Path:
+    """A file shipped with the demo set: inside the installed package, or the source checkout."""
+    packaged = Path(str(resources.files("scrm"))) / "demo" / name
+    return packaged if packaged.exists() else Path(__file__).resolve().parents[2] / name
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing config.toml.")
+@click.pass_context
+def init(ctx: click.Context, force: bool) -> None:
+    """Write a working config.toml (SQLite, console channel, demo campaigns) here."""
+    target = Path(ctx.obj["config_path"])
+    if target.exists() and not force:
+        err.print(f"{target} already exists; use --force to overwrite it")
+        sys.exit(EXIT_FAILED)
+    shutil.copyfile(demo_file("config.example.toml"), target)
+    campaigns = target.parent / "campaigns"
+    if not campaigns.exists():
+        shutil.copytree(demo_file("campaigns"), campaigns)
+    out.print(f"wrote {target} and {campaigns}/ — start with: scrm run")
+
+
+@main.command()
+@click.option("--host", help="Override service.host.")
+@click.option("--port", type=int, help="Override service.port.")
+@click.pass_context
+@guard
+def run(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve webhooks and run the scheduler until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    from scrm.web import create_app
+
+    config = load(ctx)
+    host, port = host or config.service.host, config.service.port if port is None else port
+    web.run_app(create_app(config), host=host, port=port,
+                print=lambda _: out.print(f"scrm serving on http://{host}:{port} (store: {config.store.url})"))
+
+
+@main.command()
+@click.option("--as", "who", required=True, metavar="ROLE:NAME",
+              help="Who you are in the chat: customer:alice or manager:bob.")
+@click.option("--url", help="Service URL (default: the configured host/port, else an in-process service).")
+@click.pass_context
+@guard
+def chat(ctx: click.Context, who: str, url: str | None) -> None:
+    """Chat with the bot from the terminal; reads one message per line when stdin is not a terminal."""
+    from scrm.chat import run_chat, stdin_lines
+
+    role, sep, name = who.partition(":")
+    if not sep or role not in ("customer", "manager", "operator", "admin", "staff") or not name:
+        raise click.BadParameter("use customer:<name> or manager:<name>", param_hint="--as")
+    config = load(ctx)
+    logging.getLogger().setLevel(logging.WARNING)
+    lines = None if sys.stdin.isatty() else stdin_lines()
+    sys.exit(run_async(run_chat(config, name, url, lines, out=click.echo)))
+
+
+@main.group()
+def db() -> None:
+    """The customer store's schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply the shipped migrations (scrm run also does this at start)."""
+    from scrm.store.engine import make_engine
+    from scrm.store.migrate import current_revision, upgrade
+
+    config = load(ctx)
+
+    async def go() -> str | None:
+        engine = make_engine(config.store_url, config.store.schema_name)
+        try:
+            await upgrade(engine)
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    out.print(f"store at revision {run_async(go())}")
+
+

@@ -1,0 +1,86 @@
+"""Staff chat commands (``/report``, ``/tag`` ...): a registry, role checks and dispatch.
+
+Each command lives in a module of this package and registers itself with :func:`command`; the
+pipeline only calls :func:`dispatch`. A command from someone without the role gets a polite refusal
+and reveals nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm.channels import InboundEvent
+from scrm.config import Role
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+REFUSAL_REPLY = "抱歉,这个命令仅限员工使用。Sorry, this command is for staff only."
+_COMMAND = re.compile(r"^\s*/([a-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class StaffContext:
+    service: Service
+    session: AsyncSession
+    event: InboundEvent
+    #: ``staff:<channel>:<id>``, recorded on what the command changes.
+    actor: str
+    role: Role
+    now: datetime
+
+
+Handler = Callable[[StaffContext, str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class StaffCommand:
+    name: str
+    roles: frozenset[Role]
+    usage: str
+    handler: Handler
+
+
+_COMMANDS: dict[str, StaffCommand] = {}
+
+
+def command(name: str, roles: set[Role], usage: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = StaffCommand(name, frozenset(roles), usage, handler)
+        return handler
+
+    return register
+
+
+def parse(text: str) -> tuple[str, str] | None:
+    """``/report 30d`` -> ("report", "30d") for registered commands; None for anything else."""
+    match = _COMMAND.match(text)
+    if not match or match.group(1).lower() not in _COMMANDS:
+        return None
+    return match.group(1).lower(), (match.group(2) or "").strip()
+
+
+def help_text(role: Role) -> str:
+    usable = [c.usage for c in _COMMANDS.values() if role in c.roles]
+    return "员工命令 Staff commands:\n" + "\n".join(usable)
+
+
+async def dispatch(ctx: StaffContext) -> str:
+    parsed = parse(ctx.event.text)
+    if parsed is None:
+        return help_text(ctx.role)
+    spec = _COMMANDS[parsed[0]]
+    if ctx.role not in spec.roles:
+        return REFUSAL_REPLY
+    return await spec.handler(ctx, parsed[1])
+
+
+for _module in ("reports", "tags"):
+    importlib.import_module(f"scrm.staff.{_module}")
