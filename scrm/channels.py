@@ -84,6 +84,8 @@ class OutboundMessage:
     last_inbound_at: datetime | None = None
     #: The campaign's notice template, rendered, for channels that need one outside the window.
     template: NoticeTemplate | None = None
+    #: A PNG to send with ``text`` as its caption (report charts); channels without images send the text.
+    image: bytes | None = None
 
 
 SendStatus = Literal["sent", "skipped", "failed", "retry"]
