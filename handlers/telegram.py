@@ -321,9 +321,9 @@ def telegram_cli() -> None:
 
 
 def _account(ctx: click.Context, bot: str) -> tuple[Config, TelegramSettings]:
-    from scrm.cli import EXIT_USAGE, _load
+    from scrm.cli.base import EXIT_USAGE, load
 
-    config = _load(ctx)
+    config = load(ctx)
     accounts = config.channels.get("telegram", {})
     if bot not in accounts:
         click.echo(f"no telegram bot {bot!r} in the config (configured: {', '.join(sorted(accounts)) or 'none'})",
@@ -505,10 +505,26 @@ class TelegramChannel(Channel):
     async def send(self, message: OutboundMessage) -> SendResult:
         if not message.external_id.lstrip("-").isdigit():
             return SendResult("failed", f"not a telegram chat id: {message.external_id!r}")
-        result = await self._send_text(int(message.external_id), message.text)
+        chat_id = int(message.external_id)
+        if message.image is None:
+            result = await self._send_text(chat_id, message.text)
+        else:
+            result = await self._send_image(chat_id, message.image, message.text)
         if result.reason == "blocked":
             await self._record_blocked(message.external_id)
         return result
+
+    async def _send_image(self, chat_id: int, image: bytes, text: str) -> SendResult:
+        """The picture with the text as its caption, or (text over 1024 characters) followed by it."""
+        if len(text) <= MAX_CAPTION:
+            return await self.send_photo(chat_id, image, text)
+        photo = await self.send_photo(chat_id, image)
+        if photo.status != "sent":
+            return photo
+        rest = await self._send_text(chat_id, text)
+        if rest.status != "sent":  # the photo is out: sending it all again would duplicate it
+            return SendResult("failed", f"photo sent, text not: {rest.reason}", photo.platform_msg_id)
+        return rest
 
     async def send_photo(self, chat_id: int | str, png_bytes: bytes, caption: str = "") -> SendResult:
         """A picture (report charts) with an optional caption, uploaded as multipart."""

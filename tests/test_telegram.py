@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from scrm import commands
+from scrm.channels import OutboundMessage
 from scrm.config import Config, ConfigError
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
@@ -107,13 +108,14 @@ async def test_text_makes_customer_tags_and_welcome_through_outbox(client, fake,
     assert [(t.kind, t.text, t.platform_msg_id) for t in inbound] == [
         ("text", "你好,我想买奶粉,有优惠券吗", str(update["update_id"]))]
 
-    async def welcomed() -> list[str]:
-        return fake.texts_to(1001)
+    async def welcomed() -> Delivery | None:  # arrived at Telegram, and the outcome recorded
+        d = await delivery_of(client, 1001)
+        return d if d is not None and d.status == "sent" and fake.texts_to(1001) else None
 
-    messages = await eventually(welcomed)
+    delivery = await eventually(welcomed)
+    messages = fake.texts_to(1001)
     assert len(messages) == 1 and messages[0].startswith("Alice Wang,欢迎")
-    delivery = await delivery_of(client, 1001)
-    assert delivery is not None and (delivery.campaign, delivery.status) == ("welcome", "sent")
+    assert delivery.campaign == "welcome"
     assert delivery.text == messages[0]
     await client.app[SERVICE].outbox.tick()
     assert fake.texts_to(1001) == messages  # sent once
@@ -317,6 +319,14 @@ async def test_send_photo_uploads_multipart(client, fake):
     fake.blocked.add(1002)
     assert (await channel.send_photo(1002, image, "x")).reason == "blocked"
     assert (await channel.send_photo(1003, b"not an image", "x")).status == "failed"
+
+    # Outbound messages with an image (report charts): the text is the caption, or follows the photo.
+    assert (await channel.send(OutboundMessage("telegram", "main", "1004", "图表 chart", image=image))).status == "sent"
+    long_text = "报表 " * 400
+    assert (await channel.send(OutboundMessage("telegram", "main", "1005", long_text, image=image))).status == "sent"
+    assert [(s.method, s.chat_id, s.caption, s.text) for s in fake.sent[1:]] == [
+        ("sendPhoto", 1004, "图表 chart", None), ("sendPhoto", 1005, None, None), ("sendMessage", 1005, None, long_text)]
+    assert fake.throttled == []
 
 
 async def test_long_polling_feeds_the_same_conversion(aiohttp_client, make_config, clock, fake, updates):
