@@ -146,7 +146,8 @@ class Service:
             for name, loaded in self.campaigns.items():
                 row = rows.get(name)
                 if row is None:
-                    session.add(Campaign(name=name, paused=False, definition_hash=loaded.digest, updated_at=now))
+                    session.add(Campaign(name=name, paused=False, definition_hash=loaded.digest, created_at=now,
+                                         updated_at=now))
                 elif row.definition_hash != loaded.digest:
                     row.definition_hash, row.updated_at = loaded.digest, now
             self.paused = {name for name, row in rows.items() if row.paused}

@@ -144,6 +144,8 @@ class Campaign(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     definition_hash: Mapped[str | None] = mapped_column(String(64))
+    #: When the service first saw the file: scheduled runs before it are not "missed".
+    created_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
 
 

@@ -54,6 +54,10 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_group_members_customer_id'), ['customer_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_group_members_group_id'), ['group_id'], unique=False)
 
+    with op.batch_alter_table('campaigns', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('created_at', sa.DateTime(), nullable=True))
+    op.execute("UPDATE campaigns SET created_at = updated_at")
+
     with op.batch_alter_table('coupon_codes', schema=None) as batch_op:
         batch_op.alter_column('code',
                existing_type=sa.VARCHAR(length=32),
@@ -82,6 +86,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('campaigns', schema=None) as batch_op:
+        batch_op.drop_column('created_at')
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_constraint('fk_deliveries_group', type_='foreignkey')
         batch_op.drop_constraint('uq_deliveries_once', type_='unique')
