@@ -235,12 +235,12 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
 def _text_event(event: Callable[..., InboundEvent], sender: User, text: str) -> InboundEvent:
     if not text.startswith("/"):
         return event(sender, "text", text=text)
-    head, _, rest = text.partition(" ")
-    command = head[1:].split("@", 1)[0].lower()
+    head, *rest = text.split(maxsplit=1)
+    command = head[1:].split("@", 1)[0].lower()  # /start@shop_bot in groups
     if command != "start":
         return event(sender, "command", text=text)
     # /start is the person starting the bot; a deep-link payload names where they came from.
-    payload = rest.strip()
+    payload = rest[0].strip() if rest else ""
     if not START_PAYLOAD.fullmatch(payload):
         return event(sender, "subscribe", text=text)
     # The store keeps 64 characters of acquisition source; the touchpoint keeps the whole payload.

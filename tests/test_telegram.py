@@ -127,6 +127,7 @@ async def test_start_deep_link_sets_acquisition_source(client, updates):
     await deliver(client, updates.text(user(1002, "Bo"), f"/start {long_payload}"))
     await deliver(client, updates.text(user(1003, "Cai"), "/start bad!payload"))
     await deliver(client, updates.text(user(1004, "Dan"), "/help"))
+    await deliver(client, updates.text(user(1005, "Eve"), "/start@scrm_shop_bot  qr_store-7"))
 
     alice = await customer_of(client, 1001)
     assert alice is not None and alice.acquisition_source == "telegram:start:ref_spring-2024"
@@ -137,7 +138,9 @@ async def test_start_deep_link_sets_acquisition_source(client, updates):
     async with client.app[SERVICE].sessions() as s:
         kinds = dict((await s.execute(select(Touchpoint.text, Touchpoint.kind).where(Touchpoint.direction == "in"))).all())
         start = await s.scalar(select(Touchpoint.payload).where(Touchpoint.text == f"/start {long_payload}"))
-    assert kinds == {"/start ref_spring-2024": "subscribe", f"/start {long_payload}": "subscribe",
+    eve = await customer_of(client, 1005)
+    assert eve is not None and eve.acquisition_source == "telegram:start:qr_store-7"
+    assert kinds == {"/start@scrm_shop_bot  qr_store-7": "subscribe", "/start ref_spring-2024": "subscribe", f"/start {long_payload}": "subscribe",
                      "/start bad!payload": "subscribe", "/help": "command"}
     assert start == {"start": long_payload}
 
