@@ -279,3 +279,35 @@ class Conversion(Base):
     coupon_code: Mapped[str | None] = mapped_column(String(32))
     campaign: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ReportDigest(Base):
+    """A staff member's subscription to a scheduled report digest (``/digest weekly 09:00``).
+
+    ``next_at`` (naive UTC) is when it is due next; the scheduler advances it before sending, so a
+    crash mid-send skips one digest rather than sending it twice.
+    """
+
+    __tablename__ = "report_digests"
+    __table_args__ = (UniqueConstraint("channel", "account", "external_id", name="uq_report_digests_staff"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    #: ``daily`` or ``weekly`` (weekly digests go out on Mondays).
+    frequency: Mapped[str] = mapped_column(String(8))
+    #: "HH:MM" in the service time zone.
+    at: Mapped[str] = mapped_column(String(5))
+    locale: Mapped[str | None] = mapped_column(String(16))
+    next_at: Mapped[datetime] = mapped_column(index=True)
+    last_sent_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+# Report indexes on earlier tables, declared here so the tables above stay as their owners wrote them.
+#: Last campaign touch before a conversion (attribution) and replies after a send.
+Index("ix_deliveries_customer_finished", Delivery.customer_id, Delivery.finished_at)
+#: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
+Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
+Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
