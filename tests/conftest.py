@@ -44,8 +44,8 @@ def pg_schemas() -> Iterator[list[str]]:
 
 async def _drop_schemas(schemas: list[str]) -> None:
     admin = create_async_engine(POSTGRES_URL)
-    async with admin.begin() as conn:
-        for schema in schemas:
+    for schema in schemas:  # one transaction each: dropping them all at once exhausts the lock table
+        async with admin.begin() as conn:
             await conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
     await admin.dispose()
 
