@@ -23,8 +23,11 @@ if TYPE_CHECKING:
     from scrm.service import Service
 
 
-#: Inbound kinds that are the person writing to us (they update last inbound and open reply windows).
+#: Inbound kinds that are the person writing to us.
 MESSAGE_KINDS = frozenset({"text", "image", "voice", "video", "location", "link", "command"})
+#: Everything the person actively did: updates ``last_inbound_at``, which opens reply windows
+#: (WeChat counts a follow, a QR scan or a menu click as an interaction too).
+INTERACTION_KINDS = MESSAGE_KINDS | {"subscribe", "scan", "menu_click", "menu_view", "contact_shared"}
 
 #: Other inbound kinds the core reacts to; any other kind is recorded as a touchpoint and nothing more.
 #:  subscribe         followed the account / added the staff member / started the bot (captures; clears opt-out)
@@ -61,6 +64,8 @@ class Reaction:
     duplicate: bool = False
     replies: tuple[str, ...] = ()
     customer_id: int | None = None
+    #: PNG images (report charts) to send after the replies, where the channel can show images.
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,12 @@ class OutboundMessage:
     template: NoticeTemplate | None = None
     #: A PNG to send with ``text`` as its caption (report charts); channels without images send the text.
     image: bytes | None = None
+    #: ``external_id`` names a chat group (group campaigns), not a person.
+    to_group: bool = False
 
 
-SendStatus = Literal["sent", "skipped", "failed", "retry"]
+#: ``unknown``: the platform may or may not have delivered (a lost answer); never resent, counted.
+SendStatus = Literal["sent", "skipped", "failed", "retry", "unknown"]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -76,6 +78,26 @@ class StoreConfig(_Strict):
 class SchedulerConfig(_Strict):
     outbox_tick_seconds: float = Field(1.0, gt=0)
     outbox_batch: int = Field(100, gt=0)
+    #: How often scheduled and timed campaigns (cron, birthdays, inactivity, coupon expiry) are checked.
+    campaign_check_seconds: float = Field(30.0, gt=0)
+
+
+_HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
+
+
+class DeliveryConfig(_Strict):
+    """Respect for the customer, applied to marketing campaigns."""
+
+    #: At most ``frequency_cap`` marketing messages per customer in ``frequency_cap_days``.
+    frequency_cap: int = Field(2, ge=0)
+    frequency_cap_days: int = Field(7, gt=0)
+    #: Quiet hours in the customer's own time zone; marketing sends are deferred to the end.
+    quiet_hours_start: str = Field("21:00", pattern=_HHMM)
+    quiet_hours_end: str = Field("09:00", pattern=_HHMM)
+    #: Sends per second per "<channel>:<account>", shared by all campaigns (default: unlimited).
+    rate_limits: dict[str, float] = {}
+    #: Outbound platform calls in flight at once per tick.
+    concurrency: int = Field(8, gt=0)
 
 
 class CampaignsConfig(_Strict):
@@ -187,7 +209,25 @@ class ProfilesConfig(_Strict):
     #: Full re-evaluation of behaviour tags, stages and expiries (touched customers are done at once).
     refresh_minutes: float = Field(15, gt=0)
     #: Daily RFM recomputation, "HH:MM" in the service time zone.
-    rfm_at: str = Field("03:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    rfm_at: str = Field("03:00", pattern=_HHMM)
+
+
+class PrivacyConfig(_Strict):
+    """Personal data: where the encryption keys come from, consent and retention (see scrm.personal)."""
+
+    #: Key file (``id:base64`` entries, see scrm.personal), relative to the config file; written on the
+    #: first start of an empty store, required ever after.
+    key_file: str | None = "privacy.key"
+    #: The key entries themselves, normally from the environment (SCRM_PRIVACY__KEY); wins over key_file.
+    key: str | None = Field(None, repr=False)
+    #: Key id that encrypts new values (default: the last encryption key listed).
+    current_key: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,16}$")
+    #: Marketing campaigns reach only customers who gave explicit consent on the channel.
+    require_consent_for_marketing: bool = False
+    #: Message texts older than this many days are redacted nightly (none = kept forever).
+    message_retention_days: int | None = Field(180, gt=0)
+    #: When the nightly retention job runs, "HH:MM" in the service time zone.
+    retention_at: str = Field("04:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
 class CouponPool(_Strict):
@@ -195,6 +235,36 @@ class CouponPool(_Strict):
     value: float = Field(0, ge=0)
     valid_days: int = Field(30, gt=0)
     per_customer: int = Field(1, gt=0)
+
+
+ApiScope = Literal["conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
+                   "campaigns:trigger"]
+
+
+class ApiKey(_Strict):
+    """One integration's key (an order system, the POS) and what it may do."""
+
+    #: Long random string; from the environment as ``SCRM_API__KEYS__<NAME>__KEY`` preferably.
+    key: SecretStr = Field(min_length=16)
+    scopes: list[ApiScope] = Field(min_length=1)
+
+
+class ApiConfig(_Strict):
+    """The ``/api/v1/`` integration API; no keys configured means every call is answered 401."""
+
+    keys: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")], ApiKey] = {}
+
+
+class LoggingConfig(_Strict):
+    #: ``text`` is for people at a terminal; ``json`` (one object per line) for log collectors.
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ReportsConfig(_Strict):
+    #: A conversion without a campaign is credited to the last campaign message sent to the
+    #: customer at most this many days before it.
+    attribution_days: int = Field(7, gt=0, le=365)
 
 
 class Config(_Strict):
@@ -207,11 +277,16 @@ class Config(_Strict):
     #: Named segments: ``name = "expression"`` (see scrm.segments for the language).
     segments: dict[str, Expression] = {}
     profiles: ProfilesConfig = ProfilesConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     coupons: dict[str, CouponPool] = {}
+    privacy: PrivacyConfig = PrivacyConfig()
     #: ``"<channel>:<external id>" = role`` for staff who may run staff chat commands.
     staff: dict[str, Role] = {}
+    reports: ReportsConfig = ReportsConfig()
     #: Raw per-channel account settings, validated by each channel's own model (see handlers).
     channels: dict[str, dict[str, dict[str, Any]]] = {}
+    api: ApiConfig = ApiConfig()
+    logging: LoggingConfig = LoggingConfig()
     #: Folder the config file lives in; relative paths in the file are relative to it.
     base_dir: Path = Path(".")
 

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import commands, coupons, staff
+from scrm import commands, coupons, groups, staff
+from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import plan_event
-from scrm.channels import MESSAGE_KINDS, InboundEvent, Reaction
+from scrm.channels import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.config import Role
 from scrm.customers import find_or_create, touchpoint
 from scrm.store.models import Customer, Touchpoint
-from scrm.tagging import apply_hit
+from scrm.tagging import apply_hit, tokenize
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -70,9 +71,9 @@ async def _handle_staff(service: Service, session: AsyncSession, event: InboundE
                         now: datetime) -> Outcome:
     actor = f"staff:{event.channel}:{event.external_id}"
     _record(session, event, now, None, actor)
-    text = await staff.dispatch(staff.StaffContext(service, session, event, actor, role, now))
-    _reply(session, event, now, text, None, actor)
-    return Outcome(Reaction(replies=(text,)))
+    answer = await staff.dispatch(staff.StaffContext(service, session, event, actor, role, now))
+    _reply(session, event, now, answer.text, None, actor)
+    return Outcome(Reaction(replies=(answer.text,), images=answer.images))
 
 
 async def _handle_customer(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
@@ -80,7 +81,7 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
         session, event.channel, event.account, event.external_id, now, event.display_name, event.source
     )
     customer.last_seen_at = now
-    if event.kind in MESSAGE_KINDS:
+    if event.kind in INTERACTION_KINDS:
         customer.last_inbound_at = now
     _record(session, event, now, customer.id)
     outcome = Outcome(Reaction(customer_id=customer.id))
@@ -98,6 +99,10 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
     elif event.kind == "contact_shared" and isinstance(event.payload.get("phone"), str):
         customer.phone = event.payload["phone"][:32]
         customer.attributes = {**customer.attributes, "phone_consent": {"source": event.channel, "at": now.isoformat()}}
+    elif event.kind in ("group_joined", "group_left") and isinstance(event.payload.get("group_id"), (str, int)):
+        group = await groups.upsert_group(session, event.channel, event.account, str(event.payload["group_id"]), now,
+                                          title=event.payload.get("group_title"))
+        await groups.set_member(session, group, customer.id, event.kind == "group_joined", now)
     elif event.kind in MESSAGE_KINDS and text:
         replies += await _customer_text(service, session, customer, event, text, now, outcome)
 
@@ -124,6 +129,8 @@ async def _customer_text(service: Service, session: AsyncSession, customer: Cust
                        direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
         return [result.reply]
     await _tag_keywords(service, session, customer, event, now, outcome)
+    if any(c.definition.trigger.event == "keyword" for c in service.campaigns.values()):
+        outcome.planned += await _trigger(service, session, customer, event, now, "keyword", words=set(tokenize(text)))
     return []
 
 
@@ -138,9 +145,10 @@ async def _tag_keywords(service: Service, session: AsyncSession, customer: Custo
 
 
 async def _trigger(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
-                   now: datetime, name: str, tag: str | None = None) -> list[str]:
+                   now: datetime, name: TriggerEvent, tag: str | None = None,
+                   words: set[str] | None = None) -> list[str]:
     return await plan_event(
-        session, list(service.campaigns.values()), service.paused, name,  # type: ignore[arg-type]
+        session, list(service.campaigns.values()), service.paused, name,
         customer_id=customer.id, channel=event.channel, account=event.account,
-        external_id=event.external_id, now=now, tag=tag,
+        external_id=event.external_id, now=now, tag=tag, words=words,
     )

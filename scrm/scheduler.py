@@ -24,6 +24,9 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
     job = service.job
     scheduler.add_job(job(service.outbox.tick), "interval", id=OUTBOX_JOB, seconds=config.scheduler.outbox_tick_seconds)
     scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
+    scheduler.add_job(job(service.run_campaign_clock), "interval", id="campaigns:clock",
+                      seconds=config.scheduler.campaign_check_seconds, next_run_time=datetime.now(UTC))
+    scheduler.add_job(job(service.reload_campaigns), "interval", id="campaigns:reload", seconds=5)
     scheduler.add_job(job(service.refresh_all), "interval", id="profiles:all", minutes=config.profiles.refresh_minutes)
     hour, minute = config.profiles.rfm_at.split(":")
     scheduler.add_job(job(service.recompute_rfm), "cron", id="rfm", hour=int(hour), minute=int(minute),

@@ -16,7 +16,8 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from scrm import profiles, rfm
-from scrm.campaigns.definitions import LoadedCampaign, load_campaigns
+from scrm.campaigns import timed
+from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
 from scrm.channels import Channel, InboundEvent, Reaction, channel_types
 from scrm.clock import Clock, SystemClock
@@ -42,6 +43,7 @@ class Service:
         #: Customers whose events were committed since the last incremental profile refresh.
         self.touched: set[int] = set()
         self._stopping = False
+        self._reported_problems: tuple[str, ...] = ()
         self._running_jobs: set[asyncio.Task[Any]] = set()
         types = channel_types()
         self.channels: dict[tuple[str, str], Channel] = {
@@ -84,6 +86,32 @@ class Service:
         if result.planned:
             self.wake_outbox()
         return result
+
+    async def run_campaign_clock(self) -> timed.ClockResult:
+        """Plan what scheduled and timed campaigns owe as of now (see scrm.campaigns.timed)."""
+        async with self.sessions() as session, session.begin():
+            result = await timed.run_due(self, session, self.clock.now())
+        if result.planned:
+            self.wake_outbox()
+        return result
+
+    async def reload_campaigns(self) -> bool:
+        """Pick up edited campaign files without a restart; a broken edit keeps the running set."""
+        try:
+            loaded = {c.definition.name: c for c in load_campaigns(self.config)}
+        except CampaignError as exc:
+            digests = tuple(sorted(exc.problems))
+            if digests != self._reported_problems:
+                self._reported_problems = digests
+                log.error("campaign files not reloaded:\n  %s", "\n  ".join(exc.problems))
+            return False
+        self._reported_problems = ()
+        if {n: c.digest for n, c in loaded.items()} == {n: c.digest for n, c in self.campaigns.items()}:
+            return False
+        self.campaigns = loaded
+        await self._sync_campaigns()
+        log.info("campaigns reloaded: %s", ", ".join(sorted(loaded)))
+        return True
 
     async def recompute_rfm(self) -> int:
         async with self.sessions() as session, session.begin():

@@ -1,4 +1,5 @@
-"""The outbox worker: claims due deliveries, renders and sends them, records every outcome.
+"""The outbox worker: claims due deliveries, applies the customer's protections, renders, sends and
+records every outcome — and plans a journey's next step in the same transaction.
 
 At most once: a delivery is marked ``sending`` in its own commit before the platform is called, and
 a ``sending`` row found at start-up (the process died mid-send) becomes ``unknown``, never resent.
@@ -7,19 +8,33 @@ a ``sending`` row found at start-up (the process died mid-send) becomes ``unknow
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, update
+from aiolimiter import AsyncLimiter
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import coupons
+from scrm import coupons, segments
 from scrm.campaigns import templates
+from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.channels import NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
-from scrm.store.models import Customer, CustomerTag, Delivery, Tag
+from scrm.store.dialect import insert_ignore
+from scrm.store.models import (
+    Campaign,
+    ChatGroup,
+    Coupon,
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Delivery,
+    Tag,
+)
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -27,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+#: Skip reasons after which the customer's journey goes no further.
+JOURNEY_ENDS = frozenset({"opted_out", "exited", "campaign_removed", "step_removed", "not_in_segment"})
 
 
 @dataclass
@@ -40,6 +57,8 @@ class Outbox:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._lock = asyncio.Lock()
+        self._limiters: dict[str, AsyncLimiter] = {
+            key: AsyncLimiter(rate, 1.0) for key, rate in service.config.delivery.rate_limits.items()}
 
     async def recover(self) -> int:
         """Mark deliveries left mid-send by a crashed process as ``unknown``; returns how many."""
@@ -56,31 +75,32 @@ class Outbox:
         return len(rows)
 
     async def tick(self) -> int:
-        """Send what is due now; returns the number of deliveries finished or deferred."""
+        """Send what is due now; returns the number of deliveries handled (sent, skipped, deferred)."""
         async with self._lock:
-            prepared = await self._claim()
-            if not prepared:
-                return 0
-            results = await asyncio.gather(*(self._send(p) for p in prepared))
-            await self._record(list(zip(prepared, results)))
-            return len(prepared)
+            prepared, deferred = await self._claim()
+            if prepared:
+                gate = asyncio.Semaphore(self.service.config.delivery.concurrency)
+                results = await asyncio.gather(*(self._send(p, gate) for p in prepared))
+                await self._record(list(zip(prepared, results)))
+            return len(prepared) + deferred
 
     async def pending_for(self, session: AsyncSession, customer_id: int, horizon: timedelta) -> int:
         due_by = self.service.clock.now() + horizon
-        rows = await session.scalars(
-            select(Delivery.id).where(
-                Delivery.customer_id == customer_id,
-                Delivery.status.in_(("planned", "sending")),
-                Delivery.due_at <= due_by,
-            )
-        )
-        return len(rows.all())
+        count = await session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "sending")),
+            Delivery.due_at <= due_by))
+        return int(count or 0)
 
-    async def _claim(self) -> list[_Prepared]:
+    # -- claiming and preparing
+
+    async def _claim(self) -> tuple[list[_Prepared], int]:
         svc = self.service
         now = svc.clock.now()
         prepared: list[_Prepared] = []
+        deferred = 0
         async with svc.sessions() as session, session.begin():
+            # Pause state lives in the store, so `scrm campaigns pause` reaches every running instance.
+            svc.paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
             query = (
                 select(Delivery.id)
                 .where(Delivery.status == "planned", Delivery.due_at <= now)
@@ -95,60 +115,149 @@ class Outbox:
                     .where(Delivery.id == delivery_id, Delivery.status == "planned")
                     .values(status="sending", attempts=Delivery.attempts + 1)
                 )
-                if claimed.rowcount:
-                    prepared.append(await self._prepare(session, delivery_id))
-        return prepared
+                if not claimed.rowcount:
+                    continue
+                d = await session.get(Delivery, delivery_id)
+                assert d is not None
+                p = await self._prepare(session, d, now)
+                if p is None:
+                    deferred += 1
+                else:
+                    prepared.append(p)
+        return prepared, deferred
 
-    async def _prepare(self, session: AsyncSession, delivery_id: int) -> _Prepared:
+    async def _prepare(self, session: AsyncSession, d: Delivery, now: datetime) -> _Prepared | None:
+        """The message to send, a skip, or None when the delivery was deferred (quiet hours)."""
         svc = self.service
-        now = svc.clock.now()
-        d = await session.get(Delivery, delivery_id)
-        assert d is not None
-        customer = await session.get(Customer, d.customer_id)
         loaded = svc.campaigns.get(d.campaign)
-        if customer is None or customer.opted_out:
-            return _Prepared(d.id, None, "opted_out")
         if loaded is None:
             return _Prepared(d.id, None, "campaign_removed")
+        definition = loaded.definition
+        if d.step >= len(definition.journey):
+            return _Prepared(d.id, None, "step_removed")
+        step = definition.journey[d.step]
         if svc.channel(d.channel, d.account) is None:
             return _Prepared(d.id, None, "channel_not_configured")
-        definition = loaded.definition
+        context: dict[str, Any] = {"campaign": {"name": definition.name, "title": definition.title}}
+        if d.group_id is not None:
+            group = await session.get(ChatGroup, d.group_id)
+            if group is None or not group.active:
+                return _Prepared(d.id, None, "group_dismissed")
+            context["group"] = {"id": group.id, "title": group.title or "", "channel": group.channel}
+            return self._message(d, step, definition, context, None, to_group=True)
+
+        customer = await session.get(Customer, d.customer_id)
+        if customer is None or customer.opted_out:
+            return _Prepared(d.id, None, "opted_out")
+        if definition.exit and await self._holds(session, definition.exit, customer.id, now):
+            return _Prepared(d.id, None, "exited")
+        segment = definition.audience.segment
+        if segment and not definition.trigger.scheduled and not await self._holds(
+                session, svc.config.segments[segment], customer.id, now):
+            return _Prepared(d.id, None, "not_in_segment")
+        if step.when and not await self._holds(session, step.when, customer.id, now):
+            return _Prepared(d.id, None, "condition_not_met")
+        if definition.kind == "marketing":
+            if await self._over_cap(session, customer.id, d.id, now):
+                return _Prepared(d.id, None, "frequency_cap")
+            if (resume := self._quiet_until(customer, now)) is not None:
+                d.status, d.reason, d.due_at = "planned", "deferred:quiet_hours", resume
+                return None
+
         tags = (await session.scalars(
             select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id).order_by(Tag.name)
         )).all()
-        context: dict[str, object] = {
-            "customer": {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage,
-                         "tags": list(tags), "channel": d.channel},
-            "campaign": {"name": definition.name, "title": definition.title},
-        }
-        if definition.coupon is not None:
-            pool = svc.config.coupons[definition.coupon.pool]
-            code = await coupons.grant(session, definition.coupon.pool, pool, customer.id, now, delivery_id=d.id)
-            if code is None:
-                return _Prepared(d.id, None, "coupon_limit_reached")
-            touchpoint(session, customer_id=customer.id, channel=d.channel, account=d.account, direction="internal",
-                       kind="coupon_granted", now=now, campaign=d.campaign, delivery_id=d.id,
-                       payload={"code": code.code, "pool": definition.coupon.pool})
-            context["coupon"] = {"code": code.code, "value": f"{pool.value:g}",
-                                 "expires": code.expires_at.date().isoformat() if code.expires_at else ""}
-        d.text = templates.render(definition.message.text, context)
+        context["customer"] = {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage,
+                               "tags": list(tags), "channel": d.channel}
+        coupon = await self._coupon(session, d, definition, step, customer.id, now)
+        if isinstance(coupon, str):
+            return _Prepared(d.id, None, coupon)
+        if coupon is not None:
+            context["coupon"] = coupon
+        return self._message(d, step, definition, context, customer.last_inbound_at)
+
+    def _message(self, d: Delivery, step: Step, definition: CampaignDefinition, context: dict[str, Any],
+                 last_inbound_at: datetime | None, to_group: bool = False) -> _Prepared:
+        source = step.channel_text.get(d.channel, step.text)
+        if step.variants:
+            d.variant = d.variant or pick_variant(definition.name, d.target, step)
+            source = next(v.text for v in step.variants if v.name == d.variant)
+        d.text = templates.render(source, context)
         notice = None
-        if (spec := definition.message.template) is not None:
+        if (spec := step.template) is not None:
             notice = NoticeTemplate(spec.template_id, {k: templates.render(v, context) for k, v in spec.fields.items()},
                                     spec.url)
         return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text, d.id, d.campaign,
-                                               customer.last_inbound_at, notice))
+                                               last_inbound_at, notice, to_group=to_group))
 
-    async def _send(self, p: _Prepared) -> SendResult:
+    async def _coupon(self, session: AsyncSession, d: Delivery, definition: CampaignDefinition, step: Step,
+                      customer_id: int, now: datetime) -> dict[str, str] | str | None:
+        """Template data for the coupon this message carries, a skip reason when one was due but
+        cannot be had, or None when the step carries no coupon."""
+        if definition.trigger.event == "coupon_expiring":
+            code = d.occurrence  # the reminder is about this customer's code
+        elif step.coupon:
+            granted = await coupons.grant(session, step.coupon, self.service.config.coupons[step.coupon], customer_id,
+                                          now, delivery_id=d.id)
+            if granted is None:
+                return "coupon_limit_reached"
+            code = granted.code
+            touchpoint(session, customer_id=customer_id, channel=d.channel, account=d.account, direction="internal",
+                       kind="coupon_granted", now=now, campaign=d.campaign, delivery_id=d.id,
+                       payload={"code": code, "pool": step.coupon})
+        else:
+            return None
+        row = (await session.execute(select(CouponCode, Coupon.name).join(Coupon).where(CouponCode.code == code))).first()
+        if row is None:
+            return "coupon_unavailable"
+        pool = self.service.config.coupons.get(row[1])
+        return {"code": code, "value": f"{pool.value:g}" if pool else "",
+                "expires": row[0].expires_at.date().isoformat() if row[0].expires_at else ""}
+
+    async def _holds(self, session: AsyncSession, expression: str, customer_id: int, now: datetime) -> bool:
+        condition = segments.condition(expression, now, self.service.config.segments)
+        return await session.scalar(select(Customer.id).where(Customer.id == customer_id, condition)) is not None
+
+    async def _over_cap(self, session: AsyncSession, customer_id: int, delivery_id: int, now: datetime) -> bool:
+        cfg = self.service.config.delivery
+        marketing = [n for n, c in self.service.campaigns.items() if c.definition.kind == "marketing"]
+        sent = await session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.status == "sent",
+            Delivery.campaign.in_(marketing), Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))
+        return int(sent or 0) >= cfg.frequency_cap
+
+    def _quiet_until(self, customer: Customer, now: datetime) -> datetime | None:
+        """When quiet hours end, if the customer's local time is inside them (naive UTC), else None."""
+        cfg = self.service.config.delivery
+        zone = ZoneInfo(customer.timezone or self.service.config.service.timezone)
+        local = now.replace(tzinfo=UTC).astimezone(zone)
+        start, end = (time.fromisoformat(t) for t in (cfg.quiet_hours_start, cfg.quiet_hours_end))
+        clock = local.time()
+        quiet = (start <= clock or clock < end) if start > end else (start <= clock < end)
+        if not quiet:
+            return None
+        resume = datetime.combine(local.date(), end, zone)
+        if resume <= local:
+            resume += timedelta(days=1)
+        return resume.astimezone(UTC).replace(tzinfo=None)
+
+    # -- sending and recording
+
+    async def _send(self, p: _Prepared, gate: asyncio.Semaphore) -> SendResult:
         if p.message is None:
             return SendResult("skipped", p.skip_reason)
         channel = self.service.channel(p.message.channel, p.message.account)
         assert channel is not None
-        try:
-            return await channel.send(p.message)
-        except Exception as exc:  # a channel bug must not leave the delivery in limbo
-            log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
-            return SendResult("failed", f"error:{type(exc).__name__}")
+        limiter = self._limiters.get(f"{p.message.channel}:{p.message.account}")
+        async with gate:
+            try:
+                if limiter is not None:
+                    async with limiter:
+                        return await channel.send(p.message)
+                return await channel.send(p.message)
+            except Exception as exc:  # a channel bug must not leave the delivery in limbo
+                log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
+                return SendResult("failed", f"error:{type(exc).__name__}")
 
     async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
         now = self.service.clock.now()
@@ -157,13 +266,45 @@ class Outbox:
                 d = await session.get(Delivery, p.delivery_id)
                 assert d is not None
                 if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
-                    d.status, d.reason = "planned", result.reason
+                    d.status, d.reason = "planned", result.reason or "retry"
                     d.due_at = now + timedelta(seconds=max(result.retry_after, 1.0))
                     continue
                 d.status = "failed" if result.status == "retry" else result.status
                 d.reason, d.finished_at = result.reason, now
-                kind = {"sent": "campaign_message", "skipped": "delivery_skipped"}.get(d.status, "delivery_failed")
+                d.platform_msg_id = result.platform_msg_id
+                kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
+                        "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")
+                payload: dict[str, Any] = {"step": d.step}
+                if result.reason:
+                    payload["reason"] = result.reason
+                if result.platform_msg_id:
+                    payload["platform_msg_id"] = result.platform_msg_id
+                if d.variant:
+                    payload["variant"] = d.variant
                 touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account, direction="out",
                            kind=kind, now=now, text=d.text if d.status == "sent" else None, campaign=d.campaign,
-                           delivery_id=d.id, platform_msg_id=None,
-                           payload={"reason": result.reason} if result.reason else {})
+                           delivery_id=d.id, payload=payload,
+                           actor=f"group:{d.group_id}" if d.group_id is not None else None)
+                if d.status in ("sent", "skipped") and d.reason not in JOURNEY_ENDS:
+                    await self._plan_next(session, d, now)
+
+    async def _plan_next(self, session: AsyncSession, d: Delivery, now: datetime) -> None:
+        loaded = self.service.campaigns.get(d.campaign)
+        if loaded is None or d.step + 1 >= len(loaded.definition.journey):
+            return
+        nxt = loaded.definition.journey[d.step + 1]
+        await insert_ignore(session, Delivery.__table__, {
+            "campaign": d.campaign, "step": d.step + 1, "target": d.target, "occurrence": d.occurrence,
+            "customer_id": d.customer_id, "group_id": d.group_id, "channel": d.channel, "account": d.account,
+            "external_id": d.external_id, "variant": d.variant, "status": "planned", "attempts": 0,
+            "due_at": now + parse_duration(nxt.wait), "created_at": now})
+
+
+def pick_variant(campaign: str, target: str, step: Step) -> str:
+    """A stable A/B assignment: the same customer always lands in the same variant of a campaign."""
+    bucket = int(hashlib.sha256(f"{campaign}:{target}".encode()).hexdigest(), 16) % sum(v.weight for v in step.variants)
+    for variant in step.variants:
+        if bucket < variant.weight:
+            return variant.name
+        bucket -= variant.weight
+    raise AssertionError("weights cover every bucket")

@@ -12,19 +12,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scrm.campaigns.definitions import LoadedCampaign, TriggerEvent
 from scrm.store.dialect import insert_ignore, insert_select_ignore
 from scrm.store.models import Customer, Delivery, Identity
+from scrm.tagging import normalize
 
 if TYPE_CHECKING:
     from scrm.service import Service
 
 
 def triggered(campaigns: Sequence[LoadedCampaign], paused: set[str], event: TriggerEvent, *, tag: str | None = None,
-              stage: str | None = None) -> list[LoadedCampaign]:
-    """The active campaigns an event starts (a tag or stage event names which tag or stage)."""
+              stage: str | None = None, words: set[str] | None = None) -> list[LoadedCampaign]:
+    """The active campaigns an event starts (a tag or stage event names which tag or stage; a
+    keyword event carries the message's normalized tokens)."""
     return [
         c for c in campaigns
         if c.definition.trigger.event == event and c.definition.name not in paused
         and (event != "tag_added" or c.definition.trigger.tag == tag)
         and (event != "stage_changed" or c.definition.trigger.stage == stage)
+        and (event != "keyword" or bool(words and {normalize(k) for k in c.definition.trigger.keywords} & words))
     ]
 
 
@@ -40,11 +43,14 @@ async def plan_event(
     external_id: str,
     now: datetime,
     tag: str | None = None,
+    words: set[str] | None = None,
 ) -> list[str]:
     """Plan every active campaign triggered by ``event``; returns the names newly planned."""
     planned: list[str] = []
-    for loaded in triggered(campaigns, paused, event, tag=tag):
+    for loaded in triggered(campaigns, paused, event, tag=tag, words=words):
         d = loaded.definition
+        if d.channels and channel not in d.channels:
+            continue
         inserted = await insert_ignore(
             session,
             Delivery.__table__,

@@ -14,6 +14,7 @@ SAMPLE_CONTEXT: dict[str, Any] = {
     "customer": {"id": 1, "name": "顾客", "stage": "acquisition", "tags": ["奶粉"], "channel": "console"},
     "coupon": {"code": "WEL23456789", "value": 10, "expires": "2026-12-31"},
     "campaign": {"name": "welcome", "title": "Welcome"},
+    "group": {"id": 1, "title": "宝妈交流群", "channel": "wecom"},
 }
 
 

@@ -1,0 +1,203 @@
+"""The campaign clock: scheduled (cron / one-off) and timed (inactivity, birthday, coupon expiry)
+campaigns, planned set-based from the store.
+
+APScheduler calls :func:`run_due` on an interval; fire times come from APScheduler's own cron
+trigger but are read against the service clock, and every run is a ``campaign_runs`` row
+(unique per campaign and fire time). So a run is never doubled — by a restart, a second instance
+or a re-planned job — and a run missed while the service was down is run late within the
+campaign's grace, or recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import ColumnElement, String, and_, cast, func, literal, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm import segments
+from scrm.campaigns.definitions import LoadedCampaign, parse_duration
+from scrm.campaigns.planner import plan_many
+from scrm.store.dialect import insert_ignore, insert_select_ignore
+from scrm.store.models import (
+    Campaign,
+    CampaignRun,
+    ChatGroup,
+    CouponCode,
+    Customer,
+    Delivery,
+    Identity,
+)
+
+if TYPE_CHECKING:
+    from scrm.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClockResult:
+    planned: dict[str, int] = field(default_factory=dict)
+    runs: list[tuple[str, str, str]] = field(default_factory=list)  # (campaign, occurrence, status)
+
+
+def _utc(naive: datetime) -> datetime:
+    return naive.replace(tzinfo=UTC)
+
+
+def _naive(aware: datetime) -> datetime:
+    return aware.astimezone(UTC).replace(tzinfo=None)
+
+
+def fire_times(loaded: LoadedCampaign, since: datetime, until: datetime, zone: str) -> list[datetime]:
+    """Scheduled fire times in (since, until], naive UTC."""
+    t = loaded.definition.trigger
+    if t.at is not None:
+        at = _naive(t.at.replace(tzinfo=ZoneInfo(zone)) if t.at.tzinfo is None else t.at)
+        return [at] if since < at <= until else []
+    assert t.cron is not None
+    trigger = CronTrigger.from_crontab(t.cron, timezone=ZoneInfo(zone))
+    times: list[datetime] = []
+    previous, now = None, _utc(since)
+    while (nxt := trigger.get_next_fire_time(previous, now)) is not None and nxt <= _utc(until):
+        if nxt > _utc(since):
+            times.append(_naive(nxt))
+        previous, now = nxt, nxt + timedelta(microseconds=1)
+    return times
+
+
+async def run_due(service: Service, session: AsyncSession, now: datetime) -> ClockResult:
+    result = ClockResult()
+    created = {c.name: c.created_at for c in (await session.scalars(select(Campaign))).all()}
+    for name, loaded in service.campaigns.items():
+        if name in service.paused:
+            continue
+        t = loaded.definition.trigger
+        if t.scheduled:
+            await _scheduled(service, session, loaded, now, created.get(name) or now, result)
+        elif t.event == "inactivity":
+            await _count(result, name, await _inactivity(service, session, loaded, now))
+        elif t.event == "birthday":
+            await _count(result, name, await _birthdays(service, session, loaded, now))
+        elif t.event == "coupon_expiring":
+            await _count(result, name, await _expiring(service, session, loaded, now))
+    return result
+
+
+async def _count(result: ClockResult, name: str, planned: int) -> None:
+    if planned:
+        result.planned[name] = result.planned.get(name, 0) + planned
+
+
+async def _scheduled(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
+                     active_since: datetime, result: ClockResult) -> None:
+    d = loaded.definition
+    last = await session.scalar(select(func.max(CampaignRun.scheduled_at)).where(CampaignRun.campaign == d.name))
+    due = fire_times(loaded, max(last or active_since, active_since), now, service.config.service.timezone)
+    grace = parse_duration(d.trigger.grace)
+    for i, when in enumerate(due):
+        occurrence = when.isoformat(timespec="minutes")
+        late = now - when
+        # Only the newest missed run may still go out; older ones (and any beyond grace) are skipped.
+        runnable = i == len(due) - 1 and (late <= timedelta(minutes=1) or
+                                           (d.trigger.misfire == "run_late" and late <= grace))
+        status = "ran" if runnable else "skipped_misfire"
+        claimed = await insert_ignore(session, CampaignRun.__table__, {
+            "campaign": d.name, "occurrence": occurrence, "status": status, "scheduled_at": when, "ran_at": now,
+            "planned": 0})
+        if not claimed:
+            continue  # another instance (or an earlier tick) owns this run
+        result.runs.append((d.name, occurrence, status))
+        if not runnable:
+            log.warning("campaign %s: run scheduled at %s missed (%s late), skipped", d.name, when, late)
+            continue
+        planned = await _plan_audience(service, session, loaded, now, occurrence)
+        run = await session.scalar(select(CampaignRun).where(CampaignRun.campaign == d.name,
+                                                             CampaignRun.occurrence == occurrence))
+        assert run is not None
+        run.planned = planned
+        await _count(result, d.name, planned)
+
+
+async def _plan_audience(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
+                         occurrence: str) -> int:
+    d = loaded.definition
+    due = now + d.delay
+    if d.audience.groups:
+        query = select(
+            literal(d.name), literal(0), literal("g") + cast(ChatGroup.id, String), literal(occurrence),
+            ChatGroup.id, ChatGroup.channel, ChatGroup.account, ChatGroup.external_id, literal("planned"),
+            literal(0), literal(due), literal(now),
+        ).where(ChatGroup.active.is_(True))
+        if d.channels:
+            query = query.where(ChatGroup.channel.in_(d.channels))
+        columns = ["campaign", "step", "target", "occurrence", "group_id", "channel", "account", "external_id",
+                   "status", "attempts", "due_at", "created_at"]
+        return await insert_select_ignore(session, Delivery.__table__, columns, query)
+    return await plan_many(session, d.name, 0, _audience(service, loaded, now), due, now, d.channels, occurrence)
+
+
+def _audience(service: Service, loaded: LoadedCampaign, now: datetime,
+              extra: ColumnElement[bool] | None = None) -> ColumnElement[bool]:
+    segment = loaded.definition.audience.segment
+    parts = [Customer.opted_out.is_(False)]
+    if segment:
+        parts.append(segments.condition(service.config.segments[segment], now, service.config.segments))
+    if extra is not None:
+        parts.append(extra)
+    return and_(*parts)
+
+
+async def _inactivity(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+    """Customers silent for N days, once per silence: the occurrence is their last inbound time."""
+    d = loaded.definition
+    assert d.trigger.days is not None
+    last = func.coalesce(Customer.last_inbound_at, Customer.first_seen_at)
+    where = _audience(service, loaded, now, last <= now - timedelta(days=d.trigger.days))
+    return await plan_many(session, d.name, 0, where, now + d.delay, now, d.channels, cast(last, String))
+
+
+async def _birthdays(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+    """Today's birthdays in each customer's own time zone, from the configured local hour, once a year."""
+    d = loaded.definition
+    default_zone = service.config.service.timezone
+    zones = (await session.scalars(select(func.coalesce(Customer.timezone, default_zone)).distinct()
+                                   .where(Customer.birthday_md.is_not(None)))).all()
+    planned = 0
+    for zone in zones:
+        try:
+            local = _utc(now).astimezone(ZoneInfo(zone))
+        except (KeyError, ValueError):
+            continue
+        if local.hour < d.trigger.hour:
+            continue
+        in_zone = (Customer.timezone == zone) if zone != default_zone else or_(
+            Customer.timezone.is_(None), Customer.timezone == zone)
+        where = _audience(service, loaded, now, and_(in_zone, Customer.birthday_md == local.strftime("%m-%d")))
+        planned += await plan_many(session, d.name, 0, where, now + d.delay, now, d.channels, str(local.year))
+    return planned
+
+
+async def _expiring(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+    """Granted, unredeemed codes expiring within N days: one reminder per code."""
+    d = loaded.definition
+    assert d.trigger.days is not None
+    first_identity = (select(func.min(Identity.id)).where(Identity.customer_id == CouponCode.customer_id)
+                      .correlate(CouponCode).scalar_subquery())
+    query = (
+        select(literal(d.name), literal(0), literal("c") + cast(CouponCode.customer_id, String), CouponCode.code,
+               CouponCode.customer_id, Identity.channel, Identity.account, Identity.external_id, literal("planned"),
+               literal(0), literal(now + d.delay), literal(now))
+        .join(Identity, Identity.id == first_identity)
+        .join(Customer, Customer.id == CouponCode.customer_id)
+        .where(CouponCode.redeemed_at.is_(None), CouponCode.expires_at > now,
+               CouponCode.expires_at <= now + timedelta(days=d.trigger.days), _audience(service, loaded, now))
+    )
+    columns = ["campaign", "step", "target", "occurrence", "customer_id", "channel", "account", "external_id",
+               "status", "attempts", "due_at", "created_at"]
+    return await insert_select_ignore(session, Delivery.__table__, columns, query)
