@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from scrm import pipeline
+from scrm import metrics, pipeline
 from scrm.channels import InboundEvent, Reaction
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class Ingestor:
             outcomes = await self._process([event for event, _ in batch])
         except Exception:
             if len(batch) == 1:
+                metrics.store_error("ingest")
                 log.exception("could not commit inbound event")
                 _resolve(batch[0][1], exc=StoreUnavailable("store error"))
                 return

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from scrm import profiles, rfm
+from scrm import metrics, profiles, rfm
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
@@ -62,7 +62,7 @@ class Service:
 
     async def receive(self, event: InboundEvent) -> Reaction:
         """Channels call this; it returns after the event is committed."""
-        return await self.ingestor.submit(event)
+        return metrics.received(event, await self.ingestor.submit(event))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)

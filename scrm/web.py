@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from scrm import api
 from scrm.clock import Clock
 from scrm.config import Config
 from scrm.ingest import StoreUnavailable
@@ -32,6 +33,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/healthz", healthz)
     for channel in service.channels.values():
         app.router.add_routes(channel.routes())
+    api.mount(app, service)  # /api/v1, /metrics, request ids
     return app
 
 

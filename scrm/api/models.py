@@ -1,0 +1,246 @@
+"""The integration API's request and response bodies.
+
+These models validate what comes in, shape what goes out, and are the source of the OpenAPI
+document (``/api/v1/openapi.json``): one definition, so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+TagName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    pass
+
+
+class CustomerRef(_In):
+    """Who the customer is: a channel identity, a phone number, or the store id. Exactly one."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"channel": "wechat", "external_id": "oAbC123"}, {"phone": "+86 138 1234 5678"}, {"id": 42}]})
+
+    channel: Annotated[str, StringConstraints(min_length=1, max_length=16)] | None = None
+    external_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    #: Only needed when the brand has several accounts on the channel and ids differ per account.
+    account: Annotated[str, StringConstraints(min_length=1, max_length=32)] | None = None
+    phone: Annotated[str, StringConstraints(min_length=3, max_length=32)] | None = None
+    id: int | None = Field(None, ge=1, le=2**62)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CustomerRef:
+        identity = self.channel is not None or self.external_id is not None
+        if identity and (self.channel is None or self.external_id is None):
+            raise ValueError("a channel identity needs both channel and external_id")
+        if identity + (self.phone is not None) + (self.id is not None) != 1:
+            raise ValueError("give exactly one of: channel + external_id, phone, id")
+        if self.account is not None and not identity:
+            raise ValueError("account goes with channel + external_id")
+        return self
+
+
+class LineItem(_In):
+    sku: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    quantity: int = Field(1, ge=1, le=1_000_000)
+    price: float = Field(0, ge=0, le=1e9, allow_inf_nan=False)
+
+
+class OrderIn(_In):
+    """An order from the shop or the till; repeating an ``order_id`` returns the first result."""
+
+    order_id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+    customer: CustomerRef
+    amount: float = Field(ge=0, le=1e10, allow_inf_nan=False)
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] = "CNY"
+    coupon_code: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9-]+$")] | None = None
+    items: list[LineItem] = Field(default_factory=list, max_length=500)
+
+
+CouponStatus = Literal["redeemed", "unknown", "expired", "used", "not_yours"]
+
+
+class CouponUse(_Out):
+    code: str
+    #: ``redeemed`` now, ``used`` earlier (still attributed), or why it was not honoured.
+    status: CouponStatus
+
+
+class OrderOut(_Out):
+    order_id: str
+    conversion_id: int
+    customer_id: int
+    amount: float
+    currency: str
+    #: The campaign credited with this conversion, if any.
+    campaign: str | None
+    #: ``coupon``: from the campaign that granted the code; ``last_delivery``: the last campaign
+    #: message sent to the customer within 7 days; ``none``.
+    attribution: Literal["coupon", "last_delivery", "none"]
+    coupon: CouponUse | None
+    #: True when this order id was recorded before: nothing was written this time.
+    duplicate: bool = False
+
+
+class RedeemIn(_In):
+    code: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9-]+$")]
+    #: When given, the code must belong to this customer.
+    customer: CustomerRef | None = None
+
+
+class RedeemOut(_Out):
+    status: Literal["redeemed"]
+    code: str
+    customer_id: int
+    value: float
+    campaign: str | None
+
+
+class Identity(_Out):
+    channel: str
+    account: str
+    external_id: str
+
+
+class TagInfo(_Out):
+    name: str
+    source: str
+    detail: str | None
+    score: float
+    added_at: str | None
+    expires_at: str | None
+
+
+class CouponInfo(_Out):
+    code: str
+    pool: str
+    granted_at: str | None
+    expires_at: str | None
+    redeemed_at: str | None
+
+
+class DeliveryInfo(_Out):
+    campaign: str
+    step: int
+    status: str
+    reason: str | None
+    due_at: str | None
+    finished_at: str | None
+
+
+class TouchpointInfo(_Out):
+    at: str | None
+    direction: str
+    kind: str
+    channel: str
+    text: str | None
+    campaign: str | None
+    payload: dict[str, Any]
+
+
+class CustomerView(_Out):
+    """The 360° view (the same as ``scrm customers show --json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    display_name: str | None
+    stage: str
+    opted_out: bool
+    acquisition_source: str | None
+    first_seen_at: str | None
+    last_seen_at: str | None
+    last_inbound_at: str | None
+    identities: list[Identity]
+    tags: list[TagInfo]
+    coupons: list[CouponInfo]
+    deliveries: list[DeliveryInfo]
+    touchpoints: list[TouchpointInfo]
+
+
+class TagsIn(_In):
+    add: list[TagName] = Field(default_factory=list, max_length=50)
+    remove: list[TagName] = Field(default_factory=list, max_length=50)
+
+    @model_validator(mode="after")
+    def _something(self) -> TagsIn:
+        if not self.add and not self.remove:
+            raise ValueError("give tags to add and/or remove")
+        return self
+
+
+class TagsOut(_Out):
+    customer_id: int
+    #: What changed, as ``+tag`` / ``-tag`` (already present / absent tags are not listed).
+    changed: list[str]
+    tags: list[str]
+
+
+class TriggerIn(_In):
+    customer: CustomerRef
+
+
+class TriggerOut(_Out):
+    campaign: str
+    customer_id: int
+    #: False when the customer already had this campaign planned or sent (each is sent once).
+    planned: bool
+    due_at: str | None
+
+
+class Funnel(_Out):
+    """Deliveries by status, then what they led to (coupons, redemptions, attributed conversions)."""
+
+    planned: int = 0
+    sending: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    unknown: int = 0
+    coupons_granted: int = 0
+    coupons_redeemed: int = 0
+    conversions: int = 0
+    converted_customers: int = 0
+    revenue: float = 0.0
+
+
+class TriggerInfo(_Out):
+    event: str | None
+    tag: str | None = None
+    stage: str | None = None
+    cron: str | None = None
+    delay: str | None = None
+
+
+class CampaignOut(_Out):
+    name: str
+    title: str
+    kind: str
+    trigger: TriggerInfo
+    paused: bool
+    #: Whether ``POST /campaigns/{name}/trigger`` can start it for one customer.
+    triggerable: bool
+    funnel: Funnel
+
+
+class CampaignList(_Out):
+    campaigns: list[CampaignOut]
+
+
+class ErrorBody(_Out):
+    code: str
+    message: str
+    #: For ``validation_error``: each problem with the field it concerns.
+    fields: list[dict[str, str]] | None = None
+
+
+class Error(_Out):
+    error: ErrorBody

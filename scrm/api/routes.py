@@ -1,0 +1,228 @@
+"""The ``/api/v1`` endpoints: orders, coupon redemption at the till, the 360° view, tags, campaigns."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from sqlalchemy import distinct, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scrm import coupons, orders, personal
+from scrm.api import models as m
+from scrm.api.framework import ApiError, Call, Endpoint
+from scrm.campaigns.definitions import TriggerEvent
+from scrm.campaigns.planner import plan_many
+from scrm.customers import find_by_ref, find_customer, touchpoint
+from scrm.profile import customer_view
+from scrm.staff.tags import change_tags
+from scrm.store.models import (
+    Campaign,
+    Conversion,
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Delivery,
+    Tag,
+)
+
+_REF_PARAM = {"ref": "The store id (``42``) or a channel identity (``wechat:oAbC123``), URL-encoded."}
+
+
+async def _resolve(call: Call, session: AsyncSession, ref: m.CustomerRef, field: str = "customer") -> Customer:
+    if ref.id is not None:
+        customer = await session.get(Customer, ref.id)
+    elif ref.phone is not None:
+        try:
+            customer = await personal.find_by_phone(session, ref.phone, call.service.keyring)
+        except personal.PersonalDataError as exc:
+            raise ApiError(422, "validation_error", f"body.{field}.phone: {exc}",
+                           [{"field": f"body.{field}.phone", "problem": str(exc)}]) from None
+    else:
+        assert ref.channel is not None and ref.external_id is not None
+        customer = await find_customer(session, ref.channel, ref.external_id, ref.account)
+    if customer is None:
+        raise ApiError(404, "customer_not_found", "no customer matches body." + field)
+    return customer
+
+
+async def _by_path(session: AsyncSession, ref: str) -> Customer:
+    customer = await find_by_ref(session, ref) if len(ref) <= 160 else None
+    if customer is None:
+        raise ApiError(404, "customer_not_found", f"no customer {ref[:160]!r} (use an id or channel:external_id)")
+    return customer
+
+
+async def record_order(call: Call) -> tuple[int, m.OrderOut]:
+    body: m.OrderIn = call.body
+    svc = call.service
+    order = orders.Order(body.order_id, body.amount, body.currency, body.coupon_code,
+                         tuple(i.model_dump() for i in body.items))
+    for attempt in range(2):
+        try:
+            async with svc.sessions() as session, session.begin():
+                if (first := await orders.existing_result(session, body.order_id)) is not None:
+                    return 200, m.OrderOut.model_validate(first)
+                customer = await _resolve(call, session, body.customer)
+                result = await orders.record_order(session, customer, order, svc.clock.now(), "api", call.key_name)
+            svc.touch({customer.id})
+            return 201, m.OrderOut.model_validate(result)
+        except IntegrityError:
+            # The same order id posted concurrently: the other request won; answer with its result.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+_REDEEM_ERRORS = {"unknown": (404, "coupon_not_found"), "expired": (409, "coupon_expired"),
+                  "used": (409, "coupon_used"), "not_yours": (409, "coupon_not_yours")}
+
+
+async def redeem_coupon(call: Call) -> m.RedeemOut:
+    body: m.RedeemIn = call.body
+    svc = call.service
+    async with svc.sessions() as session, session.begin():
+        owner = await _resolve(call, session, body.customer) if body.customer else None
+        now = svc.clock.now()
+        outcome = await coupons.redeem(session, body.code, now, via="api", customer_id=owner.id if owner else None)
+        if outcome.status != "redeemed":
+            status, code = _REDEEM_ERRORS[outcome.status]
+            raise ApiError(status, code, f"coupon {outcome.code}: {outcome.status.replace('_', ' ')}")
+        assert outcome.customer_id is not None
+        touchpoint(session, customer_id=outcome.customer_id, channel="api", account=call.key_name,
+                   direction="internal", kind="coupon_redeemed", now=now, payload={"code": outcome.code})
+        campaign = await session.scalar(select(Delivery.campaign).join(CouponCode, CouponCode.delivery_id == Delivery.id)
+                                        .where(CouponCode.code == outcome.code))
+    svc.touch({outcome.customer_id})
+    return m.RedeemOut(status="redeemed", code=outcome.code, customer_id=outcome.customer_id, value=outcome.value,
+                       campaign=campaign)
+
+
+async def get_customer(call: Call) -> m.CustomerView:
+    async with call.service.sessions() as session:
+        return m.CustomerView.model_validate(await customer_view(session, await _by_path(session, call.params["ref"])))
+
+
+async def lookup_customer(call: Call) -> m.CustomerView:
+    async with call.service.sessions() as session:
+        return m.CustomerView.model_validate(await customer_view(session, await _resolve(call, session, call.body)))
+
+
+async def change_customer_tags(call: Call) -> m.TagsOut:
+    body: m.TagsIn = call.body
+    svc = call.service
+    changes = [(True, t) for t in body.add] + [(False, t) for t in body.remove]
+    async with svc.sessions() as session, session.begin():
+        customer = await _by_path(session, call.params["ref"])
+        done = await change_tags(svc, session, customer, changes, call.actor, svc.clock.now())
+        tags = (await session.scalars(select(Tag.name).join(CustomerTag, CustomerTag.tag_id == Tag.id)
+                                      .where(CustomerTag.customer_id == customer.id).order_by(Tag.name))).all()
+    if any(c.startswith("+") for c in done):
+        svc.wake_outbox()  # a tag_added campaign may have been planned
+    return m.TagsOut(customer_id=customer.id, changed=done, tags=list(tags))
+
+
+def _triggerable(definition: Any) -> bool:
+    """Campaigns started by one customer's event (not cron/date runs, not group campaigns)."""
+    trigger = definition.trigger
+    audience = getattr(definition, "audience", None)
+    return trigger.event in get_args(TriggerEvent) and not getattr(audience, "groups", False)
+
+
+async def trigger_campaign(call: Call) -> tuple[int, m.TriggerOut]:
+    body: m.TriggerIn = call.body
+    svc = call.service
+    name = call.params["name"]
+    loaded = svc.campaigns.get(name)
+    if loaded is None:
+        raise ApiError(404, "campaign_not_found", f"no campaign {name[:64]!r}")
+    d = loaded.definition
+    if not _triggerable(d):
+        raise ApiError(409, "campaign_not_triggerable", f"campaign {name!r} is not started by a customer event")
+    async with svc.sessions() as session, session.begin():
+        if await session.scalar(select(Campaign.paused).where(Campaign.name == name)):
+            raise ApiError(409, "campaign_paused", f"campaign {name!r} is paused")
+        customer = await _resolve(call, session, body.customer)
+        now = svc.clock.now()
+        where = Customer.id == customer.id
+        segment = getattr(getattr(d, "audience", None), "segment", None)
+        if segment:
+            from scrm.segments import condition
+
+            where = where & condition(svc.config.segments[segment], now, svc.config.segments)
+        planned = await plan_many(session, name, 0, where, now + d.delay, now,
+                                  channels=getattr(d, "channels", None) or None)
+        due = await session.scalar(select(Delivery.due_at).where(
+            Delivery.campaign == name, Delivery.step == 0, Delivery.target == f"c{customer.id}"))
+        if due is None:
+            reason = f"not in the campaign's segment {segment!r}" if segment else "has no identity to reach"
+            raise ApiError(409, "customer_not_reachable", f"customer #{customer.id} {reason}")
+        if planned:
+            touchpoint(session, customer_id=customer.id, actor=call.actor, channel="api", account=call.key_name,
+                       direction="internal", kind="campaign_triggered", now=now, campaign=name)
+    if planned:
+        svc.wake_outbox()
+    return (201 if planned else 200), m.TriggerOut(campaign=name, customer_id=customer.id, planned=bool(planned),
+                                                   due_at=due.isoformat(timespec="seconds"))
+
+
+async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
+    """Per campaign: deliveries by status, coupons granted/redeemed through them, attributed conversions.
+
+    Plain aggregate SQL over the outbox and conversions (three grouped queries, whatever the base size).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for campaign, status, n in (await session.execute(
+            select(Delivery.campaign, Delivery.status, func.count()).group_by(Delivery.campaign, Delivery.status))):
+        if status in m.Funnel.model_fields:
+            out.setdefault(campaign, {})[status] = n
+    for campaign, granted, redeemed in (await session.execute(
+            select(Delivery.campaign, func.count(CouponCode.id), func.count(CouponCode.redeemed_at))
+            .join(CouponCode, CouponCode.delivery_id == Delivery.id).group_by(Delivery.campaign))):
+        out.setdefault(campaign, {}).update(coupons_granted=granted, coupons_redeemed=redeemed)
+    for campaign, n, people, revenue in (await session.execute(
+            select(Conversion.campaign, func.count(), func.count(distinct(Conversion.customer_id)),
+                   func.coalesce(func.sum(Conversion.amount), 0))
+            .where(Conversion.campaign.is_not(None)).group_by(Conversion.campaign))):
+        out.setdefault(campaign, {}).update(conversions=n, converted_customers=people, revenue=float(revenue))
+    return {name: m.Funnel(**values) for name, values in out.items()}
+
+
+async def list_campaigns(call: Call) -> m.CampaignList:
+    svc = call.service
+    async with svc.sessions() as session:
+        paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
+        numbers = await funnels(session)
+    items = []
+    for name, loaded in sorted(svc.campaigns.items()):
+        d, t = loaded.definition, loaded.definition.trigger
+        items.append(m.CampaignOut(
+            name=name, title=d.title, kind=d.kind, paused=name in paused, triggerable=_triggerable(d),
+            trigger=m.TriggerInfo(event=t.event, tag=t.tag, stage=t.stage, cron=getattr(t, "cron", None),
+                                  delay=t.delay),
+            funnel=numbers.get(name, m.Funnel())))
+    return m.CampaignList(campaigns=items)
+
+
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("POST", "/orders", record_order, "conversions:write", "Record an order (a conversion)", m.OrderOut,
+             body=m.OrderIn, status=201, errors=(404,),
+             description="Idempotent by order_id: a repeated id answers 200 with the first result and writes "
+                         "nothing. A coupon code on the order is redeemed with it and credits its campaign."),
+    Endpoint("POST", "/coupons/redeem", redeem_coupon, "coupons:redeem", "Redeem a coupon at the till",
+             m.RedeemOut, body=m.RedeemIn, errors=(404, 409)),
+    Endpoint("GET", "/customers/{ref}", get_customer, "customers:read", "A customer's 360° view", m.CustomerView,
+             params=_REF_PARAM, errors=(404,)),
+    Endpoint("POST", "/customers/lookup", lookup_customer, "customers:read",
+             "Find a customer by identity, phone or id (keeps phone numbers out of URLs and logs)",
+             m.CustomerView, body=m.CustomerRef, errors=(404,)),
+    Endpoint("POST", "/customers/{ref}/tags", change_customer_tags, "customers:write", "Add and remove tags",
+             m.TagsOut, body=m.TagsIn, params=_REF_PARAM, errors=(404,)),
+    Endpoint("GET", "/campaigns", list_campaigns, "campaigns:read", "Campaigns with their funnel numbers",
+             m.CampaignList),
+    Endpoint("POST", "/campaigns/{name}/trigger", trigger_campaign, "campaigns:trigger",
+             "Start an event-triggered campaign for one customer", m.TriggerOut, body=m.TriggerIn, status=201,
+             params={"name": "The campaign's name (its file's name = \"...\")"}, errors=(404, 409),
+             description="Plans the campaign's first step like its own trigger would; 200 with planned=false "
+                         "when the customer already had it (each campaign reaches a customer once)."),
+]
