@@ -235,6 +235,8 @@ class CouponPool(_Strict):
     value: float = Field(0, ge=0)
     valid_days: int = Field(30, gt=0)
     per_customer: int = Field(1, gt=0)
+    #: Generate codes when no imported code is left (``scrm coupons import``); false = imported only.
+    generate: bool = True
 
 
 ApiScope = Literal["conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",

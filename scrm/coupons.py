@@ -7,22 +7,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import CouponPool
+from scrm.store.dialect import insert_ignore
 from scrm.store.models import Conversion, Coupon, CouponCode, Delivery, Redemption
 
 _ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: codes are read aloud at the till
 
 
 async def pool_row(session: AsyncSession, name: str, pool: CouponPool) -> Coupon:
+    # INSERT ... ON CONFLICT: two grants from a pool never seen before may race to create it.
+    await insert_ignore(session, Coupon.__table__, {"name": name, "value": pool.value})
     row = await session.scalar(select(Coupon).where(Coupon.name == name))
-    if row is None:
-        row = Coupon(name=name, value=pool.value)
-        session.add(row)
-        await session.flush()
-    elif row.value != pool.value:
+    assert row is not None
+    if row.value != pool.value:
         row.value = pool.value
     return row
 
@@ -44,21 +44,45 @@ async def grant(
     )
     if held >= pool.per_customer:
         return None
+    expires = now + timedelta(days=pool.valid_days)
+    row = await _claim_imported(session, coupon.id, customer_id, delivery_id, now, expires)
+    if row is not None or not pool.generate:
+        return row
     while True:
         code = pool.prefix + "".join(secrets.choice(_ALPHABET) for _ in range(8))
         if await session.scalar(select(CouponCode.id).where(CouponCode.code == code)) is None:
             break
-    row = CouponCode(
-        coupon_id=coupon.id,
-        code=code,
-        customer_id=customer_id,
-        delivery_id=delivery_id,
-        granted_at=now,
-        expires_at=now + timedelta(days=pool.valid_days),
-    )
+    row = CouponCode(coupon_id=coupon.id, code=code, customer_id=customer_id, delivery_id=delivery_id,
+                     granted_at=now, expires_at=expires)
     session.add(row)
     await session.flush()
     return row
+
+
+async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: int, delivery_id: int | None,
+                          now: datetime, expires: datetime) -> CouponCode | None:
+    """Hand out the oldest unassigned imported code; the conditional UPDATE makes a code go to one
+    customer only, even when two instances grant at once."""
+    while True:
+        candidate = await session.scalar(
+            select(CouponCode.id).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id.is_(None))
+            .order_by(CouponCode.id).limit(1))
+        if candidate is None:
+            return None
+        taken = await session.execute(
+            update(CouponCode).where(CouponCode.id == candidate, CouponCode.customer_id.is_(None))
+            .values(customer_id=customer_id, delivery_id=delivery_id, granted_at=now,
+                    expires_at=func.coalesce(CouponCode.expires_at, expires)))
+        if taken.rowcount:
+            return await session.get(CouponCode, candidate, populate_existing=True)
+
+
+async def import_codes(session: AsyncSession, name: str, pool: CouponPool, codes: list[str],
+                       expires_at: datetime | None = None) -> int:
+    """Add codes to a pool (from a supplier's file); codes already known are ignored."""
+    coupon = await pool_row(session, name, pool)
+    rows = [{"coupon_id": coupon.id, "code": c.strip().upper(), "expires_at": expires_at} for c in codes if c.strip()]
+    return await insert_ignore(session, CouponCode.__table__, rows) if rows else 0
 
 
 RedeemStatus = Literal["redeemed", "unknown", "expired", "used", "not_yours"]

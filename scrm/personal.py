@@ -17,22 +17,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
-from datetime import date, datetime
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm.store.models import Customer, PrivacyKey
+from scrm.store.models import Customer, PersonalPlaintextPending, PrivacyKey
 
 if TYPE_CHECKING:
     from scrm.config import Config
+    from scrm.service import Service
+
+log = logging.getLogger(__name__)
 
 LOOKUP_ID = "lookup"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
@@ -124,7 +129,7 @@ class Keyring:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise KeyringError(f"privacy.key_file: {path} does not exist (`scrm keys init` writes one; "
+            raise KeyringMissing(f"privacy.key_file: {path} does not exist (`scrm keys init` writes one; "
                                "if the store already holds data, restore the file from backup)") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyringError(f"privacy.key_file: cannot read {path} ({exc})") from None
@@ -150,31 +155,38 @@ class Keyring:
         return hmac.new(self.lookup, normalized.encode(), hashlib.sha256).hexdigest()
 
     async def verify(self, session: AsyncSession, now: datetime) -> None:
-        """Check the keyring against the store's check values (and record new keys' check values).
+        """Check the keyring against the store's check values (recording check values for new keys).
 
         A wrong key is caught here, at start, by a check value that fails to decrypt, instead of
         later by values that cannot be read or lookups that silently find nobody.
         """
-        rows = {r.key_id: r for r in (await session.scalars(select(PrivacyKey))).all()}
-        lookup_check = self.lookup_hash(_CHECK_PLAINTEXT.decode())
-        if LOOKUP_ID in rows:
-            if not hmac.compare_digest(rows[LOOKUP_ID].check, lookup_check.encode()):
-                raise KeyringError("the privacy lookup key is not the one this store was written with (wrong key file?)")
-        else:
-            session.add(PrivacyKey(key_id=LOOKUP_ID, check=lookup_check.encode(), created_at=now))
-        for key_id, row in rows.items():
-            if key_id == LOOKUP_ID:
-                continue
-            if key_id in self.keys:
-                self.open("check", row.check, key_id)
-            elif await _key_in_use(session, key_id):
-                raise KeyringError(f"the store holds values encrypted with key {key_id!r}, which is not in the keyring")
-        for key_id in self.keys:
-            if key_id not in rows:
-                nonce = secrets.token_bytes(_NONCE)
-                sealed = nonce + self._aead[key_id].encrypt(nonce, _CHECK_PLAINTEXT, b"check")
-                session.add(PrivacyKey(key_id=key_id, check=sealed, created_at=now))
-        await session.flush()
+        from scrm.store.dialect import insert_ignore
+
+        new = [{"key_id": LOOKUP_ID, "check_value": self.lookup_hash(_CHECK_PLAINTEXT.decode()).encode(),
+                "created_at": now}]
+        for key_id, aead in self._aead.items():
+            nonce = secrets.token_bytes(_NONCE)
+            new.append({"key_id": key_id, "check_value": nonce + aead.encrypt(nonce, _CHECK_PLAINTEXT, b"check"),
+                        "created_at": now})
+        await insert_ignore(session, PrivacyKey.__table__, new)  # type: ignore[arg-type]
+        for row in (await session.execute(select(PrivacyKey.key_id, PrivacyKey.check_value))).all():
+            if row.key_id == LOOKUP_ID:
+                if not hmac.compare_digest(row.check_value, new[0]["check_value"]):
+                    raise KeyringError("the privacy lookup key is not the one this store was written with "
+                                       "(wrong key file or SCRM_PRIVACY__KEY?)")
+            elif row.key_id in self.keys:
+                if self._check_fails(row.key_id, row.check_value):
+                    raise KeyringError(f"privacy key {row.key_id!r} is not the one this store was written with "
+                                       "(wrong key file or SCRM_PRIVACY__KEY?)")
+            elif await _key_in_use(session, row.key_id):
+                raise KeyringError(f"the store holds values encrypted with privacy key {row.key_id!r}, "
+                                   "which is not in the keyring")
+
+    def _check_fails(self, key_id: str, sealed: bytes) -> bool:
+        try:
+            return self._aead[key_id].decrypt(sealed[:_NONCE], sealed[_NONCE:], b"check") != _CHECK_PLAINTEXT
+        except InvalidTag:
+            return True
 
 
 async def _key_in_use(session: AsyncSession, key_id: str) -> bool:
@@ -220,7 +232,7 @@ async def set_phone(session: AsyncSession, customer: Customer, phone: str | None
     callers need not change if storing ever needs the store (it takes the session for that).
     """
     if phone is None:
-        customer.phone_enc = customer.phone_key = customer.phone_hash = customer.phone_last4 = None
+        _clear_phone(customer)
         return
     normalized = normalize_phone(phone)
     customer.phone_enc, customer.phone_key = keyring.seal("phone", normalized)
@@ -228,11 +240,19 @@ async def set_phone(session: AsyncSession, customer: Customer, phone: str | None
     customer.phone_last4 = normalized[-4:]
 
 
+def _clear_phone(customer: Customer) -> None:
+    customer.phone_enc = customer.phone_key = customer.phone_hash = customer.phone_last4 = None
+
+
+def _clear_birthday(customer: Customer) -> None:
+    customer.birthday_enc = customer.birthday_key = customer.birthday_md = None
+
+
 async def set_birthday(session: AsyncSession, customer: Customer, birthday: date | None, keyring: Keyring) -> None:
     """Store (or erase) the full birth date encrypted; ``birthday_md`` ("MM-DD") stays plain for
     birthday campaigns, which need nothing more."""
     if birthday is None:
-        customer.birthday_enc = customer.birthday_key = customer.birthday_md = None
+        _clear_birthday(customer)
         return
     if isinstance(birthday, datetime) or not isinstance(birthday, date):
         raise PersonalDataError("a birthday must be a date")
@@ -306,3 +326,233 @@ async def stale_count(session: AsyncSession, keyring: Keyring) -> int:
         (Customer.phone_enc.is_not(None)) & (Customer.phone_key != current),
         (Customer.birthday_enc.is_not(None)) & (Customer.birthday_key != current),
     ))) or 0)
+
+
+class KeyringMissing(KeyringError):
+    """The configured key file does not exist (a new store may get one written; a used store may not)."""
+
+
+def scrub_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """An event payload fit for the touchpoints table: a shared phone keeps only its last 4 digits."""
+    if "phone" not in payload:
+        return payload
+    clean = {k: v for k, v in payload.items() if k != "phone"}
+    phone = payload["phone"]
+    if isinstance(phone, str):
+        digits = re.sub(r"\D", "", phone)
+        clean["phone_last4"] = digits[-4:] if len(digits) >= 4 else None
+    return clean
+
+
+async def capture_phone(session: AsyncSession, customer: Customer, phone: str, keyring: Keyring, channel: str,
+                        now: datetime) -> bool:
+    """A phone the person shared themselves: stored encrypted with a record of their consent to keep it.
+    Something that is not a phone number is dropped (logged without the value); returns whether stored."""
+    from scrm import consent
+
+    try:
+        await set_phone(session, customer, phone, keyring)
+    except PersonalDataError as exc:
+        log.warning("customer #%s shared a contact that is not a phone number (%s); not stored", customer.id, exc)
+        return False
+    consent.record(session, customer.id, channel, True, "contact_shared", now, purpose=consent.PHONE)
+    return True
+
+
+async def open_keyring(config: Config, sessions: async_sessionmaker[AsyncSession], now: datetime) -> Keyring:
+    """Load the keyring and check it against the store; a new, empty store gets a key file written.
+
+    Also seals any plaintext values the pre-encryption schema left behind (migration 0005).
+    """
+    try:
+        keyring = Keyring.from_config(config)
+    except KeyringMissing:
+        async with sessions() as session:
+            used = await session.scalar(select(PrivacyKey.key_id).limit(1)) is not None \
+                or await session.scalar(select(PersonalPlaintextPending.customer_id).limit(1)) is not None
+        if used:
+            raise
+        assert config.privacy.key_file is not None
+        path = config.resolve(config.privacy.key_file)
+        try:
+            write_key_file(path)
+            log.warning("wrote a new privacy key file %s: back it up, the store's phone numbers and birthdays "
+                        "cannot be read without it", path)
+        except FileExistsError:
+            pass  # another process of this service wrote it first
+        except OSError as exc:
+            raise KeyringError(f"privacy.key_file: cannot write {path} ({exc.strerror})") from None
+        keyring = Keyring.from_config(config)
+    async with sessions() as session, session.begin():
+        await keyring.verify(session, now)
+        await _seal_pending(session, keyring)
+    return keyring
+
+
+async def _seal_pending(session: AsyncSession, keyring: Keyring) -> int:
+    rows = (await session.scalars(select(PersonalPlaintextPending))).all()
+    for row in rows:
+        customer = await session.get(Customer, row.customer_id)
+        if customer is not None:
+            if row.phone:
+                try:
+                    await set_phone(session, customer, row.phone, keyring)
+                except PersonalDataError:
+                    log.warning("customer #%s: an old phone value is not a phone number; dropped", row.customer_id)
+            if row.birthday:
+                await set_birthday(session, customer, row.birthday, keyring)
+        await session.delete(row)
+    if rows:
+        log.info("sealed %d customers' plaintext personal values left by the old schema", len(rows))
+    await session.flush()
+    return len(rows)
+
+
+async def check_store(config: Config) -> Keyring:
+    """What ``scrm run`` does before serving: migrate and open the keyring, so a missing or wrong key
+    is a clear error at the prompt instead of a traceback from inside the web server."""
+    from scrm.clock import SystemClock
+    from scrm.store.engine import make_engine, make_sessionmaker
+    from scrm.store.migrate import upgrade
+
+    engine = make_engine(config.store_url, config.store.schema_name)
+    try:
+        await upgrade(engine)
+        return await open_keyring(config, make_sessionmaker(engine), SystemClock().now())
+    finally:
+        await engine.dispose()
+
+
+async def redact_messages(session: AsyncSession, before: datetime, customer_id: int | None = None) -> int:
+    """Blank message texts older than ``before`` (or all of one customer's): ``text`` -> NULL and
+    ``payload.redacted`` = true, metadata kept, so counts, funnels and reports do not change.
+    One set-based UPDATE; returns rows redacted."""
+    from sqlalchemy import literal_column, update
+
+    from scrm.store.models import Touchpoint
+
+    if session.bind.dialect.name == "postgresql":
+        payload = literal_column("""(CAST(touchpoints.payload AS jsonb) || '{"redacted": true}'::jsonb)::json""")
+    else:
+        payload = func.json_set(Touchpoint.payload, "$.redacted", func.json("true"))
+    query = update(Touchpoint).where(Touchpoint.text.is_not(None)).values(text=None, payload=payload)
+    query = query.where(Touchpoint.customer_id == customer_id) if customer_id is not None \
+        else query.where(Touchpoint.created_at < before)
+    result = await session.execute(query.execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+def retention_job(service: Service) -> Callable[[], Awaitable[int]]:
+    """The nightly job: redact message texts older than ``privacy.message_retention_days``."""
+
+    async def redact_old_messages() -> int:
+        days = service.config.privacy.message_retention_days
+        if days is None:
+            return 0
+        async with service.sessions() as session, session.begin():
+            count = await redact_messages(session, service.clock.now() - timedelta(days=days))
+        if count:
+            log.info("retention: redacted %d message texts older than %d days", count, days)
+        return count
+
+    return redact_old_messages
+
+
+PERSONAL_PAYLOAD_KEYS = frozenset({"phone", "phone_last4", "name", "display_name", "contact", "text", "address"})
+
+
+async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dict[str, int]:
+    """Erase a person: personal values (ciphertext and derived), name, attributes, message texts and
+    channel identities go; aggregates (orders, coupons, tags, touchpoint metadata, consent history,
+    the audit log) stay so reports remain right. Planned sends to them are cancelled."""
+    from sqlalchemy import delete, update
+
+    from scrm.store.models import Delivery, Identity, Touchpoint
+
+    _clear_phone(customer)
+    _clear_birthday(customer)
+    customer.display_name = None
+    customer.attributes = {"erased_at": now.isoformat(timespec="seconds")}
+    customer.opted_out = True
+    texts = 0
+    for tp in (await session.scalars(select(Touchpoint).where(Touchpoint.customer_id == customer.id))).all():
+        if tp.text is not None or PERSONAL_PAYLOAD_KEYS & set(tp.payload):
+            texts += tp.text is not None
+            tp.text = None
+            tp.payload = {**{k: v for k, v in tp.payload.items() if k not in PERSONAL_PAYLOAD_KEYS}, "redacted": True}
+    cancelled = (await session.execute(
+        update(Delivery).where(Delivery.customer_id == customer.id, Delivery.status == "planned")
+        .values(status="skipped", reason="erased", finished_at=now).execution_options(synchronize_session=False)
+    )).rowcount or 0
+    await session.execute(update(Delivery).where(Delivery.customer_id == customer.id)
+                          .values(text=None, external_id="erased").execution_options(synchronize_session=False))
+    identities = (await session.execute(delete(Identity).where(Identity.customer_id == customer.id))).rowcount or 0
+    await session.flush()
+    return {"texts": texts, "identities": identities, "cancelled": cancelled}
+
+
+async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
+    """Fold ``dup`` (the same person, e.g. found by phone hash on another channel) into ``keep``:
+    identities, history, tags, coupons, orders and consents move; ``dup`` is left empty, marked
+    ``merged_into``. Set-based per table."""
+    from sqlalchemy import delete, update
+
+    from scrm.store.models import (
+        Conversion,
+        CouponCode,
+        CustomerTag,
+        Delivery,
+        GroupMember,
+        Identity,
+        Redemption,
+        TagScore,
+        Touchpoint,
+    )
+    from scrm.store.models import Consent as ConsentRow
+
+    if keep.id == dup.id:
+        raise ValueError("cannot merge a customer into itself")
+    for model in (CustomerTag, TagScore):  # unique per (customer, tag): keep's row wins
+        await session.execute(delete(model).where(
+            model.customer_id == dup.id,
+            model.tag_id.in_(select(model.tag_id).where(model.customer_id == keep.id).scalar_subquery())))
+    await session.execute(delete(GroupMember).where(
+        GroupMember.customer_id == dup.id,
+        GroupMember.group_id.in_(select(GroupMember.group_id).where(GroupMember.customer_id == keep.id)
+                                 .scalar_subquery())))
+    for model in (Identity, Touchpoint, CustomerTag, TagScore, GroupMember, Delivery, CouponCode, Redemption,
+                  Conversion, ConsentRow):
+        await session.execute(update(model).where(model.customer_id == dup.id).values(customer_id=keep.id)
+                              .execution_options(synchronize_session=False))
+    if keep.phone_enc is None and dup.phone_enc is not None:
+        keep.phone_enc, keep.phone_key, keep.phone_hash, keep.phone_last4 = \
+            dup.phone_enc, dup.phone_key, dup.phone_hash, dup.phone_last4
+    if keep.birthday_enc is None and dup.birthday_enc is not None:
+        keep.birthday_enc, keep.birthday_key, keep.birthday_md = dup.birthday_enc, dup.birthday_key, dup.birthday_md
+    keep.display_name = keep.display_name or dup.display_name
+    keep.first_seen_at = min(keep.first_seen_at, dup.first_seen_at)
+    keep.last_seen_at = max(keep.last_seen_at, dup.last_seen_at)
+    if dup.last_inbound_at and (keep.last_inbound_at is None or dup.last_inbound_at > keep.last_inbound_at):
+        keep.last_inbound_at = dup.last_inbound_at
+    keep.opted_out = keep.opted_out or dup.opted_out
+    keep.attributes = {**dup.attributes, **keep.attributes}
+    _clear_phone(dup)
+    _clear_birthday(dup)
+    dup.display_name = None
+    dup.attributes = {"merged_into": keep.id}
+    dup.opted_out = True
+    await session.flush()
+
+
+async def dedupe_by_phone(session: AsyncSession) -> list[tuple[int, int]]:
+    """Merge every group of customers sharing a phone into its oldest; returns (kept, merged) pairs."""
+    merged: list[tuple[int, int]] = []
+    for group in await phone_duplicates(session):
+        keep = await session.get(Customer, group[0])
+        assert keep is not None
+        for cid in group[1:]:
+            dup = await session.get(Customer, cid)
+            assert dup is not None
+            await merge(session, keep, dup)
+            merged.append((keep.id, cid))
+    return merged

@@ -18,7 +18,10 @@ from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import plan_event
 from scrm.channels import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.config import Role
+from scrm.consent import OPT_IN_REPLY, is_opt_in
+from scrm.consent import record as record_consent
 from scrm.customers import find_or_create, touchpoint
+from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Touchpoint
 from scrm.tagging import apply_hit, tokenize
 
@@ -57,7 +60,7 @@ async def handle(service: Service, session: AsyncSession, event: InboundEvent, n
 def _record(session: AsyncSession, event: InboundEvent, now: datetime, customer_id: int | None,
             actor: str | None = None) -> None:
     touchpoint(session, customer_id=customer_id, actor=actor, channel=event.channel, account=event.account,
-               direction="in", kind=event.kind, now=now, text=event.text or None, payload=event.payload,
+               direction="in", kind=event.kind, now=now, text=event.text or None, payload=scrub_payload(event.payload),
                platform_msg_id=event.platform_msg_id)
 
 
@@ -90,15 +93,16 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
 
     if event.kind in ("unsubscribe", "blocked"):
         customer.opted_out = True
+        record_consent(session, customer.id, event.channel, False, "unsubscribed", now, detail=event.kind)
     elif event.kind == "subscribe":
         customer.opted_out = False
+        record_consent(session, customer.id, event.channel, True, "subscribed", now, detail=event.source)
         if event.source and not created:
             customer.attributes = {**customer.attributes, "last_source": event.source}
     elif event.kind == "contact_removed":
         customer.stage, customer.opted_out = "lost", True
     elif event.kind == "contact_shared" and isinstance(event.payload.get("phone"), str):
-        customer.phone = event.payload["phone"][:32]
-        customer.attributes = {**customer.attributes, "phone_consent": {"source": event.channel, "at": now.isoformat()}}
+        await capture_phone(session, customer, event.payload["phone"], service.keyring, event.channel, now)
     elif event.kind in ("group_joined", "group_left") and isinstance(event.payload.get("group_id"), (str, int)):
         group = await groups.upsert_group(session, event.channel, event.account, str(event.payload["group_id"]), now,
                                           title=event.payload.get("group_title"))
@@ -119,7 +123,12 @@ async def _customer_text(service: Service, session: AsyncSession, customer: Cust
     """Customer commands (opt out, redeem, staff-only refusal) or, for ordinary text, keyword tags."""
     if commands.is_opt_out(text):
         customer.opted_out = True
+        record_consent(session, customer.id, event.channel, False, "opt_out", now, detail=text[:32])
         return [commands.OPT_OUT_REPLY]
+    if is_opt_in(text):
+        customer.opted_out = False
+        record_consent(session, customer.id, event.channel, True, "message", now, detail=text[:32])
+        return [OPT_IN_REPLY]
     if staff.parse(text):
         return [staff.REFUSAL_REPLY]
     if code := commands.redeem_code(text):

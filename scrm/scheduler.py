@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from scrm.personal import retention_job
+
 if TYPE_CHECKING:
     from scrm.service import Service
 
@@ -31,6 +33,9 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
     hour, minute = config.profiles.rfm_at.split(":")
     scheduler.add_job(job(service.recompute_rfm), "cron", id="rfm", hour=int(hour), minute=int(minute),
                       timezone=config.service.timezone)
+    hour, minute = config.privacy.retention_at.split(":")
+    scheduler.add_job(job(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
+                      minute=int(minute), timezone=config.service.timezone)
     for (kind, account), channel in service.channels.items():
         for name, fn, seconds in channel.jobs():
             scheduler.add_job(job(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)

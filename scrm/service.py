@@ -23,6 +23,7 @@ from scrm.channels import Channel, InboundEvent, Reaction, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.config import Config
 from scrm.ingest import Ingestor
+from scrm.personal import Keyring, KeyringError, KeyringMissing, open_keyring
 from scrm.scheduler import OUTBOX_JOB, PROFILES_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker
@@ -53,9 +54,20 @@ class Service:
         }
         self.engine: AsyncEngine = make_engine(config.store_url, config.store.schema_name)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        try:
+            self._keyring: Keyring | None = Keyring.from_config(config)
+        except KeyringMissing:
+            self._keyring = None  # a new store gets its key file in start(); a used one fails there
         self.ingestor = Ingestor(self)
         self.outbox = Outbox(self)
         self.scheduler = build_scheduler(self)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The privacy keys (scrm.personal): every read or write of a phone number or birthday needs them."""
+        if self._keyring is None:
+            raise KeyringError("privacy keys not opened yet: Service.start() opens them")
+        return self._keyring
 
     def channel(self, kind: str, account: str) -> Channel | None:
         return self.channels.get((kind, account))
@@ -119,6 +131,7 @@ class Service:
 
     async def start(self, scheduler: bool = True) -> None:
         await migrate.upgrade(self.engine)
+        self._keyring = await open_keyring(self.config, self.sessions, self.clock.now())
         await self._sync_campaigns()
         await self.outbox.recover()
         for channel in self.channels.values():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from aiolimiter import AsyncLimiter
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons, segments
@@ -164,11 +164,7 @@ class Outbox:
                 d.status, d.reason, d.due_at = "planned", "deferred:quiet_hours", resume
                 return None
 
-        tags = (await session.scalars(
-            select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id).order_by(Tag.name)
-        )).all()
-        context["customer"] = {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage,
-                               "tags": list(tags), "channel": d.channel}
+        context["customer"] = await customer_context(session, customer, d.channel)
         coupon = await self._coupon(session, d, definition, step, customer.id, now)
         if isinstance(coupon, str):
             return _Prepared(d.id, None, coupon)
@@ -222,8 +218,10 @@ class Outbox:
         cfg = self.service.config.delivery
         marketing = [n for n, c in self.service.campaigns.items() if c.definition.kind == "marketing"]
         sent = await session.scalar(select(func.count()).select_from(Delivery).where(
-            Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.status == "sent",
-            Delivery.campaign.in_(marketing), Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))
+            Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.campaign.in_(marketing),
+            # "sending" counts too: messages claimed in this batch (or by another instance) are on their way.
+            or_(Delivery.status == "sending",
+                and_(Delivery.status == "sent", Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))))
         return int(sent or 0) >= cfg.frequency_cap
 
     def _quiet_until(self, customer: Customer, now: datetime) -> datetime | None:
@@ -298,6 +296,34 @@ class Outbox:
             "customer_id": d.customer_id, "group_id": d.group_id, "channel": d.channel, "account": d.account,
             "external_id": d.external_id, "variant": d.variant, "status": "planned", "attempts": 0,
             "due_at": now + parse_duration(nxt.wait), "created_at": now})
+
+
+async def customer_context(session: AsyncSession, customer: Customer, channel: str) -> dict[str, Any]:
+    """What templates know about a customer (never phone numbers or birthdays)."""
+    tags = (await session.scalars(
+        select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id).order_by(Tag.name))).all()
+    return {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage, "tags": list(tags),
+            "channel": channel}
+
+
+async def preview(session: AsyncSession, definition: CampaignDefinition, customer: Customer, channel: str,
+                  pool_values: dict[str, float]) -> list[str]:
+    """Every step as this customer would read it, without granting coupons or sending anything."""
+    texts = []
+    for step in definition.journey:
+        source = step.channel_text.get(channel, step.text)
+        if step.variants:
+            source = next(v.text for v in step.variants
+                          if v.name == pick_variant(definition.name, f"c{customer.id}", step))
+        pool = step.coupon or (definition.coupon.pool if definition.coupon else None)
+        context: dict[str, Any] = {
+            "campaign": {"name": definition.name, "title": definition.title},
+            "customer": await customer_context(session, customer, channel),
+            "coupon": {"code": "(code given at send)", "value": f"{pool_values.get(pool or '', 0):g}",
+                       "expires": "(date at send)"},
+        }
+        texts.append(templates.render(source, context))
+    return texts
 
 
 def pick_variant(campaign: str, target: str, step: Step) -> str:

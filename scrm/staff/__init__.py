@@ -82,5 +82,5 @@ async def dispatch(ctx: StaffContext) -> str:
     return await spec.handler(ctx, parsed[1])
 
 
-for _module in ("reports", "tags"):
+for _module in ("campaigns", "reports", "tags"):
     importlib.import_module(f"scrm.staff.{_module}")

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -34,8 +35,14 @@ class Customer(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     display_name: Mapped[str | None]
-    phone: Mapped[str | None] = mapped_column(String(32))
-    birthday: Mapped[date | None] = mapped_column(Date)
+    #: Personal values live encrypted (see scrm.personal, the only writer): ciphertext and key id,
+    #: a keyed hash for look-ups/de-duplication, and the last 4 digits for staff screens.
+    phone_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    phone_key: Mapped[str | None] = mapped_column(String(16))
+    phone_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    phone_last4: Mapped[str | None] = mapped_column(String(4))
+    birthday_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    birthday_key: Mapped[str | None] = mapped_column(String(16))
     #: "MM-DD" of the birthday: all a birthday campaign needs, and indexable.
     birthday_md: Mapped[str | None] = mapped_column(String(5), index=True)
     timezone: Mapped[str | None] = mapped_column(String(64))
@@ -311,3 +318,56 @@ Index("ix_deliveries_customer_finished", Delivery.customer_id, Delivery.finished
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
+
+
+class PrivacyKey(Base):
+    """A check value per privacy key id: a wrong key fails to open it at start (see scrm.personal)."""
+
+    __tablename__ = "privacy_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    check_value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class Consent(Base):
+    """Marketing consent history per customer and channel; the latest row is the answer."""
+
+    __tablename__ = "consents"
+    __table_args__ = (Index("ix_consents_customer_channel", "customer_id", "channel", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    channel: Mapped[str] = mapped_column(String(16))
+    purpose: Mapped[str] = mapped_column(String(16), default="marketing")
+    granted: Mapped[bool] = mapped_column(Boolean)
+    #: subscribed | message | import | opt_out | unsubscribed | operator
+    source: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None]
+    created_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """Who read or changed whose personal data; append-only (a store trigger refuses UPDATE/DELETE)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(160))
+    role: Mapped[str | None] = mapped_column(String(16))
+    #: How they came: a chat channel, ``cli``, or ``api:<key name>``.
+    via: Mapped[str | None] = mapped_column(String(64))
+    customer_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class PersonalPlaintextPending(Base):
+    """Plaintext values left by the pre-encryption schema, sealed and deleted when the keyring opens."""
+
+    __tablename__ = "personal_plaintext_pending"
+
+    customer_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    phone: Mapped[str | None] = mapped_column(String(32))
+    birthday: Mapped[date | None] = mapped_column(Date)

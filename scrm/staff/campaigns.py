@@ -1,0 +1,46 @@
+"""Operators steer campaigns from chat: /pause, /resume, /preview."""
+
+from __future__ import annotations
+
+from scrm.campaigns.control import set_paused
+from scrm.campaigns.outbox import preview
+from scrm.customers import find_by_ref
+from scrm.staff import StaffContext, command
+
+OPERATORS = {"operator", "admin"}
+
+
+async def _switch(ctx: StaffContext, args: str, paused: bool) -> str:
+    name = args.strip()
+    if name not in ctx.service.campaigns:
+        return f"没有这个活动 No campaign {name!r}"
+    await set_paused(ctx.session, name, paused, ctx.now)
+    (ctx.service.paused.add if paused else ctx.service.paused.discard)(name)
+    return f"{name}: {'已暂停 paused' if paused else '已恢复 resumed'}"
+
+
+@command("pause", OPERATORS, "/pause <campaign>")
+async def pause(ctx: StaffContext, args: str) -> str:
+    return await _switch(ctx, args, True)
+
+
+@command("resume", OPERATORS, "/resume <campaign>")
+async def resume(ctx: StaffContext, args: str) -> str:
+    return await _switch(ctx, args, False)
+
+
+@command("preview", OPERATORS, "/preview <campaign> <customer>")
+async def preview_command(ctx: StaffContext, args: str) -> str:
+    parts = args.split()
+    if len(parts) != 2:
+        return "用法 Usage: /preview <campaign> <customer>"
+    loaded = ctx.service.campaigns.get(parts[0])
+    if loaded is None:
+        return f"没有这个活动 No campaign {parts[0]!r}"
+    customer = await find_by_ref(ctx.session, parts[1])
+    if customer is None:
+        return f"没有找到客户 No customer {parts[1]}"
+    channel = parts[1].partition(":")[0] if ":" in parts[1] else "console"
+    values = {name: pool.value for name, pool in ctx.service.config.coupons.items()}
+    texts = await preview(ctx.session, loaded.definition, customer, channel, values)
+    return "\n---\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
