@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 from collections import defaultdict, deque
 from datetime import timedelta
 
@@ -30,6 +31,13 @@ class ConsoleSettings(BaseModel):
     allow_remote: bool = False
 
 
+def save_image(png: bytes) -> str:
+    """A terminal cannot show a PNG: keep it in a temporary file and hand out the path."""
+    with tempfile.NamedTemporaryFile(prefix="scrm-chart-", suffix=".png", delete=False) as file:
+        file.write(png)
+    return file.name
+
+
 @register
 class ConsoleChannel(Channel):
     type_name = "console"
@@ -46,8 +54,11 @@ class ConsoleChannel(Channel):
         return [web.post(f"{base}/messages", self._post_message), web.get(f"{base}/updates", self._get_updates)]
 
     async def send(self, message: OutboundMessage) -> SendResult:
+        text = message.text
+        if message.image is not None:
+            text += f"\n[chart: {save_image(message.image)}]"
         async with self._arrived:
-            self._mailboxes[message.external_id].append(message.text)
+            self._mailboxes[message.external_id].append(text)
             self._arrived.notify_all()
         return SendResult("sent")
 
@@ -76,7 +87,8 @@ class ConsoleChannel(Channel):
         event = InboundEvent("console", self.account, user, kind, text=text, platform_msg_id=msg_id,
                              display_name=user)
         reaction = await self.service.receive(event)
-        return web.json_response({"replies": list(reaction.replies), "duplicate": reaction.duplicate})
+        return web.json_response({"replies": list(reaction.replies), "duplicate": reaction.duplicate,
+                                  "images": [save_image(image) for image in reaction.images]})
 
     async def _get_updates(self, request: web.Request) -> web.Response:
         self._check_remote(request)

@@ -71,8 +71,11 @@ class ChatSession:
             if resp.status != 200:
                 self.out(f"!! {resp.status}: {await resp.text()}")
                 return
-            for reply in (await resp.json())["replies"]:
+            data = await resp.json()
+            for reply in data["replies"]:
                 _show(self.out, reply)
+            for path in data.get("images", []):
+                _show(self.out, f"[chart: {path}]")
 
     async def poll(self, wait: float) -> int:
         """Print what arrived; returns how many deliveries are still pending for this user."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 OUTBOX_JOB = "outbox"
 PROFILES_JOB = "profiles:touched"
+#: Sends the report digests managers subscribed to (``/digest``) when they fall due.
+DIGESTS_JOB = "reports:digests"
 
 
 def build_scheduler(service: Service) -> AsyncIOScheduler:
@@ -36,6 +39,9 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
     hour, minute = config.privacy.retention_at.split(":")
     scheduler.add_job(job(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
                       minute=int(minute), timezone=config.service.timezone)
+    from scrm import digests  # reports and charts load only with a scheduler
+
+    scheduler.add_job(job(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB, seconds=60)
     for (kind, account), channel in service.channels.items():
         for name, fn, seconds in channel.jobs():
             scheduler.add_job(job(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)

@@ -37,7 +37,15 @@ class StaffContext:
     now: datetime
 
 
-Handler = Callable[[StaffContext, str], Awaitable[str]]
+@dataclass(frozen=True)
+class StaffReply:
+    """A command's answer: text, plus PNG charts for channels that can show images."""
+
+    text: str
+    images: tuple[bytes, ...] = ()
+
+
+Handler = Callable[[StaffContext, str], Awaitable[str | StaffReply]]
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,15 @@ def help_text(role: Role) -> str:
     return "员工命令 Staff commands:\n" + "\n".join(usable)
 
 
-async def dispatch(ctx: StaffContext) -> str:
+async def dispatch(ctx: StaffContext) -> StaffReply:
     parsed = parse(ctx.event.text)
     if parsed is None:
-        return help_text(ctx.role)
+        return StaffReply(help_text(ctx.role))
     spec = _COMMANDS[parsed[0]]
     if ctx.role not in spec.roles:
-        return REFUSAL_REPLY
-    return await spec.handler(ctx, parsed[1])
+        return StaffReply(REFUSAL_REPLY)
+    answer = await spec.handler(ctx, parsed[1])
+    return answer if isinstance(answer, StaffReply) else StaffReply(answer)
 
 
 for _module in ("campaigns", "reports", "tags"):
