@@ -497,6 +497,7 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
     ``merged_into``. Set-based per table."""
     from sqlalchemy import delete, update
 
+    from scrm.store.models import Consent as ConsentRow
     from scrm.store.models import (
         Conversion,
         CouponCode,
@@ -508,7 +509,6 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
         TagScore,
         Touchpoint,
     )
-    from scrm.store.models import Consent as ConsentRow
 
     if keep.id == dup.id:
         raise ValueError("cannot merge a customer into itself")
@@ -556,3 +556,49 @@ async def dedupe_by_phone(session: AsyncSession) -> list[tuple[int, int]]:
             await merge(session, keep, dup)
             merged.append((keep.id, cid))
     return merged
+
+
+async def rotate(sessions: async_sessionmaker[AsyncSession], keyring: Keyring, batch: int = 500,
+                 on_batch: Callable[[int], None] | None = None, max_batches: int | None = None) -> int:
+    """Re-encrypt everything under the current key, one committed transaction per batch.
+
+    Stopping at any point (Ctrl-C, a crash, ``max_batches``) loses nothing: finished batches are
+    committed and the rest still carry their old key id, so running again resumes. Returns rows done.
+    """
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    done = batches = 0
+    while max_batches is None or batches < max_batches:
+        async with sessions() as session, session.begin():
+            count = await rotate_batch(session, keyring, batch)
+        if count == 0:
+            break
+        done, batches = done + count, batches + 1
+        if on_batch is not None:
+            on_batch(count)
+    return done
+
+
+async def export_data(session: AsyncSession, customer: Customer, keyring: Keyring) -> dict[str, Any]:
+    """Everything the store holds about one person, readable: their right to see their data."""
+    from scrm import consent
+    from scrm.profile import customer_view
+
+    view = await customer_view(session, customer, touchpoints=1_000_000)
+    values = reveal(customer, keyring)
+    return {
+        "customer": view,
+        "personal": {
+            "phone": values["phone"],
+            "birthday": values["birthday"].isoformat() if values["birthday"] else None,
+            "display_name": customer.display_name,
+            "timezone": customer.timezone,
+            "locale": customer.locale,
+            "attributes": customer.attributes,
+        },
+        "consents": [
+            {"channel": c.channel, "purpose": c.purpose, "granted": c.granted, "source": c.source, "detail": c.detail,
+             "at": c.created_at.isoformat(timespec="seconds")}
+            for c in await consent.history(session, customer.id)
+        ],
+    }

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.campaigns.definitions import CampaignError
@@ -54,12 +55,17 @@ async def open_store(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSe
 
 
 def guard(fn: Callable[..., T]) -> Callable[..., T]:
-    """Campaign file problems are user errors: print them, no traceback."""
+    """Campaign file and privacy key problems are user errors: print them, no traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        from scrm.personal import KeyringError
+
         try:
             return fn(*args, **kwargs)
+        except KeyringError as exc:
+            err.print(f"[bold red]privacy keys:[/] {escape(str(exc))}")
+            sys.exit(EXIT_USAGE)
         except CampaignError as exc:
             err.print(f"[bold red]campaign definitions have {len(exc.problems)} problem(s):[/]")
             for line in exc.problems:

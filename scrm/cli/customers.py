@@ -30,7 +30,8 @@ def customers() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
-    """The 360° view: identities, tags and their sources, stage, coupons, last touchpoints."""
+    """The 360° view: identities, tags and their sources, stage, coupons, last touchpoints.
+    IDENTITY may be phone:<number> (found by its keyed hash). Each view is written to the audit log."""
     from scrm.customers import find_customer
     from scrm.profile import customer_view
 
@@ -40,11 +41,32 @@ def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
     config = load(ctx)
 
     async def go() -> dict[str, Any] | None:
-        async with open_store(config) as sessions, sessions() as session:
-            customer = await find_customer(session, channel, external_id)
-            return await customer_view(session, customer) if customer else None
+        from scrm.audit import audit
+        from scrm.cli.privacy import cli_actor, open_private_store
+        from scrm.personal import find_by_phone, masked_phone
 
-    view = run_async(go())
+        async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():
+            if channel == "phone":
+                customer = await find_by_phone(session, external_id, keyring)
+            else:
+                customer = await find_customer(session, channel, external_id)
+            if customer is None:
+                return None
+            view = await customer_view(session, customer)
+            view.update(phone=masked_phone(customer), birthday_md=customer.birthday_md)
+            await audit(session, cli_actor(None), "admin", customer.id, "view", "360° view (scrm customers show)",
+                        via="cli")
+            return view
+
+    from scrm.personal import KeyringError, PersonalDataError
+
+    try:
+        view = run_async(go())
+    except PersonalDataError as exc:
+        raise click.BadParameter(str(exc), param_hint="IDENTITY") from None
+    except KeyringError as exc:
+        err.print(f"privacy keys: {exc}", markup=False)
+        sys.exit(EXIT_FAILED)
     if view is None:
         err.print(f"no customer with identity {identity}")
         sys.exit(EXIT_FAILED)
@@ -93,6 +115,8 @@ def customers_tag(ctx: click.Context, ref: str, changes: tuple[str, ...], by: st
 def _print_view(view: dict[str, Any]) -> None:
     out.print(f"[bold]{view['display_name'] or '-'}[/] #{view['id']}  stage={view['stage']}  "
               f"opted_out={view['opted_out']}  source={view['acquisition_source']}")
+    if view.get("phone") or view.get("birthday_md"):
+        out.print(f"phone: {view.get('phone') or '-'}  birthday: {view.get('birthday_md') or '-'}", highlight=False)
     out.print("identities: " + ", ".join(f"{i['channel']}:{i['account']}:{i['external_id']}" for i in view["identities"]))
     for title, rows, cols in (
         ("Tags", view["tags"], ("name", "source", "detail", "added_at", "expires_at")),

@@ -37,6 +37,10 @@ def init(ctx: click.Context, force: bool) -> None:
         err.print(f"{target} already exists; use --force to overwrite it")
         sys.exit(EXIT_FAILED)
     shutil.copyfile(demo_file("config.example.toml"), target)
+    if not (key_file := target.parent / "privacy.key").exists():
+        from scrm.personal import write_key_file
+
+        write_key_file(key_file)  # encrypts customers' phone numbers and birthdays: back it up
     campaigns = target.parent / "campaigns"
     if not campaigns.exists():
         shutil.copytree(demo_file("campaigns"), campaigns)
@@ -56,6 +60,9 @@ def run(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     config = load(ctx)
     host, port = host or config.service.host, config.service.port if port is None else port
+    from scrm.personal import check_store
+
+    run_async(check_store(config))  # a missing or wrong privacy key stops here, with a clear message
     web.run_app(create_app(config), host=host, port=port,
                 print=lambda _: out.print(f"scrm serving on http://{host}:{port} (store: {config.store.url})"))
 
