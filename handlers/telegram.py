@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
@@ -205,12 +206,13 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
     if message is None or message.from_user is None:
         return []
     sender, chat = message.from_user, message.chat
+    group = {"group_id": chat.id, "group_title": chat.title}
     if message.new_chat_members:
         # One update can add several people: one event each, each with its own dedupe id.
-        return [event(m, "group_joined", f"{uid}:{m.id}", payload={"group_id": chat.id})
+        return [event(m, "group_joined", f"{uid}:{m.id}", payload=group)
                 for m in message.new_chat_members if not m.is_bot]
     if (left := message.left_chat_member) is not None:
-        return [] if left.is_bot else [event(left, "group_left", f"{uid}:{left.id}", payload={"group_id": chat.id})]
+        return [] if left.is_bot else [event(left, "group_left", f"{uid}:{left.id}", payload=group)]
     if sender.is_bot:
         return []
     if (contact := message.contact) is not None:
@@ -365,8 +367,10 @@ def set_webhook(ctx: click.Context, bot: str, public_url: str, drop_pending_upda
 @click.pass_context
 def poll(ctx: click.Context, bot: str) -> None:
     """Run the service with BOT on long polling (deletes its webhook): no public URL needed."""
+    from scrm.cli.base import guard  # campaign file problems print cleanly, no traceback
+
     config, _ = _account(ctx, bot)
-    asyncio.run(_poll_until_signal(config, bot))
+    guard(asyncio.run)(_poll_until_signal(config, bot))
 
 
 async def _poll_until_signal(config: Config, bot: str) -> None:
@@ -447,17 +451,22 @@ class TelegramChannel(Channel):
         if not events:
             return
         reactions: list[Reaction] = await asyncio.gather(*(self.service.receive(e) for e in events))
-        replies = [text for r in reactions if not r.duplicate for text in r.replies]
+        fresh = [r for r in reactions if not r.duplicate]
+        replies = [text for r in fresh for text in r.replies]
+        images = [image for r in fresh for image in r.images]
         chat_id = _reply_chat(update)
-        if replies and chat_id is not None:
-            self._spawn(self._send_replies(chat_id, replies))
+        if (replies or images) and chat_id is not None:
+            self._spawn(self._send_replies(chat_id, replies, images))
 
-    async def _send_replies(self, chat_id: int, replies: list[str]) -> None:
-        for text in replies:
-            result = await self._send_text(chat_id, text)
+    async def _send_replies(self, chat_id: int, replies: list[str], images: list[bytes]) -> None:
+        """The core's replies, then its images (report charts), in order; one retry after a flood wait."""
+        sends: list[Callable[[], Awaitable[SendResult]]] = [partial(self._send_text, chat_id, text) for text in replies]
+        sends += [partial(self.send_photo, chat_id, image) for image in images]
+        for send in sends:
+            result = await send()
             if result.status == "retry":
                 await asyncio.sleep(min(result.retry_after, 30.0))
-                result = await self._send_text(chat_id, text)
+                result = await send()
             if result.status != "sent":
                 log.warning("telegram bot %s: reply to chat %s not sent: %s %s", self.account, chat_id,
                             result.status, result.reason)
