@@ -482,7 +482,7 @@ async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7
                              Touchpoint.kind.in_(MESSAGE_KINDS), Touchpoint.created_at > d.finished_at,
                              Touchpoint.created_at <= reply_end)
     redeemed = exists().where(CouponCode.delivery_id == d.id, CouponCode.redeemed_at.is_not(None))
-    variant = func.coalesce(d.variant, "-")
+    variant = d.variant  # NULL (no A/B test) becomes "-" in Python: PostgreSQL cannot match bound GROUP BY expressions
 
     def flag(condition: ColumnElement[bool]) -> Any:
         return func.sum(case((condition, 1), else_=0))
@@ -499,11 +499,11 @@ async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7
         Conversion.campaign == campaign, Conversion.campaign.is_(None) & Conversion.customer_id.in_(customers)))
     credited = aliased(Delivery)
     converted = (await session.execute(
-        select(func.coalesce(credited.variant, "-"), credited.channel, func.count(distinct(credited.id)),
-               func.count(), func.coalesce(func.sum(conv.c.amount), 0.0))
+        select(credited.variant, credited.channel, func.count(distinct(credited.id)),
+               func.count(), func.sum(conv.c.amount))
         .select_from(conv).join(credited, credited.id == conv.c.delivery_id)
         .where(credited.campaign == campaign)
-        .group_by(func.coalesce(credited.variant, "-"), credited.channel))).all()
+        .group_by(credited.variant, credited.channel))).all()
     unassigned = await _count(session, select(func.count()).select_from(conv).where(
         conv.c.own_campaign == campaign, conv.c.delivery_id.is_(None)))
     skips = await _groups(session, select(func.coalesce(d.reason, d.status), func.count())
@@ -512,10 +512,10 @@ async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7
 
     cells: dict[tuple[str, str], FunnelRow] = {}
     for v, ch, audience, sent, deliv, rep, red in steps:
-        cells[(v, ch)] = FunnelRow(int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(red or 0))
+        cells[(v or "-", ch)] = FunnelRow(int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(red or 0))
     for v, ch, n_deliveries, n_conversions, revenue in converted:
-        cell = cells.setdefault((v, ch), FunnelRow())
-        cell.converted, cell.conversions, cell.revenue = int(n_deliveries), int(n_conversions), float(revenue)
+        cell = cells.setdefault((v or "-", ch), FunnelRow())
+        cell.converted, cell.conversions, cell.revenue = int(n_deliveries), int(n_conversions), float(revenue or 0)
     total, by_variant, by_channel = FunnelRow(), {}, {}
     for (v, ch), cell in sorted(cells.items()):
         total.add(cell)
