@@ -676,8 +676,8 @@ def format_customer(view: dict[str, Any], lang: Lang = "both", touchpoints: int 
     ids = ", ".join(f"{i['channel']}:{i['external_id']}" for i in view["identities"])
     flags = " opted-out" if view["opted_out"] else ""
     lines = [f"#{view['id']} {view['display_name'] or '-'} [{view['stage']}]{flags}", ids,
-             f"src {view['acquisition_source'] or '-'}  first {(view['first_seen_at'] or '-')[:10]}"
-             f"  last in {(view['last_inbound_at'] or '-')[:10]}"]
+             (f"src {view['acquisition_source'] or '-'}  first {(view['first_seen_at'] or '-')[:10]}"
+              f"  last in {(view['last_inbound_at'] or '-')[:10]}")]
     if view["tags"]:
         lines.append("tags: " + " ".join(f"{t['name']}({t['source'][0]})" for t in view["tags"]))
     for c in view["coupons"][-3:]:

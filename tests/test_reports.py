@@ -525,7 +525,7 @@ def scrm_cli(cwd: Path, store: dict[str, Any], *args: str) -> subprocess.Complet
         env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
     env.pop("SCRM_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 async def test_cli_gives_the_same_numbers_and_png(world, tmp_path, store):
