@@ -463,9 +463,9 @@ PERSONAL_PAYLOAD_KEYS = frozenset({"phone", "phone_last4", "name", "display_name
 
 async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dict[str, int]:
     """Erase a person: personal values (ciphertext and derived), name, attributes, message texts and
-    channel identities go; aggregates (orders, coupons, tags, touchpoint metadata, consent history,
+    channel ids go; aggregates (orders, coupons, tags, touchpoint metadata, consent history,
     the audit log) stay so reports remain right. Planned sends to them are cancelled."""
-    from sqlalchemy import delete, update
+    from sqlalchemy import String, cast, literal, update
 
     from scrm.store.models import Delivery, Identity, Touchpoint
 
@@ -486,7 +486,12 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
     )).rowcount or 0
     await session.execute(update(Delivery).where(Delivery.customer_id == customer.id)
                           .values(text=None, external_id="erased").execution_options(synchronize_session=False))
-    identities = (await session.execute(delete(Identity).where(Identity.customer_id == customer.id))).rowcount or 0
+    # The identity row stays (reports count customers by channel) but no longer names the person; their
+    # next message, if any, starts a new customer.
+    identities = (await session.execute(
+        update(Identity).where(Identity.customer_id == customer.id)
+        .values(external_id=literal("erased:") + cast(Identity.id, String))
+        .execution_options(synchronize_session=False))).rowcount or 0
     await session.flush()
     return {"texts": texts, "identities": identities, "cancelled": cancelled}
 
