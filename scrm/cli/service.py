@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from scrm import logs
 from scrm.cli.base import (
     EXIT_FAILED,
     err,
@@ -59,6 +60,7 @@ def run(ctx: click.Context, host: str | None, port: int | None) -> None:
     from scrm.web import create_app
 
     config = load(ctx)
+    logs.setup(config)
     host, port = host or config.service.host, config.service.port if port is None else port
     from scrm.personal import check_store
 
