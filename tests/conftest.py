@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from scrm.clock import ManualClock
+from scrm.clock import ManualClock, SystemClock
 from scrm.config import Config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,9 @@ def make_config(tmp_path: Path, store: dict[str, Any]) -> Callable[..., Config]:
 
 @pytest.fixture
 def clock() -> ManualClock:
-    return ManualClock()
+    """Today at 11:00 in Asia/Shanghai (the demo time zone): outside marketing quiet hours, so a
+    test's outcome never depends on the hour it runs at."""
+    return ManualClock(SystemClock().now().replace(hour=3, minute=0, second=0, microsecond=0))
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -6,7 +6,7 @@ runs; the scheduler is off so that the test, not wall time, decides when they ru
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -120,8 +120,7 @@ async def test_birthday_once_a_year_in_the_customers_time_zone(world):
     await world.run()
     world.inbox("cat")
     today_local = (START + timedelta(hours=8)).date()  # Asia/Shanghai
-    await world.sql(update(Customer).values(birthday=date(1990, today_local.month, today_local.day),
-                                            birthday_md=today_local.strftime("%m-%d")))
+    await world.sql(update(Customer).values(birthday_md=today_local.strftime("%m-%d")))
     await world.run()  # 11:00 local, after the 10:00 hour
     [greeting] = world.inbox("cat")
     assert "生日快乐" in greeting and "BDAY" in greeting

@@ -49,7 +49,7 @@ async def test_four_step_flow(aiohttp_client, make_config, clock):
     async with service.sessions() as s:
         code = await s.scalar(select(CouponCode).where(CouponCode.customer_id == customer.id))
         assert code is not None and code.code in messages[0]
-        delivery = await s.scalar(select(Delivery))
+        delivery = await s.scalar(select(Delivery).where(Delivery.campaign == "welcome"))
         assert (delivery.campaign, delivery.status) == ("welcome", "sent")
         sent = await s.scalar(select(func.count()).select_from(Touchpoint).where(Touchpoint.kind == "campaign_message"))
         assert sent == 1
@@ -87,10 +87,11 @@ async def test_welcome_is_sent_once_per_customer(aiohttp_client, make_config, cl
     await eventually(lambda: _sent(client))
     await client.app[SERVICE].outbox.tick()
     async with client.app[SERVICE].sessions() as s:
-        assert await s.scalar(select(func.count()).select_from(Delivery)) == 1
+        assert await s.scalar(select(func.count()).select_from(Delivery).where(Delivery.campaign == "welcome")) == 1
         assert await s.scalar(select(func.count()).select_from(CouponCode)) == 1
 
 
 async def _sent(client) -> bool:
     async with client.app[SERVICE].sessions() as s:
-        return (await s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "sent"))) == 1
+        return (await s.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.status == "sent", Delivery.campaign == "welcome"))) == 1
