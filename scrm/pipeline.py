@@ -21,6 +21,7 @@ from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
 from scrm.customers import find_or_create, touchpoint
+from scrm.identity import merge_by_verified_phone
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Touchpoint
 from scrm.tagging import apply_hit, tokenize
@@ -102,7 +103,8 @@ async def _handle_customer(service: Service, session: AsyncSession, event: Inbou
     elif event.kind == "contact_removed":
         customer.stage, customer.opted_out = "lost", True
     elif event.kind == "contact_shared" and isinstance(event.payload.get("phone"), str):
-        await capture_phone(session, customer, event.payload["phone"], service.keyring, event.channel, now)
+        if await capture_phone(session, customer, event.payload["phone"], service.keyring, event.channel, now):
+            customer = await merge_by_verified_phone(session, customer, f"verified-phone:{event.channel}", now)
     elif event.kind in ("group_joined", "group_left") and isinstance(event.payload.get("group_id"), (str, int)):
         group = await groups.upsert_group(session, event.channel, event.account, str(event.payload["group_id"]), now,
                                           title=event.payload.get("group_title"))

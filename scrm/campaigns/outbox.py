@@ -19,7 +19,7 @@ from aiolimiter import AsyncLimiter
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import coupons, segments
+from scrm import consent, coupons, metrics, segments
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.channels import NoticeTemplate, OutboundMessage, SendResult
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
 #: Skip reasons after which the customer's journey goes no further.
-JOURNEY_ENDS = frozenset({"opted_out", "exited", "campaign_removed", "step_removed", "not_in_segment"})
+JOURNEY_ENDS = frozenset({"opted_out", "exited", "campaign_removed", "step_removed", "not_in_segment", "blocked",
+                          "consent_withdrawn", "no_consent"})
 
 
 @dataclass
@@ -158,6 +159,8 @@ class Outbox:
         if step.when and not await self._holds(session, step.when, customer.id, now):
             return _Prepared(d.id, None, "condition_not_met")
         if definition.kind == "marketing":
+            if (refusal := await consent.may_market(session, customer, d.channel, svc.config)) is not None:
+                return _Prepared(d.id, None, refusal)
             if await self._over_cap(session, customer.id, d.id, now):
                 return _Prepared(d.id, None, "frequency_cap")
             if (resume := self._quiet_until(customer, now)) is not None:
@@ -269,6 +272,10 @@ class Outbox:
                     continue
                 d.status = "failed" if result.status == "retry" else result.status
                 d.reason, d.finished_at = result.reason, now
+                metrics.delivery_finished(d.channel, d.status, d.reason)
+                if d.reason == "blocked" and d.customer_id is not None:
+                    # The platform says the person blocked us: stop every push, in this transaction.
+                    await session.execute(update(Customer).where(Customer.id == d.customer_id).values(opted_out=True))
                 d.platform_msg_id = result.platform_msg_id
                 kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
                         "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")

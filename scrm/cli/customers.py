@@ -182,3 +182,39 @@ def segments_show(ctx: click.Context, name: str, limit: int, as_json: bool) -> N
     out.print(table)
 
 
+
+
+@customers.command("merge")
+@click.argument("keep_ref", metavar="KEEP")
+@click.argument("dup_ref", metavar="DUPLICATE")
+@click.option("--by", default="cli", show_default=True, help="Who merges (recorded on the merge touchpoint).")
+@click.pass_context
+def customers_merge(ctx: click.Context, keep_ref: str, dup_ref: str, by: str) -> None:
+    """Fold DUPLICATE into KEEP (#id or channel:id): identities, tags, touchpoints, coupons, orders move."""
+    from scrm.clock import SystemClock
+    from scrm.customers import find_by_ref
+    from scrm.identity import merge_customers
+    from scrm.service import Service
+
+    config = load(ctx)
+
+    async def go() -> str | None:
+        service = Service(config)
+        try:
+            await service.start(scheduler=False)
+            async with service.sessions() as session, session.begin():
+                keep, dup = await find_by_ref(session, keep_ref), await find_by_ref(session, dup_ref)
+                if keep is None or dup is None:
+                    return f"no customer {keep_ref if keep is None else dup_ref}"
+                if keep.id == dup.id:
+                    return "both name the same customer"
+                await merge_customers(session, keep, dup, f"operator:{by}", SystemClock().now())
+                return None
+        finally:
+            await service.stop()
+
+    problem = run_async(go())
+    if problem:
+        err.print(problem)
+        sys.exit(EXIT_FAILED)
+    out.print(f"{dup_ref} merged into {keep_ref}")
