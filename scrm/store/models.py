@@ -49,7 +49,7 @@ class Customer(Base):
     locale: Mapped[str | None] = mapped_column(String(16))
     stage: Mapped[str] = mapped_column(String(16), default="acquisition", index=True)
     opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
-    acquisition_source: Mapped[str | None] = mapped_column(String(64))
+    acquisition_source: Mapped[str | None] = mapped_column(String(128))
     first_seen_at: Mapped[datetime] = mapped_column(index=True)
     last_seen_at: Mapped[datetime]
     last_inbound_at: Mapped[datetime | None]
@@ -214,6 +214,9 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     text: Mapped[str | None] = mapped_column(Text)
     platform_msg_id: Mapped[str | None] = mapped_column(String(128))
+    #: The instance sending it: a ``sending`` row whose instance stopped heartbeating is ``unknown``.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
     due_at: Mapped[datetime]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
@@ -371,3 +374,34 @@ class PersonalPlaintextPending(Base):
     customer_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     phone: Mapped[str | None] = mapped_column(String(32))
     birthday: Mapped[date | None] = mapped_column(Date)
+
+
+class Instance(Base):
+    """A running ``scrm run`` process, heartbeating: how others know it is alive."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+
+
+class Lease(Base):
+    """A named lease (e.g. ``planner``): one instance holds it until it stops renewing."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime]
+
+
+class RateBucket(Base):
+    """A token bucket shared by every instance sending on one channel account."""
+
+    __tablename__ = "rate_buckets"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime]
