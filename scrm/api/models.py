@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+#: Store ids are 32-bit integers on PostgreSQL.
+MAX_ID = 2**31 - 1
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
 
@@ -33,7 +35,7 @@ class CustomerRef(_In):
     #: Only needed when the brand has several accounts on the channel and ids differ per account.
     account: Annotated[str, StringConstraints(min_length=1, max_length=32)] | None = None
     phone: Annotated[str, StringConstraints(min_length=3, max_length=32)] | None = None
-    id: int | None = Field(None, ge=1, le=2**62)
+    id: int | None = Field(None, ge=1, le=MAX_ID)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CustomerRef:
