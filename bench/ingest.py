@@ -1,0 +1,294 @@
+"""Ingest: the WeChat webhook through the real service against a bare aiohttp handler, side by side.
+
+    python -m bench.ingest [--seconds 10] [--rounds 2] [--connections 32] [--generator auto|wrk|aiohttp]
+
+Starts ``scrm run`` (a config written by ``scrm init``: SQLite, demo campaigns, plus a WeChat account
+whose API base points at a closed local port) and a bare aiohttp app whose handler reads the body
+and answers ``success``. Both get the same signed WeChat text messages (unique MsgIds; every other
+one from a returning customer) at the same concurrency for the same time, alternating A B A B, from
+``wrk`` (bench/wechat.lua) when installed, else an aiohttp load generator. Afterwards every request
+the service answered 200 must be a touchpoint in the store. Headline: service req/s / bare req/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, free_port, machine, table, write_results
+
+TOKEN = "benchtoken2024"
+APP_ID = "wx0123456789abcdef"
+REPEAT_POOL = 2000
+TEXTS = [
+    "你好,请问奶粉多少钱?", "有没有优惠券可以用", "I want to buy milk powder, what is the price", "不要奶粉了,谢谢",
+    "今天天气不错,随便看看", "怎么买?我想下单两罐配方奶", "Do you have a coupon or discount?", "宝宝六个月,推荐什么辅食",
+]
+WECHAT_ACCOUNT = f"""
+# added by bench/ingest.py: an Official Account whose API is a closed local port (no outbound needed)
+[channels.wechat.bench]
+app_id = "{APP_ID}"
+app_secret = "bench-secret"
+token = "{TOKEN}"
+api_base_url = "http://127.0.0.1:9/"
+request_timeout_seconds = 2
+"""
+
+
+@dataclass
+class Run:
+    target: str  # "service" or "bare"
+    requests: int
+    ok: int  # answered 200
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+
+def signed_query() -> str:
+    timestamp, nonce = str(int(time.time())), "bench12345"
+    signature = hashlib.sha1("".join(sorted([TOKEN, timestamp, nonce])).encode()).hexdigest()
+    return f"signature={signature}&timestamp={timestamp}&nonce={nonce}"
+
+
+def body(msg_id: int) -> bytes:
+    """The same message shapes as bench/wechat.lua."""
+    openid = f"o_rep_{msg_id % REPEAT_POOL}" if msg_id % 2 == 0 else f"o_new_{msg_id}"
+    return (f"<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[{openid}]]>"
+            f"</FromUserName><CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content><![CDATA[{TEXTS[msg_id % len(TEXTS)]}]]></Content><MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+# -- the servers ---------------------------------------------------------------------------------------
+
+
+def serve_bare(port: int) -> None:
+    """The reference: an aiohttp handler that only reads the body and answers ``success``."""
+    from aiohttp import web
+
+    async def callback(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="success")
+
+    app = web.Application()
+    app.router.add_post("/wechat/bench", callback)
+    web.run_app(app, host="127.0.0.1", port=port, print=None)
+
+
+def write_config(folder: Path) -> Path:
+    """``scrm init`` as a user runs it, plus the WeChat account; validated by the project's loader."""
+    from scrm.config import load_config
+
+    config = folder / "config.toml"
+    subprocess.run([sys.executable, "-m", "scrm", "-c", str(config), "init"], check=True, cwd=folder,
+                   capture_output=True)
+    with config.open("a", encoding="utf-8") as fh:
+        fh.write(WECHAT_ACCOUNT)
+    load_config(config, environ={})
+    return config
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:  # not listening yet (or 405 for the bare app's POST-only route: it is up)
+            if isinstance(sys.exc_info()[1], urllib.error.HTTPError):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up within {timeout}s") from None
+            time.sleep(0.2)
+
+
+# -- load generators -----------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, seconds: float, connections: int, first_id: int, target: str) -> Run:
+    threads = min(2, connections)
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(Path(__file__).with_name("wechat.lua")), url.split("?")[0].rsplit("/wechat", 1)[0] + "/",
+           "--", "/wechat/bench?" + url.split("?", 1)[1], str(first_id), str(REPEAT_POOL)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("BENCH_JSON "))
+    data = json.loads(line.removeprefix("BENCH_JSON "))
+    errors = sum(data[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")) + data["status_errors"]
+    return Run(target, data["requests"], data["requests"] - data["status_errors"], errors,
+               data["duration_us"] / 1e6, data["p50_us"] / 1000, data["p99_us"] / 1000, {"wrk": data})
+
+
+async def _aiohttp_load(url: str, seconds: float, connections: int, first_id: int, target: str) -> Run:
+    import aiohttp
+
+    latencies: list[float] = []
+    counts = {"requests": 0, "ok": 0, "errors": 0}
+    next_id = iter(range(first_id, first_id + 10**9))
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                payload = body(next(next_id))
+                sent = time.perf_counter()
+                try:
+                    async with http.post(url, data=payload, headers={"Content-Type": "text/xml"}) as resp:
+                        await resp.read()
+                        status = resp.status
+                except aiohttp.ClientError:
+                    counts["errors"] += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                counts["requests"] += 1
+                if status == 200:
+                    counts["ok"] += 1
+                else:
+                    counts["errors"] += 1
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0
+
+    return Run(target, counts["requests"], counts["ok"], counts["errors"], elapsed, pct(0.5), pct(0.99))
+
+
+def run_aiohttp(url: str, seconds: float, connections: int, first_id: int, target: str) -> Run:
+    return asyncio.run(_aiohttp_load(url, seconds, connections, first_id, target))
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+
+
+def count_touchpoints(db: Path) -> tuple[int, int]:
+    """Inbound WeChat touchpoints and customers in the service's store."""
+    with sqlite3.connect(db) as conn:
+        tps = conn.execute("SELECT count(*) FROM touchpoints WHERE channel='wechat' AND direction='in'").fetchone()[0]
+        customers = conn.execute("SELECT count(*) FROM identities WHERE channel='wechat'").fetchone()[0]
+    return int(tps), int(customers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run")
+    parser.add_argument("--rounds", type=int, default=2, help="A B pairs")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--generator", choices=("auto", "wrk", "aiohttp"), default="auto")
+    parser.add_argument("--keep", action="store_true", help="keep the service's folder (config, store, log)")
+    parser.add_argument("--profile", metavar="FILE", help="record the service with py-spy (collapsed stacks, for flamegraph tools) into this file")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(args.serve_bare)
+        return
+
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "aiohttp"
+    load = run_wrk if generator == "wrk" else run_aiohttp
+
+    folder = Path(tempfile.mkdtemp(prefix="scrm-bench-ingest-"))
+    config = write_config(folder)
+    service_port, bare_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log = (folder / "service.log").open("w")
+    service = subprocess.Popen([sys.executable, "-m", "scrm", "-c", str(config), "run", "--port", str(service_port)],
+                               cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+    bare = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--serve-bare", str(bare_port)], cwd=ROOT, env=env)
+    profiler = None
+    runs: list[Run] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{service_port}/healthz")
+        wait_ready(f"http://127.0.0.1:{bare_port}/wechat/bench")
+        if args.profile:
+            profiler = subprocess.Popen(["py-spy", "record", "-p", str(service.pid), "-o", args.profile, "-f", "raw", "-r", "200",
+                                         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        query = signed_query()
+        urls = {"service": f"http://127.0.0.1:{service_port}/wechat/bench?{query}",
+                "bare": f"http://127.0.0.1:{bare_port}/wechat/bench?{query}"}
+        # warm-up: jieba, connection pools, first customers (not counted in the ratio, counted in the store)
+        warm = load(urls["service"], 1.0, args.connections, 9 * 10**12, "service")
+        load(urls["bare"], 1.0, args.connections, 9 * 10**12, "bare")
+        for i in range(args.rounds):
+            for j, target in enumerate(("service", "bare")):
+                run = load(urls[target], args.seconds, args.connections, (1 + 2 * i + j) * 10**10, target)
+                runs.append(run)
+                print(f"  round {i + 1} {target:7} {run.rps:8.0f} req/s  p50 {run.p50_ms:6.1f} ms  "
+                      f"p99 {run.p99_ms:6.1f} ms  non-200/errors {run.errors}", flush=True)
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+        for proc in (service, bare):
+            proc.send_signal(signal.SIGINT)
+        for proc in (service, bare):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+    answered = warm.ok + sum(r.ok for r in runs if r.target == "service")
+    stored, customers = count_touchpoints(folder / "scrm.db")
+    service_runs = [r for r in runs if r.target == "service"]
+    bare_runs = [r for r in runs if r.target == "bare"]
+    service_rps = sum(r.ok for r in service_runs) / sum(r.seconds for r in service_runs)
+    bare_rps = sum(r.ok for r in bare_runs) / sum(r.seconds for r in bare_runs)
+    ratio = service_rps / bare_rps
+    p50 = sorted(r.p50_ms for r in service_runs)[len(service_runs) // 2]
+    p99 = max(r.p99_ms for r in service_runs)
+    figures = {
+        "generator": generator, "connections": args.connections, "seconds_per_run": args.seconds,
+        "rounds": args.rounds, "service_rps": round(service_rps, 1), "bare_rps": round(bare_rps, 1),
+        "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2),
+        "bare_p50_ms": round(sorted(r.p50_ms for r in bare_runs)[len(bare_runs) // 2], 2),
+        "answered_200": answered, "touchpoints_stored": stored, "wechat_customers": customers,
+        "all_answered_stored": stored >= answered, "service_errors": sum(r.errors for r in service_runs),
+        "ratio": round(ratio, 4), "target_ratio": 0.25, "runs": [r.__dict__ | {"rps": r.rps} for r in runs],
+    }
+    write_results("ingest", figures)
+    print()
+    print(table([
+        ("", "req/s", "p50 ms", "p99 ms"),
+        ("service (scrm run, SQLite)", f"{service_rps:.0f}", f"{p50:.1f}", f"{p99:.1f}"),
+        ("bare aiohttp", f"{bare_rps:.0f}", f"{figures['bare_p50_ms']:.1f}",
+         f"{max(r.p99_ms for r in bare_runs):.1f}"),
+    ]))
+    print(f"generator {generator}, {args.connections} connections, {args.rounds} x {args.seconds:g}s each, "
+          f"{machine()['cpus']} CPUs")
+    print(f"answered 200: {answered}, touchpoints stored: {stored} "
+          f"({'all stored' if stored >= answered else 'MISSING ' + str(answered - stored)})")
+    if args.keep:
+        print(f"service folder kept: {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"ratio service/bare: {ratio:.3f} (target >= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
