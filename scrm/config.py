@@ -100,6 +100,15 @@ class DeliveryConfig(_Strict):
     concurrency: int = Field(8, gt=0)
 
 
+class ClusterConfig(_Strict):
+    """Several instances on one PostgreSQL store (on SQLite there is one instance; these still apply)."""
+
+    #: How often an instance says it is alive and renews the planner lease.
+    heartbeat_seconds: float = Field(3.0, gt=0)
+    #: An instance silent this long is dead: its lease can be taken and its in-flight sends are unknown.
+    lease_seconds: float = Field(15.0, gt=0)
+
+
 class CampaignsConfig(_Strict):
     path: str = "campaigns"
 
@@ -269,10 +278,102 @@ class ReportsConfig(_Strict):
     attribution_days: int = Field(7, gt=0, le=365)
 
 
+class LoyaltyTier(_Strict):
+    """A member tier, reached with ``min_points`` earned or ``min_spend`` spent in the last 12 months."""
+
+    name: str = Field(min_length=1, max_length=16)
+    min_points: int | None = Field(None, ge=0)
+    min_spend: float | None = Field(None, ge=0)
+
+
+class LoyaltyReward(_Strict):
+    """A coupon from a pool of ``[coupons]`` at a price in points (``积分兑换``)."""
+
+    title: str = Field(min_length=1)
+    points: int = Field(gt=0)
+    pool: str
+
+
+class ReferralConfig(_Strict):
+    #: Points for the referrer when a referee first converts (once per referee).
+    points: int = Field(0, ge=0)
+    #: Telegram bot username: /invite then shows https://t.me/<bot>?start=ref_<code>.
+    telegram_bot: str | None = None
+    #: A typed code (``邀请码 CODE``) counts only within this many hours of the referee's first contact.
+    code_window_hours: int = Field(24, gt=0)
+
+
+class SurveyConfig(_Strict):
+    kind: Literal["csat", "nps"] = "csat"
+    #: Ask after each customer's conversion (at most one per conversion), ``delay`` later.
+    after_conversion: bool = True
+    delay_hours: float = Field(24, ge=0)
+    #: Answers later than this are politely refused.
+    answer_hours: float = Field(72, gt=0)
+    #: Scores at or below this are detractors (default: CSAT 2, NPS 6).
+    low_score: int | None = Field(None, ge=0, le=10)
+    points: int = Field(0, ge=0)
+
+
+class FollowupRule(_Strict):
+    """A follow-up task for each customer matching ``when`` (a segment expression), once while open."""
+
+    kind: str = Field(pattern=r"^[a-z0-9_-]{1,16}$")
+    when: Expression
+    note: str = ""
+
+
+class FollowupConfig(_Strict):
+    #: Owner for customers no one added or assigned ("<channel>:<id>", like ``[staff]`` keys).
+    default_owner: str | None = None
+    #: A message with one of these, without a conversion within ``intent_days``, makes a task.
+    intent_keywords: list[str] = ["价格", "多少钱"]
+    intent_days: int = Field(3, gt=0)
+    rules: list[FollowupRule] = []
+    #: Daily task digest, "HH:MM" in each staff member's time zone (``timezones``, else the service's).
+    digest_at: str = Field("09:00", pattern=_HHMM)
+    timezones: dict[str, str] = {}
+    #: Channels where staff answer customers; a customer message unanswered this long alerts the owner.
+    staffed_channels: list[str] = []
+    waiting_minutes: int = Field(30, gt=0)
+
+
+class ChurnConfig(_Strict):
+    #: ``auto``: BG/NBD + Gamma-Gamma when the ``analytics`` extra is installed, else rules.
+    method: Literal["auto", "rules"] = "auto"
+    #: Customers with fewer repeat purchases get the rule-based risk.
+    min_repeat: int = Field(1, ge=0)
+    horizon_days: int = Field(90, gt=0)
+
+
+class LoyaltyConfig(_Strict):
+    """Points, tiers, referrals, surveys, follow-ups and scores (see scrm.loyalty)."""
+
+    #: Points per currency unit of an order (rounded down).
+    points_per_amount: float = Field(1.0, ge=0)
+    #: Points for ``签到`` (once per local day).
+    checkin_points: int = Field(0, ge=0)
+    #: Points expire at the end of the Nth month after the month they were earned (none = never).
+    expiry_months: int | None = Field(12, gt=0)
+    #: Ascending; the first is the base tier everyone starts in.
+    tiers: list[LoyaltyTier] = []
+    rewards: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")], LoyaltyReward] = {}
+    referral: ReferralConfig = ReferralConfig()
+    surveys: SurveyConfig | None = None
+    followups: FollowupConfig = FollowupConfig()
+    churn: ChurnConfig = ChurnConfig()
+    #: Co-purchase pairs need at least this many customers who bought both.
+    min_pair_customers: int = Field(2, gt=0)
+    #: How often conversions, referrals, surveys and tasks are swept; nightly jobs' time (service zone).
+    sweep_seconds: float = Field(30, gt=0)
+    nightly_at: str = Field("02:30", pattern=_HHMM)
+
+
 class Config(_Strict):
     service: ServiceConfig = ServiceConfig()
     store: StoreConfig = StoreConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    cluster: ClusterConfig = ClusterConfig()
     campaigns: CampaignsConfig = CampaignsConfig()
     tagging: TaggingConfig = TaggingConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
@@ -289,6 +390,8 @@ class Config(_Strict):
     channels: dict[str, dict[str, dict[str, Any]]] = {}
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: Points, tiers, referrals, surveys and follow-ups; absent = off (see scrm.loyalty).
+    loyalty: LoyaltyConfig | None = None
     #: Folder the config file lives in; relative paths in the file are relative to it.
     base_dir: Path = Path(".")
 

@@ -1,11 +1,12 @@
-"""APScheduler wiring: the jobs that drive the outbox (and, later, cron campaigns)."""
+"""APScheduler wiring: which jobs run on which instance, and how often."""
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -18,33 +19,47 @@ log = logging.getLogger(__name__)
 
 OUTBOX_JOB = "outbox"
 PROFILES_JOB = "profiles:touched"
+HEARTBEAT_JOB = "cluster:heartbeat"
+CLOCK_JOB = "campaigns:clock"
 #: Sends the report digests managers subscribed to (``/digest``) when they fall due.
 DIGESTS_JOB = "reports:digests"
 
 
 def build_scheduler(service: Service) -> AsyncIOScheduler:
+    """Jobs by role: web instances ingest, workers send, and only the planner-lease holder plans."""
     scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                              "misfire_grace_time": 30})
-    config = service.config
+    config, role = service.config, service.cluster.role
     job = service.job
-    scheduler.add_job(job(service.outbox.tick), "interval", id=OUTBOX_JOB, seconds=config.scheduler.outbox_tick_seconds)
-    scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
-    scheduler.add_job(job(service.run_campaign_clock), "interval", id="campaigns:clock",
-                      seconds=config.scheduler.campaign_check_seconds, next_run_time=datetime.now(UTC))
-    scheduler.add_job(job(service.reload_campaigns), "interval", id="campaigns:reload", seconds=5)
-    scheduler.add_job(job(service.refresh_all), "interval", id="profiles:all", minutes=config.profiles.refresh_minutes)
-    hour, minute = config.profiles.rfm_at.split(":")
-    scheduler.add_job(job(service.recompute_rfm), "cron", id="rfm", hour=int(hour), minute=int(minute),
-                      timezone=config.service.timezone)
-    hour, minute = config.privacy.retention_at.split(":")
-    scheduler.add_job(job(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
-                      minute=int(minute), timezone=config.service.timezone)
-    from scrm import digests  # reports and charts load only with a scheduler
 
-    scheduler.add_job(job(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB, seconds=60)
-    for (kind, account), channel in service.channels.items():
-        for name, fn, seconds in channel.jobs():
-            scheduler.add_job(job(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
+    def leader(fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        return job(service.cluster.leader_only(fn))
+
+    scheduler.add_job(job(service.cluster.heartbeat), "interval", id=HEARTBEAT_JOB,
+                      seconds=config.cluster.heartbeat_seconds)
+    scheduler.add_job(job(service.reload_campaigns), "interval", id="campaigns:reload", seconds=5)
+    if role in ("web", "all"):
+        scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
+    if role in ("worker", "all"):
+        scheduler.add_job(job(service.outbox.tick), "interval", id=OUTBOX_JOB,
+                          seconds=config.scheduler.outbox_tick_seconds)
+        scheduler.add_job(leader(service.run_campaign_clock), "interval", id=CLOCK_JOB,
+                          seconds=config.scheduler.campaign_check_seconds, next_run_time=datetime.now(UTC))
+        scheduler.add_job(leader(service.refresh_all), "interval", id="profiles:all",
+                          minutes=config.profiles.refresh_minutes)
+        hour, minute = config.profiles.rfm_at.split(":")
+        scheduler.add_job(leader(service.recompute_rfm), "cron", id="rfm", hour=int(hour), minute=int(minute),
+                          timezone=config.service.timezone)
+        hour, minute = config.privacy.retention_at.split(":")
+        scheduler.add_job(leader(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
+                          minute=int(minute), timezone=config.service.timezone)
+        from scrm import digests  # reports and charts load only with a scheduler
+
+        scheduler.add_job(leader(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB,
+                          seconds=60)
+        for (kind, account), channel in service.channels.items():
+            for name, fn, seconds in channel.jobs():
+                scheduler.add_job(leader(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
     return scheduler
 
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from scrm import metrics, profiles, rfm
@@ -21,6 +22,7 @@ from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campa
 from scrm.campaigns.outbox import Outbox
 from scrm.channels import Channel, InboundEvent, Reaction, channel_types
 from scrm.clock import Clock, SystemClock
+from scrm.cluster import Cluster
 from scrm.config import Config
 from scrm.ingest import Ingestor
 from scrm.personal import Keyring, KeyringError, KeyringMissing, open_keyring
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(self, config: Config, clock: Clock | None = None, role: str = "all") -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         dictionary = config.resolve(config.tagging.dictionary) if config.tagging.dictionary else None
@@ -58,6 +60,7 @@ class Service:
             self._keyring: Keyring | None = Keyring.from_config(config)
         except KeyringMissing:
             self._keyring = None  # a new store gets its key file in start(); a used one fails there
+        self.cluster = Cluster(self, role)
         self.ingestor = Ingestor(self)
         self.outbox = Outbox(self)
         self.scheduler = build_scheduler(self)
@@ -133,7 +136,7 @@ class Service:
         await migrate.upgrade(self.engine)
         self._keyring = await open_keyring(self.config, self.sessions, self.clock.now())
         await self._sync_campaigns()
-        await self.outbox.recover()
+        await self.cluster.heartbeat()
         for channel in self.channels.values():
             await channel.start()
         await self.ingestor.start()
@@ -167,10 +170,15 @@ class Service:
         await self.ingestor.stop()
         for channel in self.channels.values():
             await channel.stop()
+        try:
+            await self.cluster.release()
+        except SQLAlchemyError:
+            log.warning("could not release the planner lease; it expires by itself")
         await self.engine.dispose()
 
     async def health(self) -> dict[str, str]:
-        status = {"scheduler": "running" if self.scheduler.running else "stopped"}
+        status = {"scheduler": "running" if self.scheduler.running else "stopped", "role": self.cluster.role,
+                  "planner": "leader" if self.cluster.is_leader else "standby"}
         try:
             async with self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -14,6 +15,7 @@ from scrm.ingest import StoreUnavailable
 from scrm.service import Service
 
 SERVICE = web.AppKey("service", Service)
+Role = Literal["web", "worker", "all"]
 
 
 @web.middleware
@@ -25,14 +27,16 @@ async def store_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return web.json_response({"error": "store_unavailable", "message": "try again later"}, status=503)
 
 
-def create_app(config: Config, clock: Clock | None = None) -> web.Application:
+def create_app(config: Config, clock: Clock | None = None, role: Role = "all") -> web.Application:
+    """``role``: ``web`` serves webhooks (ingest), ``worker`` sends and plans, ``all`` does both."""
     app = web.Application(client_max_size=config.service.max_body_bytes, middlewares=[store_errors])
-    service = Service(config, clock)
+    service = Service(config, clock, role)
     app[SERVICE] = service
     app.cleanup_ctx.append(_service_ctx)
     app.router.add_get("/healthz", healthz)
-    for channel in service.channels.values():
-        app.router.add_routes(channel.routes())
+    if role in ("web", "all"):
+        for channel in service.channels.values():
+            app.router.add_routes(channel.routes())
     api.mount(app, service)  # /api/v1, /metrics, request ids
     return app
 

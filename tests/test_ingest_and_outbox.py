@@ -97,4 +97,33 @@ async def test_healthz(aiohttp_client, make_config, clock):
     client = await aiohttp_client(create_app(make_config(), clock))
     resp = await client.get("/healthz")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ok", "scheduler": "running", "store": "ok"}
+    assert await resp.json() == {"status": "ok", "scheduler": "running", "store": "ok", "role": "all",
+                                 "planner": "leader"}
+
+
+async def test_planner_lease_moves_when_the_holder_stops_heartbeating(make_config, clock):
+    from scrm.service import Service
+
+    config = make_config()
+    first, second = Service(config, clock), Service(config, clock)
+    await first.start(scheduler=False)
+    await second.start(scheduler=False)
+    try:
+        assert (first.cluster.is_leader, second.cluster.is_leader) == (True, False)
+        # first claims a delivery and dies (stops heartbeating) mid-send
+        await first.receive(InboundEvent("console", "local", "nia", "text", text="hi", platform_msg_id="n1"))
+        async with first.sessions() as s, s.begin():
+            await s.execute(update(Delivery).values(status="sending", claimed_by=first.cluster.instance_id))
+        clock.advance(config.cluster.lease_seconds - 1)
+        await second.cluster.heartbeat()
+        assert not second.cluster.is_leader  # the lease has not run out yet
+        assert await count(second, Delivery, Delivery.status == "sending") == 1  # first may still be sending
+        clock.advance(2)
+        await second.cluster.heartbeat()
+        assert second.cluster.is_leader
+        assert await count(second, Delivery, Delivery.status == "unknown") == 1
+        await first.cluster.heartbeat()  # a late heartbeat from the old holder does not take it back
+        assert not first.cluster.is_leader
+    finally:
+        await first.stop()
+        await second.stop()

@@ -15,13 +15,13 @@ from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from aiolimiter import AsyncLimiter
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import consent, coupons, metrics, segments
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
+from scrm.campaigns.ratelimit import limiters
 from scrm.channels import NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
 from scrm.store.dialect import insert_ignore
@@ -58,22 +58,9 @@ class Outbox:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._lock = asyncio.Lock()
-        self._limiters: dict[str, AsyncLimiter] = {
-            key: AsyncLimiter(rate, 1.0) for key, rate in service.config.delivery.rate_limits.items()}
-
-    async def recover(self) -> int:
-        """Mark deliveries left mid-send by a crashed process as ``unknown``; returns how many."""
-        now = self.service.clock.now()
-        async with self.service.sessions() as session, session.begin():
-            rows = (await session.scalars(select(Delivery).where(Delivery.status == "sending"))).all()
-            for d in rows:
-                d.status, d.reason, d.finished_at = "unknown", "crashed_mid_send", now
-                touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account,
-                           direction="out", kind="delivery_unknown", now=now, campaign=d.campaign,
-                           delivery_id=d.id, payload={"reason": "crashed_mid_send"})
-        if rows:
-            log.warning("%d deliveries were mid-send at the last stop; marked unknown, not resent", len(rows))
-        return len(rows)
+        #: Deliveries prepared for sending in the current tick (the frequency cap counts them).
+        self._batch: list[int] = []
+        self._limiters = limiters(service.sessions, service.engine.dialect.name, service.config.delivery.rate_limits)
 
     async def tick(self) -> int:
         """Send what is due now; returns the number of deliveries handled (sent, skipped, deferred)."""
@@ -102,22 +89,25 @@ class Outbox:
         async with svc.sessions() as session, session.begin():
             # Pause state lives in the store, so `scrm campaigns pause` reaches every running instance.
             svc.paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
-            query = (
+            due = (
                 select(Delivery.id)
                 .where(Delivery.status == "planned", Delivery.due_at <= now)
                 .order_by(Delivery.due_at, Delivery.id)
                 .limit(svc.config.scheduler.outbox_batch)
+                # Other instances skip rows this one is claiming instead of waiting (PostgreSQL).
+                .with_for_update(skip_locked=True)
             )
             if svc.paused:
-                query = query.where(Delivery.campaign.not_in(svc.paused))
-            for delivery_id in (await session.scalars(query)).all():
-                claimed = await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id == delivery_id, Delivery.status == "planned")
-                    .values(status="sending", attempts=Delivery.attempts + 1)
-                )
-                if not claimed.rowcount:
-                    continue
+                due = due.where(Delivery.campaign.not_in(svc.paused))
+            claimed = (await session.scalars(
+                update(Delivery)
+                .where(Delivery.id.in_(due.scalar_subquery()), Delivery.status == "planned")
+                .values(status="sending", attempts=Delivery.attempts + 1, claimed_by=svc.cluster.instance_id,
+                        claimed_at=now)
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False))).all()
+            self._batch = []
+            for delivery_id in sorted(claimed):
                 d = await session.get(Delivery, delivery_id)
                 assert d is not None
                 p = await self._prepare(session, d, now)
@@ -125,6 +115,8 @@ class Outbox:
                     deferred += 1
                 else:
                     prepared.append(p)
+                    if p.message is not None:
+                        self._batch.append(p.delivery_id)
         return prepared, deferred
 
     async def _prepare(self, session: AsyncSession, d: Delivery, now: datetime) -> _Prepared | None:
@@ -222,8 +214,9 @@ class Outbox:
         marketing = [n for n, c in self.service.campaigns.items() if c.definition.kind == "marketing"]
         sent = await session.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.campaign.in_(marketing),
-            # "sending" counts too: messages claimed in this batch (or by another instance) are on their way.
-            or_(Delivery.status == "sending",
+            # Messages on their way count too: prepared earlier in this batch, or in flight on another instance.
+            or_(and_(Delivery.status == "sending",
+                     or_(Delivery.id.in_(self._batch), Delivery.claimed_by != self.service.cluster.instance_id)),
                 and_(Delivery.status == "sent", Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))))
         return int(sent or 0) >= cfg.frequency_cap
 

@@ -51,9 +51,11 @@ def init(ctx: click.Context, force: bool) -> None:
 @main.command()
 @click.option("--host", help="Override service.host.")
 @click.option("--port", type=int, help="Override service.port.")
+@click.option("--role", type=click.Choice(["all", "web", "worker"]), default="all", show_default=True,
+              help="web: serve webhooks; worker: send and plan; all: both (several instances may share a PostgreSQL store).")
 @click.pass_context
 @guard
-def run(ctx: click.Context, host: str | None, port: int | None) -> None:
+def run(ctx: click.Context, host: str | None, port: int | None, role: str) -> None:
     """Serve webhooks and run the scheduler until SIGINT/SIGTERM."""
     from aiohttp import web
 
@@ -65,8 +67,8 @@ def run(ctx: click.Context, host: str | None, port: int | None) -> None:
     from scrm.personal import check_store
 
     run_async(check_store(config))  # a missing or wrong privacy key stops here, with a clear message
-    web.run_app(create_app(config), host=host, port=port,
-                print=lambda _: out.print(f"scrm serving on http://{host}:{port} (store: {config.store.url})"))
+    web.run_app(create_app(config, role=role), host=host, port=port,  # type: ignore[arg-type]
+                print=lambda _: out.print(f"scrm ({role}) serving on http://{host}:{port} (store: {config.store.url})"))
 
 
 @main.command()
