@@ -368,9 +368,8 @@ async def open_keyring(config: Config, sessions: async_sessionmaker[AsyncSession
         keyring = Keyring.from_config(config)
     except KeyringMissing:
         async with sessions() as session:
-            used = await session.scalar(select(PrivacyKey.key_id).limit(1)) is not None \
-                or await session.scalar(select(PersonalPlaintextPending.customer_id).limit(1)) is not None
-        if used:
+            used = await session.scalar(select(PrivacyKey.key_id).limit(1)) is not None
+        if used:  # values were encrypted before: a fresh key could never read them
             raise
         assert config.privacy.key_file is not None
         path = config.resolve(config.privacy.key_file)

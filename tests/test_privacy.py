@@ -114,38 +114,41 @@ async def test_no_plaintext_phone_or_birth_date_at_rest(service, caplog):
 async def test_lookup_and_merge_by_phone_hash(service):
     await service.receive(event("amy", "contact_shared", phone=PHONE))
     await service.receive(event("amy", text="第一条消息"))
-    await service.receive(event("amy-tg", "contact_shared", channel="telegram", phone="+86 138-1234-5678"))
-    await service.receive(event("amy-tg", text="second", channel="telegram"))
     await service.receive(event("ben", "contact_shared", phone="13900001111"))
     await service.receive(event("cai", "contact_shared", phone="not a phone"))  # dropped, not stored
-    amy, amy_tg, ben, cai = [await customer_of(service, u, c) for u, c in
-                             (("amy", "console"), ("amy-tg", "telegram"), ("ben", "console"), ("cai", "console"))]
+    await service.receive(event("dora", text="hi"))
+    amy, ben, cai, dora = [await customer_of(service, u) for u in ("amy", "ben", "cai", "dora")]
     assert cai.phone_hash is None and cai.phone_enc is None
 
     async with service.sessions() as s, s.begin():
         found = await personal.find_by_phone(s, "0086 138 1234 5678", service.keyring)
         assert found is not None and found.id == amy.id
-        assert (await personal.find_by_phone(s, "13900001111", service.keyring)).id == ben.id  # type: ignore[union-attr]
+        assert (await personal.find_by_phone(s, "139-0000-1111", service.keyring)).id == ben.id  # type: ignore[union-attr]
         assert await personal.find_by_phone(s, "13700000000", service.keyring) is None
         with pytest.raises(PersonalDataError):
             await personal.find_by_phone(s, "call me maybe", service.keyring)
-        assert await personal.phone_duplicates(s) == [[amy.id, amy_tg.id]]
-        assert await personal.dedupe_by_phone(s) == [(amy.id, amy_tg.id)]
+        # a duplicate written without a merge (as a careless import would): found by its hash, merged
+        row = await s.get(Customer, dora.id)
+        assert row is not None
+        await personal.set_phone(s, row, "+86 139 0000 1111", service.keyring)
+        assert await personal.phone_duplicates(s) == [[ben.id, dora.id]]
+        assert await personal.dedupe_by_phone(s) == [(ben.id, dora.id)]
+        assert await personal.phone_duplicates(s) == []
 
     async with service.sessions() as s:
-        identities = (await s.scalars(select(Identity.channel).where(Identity.customer_id == amy.id)
-                                      .order_by(Identity.channel))).all()
-        assert identities == ["console", "telegram"]
+        assert sorted((await s.scalars(select(Identity.external_id).where(Identity.customer_id == ben.id))).all()) \
+            == ["ben", "dora"]
+        merged = await s.get(Customer, dora.id)
+        assert merged is not None and merged.attributes == {"merged_into": ben.id} and merged.phone_hash is None
+
+    # the same person on another channel verifies the same number: one customer, both histories
+    await service.receive(event("amy-tg", "contact_shared", channel="telegram", phone="+86 138-1234-5678"))
+    await service.receive(event("amy-tg", text="second", channel="telegram"))
+    assert (await customer_of(service, "amy-tg", "telegram")).id == amy.id
+    async with service.sessions() as s:
         texts = set((await s.scalars(select(Touchpoint.text).where(Touchpoint.customer_id == amy.id,
                                                                    Touchpoint.text.is_not(None)))).all())
         assert {"第一条消息", "second"} <= texts
-        assert await s.scalar(select(func.count()).select_from(Touchpoint).where(Touchpoint.customer_id == amy_tg.id)) == 0
-        merged = await s.get(Customer, amy_tg.id)
-        assert merged is not None and merged.attributes == {"merged_into": amy.id} and merged.phone_hash is None
-        assert await personal.phone_duplicates(s) == []
-    # the telegram identity now leads to the kept customer
-    await service.receive(event("amy-tg", text="third", channel="telegram"))
-    assert (await customer_of(service, "amy-tg", "telegram")).id == amy.id
 
 
 async def test_key_rotation_interrupted_midway_then_resumed(service):
@@ -360,3 +363,51 @@ async def test_audit_log_is_append_only(service, clock):
             await audit(s, "x", None, None, "peek")
         assert await s.scalar(select(func.count()).select_from(PrivacyKey)) == 2  # lookup + k1 check values
         assert await s.scalar(select(func.count()).select_from(Consent)) == 1
+
+
+async def test_upgrade_seals_plaintext_left_by_the_old_schema(make_config, clock):
+    """A populated store from before encryption (0004): the migration runs with foreign keys enforced
+    and data referencing customers, and the first start seals the old plaintext values."""
+    from scrm.store import migrate
+
+    svc = Service(make_config(), clock)
+    try:
+        await migrate.upgrade(svc.engine, "0004")
+        now = clock.now()
+        async with svc.engine.begin() as conn:
+            for cid, phone, birthday in ((1, "138 1234 5678", date(1990, 5, 17)), (2, "bogus", None),
+                                         (3, None, None)):
+                await conn.execute(text(
+                    "INSERT INTO customers (id, display_name, phone, birthday, stage, opted_out, first_seen_at,"
+                    " last_seen_at, attributes) VALUES (:id, 'x', :phone, :birthday, 'acquisition', false, :now,"
+                    " :now, '{}')"), {"id": cid, "phone": phone, "birthday": birthday, "now": now})
+                await conn.execute(text(
+                    "INSERT INTO touchpoints (customer_id, channel, account, direction, kind, text, payload,"
+                    " created_at) VALUES (:id, 'console', 'local', 'in', 'text', 'hi', '{}', :now)"),
+                    {"id": cid, "now": now})
+            if svc.engine.dialect.name == "postgresql":
+                await conn.execute(text("SELECT setval(pg_get_serial_sequence('customers', 'id'), 3)"))
+        if svc.engine.dialect.name == "sqlite":
+            async with svc.engine.connect() as conn:  # the plaintext now sits in the database file itself
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        await migrate.upgrade(svc.engine, "0005")
+        keyring = await personal.open_keyring(svc.config, svc.sessions, now)  # what start() does after migrating
+        async with svc.sessions() as s:
+            first, second = await s.get(Customer, 1), await s.get(Customer, 2)
+            assert first is not None and second is not None
+            assert personal.reveal(first, keyring) == {"phone": "+8613812345678", "birthday": BIRTHDAY}
+            assert (first.birthday_md, first.phone_last4) == ("05-17", "5678")
+            assert second.phone_enc is None  # not a phone number: dropped rather than kept in plain
+            assert (await personal.find_by_phone(s, PHONE, keyring)).id == 1  # type: ignore[union-attr]
+            assert await s.scalar(text("SELECT count(*) FROM personal_plaintext_pending")) == 0
+        if svc.engine.dialect.name == "postgresql":
+            dump = await all_rows_as_text(svc)
+            for secret in SECRETS:
+                assert secret not in dump, secret
+    finally:
+        await svc.stop()
+    if svc.engine.dialect.name == "sqlite":
+        db = Path(svc.config.store_url.removeprefix("sqlite+aiosqlite:///"))
+        raw = b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+        for secret in ("138 1234 5678", "8613812345678", "1990-05-17"):
+            assert secret.encode() not in raw, secret

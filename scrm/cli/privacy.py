@@ -13,11 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm.cli.base import EXIT_FAILED, EXIT_USAGE, err, load, main, open_store, out, run_async
+from scrm.cli.base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    err,
+    load,
+    main,
+    open_store,
+    out,
+    run_async,
+)
 from scrm.cli.customers import customers
 from scrm.config import Config
 from scrm.personal import Keyring, KeyringError

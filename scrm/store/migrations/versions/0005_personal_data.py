@@ -22,6 +22,15 @@ depends_on: str | Sequence[str] | None = None
 _REFUSE = "audit_log is append-only"
 
 
+def _drop_columns(table: str, *columns: str) -> None:
+    """SQLite 3.35+ drops columns in place (ALTER TABLE ... DROP COLUMN); Alembic would copy the table."""
+    for column in columns:
+        if op.get_bind().dialect.name == "sqlite":
+            op.execute(f'ALTER TABLE {table} DROP COLUMN "{column}"')
+        else:
+            op.drop_column(table, column)
+
+
 def upgrade() -> None:
     sqlite = op.get_bind().dialect.name == "sqlite"
     if sqlite:
@@ -34,16 +43,16 @@ def upgrade() -> None:
     )
     op.execute("INSERT INTO personal_plaintext_pending (customer_id, phone, birthday) "
                "SELECT id, phone, birthday FROM customers WHERE phone IS NOT NULL OR birthday IS NOT NULL")
-    with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('phone_enc', sa.LargeBinary(), nullable=True))
-        batch_op.add_column(sa.Column('phone_key', sa.String(length=16), nullable=True))
-        batch_op.add_column(sa.Column('phone_hash', sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column('phone_last4', sa.String(length=4), nullable=True))
-        batch_op.add_column(sa.Column('birthday_enc', sa.LargeBinary(), nullable=True))
-        batch_op.add_column(sa.Column('birthday_key', sa.String(length=16), nullable=True))
-        batch_op.create_index(batch_op.f('ix_customers_phone_hash'), ['phone_hash'], unique=False)
-        batch_op.drop_column('phone')
-        batch_op.drop_column('birthday')
+    # Plain ALTERs, not a batch table copy: SQLite cannot drop a table that populated tables reference
+    # while foreign keys are enforced (and turning them off is impossible inside the migration's transaction).
+    op.add_column('customers', sa.Column('phone_enc', sa.LargeBinary(), nullable=True))
+    op.add_column('customers', sa.Column('phone_key', sa.String(length=16), nullable=True))
+    op.add_column('customers', sa.Column('phone_hash', sa.String(length=64), nullable=True))
+    op.add_column('customers', sa.Column('phone_last4', sa.String(length=4), nullable=True))
+    op.add_column('customers', sa.Column('birthday_enc', sa.LargeBinary(), nullable=True))
+    op.add_column('customers', sa.Column('birthday_key', sa.String(length=16), nullable=True))
+    op.create_index(op.f('ix_customers_phone_hash'), 'customers', ['phone_hash'], unique=False)
+    _drop_columns('customers', 'phone', 'birthday')
 
     op.create_table('privacy_keys',
     sa.Column('key_id', sa.String(length=16), nullable=False),
@@ -106,14 +115,8 @@ def downgrade() -> None:
     op.drop_index('ix_consents_customer_channel', table_name='consents')
     op.drop_table('consents')
     op.drop_table('privacy_keys')
-    with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('birthday', sa.Date(), nullable=True))
-        batch_op.add_column(sa.Column('phone', sa.String(length=32), nullable=True))
-        batch_op.drop_index(batch_op.f('ix_customers_phone_hash'))
-        batch_op.drop_column('birthday_key')
-        batch_op.drop_column('birthday_enc')
-        batch_op.drop_column('phone_last4')
-        batch_op.drop_column('phone_hash')
-        batch_op.drop_column('phone_key')
-        batch_op.drop_column('phone_enc')
+    op.add_column('customers', sa.Column('birthday', sa.Date(), nullable=True))
+    op.add_column('customers', sa.Column('phone', sa.String(length=32), nullable=True))
+    op.drop_index(op.f('ix_customers_phone_hash'), table_name='customers')
+    _drop_columns('customers', 'birthday_key', 'birthday_enc', 'phone_last4', 'phone_hash', 'phone_key', 'phone_enc')
     op.drop_table('personal_plaintext_pending')
