@@ -442,12 +442,17 @@ class TelegramChannel(Channel):
         if expected is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
             raise web.HTTPForbidden(text="wrong or missing secret token")
         update = parse_update(await request.read(), self.bot)  # read() answers 413 over client_max_size
-        await self._ingest(update)
+        try:
+            events = update_events(update, self.type_name, self.account)
+        except (AttributeError, TypeError, ValueError):  # e.g. a message without its chat (found by fuzzing)
+            raise web.HTTPBadRequest(text="not a valid Telegram Update: required fields missing") from None
+        await self._ingest(update, events)
         return web.Response(text="ok")
 
-    async def _ingest(self, update: Update) -> None:
+    async def _ingest(self, update: Update, events: list[InboundEvent] | None = None) -> None:
         """Commit the update's events, then (in the background) send the core's replies."""
-        events = update_events(update, self.type_name, self.account)
+        if events is None:
+            events = update_events(update, self.type_name, self.account)
         if not events:
             return
         reactions: list[Reaction] = await asyncio.gather(*(self.service.receive(e) for e in events))
