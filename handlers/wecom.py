@@ -30,7 +30,14 @@ from xml.parsers.expat import ExpatError
 import aiohttp
 import xmltodict
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,7 +45,7 @@ from wechatpy.enterprise import parse_message
 from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidSignatureException
 
-from scrm import coupons
+from scrm import coupons, groups
 from scrm.campaigns import templates
 from scrm.campaigns.planner import plan_event
 from scrm.channels import Channel, InboundEvent, OutboundMessage, SendResult, register
@@ -376,11 +383,16 @@ class WeComChannel(Channel):
                 "payload": payload, "campaign": campaign, "delivery_id": delivery_id, "created_at": now}
 
     async def _record_group(self, kind: str, chat_id: str, platform_msg_id: str, payload: dict[str, Any]) -> None:
-        """Group lifecycle is recorded against the group (``actor``), not as a customer."""
+        """Group lifecycle is recorded against the group (``actor``), not as a customer; the group
+        itself is kept in the store so group campaigns can reach it."""
+        now = self.service.clock.now()
         async with self._store() as session:
-            await insert_ignore(session, Touchpoint.__table__, self._tp(
-                kind, self.service.clock.now(), direction="in", platform_msg_id=platform_msg_id,
-                payload=payload, actor=f"wecom-group:{chat_id}"))
+            recorded = await insert_ignore(session, Touchpoint.__table__, self._tp(
+                kind, now, direction="in", platform_msg_id=platform_msg_id, payload=payload,
+                actor=f"wecom-group:{chat_id}"))
+            if recorded:
+                await groups.upsert_group(session, "wecom", self.account, chat_id, now,
+                                          active=kind != "group_dismissed")
 
     async def _known_members(self, chat_id: str) -> set[str]:
         """Customers the store believes are in the group: their last join/leave touchpoint was a join."""
@@ -651,7 +663,10 @@ class WeComChannel(Channel):
         return SendResult("failed", exc.reason)
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        """Creates a mass-send task for one customer: delivered only once the sender confirms it."""
+        """Creates a mass-send task for one customer (or a customer group, for group campaigns):
+        delivered only once the sender confirms it."""
+        if message.to_group:
+            return await self.send_group(message.external_id, message.text)
         try:
             if await self._welcomed(message):
                 return SendResult("skipped", "wecom:welcomed_on_add")
