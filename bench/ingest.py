@@ -96,13 +96,17 @@ def serve_bare(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None)
 
 
-def write_config(folder: Path) -> Path:
-    """``scrm init`` as a user runs it, plus the WeChat account; validated by the project's loader."""
+def write_config(folder: Path, campaigns: bool = True) -> Path:
+    """``scrm init`` as a user runs it, plus the WeChat account; validated by the project's loader.
+    Without ``campaigns`` the campaigns folder is emptied (no welcome deliveries for the outbox)."""
     from scrm.config import load_config
 
     config = folder / "config.toml"
     subprocess.run([sys.executable, "-m", "scrm", "-c", str(config), "init"], check=True, cwd=folder,
                    capture_output=True)
+    if not campaigns:
+        for path in (folder / "campaigns").glob("*.toml"):
+            path.unlink()
     with config.open("a", encoding="utf-8") as fh:
         fh.write(WECHAT_ACCOUNT)
     load_config(config, environ={})
@@ -199,6 +203,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B pairs")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--generator", choices=("auto", "wrk", "aiohttp"), default="auto")
+    parser.add_argument("--no-campaigns", action="store_true",
+                        help="no demo campaigns: isolates ingest from the outbox's work on welcome messages")
     parser.add_argument("--keep", action="store_true", help="keep the service's folder (config, store, log)")
     parser.add_argument("--profile", metavar="FILE", help="record the service with py-spy (collapsed stacks, for flamegraph tools) into this file")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -213,7 +219,7 @@ def main() -> None:
     load = run_wrk if generator == "wrk" else run_aiohttp
 
     folder = Path(tempfile.mkdtemp(prefix="scrm-bench-ingest-"))
-    config = write_config(folder)
+    config = write_config(folder, campaigns=not args.no_campaigns)
     service_port, bare_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (folder / "service.log").open("w")
@@ -226,7 +232,7 @@ def main() -> None:
         wait_ready(f"http://127.0.0.1:{service_port}/healthz")
         wait_ready(f"http://127.0.0.1:{bare_port}/wechat/bench")
         if args.profile:
-            profiler = subprocess.Popen(["py-spy", "record", "-p", str(service.pid), "-o", args.profile, "-f", "raw", "-r", "200",
+            profiler = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(service.pid), "-o", args.profile, "-f", "raw", "-r", "200",
                                          "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         query = signed_query()
         urls = {"service": f"http://127.0.0.1:{service_port}/wechat/bench?{query}",
@@ -263,7 +269,7 @@ def main() -> None:
     p50 = sorted(r.p50_ms for r in service_runs)[len(service_runs) // 2]
     p99 = max(r.p99_ms for r in service_runs)
     figures = {
-        "generator": generator, "connections": args.connections, "seconds_per_run": args.seconds,
+        "campaigns": not args.no_campaigns, "generator": generator, "connections": args.connections, "seconds_per_run": args.seconds,
         "rounds": args.rounds, "service_rps": round(service_rps, 1), "bare_rps": round(bare_rps, 1),
         "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2),
         "bare_p50_ms": round(sorted(r.p50_ms for r in bare_runs)[len(bare_runs) // 2], 2),
