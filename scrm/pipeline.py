@@ -21,6 +21,7 @@ from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
 from scrm.customers import find_or_create, touchpoint
+from scrm.loyalty import commands as loyalty_commands
 from scrm.identity import merge_by_verified_phone
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Touchpoint
@@ -139,6 +140,8 @@ async def _customer_text(service: Service, session: AsyncSession, customer: Cust
             touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
                        direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
         return [result.reply]
+    if (answers := await loyalty_commands.dispatch(service, session, customer, event, text, now)) is not None:
+        return answers  # 签到, 积分, 积分兑换, /invite, survey answers (scrm.loyalty.commands)
     await _tag_keywords(service, session, customer, event, now, outcome)
     if any(c.definition.trigger.event == "keyword" for c in service.campaigns.values()):
         outcome.planned += await _trigger(service, session, customer, event, now, "keyword", words=set(tokenize(text)))

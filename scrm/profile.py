@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.loyalty.view import loyalty_section
 from scrm.store.models import (
     Coupon,
     CouponCode,
@@ -63,6 +64,7 @@ async def customer_view(session: AsyncSession, customer: Customer, touchpoints: 
              "finished_at": _iso(d.finished_at)}
             for d in deliveries
         ],
+        "loyalty": await loyalty_section(session, cid),
         "touchpoints": [
             {"at": _iso(t.created_at), "direction": t.direction, "kind": t.kind, "channel": t.channel,
              "text": t.text, "campaign": t.campaign, "payload": t.payload}

@@ -7,7 +7,8 @@ so a segment is always one query and customers are never loaded into Python to b
 Names: ``stage``, ``opted_out``, ``source`` (acquisition source), ``locale``, ``timezone``, ``channel``
 (has an identity on that channel), ``days_silent`` (days since the last inbound message, or since first
 seen), ``days_since_seen``, ``age_days`` (since first seen), ``rfm.r`` / ``rfm.f`` / ``rfm.m`` (1-5),
-``attr.<name>`` (custom attributes).
+``attr.<name>`` (custom attributes), ``tier``, ``points``, ``p_alive``, ``clv``, ``churn_risk``,
+``expected_purchases`` (scrm.loyalty).
 Functions: ``tag(name)``, ``msgs(days)`` / ``msgs(from_days, to_days)`` (inbound messages in that
 window), ``conversions([days])``, ``revenue([days])``, ``coupons_received([days])``,
 ``coupons_redeemed([days])``, ``segment(name)``.
@@ -30,6 +31,7 @@ from scrm.store.models import (
     Customer,
     CustomerTag,
     Identity,
+    LoyaltyAccount,
     Redemption,
     Tag,
     Touchpoint,
@@ -50,6 +52,22 @@ _AGE_FIELDS: dict[str, Callable[[], Any]] = {
     "days_silent": lambda: func.coalesce(Customer.last_inbound_at, Customer.first_seen_at),
     "days_since_seen": lambda: Customer.last_seen_at,
     "age_days": lambda: Customer.first_seen_at,
+}
+
+def _loyalty(column: Any, default: Any = None) -> Any:
+    value = select(column).where(LoyaltyAccount.customer_id == Customer.id).scalar_subquery()
+    return value if default is None else func.coalesce(value, default)
+
+
+#: scrm.loyalty's fields: tier name ('' before any loyalty activity), points balance, nightly scores
+#: (NULL until scored, so ``p_alive < 0.3`` never matches an unscored customer).
+_LOYALTY: dict[str, Callable[[], Any]] = {
+    "tier": lambda: _loyalty(LoyaltyAccount.tier, ""),
+    "points": lambda: _loyalty(LoyaltyAccount.balance, 0),
+    "p_alive": lambda: _loyalty(LoyaltyAccount.p_alive),
+    "clv": lambda: _loyalty(LoyaltyAccount.clv),
+    "churn_risk": lambda: _loyalty(LoyaltyAccount.churn_risk),
+    "expected_purchases": lambda: _loyalty(LoyaltyAccount.expected_purchases),
 }
 _RFM = {"r": Customer.rfm_r, "f": Customer.rfm_f, "m": Customer.rfm_m}
 _FLIP = {ast.Gt: ast.Lt, ast.GtE: ast.LtE, ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Eq: ast.Eq, ast.NotEq: ast.NotEq}
@@ -162,6 +180,8 @@ class Compiler:
                 return _Age(_AGE_FIELDS[name]())
             case ast.Name(id="channel"):
                 return _Channel()
+            case ast.Name(id=name) if name in _LOYALTY:
+                return _LOYALTY[name]()
             case ast.Attribute(value=ast.Name(id="rfm"), attr=attr) if attr in _RFM:
                 return _RFM[attr]
             case ast.Attribute(value=ast.Name(id="attr"), attr=attr):

@@ -405,3 +405,174 @@ class RateBucket(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     tokens: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime]
+
+
+# -- Loyalty: points, tiers, referrals, surveys, follow-ups, recommendations, churn (scrm.loyalty).
+
+
+class LoyaltyAccount(Base):
+    """A customer's loyalty state in one row: the balance that redemptions decrement with a
+    conditional UPDATE (never below zero), the tier, the owning staff member and the nightly scores."""
+
+    __tablename__ = "loyalty_accounts"
+
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), primary_key=True, autoincrement=False)
+    balance: Mapped[int] = mapped_column(Integer, default=0)
+    tier: Mapped[str] = mapped_column(String(16), default="", index=True)
+    tier_at: Mapped[datetime | None]
+    #: Staff identity "<channel>:<external id>" (a key of ``[staff]`` or a WeCom UserID).
+    owner: Mapped[str | None] = mapped_column(String(160), index=True)
+    referral_code: Mapped[str | None] = mapped_column(String(16), unique=True)
+    #: Last high-intent message (价格 / 多少钱) not yet followed by a conversion or a task.
+    intent_at: Mapped[datetime | None]
+    p_alive: Mapped[float | None] = mapped_column(Float)
+    expected_purchases: Mapped[float | None] = mapped_column(Float)
+    clv: Mapped[float | None] = mapped_column(Float)
+    churn_risk: Mapped[float | None] = mapped_column(Float)
+    #: ``bgnbd`` (lifetimes), ``bgnbd-scipy`` (built-in fit) or ``rules``.
+    churn_method: Mapped[str | None] = mapped_column(String(16))
+    scored_at: Mapped[datetime | None]
+    #: Pre-computed co-purchase recommendations ([{sku, name, lift}]), for templates and the 360° card.
+    recommendations: Mapped[list[Any] | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+
+
+class PointsLedger(Base):
+    """Every points change; (customer, reason, ref) is unique, which makes each earn happen once."""
+
+    __tablename__ = "points_ledger"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "reason", "ref", name="uq_points_ledger_once"),
+        Index("ix_points_ledger_customer_created", "customer_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    delta: Mapped[int] = mapped_column(Integer)
+    #: order | checkin | survey | referral | redeem | refund | expire | adjust
+    reason: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str | None] = mapped_column(String(64))
+    balance_after: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime]
+
+
+class LoyaltySeenConversion(Base):
+    """Conversions the loyalty sweep has handled (points, referral credit, survey): each once."""
+
+    __tablename__ = "loyalty_seen_conversions"
+
+    conversion_id: Mapped[int] = mapped_column(ForeignKey("conversions.id"), primary_key=True, autoincrement=False)
+    customer_id: Mapped[int] = mapped_column(Integer, index=True)
+    seen_at: Mapped[datetime]
+
+
+class Referral(Base):
+    """A referee captured through a referrer's code; one referrer per referee, credited once."""
+
+    __tablename__ = "referrals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    referrer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    referee_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), unique=True)
+    code: Mapped[str] = mapped_column(String(16))
+    #: ``link`` (deep link / QR scene at first contact) or ``code`` (typed).
+    via: Mapped[str] = mapped_column(String(8))
+    captured_at: Mapped[datetime]
+    converted_at: Mapped[datetime | None]
+    points_paid: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Survey(Base):
+    """One CSAT/NPS question to one customer: planned -> asked -> answered | expired."""
+
+    __tablename__ = "surveys"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "trigger", "ref", name="uq_surveys_once"),
+        Index("ix_surveys_status_due", "status", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    #: csat (1-5) | nps (0-10)
+    kind: Mapped[str] = mapped_column(String(8))
+    #: conversion | staff
+    trigger: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    due_at: Mapped[datetime]
+    asked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    score: Mapped[int | None] = mapped_column(SmallInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
+    answered_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime]
+
+
+class FollowupTask(Base):
+    """A follow-up for a staff member; rule tasks are unique per (customer, kind, rule key)."""
+
+    __tablename__ = "followup_tasks"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "kind", "rule_key", name="uq_followup_tasks_rule"),
+        Index("ix_followup_tasks_owner_done", "owner", "done_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    owner: Mapped[str | None] = mapped_column(String(160))
+    #: manual | intent | detractor | waiting | <rule kind from config>
+    kind: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    rule_key: Mapped[str | None] = mapped_column(String(64))
+    due_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str | None] = mapped_column(String(160))
+    done_at: Mapped[datetime | None]
+    done_by: Mapped[str | None] = mapped_column(String(160))
+    #: When the owner was alerted in chat; set before sending, so an alert goes out at most once.
+    notified_at: Mapped[datetime | None]
+
+
+class FollowupDigest(Base):
+    """The local date each staff member last got their task digest (at most one a day)."""
+
+    __tablename__ = "followup_digests"
+
+    staff: Mapped[str] = mapped_column(String(160), primary_key=True)
+    last_date: Mapped[str] = mapped_column(String(10))
+
+
+class ConversionItem(Base):
+    """A line item of a conversion (SKU, name, quantity, price): what recommendations learn from."""
+
+    __tablename__ = "conversion_items"
+    __table_args__ = (UniqueConstraint("conversion_id", "sku", name="uq_conversion_items_sku"),
+                      Index("ix_conversion_items_sku_customer", "sku", "customer_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversion_id: Mapped[int] = mapped_column(ForeignKey("conversions.id"), index=True)
+    customer_id: Mapped[int] = mapped_column(Integer, index=True)
+    sku: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None]
+    quantity: Mapped[float] = mapped_column(Float, default=1)
+    price: Mapped[float] = mapped_column(Float, default=0)
+    created_at: Mapped[datetime]
+
+
+class ItemPair(Base):
+    """Co-purchase statistics of two SKUs over customers (batch job): support, confidence, lift."""
+
+    __tablename__ = "item_pairs"
+
+    sku_a: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sku_b: Mapped[str] = mapped_column(String(64), primary_key=True)
+    together: Mapped[int] = mapped_column(Integer)
+    support: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float)
+    lift: Mapped[float] = mapped_column(Float)
+    computed_at: Mapped[datetime]
