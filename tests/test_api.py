@@ -142,6 +142,12 @@ async def test_order_with_welcome_coupon_is_attributed_and_idempotent(client, cl
               ["campaigns"]}["welcome"]["funnel"]
     assert {k: funnel[k] for k in ("sent", "coupons_granted", "coupons_redeemed", "conversions", "revenue")} == \
         {"sent": 1, "coupons_granted": 1, "coupons_redeemed": 1, "conversions": 1, "revenue": 128.0}
+    # and the manager's /funnel (scrm.reports) credits the order to the welcome campaign too
+    from scrm import reports
+
+    async with client.app[SERVICE].sessions() as s:
+        report = await reports.funnel(s, "welcome")
+    assert (report.total.conversions, report.total.revenue) == (1, 128.0)
 
 
 async def test_attribution_without_coupon(client, clock):
