@@ -12,6 +12,7 @@ their own typical gap). ``churn_method`` records which one scored each customer.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from scrm.store.models import Conversion, LoyaltyAccount
 if TYPE_CHECKING:
     import numpy as np
 
+log = logging.getLogger(__name__)
 HAS_LIFETIMES = importlib.util.find_spec("lifetimes") is not None
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 
@@ -161,14 +163,21 @@ def fit(s: Summary, prefer_library: bool = True) -> Fit:
     repeat = s.frequency > 0
     if prefer_library and HAS_LIFETIMES:
         from lifetimes import BetaGeoFitter, GammaGammaFitter
+        from lifetimes.utils import ConvergenceError
 
         bgf = BetaGeoFitter(penalizer_coef=0.0)
-        bgf.fit(s.frequency, s.recency, s.T)
+        try:
+            bgf.fit(s.frequency, s.recency, s.T)
+        except ConvergenceError:  # lifetimes gives up on small or very regular bases: the built-in fit
+            return fit(s, prefer_library=False)
         gamma = None
         if int(np.sum(repeat)) >= 3:
             ggf = GammaGammaFitter(penalizer_coef=0.0)
-            ggf.fit(s.frequency[repeat], np.maximum(s.monetary[repeat], 1e-6))
-            gamma = {k: float(v) for k, v in ggf.params_.items()}
+            try:
+                ggf.fit(s.frequency[repeat], np.maximum(s.monetary[repeat], 1e-6))
+                gamma = {k: float(v) for k, v in ggf.params_.items()}
+            except Exception:  # no usable spend variation: value falls back to each customer's own mean
+                gamma = None
         return Fit("bgnbd", {k: float(v) for k, v in bgf.params_.items()}, gamma)
     gamma = (fit_gamma_gamma(s.frequency[repeat], np.maximum(s.monetary[repeat], 1e-6))
              if int(np.sum(repeat)) >= 3 else None)
@@ -216,7 +225,8 @@ async def score(session: AsyncSession, now: datetime, method: str = "auto", min_
     if method == "auto" and (HAS_LIFETIMES or HAS_SCIPY) and int(np.sum(s.frequency > 0)) >= 3:
         try:
             fitted = fit(s)
-        except Exception:  # a degenerate base (e.g. everyone bought once) cannot be fitted: rules it is
+        except Exception as exc:  # a degenerate base (e.g. everyone bought once) cannot be fitted: rules it is
+            log.warning("churn model not fitted (%s: %s); rule-based risk for everyone", type(exc).__name__, exc)
             fitted = None
         if fitted is not None:
             used, params = fitted.method, {**fitted.bgnbd, **(fitted.gamma_gamma or {})}
