@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scrm import personal  # noqa: E402
-from scrm.clock import SystemClock  # noqa: E402
-from scrm.config import parse_config  # noqa: E402
-from scrm.importer import Importer  # noqa: E402
-from scrm.store.engine import make_engine, make_sessionmaker  # noqa: E402
-from scrm.store.migrate import upgrade  # noqa: E402
+from scrm import personal
+from scrm.clock import SystemClock
+from scrm.config import parse_config
+from scrm.importer import Importer
+from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.migrate import upgrade
 
 
 def write_csv(path: Path, rows: int) -> None:

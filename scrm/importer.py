@@ -260,8 +260,8 @@ class Importer:
                     continue
                 missing = [(c, a, e) for c, a, e in row.identities if self._account(c, a) is None]
                 if missing:
-                    rejected.append((row, f"identity: channel {missing[0][0]!r} has several accounts; "
-                                          "write channel:account:id"))
+                    rejected.append((row, (f"identity: channel {missing[0][0]!r} has several accounts; "
+                                           "write channel:account:id")))
                     continue
                 if found:
                     customer = next(iter(found.values()))

@@ -144,8 +144,8 @@ async def refresh_outbox(session: AsyncSession, now: datetime) -> None:
         func.count().filter(due),
         func.min(Delivery.due_at).filter(due),
         func.count().filter(Delivery.status == "planned"),
-        func.count().filter(Delivery.status == "sending"),
-    ).where(Delivery.status.in_(("planned", "sending"))))).one()
+        func.count().filter(Delivery.status.in_(("claimed", "sending"))),
+    ).where(Delivery.status.in_(("planned", "claimed", "sending"))))).one()
     OUTBOX_DUE.set(row[0] or 0)
     OUTBOX_AGE.set(max(0.0, (now - row[1]).total_seconds()) if row[1] is not None else 0.0)
     OUTBOX_PLANNED.set(row[2] or 0)

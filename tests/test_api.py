@@ -11,7 +11,14 @@ import pytest
 from sqlalchemy import func, select
 
 from scrm import personal
-from scrm.store.models import Conversion, CouponCode, Customer, Delivery, Redemption, Touchpoint
+from scrm.store.models import (
+    Conversion,
+    CouponCode,
+    Customer,
+    Delivery,
+    Redemption,
+    Touchpoint,
+)
 from scrm.web import SERVICE, create_app
 from tests.conftest import eventually
 from tests.test_foundation_flow import _sent, say, updates

@@ -10,7 +10,16 @@ from typing import Any, TextIO
 
 import click
 
-from scrm.cli.base import EXIT_FAILED, EXIT_USAGE, err, load, main, open_store, out, run_async
+from scrm.cli.base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    err,
+    load,
+    main,
+    open_store,
+    out,
+    run_async,
+)
 from scrm.cli.customers import customers
 
 # The one-person export (scrm.cli.privacy) registers first; the command below replaces it and keeps its

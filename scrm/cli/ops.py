@@ -39,7 +39,7 @@ async def _store_checks(config: Any) -> list[Check]:
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # any driver error: the operator needs the message, not the class tree
+        except Exception as exc:  # noqa: BLE001  (any driver error: the operator needs the message)
             return [Check("store", "fail", f"{config.store.url.split('@')[-1]}: {type(exc).__name__}: "
                                            f"{str(exc).splitlines()[0][:200]}",
                           "check store.url (or SCRM_STORE__URL) and that the database server is running")]
