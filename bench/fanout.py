@@ -122,10 +122,15 @@ async def run(customers: int, batch: int, concurrency: int, tick: float) -> dict
                     last_report = time.monotonic()
                     print(f"  sent {len(fake.sent)}, 429s {len(fake.throttled)}", flush=True)
             await asyncio.sleep(2)  # anything still in flight (a duplicate would show up here)
-            async with service.sessions() as session:
-                statuses = dict((await session.execute(
-                    select(Delivery.status, func.count()).where(Delivery.campaign == "bench_broadcast")
-                    .group_by(Delivery.status))).all())
+            settle = time.monotonic() + 120
+            while True:  # the outbox records a claimed batch once all of it is sent
+                async with service.sessions() as session:
+                    statuses = dict((await session.execute(
+                        select(Delivery.status, func.count()).where(Delivery.campaign == "bench_broadcast")
+                        .group_by(Delivery.status))).all())
+                if not {"planned", "sending"} & statuses.keys() or time.monotonic() > settle:
+                    break
+                await asyncio.sleep(0.5)
         finally:
             await service.stop()
             await runner.cleanup()
