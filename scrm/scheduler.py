@@ -57,6 +57,11 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
 
         scheduler.add_job(leader(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB,
                           seconds=60)
+        from scrm.loyalty.jobs import (
+            add_jobs as add_loyalty_jobs,  # points, tiers, surveys, tasks, scores
+        )
+
+        add_loyalty_jobs(scheduler, service, leader)
         for (kind, account), channel in service.channels.items():
             for name, fn, seconds in channel.jobs():
                 scheduler.add_job(leader(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)

@@ -14,7 +14,6 @@ from scrm.clock import ManualClock
 from scrm.loyalty import points
 from scrm.service import Service
 from scrm.store.models import CouponCode, LoyaltyAccount, PointsLedger
-
 from tests.test_loyalty import LOYALTY
 
 START = datetime(2026, 11, 27, 3, 0)

@@ -15,16 +15,13 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import distinct, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.store.dialect import insert_select_ignore
 from scrm.store.models import Conversion, LoyaltyAccount
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger(__name__)
 HAS_LIFETIMES = importlib.util.find_spec("lifetimes") is not None
@@ -176,7 +173,7 @@ def fit(s: Summary, prefer_library: bool = True) -> Fit:
             try:
                 ggf.fit(s.frequency[repeat], np.maximum(s.monetary[repeat], 1e-6))
                 gamma = {k: float(v) for k, v in ggf.params_.items()}
-            except Exception:  # no usable spend variation: value falls back to each customer's own mean
+            except Exception:  # noqa: BLE001  no usable spend variation: value falls back to each customer's own mean
                 gamma = None
         return Fit("bgnbd", {k: float(v) for k, v in bgf.params_.items()}, gamma)
     gamma = (fit_gamma_gamma(s.frequency[repeat], np.maximum(s.monetary[repeat], 1e-6))
@@ -212,7 +209,7 @@ async def score(session: AsyncSession, now: datetime, method: str = "auto", min_
     if not n:
         return ScoreResult(0, 0, "none", {})
     await insert_select_ignore(session, LoyaltyAccount.__table__, ["customer_id", "balance", "tier", "updated_at"],
-                               select(distinct(Conversion.customer_id), literal(0), literal(tier), literal(now))
+                               select(Conversion.customer_id, literal(0), literal(tier), literal(now)).distinct()
                                .where(Conversion.kind == "order"))
     risk = rule_risk(s)
     p_alive = 1.0 - risk
@@ -225,7 +222,7 @@ async def score(session: AsyncSession, now: datetime, method: str = "auto", min_
     if method == "auto" and (HAS_LIFETIMES or HAS_SCIPY) and int(np.sum(s.frequency > 0)) >= 3:
         try:
             fitted = fit(s)
-        except Exception as exc:  # a degenerate base (e.g. everyone bought once) cannot be fitted: rules it is
+        except Exception as exc:  # noqa: BLE001  a degenerate base (e.g. everyone bought once) cannot be fitted: rules it is
             log.warning("churn model not fitted (%s: %s); rule-based risk for everyone", type(exc).__name__, exc)
             fitted = None
         if fitted is not None:

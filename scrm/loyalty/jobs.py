@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -126,15 +127,22 @@ async def nightly(service: Service) -> NightlyResult:
     return result
 
 
-def add_jobs(scheduler: AsyncIOScheduler, service: Service) -> None:
-    """Register the sweep and the nightly pass (call from scrm.scheduler.build_scheduler)."""
+def add_jobs(scheduler: AsyncIOScheduler, service: Service,
+             wrap: Callable[[Callable[[], Awaitable[Any]]], Callable[[], Awaitable[Any]]] | None = None) -> None:
+    """Register the sweep and the nightly pass (from scrm.scheduler.build_scheduler, wrapped so that
+    only the planner-lease holder runs them: both plan sends and must not run twice at once)."""
     config = service.config.loyalty
     if config is None:
         return
-    job = service.job
-    scheduler.add_job(job(lambda: sweep(service)), "interval", id="loyalty:sweep", seconds=config.sweep_seconds)
+    wrap = wrap or service.job
+
+    async def run_sweep() -> SweepResult:
+        return await sweep(service)
+
+    async def run_nightly() -> NightlyResult:
+        return await nightly(service)
+
+    scheduler.add_job(wrap(run_sweep), "interval", id="loyalty:sweep", seconds=config.sweep_seconds)
     hour, minute = config.nightly_at.split(":")
-    scheduler.add_job(job(lambda: nightly(service)), "cron", id="loyalty:nightly", hour=int(hour), minute=int(minute),
+    scheduler.add_job(wrap(run_nightly), "cron", id="loyalty:nightly", hour=int(hour), minute=int(minute),
                       timezone=service.config.service.timezone)
-
-

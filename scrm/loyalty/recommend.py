@@ -12,11 +12,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, cast, delete, distinct, func, literal, select, true, update
+from sqlalchemy import (
+    Float,
+    cast,
+    delete,
+    distinct,
+    func,
+    literal,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.store.dialect import insert_ignore, insert_select_ignore
-from scrm.store.models import Conversion, ConversionItem, ItemPair, LoyaltyAccount, Touchpoint
+from scrm.store.models import (
+    Conversion,
+    ConversionItem,
+    ItemPair,
+    LoyaltyAccount,
+    Touchpoint,
+)
 
 
 async def items_from_orders(session: AsyncSession, conversions: list[Conversion]) -> int:
@@ -100,7 +116,7 @@ async def _names(session: AsyncSession, skus: set[str]) -> dict[str, str | None]
 async def store_recommendations(session: AsyncSession, now: datetime, top: int = 3, tier: str = "") -> int:
     """Each buyer's top ``top`` new SKUs onto their account (one ranked query; rows = results)."""
     await insert_select_ignore(session, LoyaltyAccount.__table__, ["customer_id", "balance", "tier", "updated_at"],
-                               select(distinct(ConversionItem.customer_id), literal(0), literal(tier), literal(now))
+                               select(ConversionItem.customer_id, literal(0), literal(tier), literal(now)).distinct()
                                .where(true()))  # (SQLite needs a WHERE before ON CONFLICT)
     ranked = _ranked()
     rows = (await session.execute(select(ranked.c.cid, ranked.c.sku, ranked.c.lift, ranked.c.confidence)

@@ -126,8 +126,8 @@ class ReferralReport:
     top: list[dict[str, Any]]
 
     def text(self) -> str:
-        lines = [f"推荐有礼 Referrals: 邀请 invites {self.invites}, 拉新 captures {self.captures}, "
-                 f"转化 conversions {self.conversions}, 积分 points paid {self.points_paid}"]
+        lines = [(f"推荐有礼 Referrals: 邀请 invites {self.invites}, 拉新 captures {self.captures}, "
+                  f"转化 conversions {self.conversions}, 积分 points paid {self.points_paid}")]
         for i, row in enumerate(self.top, 1):
             lines.append(f"{i}. #{row['customer_id']} {row['name'] or ''} — {row['captures']} 位好友, "
                          f"{row['conversions']} 转化, {row['points']} 积分")

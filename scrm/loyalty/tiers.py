@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, String, case, cast, distinct, false, func, literal, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.campaigns.planner import plan_triggered
@@ -64,7 +74,7 @@ async def evaluate(service: Service, session: AsyncSession, now: datetime,
     if ids is None:  # customers who bought but never touched loyalty still deserve their tier
         await insert_select_ignore(
             session, LoyaltyAccount.__table__, ["customer_id", "balance", "tier", "updated_at"],
-            select(distinct(Conversion.customer_id), literal(0), literal(base_tier(config)), literal(now))
+            select(Conversion.customer_id, literal(0), literal(base_tier(config)), literal(now)).distinct()
             .where(Conversion.created_at > since))
     earned = (select(PointsLedger.customer_id.label("cid"), func.sum(PointsLedger.delta).label("points"))
               .where(PointsLedger.delta > 0, PointsLedger.reason.in_(EARNS), PointsLedger.created_at > since)

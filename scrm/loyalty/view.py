@@ -8,7 +8,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm.store.models import Customer, CustomerTag, FollowupTask, LoyaltyAccount, PointsLedger, Referral, Survey, Tag
+from scrm.store.models import (
+    Customer,
+    CustomerTag,
+    FollowupTask,
+    LoyaltyAccount,
+    PointsLedger,
+    Referral,
+    Survey,
+    Tag,
+)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -56,8 +65,8 @@ async def card_text(session: AsyncSession, customer: Customer, now: datetime | N
     section = await loyalty_section(session, customer.id, now)
     tags = (await session.scalars(select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id)
                                   .order_by(Tag.name))).all()
-    lines = [f"#{customer.id} {customer.display_name or ''} · {customer.stage} · "
-             f"{section['tier'] or '-'} · {section['points']} 积分"]
+    lines = [(f"#{customer.id} {customer.display_name or ''} · {customer.stage} · "
+              f"{section['tier'] or '-'} · {section['points']} 积分")]
     if tags:
         lines.append("标签 tags: " + ", ".join(tags))
     if section["surveys"]:
