@@ -10,7 +10,16 @@ from pathlib import Path
 
 import click
 
-from scrm.cli.base import EXIT_FAILED, EXIT_USAGE, err, load, main, open_store, out, run_async
+from scrm.cli.base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    err,
+    load,
+    main,
+    open_store,
+    out,
+    run_async,
+)
 
 
 @main.group()
@@ -110,7 +119,7 @@ def analytics_fit(ctx: click.Context, calibration_end: datetime | None) -> None:
 
     try:
         check = run_async(go())
-    except Exception as exc:  # too few customers or purchases for the optimizer: say so plainly
+    except Exception as exc:  # noqa: BLE001  too few customers or purchases for the optimizer: say so plainly
         err.print(f"cannot fit the model: {type(exc).__name__}: {exc}", markup=False)
         sys.exit(EXIT_FAILED)
     out.print(f"method {check.fit.method}; calibration until {end:%Y-%m-%d}, holdout {check.holdout_days} days",
