@@ -37,15 +37,17 @@ def upgrade() -> None:
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.add_column(sa.Column('claimed_by', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('claimed_at', sa.DateTime(), nullable=True))
-    with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.alter_column('acquisition_source', existing_type=sa.String(length=64), type_=sa.String(length=128),
-                              existing_nullable=True)
+    # SQLite ignores VARCHAR lengths, and a batch table copy of `customers` fails on a populated store
+    # (foreign keys point at it): widen the column on PostgreSQL only.
+    if op.get_bind().dialect.name != "sqlite":
+        op.alter_column('customers', 'acquisition_source', existing_type=sa.String(length=64),
+                        type_=sa.String(length=128), existing_nullable=True)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.alter_column('acquisition_source', existing_type=sa.String(length=128), type_=sa.String(length=64),
-                              existing_nullable=True)
+    if op.get_bind().dialect.name != "sqlite":
+        op.alter_column('customers', 'acquisition_source', existing_type=sa.String(length=128),
+                        type_=sa.String(length=64), existing_nullable=True)
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_column('claimed_at')
         batch_op.drop_column('claimed_by')
