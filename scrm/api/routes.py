@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scrm import coupons, orders, personal
 from scrm.api import models as m
 from scrm.api.framework import ApiError, Call, Endpoint
+from scrm.audit import audit
 from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import plan_many
 from scrm.customers import find_by_ref, find_customer, touchpoint
@@ -101,13 +102,20 @@ async def redeem_coupon(call: Call) -> m.RedeemOut:
 
 
 async def get_customer(call: Call) -> m.CustomerView:
-    async with call.service.sessions() as session:
-        return m.CustomerView.model_validate(await customer_view(session, await _by_path(session, call.params["ref"])))
+    async with call.service.sessions() as session, session.begin():
+        return await _audited_view(call, session, await _by_path(session, call.params["ref"]))
 
 
 async def lookup_customer(call: Call) -> m.CustomerView:
-    async with call.service.sessions() as session:
-        return m.CustomerView.model_validate(await customer_view(session, await _resolve(call, session, call.body)))
+    async with call.service.sessions() as session, session.begin():
+        return await _audited_view(call, session, await _resolve(call, session, call.body))
+
+
+async def _audited_view(call: Call, session: AsyncSession, customer: Customer) -> m.CustomerView:
+    """Every API read of a customer's 360° view is in the audit log, with the key that read it."""
+    await audit(session, call.actor, None, customer.id, "view", "api 360° view", via=call.actor,
+                at=call.service.clock.now())
+    return m.CustomerView.model_validate(await customer_view(session, customer))
 
 
 async def change_customer_tags(call: Call) -> m.TagsOut:

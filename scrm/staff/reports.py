@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from scrm import charts, digests, reports
+from scrm.audit import audit
 from scrm.customers import find_by_ref
 from scrm.profile import customer_view
 from scrm.staff import StaffContext, StaffReply, command
@@ -78,6 +79,7 @@ async def customer(ctx: StaffContext, args: str) -> str:
     found = await find_by_ref(ctx.session, args.strip())
     if found is None:
         return f"没有找到客户 No customer {args.strip()}"
+    await audit(ctx.session, ctx.actor, ctx.role, found.id, "view", "/customer", at=ctx.now)
     return reports.format_customer(await customer_view(ctx.session, found), _lang(ctx))
 
 
