@@ -21,6 +21,7 @@ from scrm.cli.base import (
     run_async,
 )
 from scrm.config import Config
+from scrm.loyalty.report import care_figures, format_care
 
 T = TypeVar("T")
 
@@ -67,12 +68,13 @@ def report(ctx: click.Context, days: int | None, span: str | None, as_json: bool
     if period is None:
         raise click.BadParameter("use YYYY-MM-DD..YYYY-MM-DD (start on or before end)", param_hint="--range")
 
-    async def fetch(session: AsyncSession) -> tuple[reports.Summary, dict[str, dict[str, int]]]:
+    async def fetch(session: AsyncSession) -> tuple[reports.Summary, dict[str, dict[str, int]], dict[str, Any]]:
         summary = await reports.summary(session, period, attribution_days=config.reports.attribution_days)
-        return summary, await reports.daily_trend(session, period, tz)
+        return summary, await reports.daily_trend(session, period, tz), await care_figures(session, period)
 
-    summary, trend = _query(config, fetch)
-    _emit(reports.format_summary(summary), summary.as_dict(), as_json, png, lambda: charts.trend_png(trend))
+    summary, trend, care = _query(config, fetch)
+    text = "\n".join(filter(None, [reports.format_summary(summary), format_care(care)]))
+    _emit(text, {**summary.as_dict(), **care}, as_json, png, lambda: charts.trend_png(trend))
 
 
 @report.command("funnel")

@@ -11,6 +11,7 @@ import re
 from scrm import charts, digests, reports
 from scrm.audit import audit
 from scrm.customers import find_by_ref
+from scrm.loyalty.report import care_figures, format_care
 from scrm.profile import customer_view
 from scrm.staff import StaffContext, StaffReply, command
 
@@ -42,7 +43,9 @@ async def report(ctx: StaffContext, args: str) -> StaffReply:
     lang = _lang(ctx)
     summary = await reports.summary(ctx.session, period, attribution_days=config.reports.attribution_days)
     trend = await reports.daily_trend(ctx.session, period, config.service.timezone)
-    return StaffReply(reports.format_summary(summary, lang), (await charts.render(charts.trend_png, trend, lang),))
+    text = "\n".join(filter(None, [reports.format_summary(summary, lang),
+                                   format_care(await care_figures(ctx.session, period))]))
+    return StaffReply(text, (await charts.render(charts.trend_png, trend, lang),))
 
 
 @command("funnel", ALL, "/funnel <campaign>")
