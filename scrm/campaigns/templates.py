@@ -7,11 +7,16 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from scrm.loyalty.recommend import recommend
+
 _env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+#: ``{{ recommend(customer, 3) }}``: the customer's pre-computed co-purchase recommendations.
+_env.globals["recommend"] = recommend
 
 #: Names a template may use, with sample values used to check templates at load time.
 SAMPLE_CONTEXT: dict[str, Any] = {
-    "customer": {"id": 1, "name": "顾客", "stage": "acquisition", "tags": ["奶粉"], "channel": "console"},
+    "customer": {"id": 1, "name": "顾客", "stage": "acquisition", "tags": ["奶粉"], "channel": "console",
+                 "recommendations": [{"sku": "S1", "name": "奶瓶"}]},
     "coupon": {"code": "WEL23456789", "value": 10, "expires": "2026-12-31"},
     "campaign": {"name": "welcome", "title": "Welcome"},
     "group": {"id": 1, "title": "宝妈交流群", "channel": "wecom"},
@@ -22,7 +27,7 @@ def check(source: str, available: set[str]) -> str | None:
     """The problem with a template, or None. ``available`` names the variables it may use."""
     try:
         parsed = _env.parse(source)
-        unknown = meta.find_undeclared_variables(parsed) - available
+        unknown = meta.find_undeclared_variables(parsed) - available - set(_env.globals)
         if unknown:
             return f"unknown variable(s): {', '.join(sorted(unknown))} (available: {', '.join(sorted(available))})"
         _env.from_string(source).render({k: v for k, v in SAMPLE_CONTEXT.items() if k in available})
