@@ -3,8 +3,9 @@
 Every instance heartbeats into ``instances``. One instance at a time holds the ``planner`` lease
 and runs the planning jobs (campaign clock, profile and RFM recomputation, digests, retention);
 when it dies, another takes the lease once it expires (``cluster.lease_seconds``). Campaign runs are
-unique in the store, so a handover neither loses nor doubles a run. A ``sending`` delivery claimed
-by an instance that stopped heartbeating is marked ``unknown``: never resent.
+unique in the store, so a handover neither loses nor doubles a run. Deliveries of an instance that
+stopped heartbeating: ``sending`` ones (handed to the platform, outcome unknown) are marked ``unknown``
+and never resent; ``claimed`` ones (never handed to the platform) go back to ``planned``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.customers import touchpoint
@@ -70,10 +71,15 @@ class Cluster:
 
     async def _recover_orphans(self, session: AsyncSession, now: datetime) -> None:
         alive = select(Instance.id).where(Instance.heartbeat_at >= now - self.lease)
-        orphans = (await session.scalars(select(Delivery).where(
-            Delivery.status == "sending",
-            or_(Delivery.claimed_by.is_(None), Delivery.claimed_by.not_in(alive)),
-            Delivery.claimed_by.is_distinct_from(self.instance_id)))).all()
+        stopped = and_(or_(Delivery.claimed_by.is_(None), Delivery.claimed_by.not_in(alive)),
+                       Delivery.claimed_by.is_distinct_from(self.instance_id))
+        requeued = await session.execute(
+            update(Delivery).where(Delivery.status == "claimed", stopped)
+            .values(status="planned", claimed_by=None, claimed_at=None).execution_options(synchronize_session=False))
+        if requeued.rowcount:
+            log.warning("%d deliveries claimed by a stopped instance were never sent; planned again",
+                        requeued.rowcount)
+        orphans = (await session.scalars(select(Delivery).where(Delivery.status == "sending", stopped))).all()
         for d in orphans:
             d.status, d.reason, d.finished_at = "unknown", "crashed_mid_send", now
             touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account, direction="out",

@@ -89,7 +89,7 @@ async def touchpoints(client, kind: str) -> list[Touchpoint]:
 
 async def finished_delivery(client, customer_id: int) -> Delivery | None:
     d = await scalar(client, select(Delivery).where(Delivery.customer_id == customer_id))
-    return d if d is not None and d.status not in ("planned", "sending") else None
+    return d if d is not None and d.status not in ("planned", "claimed", "sending") else None
 
 
 async def test_url_verification(client):

@@ -1,8 +1,11 @@
 """The outbox worker: claims due deliveries, applies the customer's protections, renders, sends and
 records every outcome — and plans a journey's next step in the same transaction.
 
-At most once: a delivery is marked ``sending`` in its own commit before the platform is called, and
-a ``sending`` row found at start-up (the process died mid-send) becomes ``unknown``, never resent.
+At most once: a due delivery is first ``claimed`` (with the rest of its batch), then marked ``sending``
+in its own commit right before its platform call, and its outcome is committed as soon as the call
+returns. So after a crash only the sends actually in flight (at most ``delivery.concurrency`` per
+instance) are in doubt: a ``sending`` row of a stopped instance becomes ``unknown``, never resent,
+while its ``claimed`` rows, never handed to the platform, go back to ``planned`` (scrm.cluster).
 """
 
 from __future__ import annotations
@@ -66,16 +69,19 @@ class Outbox:
         """Send what is due now; returns the number of deliveries handled (sent, skipped, deferred)."""
         async with self._lock:
             prepared, deferred = await self._claim()
-            if prepared:
+            skips = [(p, SendResult("skipped", p.skip_reason)) for p in prepared if p.message is None]
+            if skips:
+                await self._record(skips)
+            sends = [p for p in prepared if p.message is not None]
+            if sends:
                 gate = asyncio.Semaphore(self.service.config.delivery.concurrency)
-                results = await asyncio.gather(*(self._send(p, gate) for p in prepared))
-                await self._record(list(zip(prepared, results)))
+                await asyncio.gather(*(self._send_and_record(p, gate) for p in sends))
             return len(prepared) + deferred
 
     async def pending_for(self, session: AsyncSession, customer_id: int, horizon: timedelta) -> int:
         due_by = self.service.clock.now() + horizon
         count = await session.scalar(select(func.count()).select_from(Delivery).where(
-            Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "sending")),
+            Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "claimed", "sending")),
             Delivery.due_at <= due_by))
         return int(count or 0)
 
@@ -102,7 +108,7 @@ class Outbox:
             claimed = (await session.scalars(
                 update(Delivery)
                 .where(Delivery.id.in_(due.scalar_subquery()), Delivery.status == "planned")
-                .values(status="sending", attempts=Delivery.attempts + 1, claimed_by=svc.cluster.instance_id,
+                .values(status="claimed", attempts=Delivery.attempts + 1, claimed_by=svc.cluster.instance_id,
                         claimed_at=now)
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False))).all()
@@ -188,17 +194,21 @@ class Outbox:
         if definition.trigger.event == "coupon_expiring":
             code = d.occurrence  # the reminder is about this customer's code
         elif step.coupon:
+            # A delivery claimed again (its instance died before sending it) keeps the code it was given.
+            fresh = await session.scalar(select(CouponCode.id).where(CouponCode.delivery_id == d.id)) is None
             granted = await coupons.grant(session, step.coupon, self.service.config.coupons[step.coupon], customer_id,
                                           now, delivery_id=d.id)
             if granted is None:
                 return "coupon_limit_reached"
             code = granted.code
-            touchpoint(session, customer_id=customer_id, channel=d.channel, account=d.account, direction="internal",
-                       kind="coupon_granted", now=now, campaign=d.campaign, delivery_id=d.id,
-                       payload={"code": code, "pool": step.coupon})
+            if fresh:
+                touchpoint(session, customer_id=customer_id, channel=d.channel, account=d.account,
+                           direction="internal", kind="coupon_granted", now=now, campaign=d.campaign, delivery_id=d.id,
+                           payload={"code": code, "pool": step.coupon})
         else:
             return None
-        row = (await session.execute(select(CouponCode, Coupon.name).join(Coupon).where(CouponCode.code == code))).first()
+        row = (await session.execute(
+            select(CouponCode, Coupon.name).join(Coupon).where(CouponCode.code == code))).first()
         if row is None:
             return "coupon_unavailable"
         pool = self.service.config.coupons.get(row[1])
@@ -215,7 +225,7 @@ class Outbox:
         sent = await session.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.campaign.in_(marketing),
             # Messages on their way count too: prepared earlier in this batch, or in flight on another instance.
-            or_(and_(Delivery.status == "sending",
+            or_(and_(Delivery.status.in_(("claimed", "sending")),
                      or_(Delivery.id.in_(self._batch), Delivery.claimed_by != self.service.cluster.instance_id)),
                 and_(Delivery.status == "sent", Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))))
         return int(sent or 0) >= cfg.frequency_cap
@@ -237,21 +247,35 @@ class Outbox:
 
     # -- sending and recording
 
-    async def _send(self, p: _Prepared, gate: asyncio.Semaphore) -> SendResult:
-        if p.message is None:
-            return SendResult("skipped", p.skip_reason)
+    async def _send_and_record(self, p: _Prepared, gate: asyncio.Semaphore) -> None:
+        """One send: ``sending`` committed right before the platform call, the outcome right after it."""
+        assert p.message is not None
         channel = self.service.channel(p.message.channel, p.message.account)
         assert channel is not None
         limiter = self._limiters.get(f"{p.message.channel}:{p.message.account}")
         async with gate:
+            if limiter is not None:
+                await limiter.acquire()
+            if not await self._mark_sending(p.delivery_id):
+                log.warning("delivery %s was taken back from this instance before its send; not sent here",
+                            p.delivery_id)
+                return
             try:
-                if limiter is not None:
-                    async with limiter:
-                        return await channel.send(p.message)
-                return await channel.send(p.message)
+                result = await channel.send(p.message)
             except Exception as exc:  # a channel bug must not leave the delivery in limbo
                 log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
-                return SendResult("failed", f"error:{type(exc).__name__}")
+                result = SendResult("failed", f"error:{type(exc).__name__}")
+        await self._record([(p, result)])
+
+    async def _mark_sending(self, delivery_id: int) -> bool:
+        """claimed -> sending, only while this instance still holds the claim (a stalled instance's
+        claims go back to planned for others, see scrm.cluster)."""
+        async with self.service.sessions() as session, session.begin():
+            marked = await session.execute(
+                update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
+                                       Delivery.claimed_by == self.service.cluster.instance_id)
+                .values(status="sending").execution_options(synchronize_session=False))
+        return bool(marked.rowcount)
 
     async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
         now = self.service.clock.now()
@@ -259,6 +283,8 @@ class Outbox:
             for p, result in outcomes:
                 d = await session.get(Delivery, p.delivery_id)
                 assert d is not None
+                if d.claimed_by != self.service.cluster.instance_id:
+                    continue  # handed back to planned while this instance stalled; another one owns it now
                 if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
                     d.status, d.reason = "planned", result.reason or "retry"
                     d.due_at = now + timedelta(seconds=max(result.retry_after, 1.0))

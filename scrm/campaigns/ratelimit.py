@@ -1,51 +1,56 @@
-"""Send-rate limits per channel account, shared by all campaigns (and, on PostgreSQL, all instances).
+"""Send-rate limits per channel and account, shared by all campaigns (and, on PostgreSQL, all instances).
 
 On SQLite one process sends, so an in-memory limiter (aiolimiter) is enough; on PostgreSQL several
-instances send, so the bucket is a row they update under a row lock.
+instances send, so the schedule lives in a row they all update.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from aiolimiter import AsyncLimiter
-from sqlalchemy import select
+from sqlalchemy import func, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import RateBucket
 
+#: Reserve the next free send slot: the row's ``updated_at`` is when the next slot is free (naive UTC,
+#: the database's clock, so instances on several hosts agree); returns how long to wait for ours.
+_RESERVE = text("""
+WITH clock AS (SELECT timezone('utc', clock_timestamp()) AS now)
+UPDATE rate_buckets
+SET updated_at = GREATEST(rate_buckets.updated_at, clock.now) + make_interval(secs => CAST(:interval AS float8))
+FROM clock WHERE rate_buckets.key = :key
+RETURNING CAST(EXTRACT(EPOCH FROM (rate_buckets.updated_at - clock.now)) AS float8) - CAST(:interval AS float8)
+""")
 
 class SharedBucket:
-    """A token bucket in the store: at most ``rate`` sends per second across every instance."""
+    """At most ``rate`` sends per second across every instance, evenly spaced.
+
+    Each send reserves the next free slot (``1 / rate`` after the previous one) with one
+    UPDATE ... RETURNING on the key's row, then sleeps until its slot: no polling, so waiting
+    instances do not compete for the row lock, and no bursts (a sliding second holds at most
+    ``rate`` + 1 sends)."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], key: str, rate: float) -> None:
         self.sessions, self.key, self.rate = sessions, key, rate
-        self.burst = max(1.0, rate / 10)  # a tenth of a second's worth: no bursts over the platform limit
 
     async def acquire(self) -> None:
-        while True:
-            wait = await self._take()
-            if wait <= 0:
-                return
+        wait = await self._reserve()
+        if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _take(self) -> float:
-        stamp = datetime.now(UTC).replace(tzinfo=None)  # wall time: rates are physical, not the test clock
+    async def _reserve(self) -> float:
+        params = {"key": self.key, "interval": 1.0 / self.rate}
         async with self.sessions() as session, session.begin():
-            await insert_ignore(session, RateBucket.__table__, {"key": self.key, "tokens": self.burst,
-                                                                "updated_at": stamp})
-            row = await session.scalar(select(RateBucket).where(RateBucket.key == self.key).with_for_update())
-            assert row is not None
-            elapsed = max(0.0, (stamp - row.updated_at).total_seconds())
-            tokens = min(self.burst, row.tokens + elapsed * self.rate)
-            row.updated_at = stamp
-            if tokens >= 1:
-                row.tokens = tokens - 1
-                return 0.0
-            row.tokens = tokens
-            return (1 - tokens) / self.rate
+            wait = await session.scalar(_RESERVE, params)
+            if wait is None:  # the key's first send ever
+                await insert_ignore(session, RateBucket.__table__, {
+                    "key": self.key, "tokens": 0.0, "updated_at": func.timezone("utc", func.clock_timestamp())})
+                wait = await session.scalar(_RESERVE, params)
+        assert wait is not None
+        return float(wait)
 
     async def __aenter__(self) -> None:
         await self.acquire()

@@ -208,7 +208,8 @@ class Delivery(Base):
     external_id: Mapped[str] = mapped_column(String(128))
     #: A/B variant name, when the campaign has variants.
     variant: Mapped[str | None] = mapped_column(String(16))
-    #: planned -> sending -> sent | skipped | failed | unknown (crashed mid-send, never resent).
+    #: planned -> claimed -> sending -> sent | skipped | failed | unknown (crashed mid-send, never resent);
+    #: a stopped instance's ``claimed`` rows (never handed to the platform) go back to planned.
     status: Mapped[str] = mapped_column(String(16), default="planned")
     reason: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)

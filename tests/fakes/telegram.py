@@ -7,6 +7,8 @@ multipart, JSON), and ENFORCES the flood limits from the Bot FAQ on message send
 ``per_group_per_minute`` per group in any sliding minute; beyond them it answers 429 with
 ``retry_after`` and does not deliver. ``slack`` shortens the windows a little (network jitter between
 a client's pacing and our arrival times). Every delivered message is recorded with its arrival time.
+``send_delay`` holds each successful send's answer back that long after the message is recorded (a slow
+platform: the message is out, the client does not know yet).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _ok(result: Any, description: str | None = None) -> web.Response:
 class FakeTelegram:
     def __init__(self, token: str, *, username: str = "scrm_shop_bot", overall_per_second: int = 30,
                  per_chat_per_second: float = 1, per_group_per_minute: int = 20, slack: float = 0.05,
-                 max_poll_wait: float = 0.3) -> None:
+                 max_poll_wait: float = 0.3, send_delay: float = 0.0) -> None:
         self.token = token
         #: The api_base_url clients use (``http://127.0.0.1:<port>/bot``), set once the server listens.
         self.base_url = ""
@@ -77,6 +79,7 @@ class FakeTelegram:
         self.per_group_per_minute = per_group_per_minute
         self.slack = slack
         self.max_poll_wait = max_poll_wait
+        self.send_delay = send_delay
         self.sent: list[Sent] = []
         self.throttled: list[Throttled] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
@@ -206,7 +209,10 @@ class FakeTelegram:
             return _error(403, "Forbidden: bot was blocked by the user")
         if (throttled := self._admit(chat_id)) is not None:
             return throttled
-        return _ok(self._deliver("sendMessage", chat_id, text=text))
+        result = self._deliver("sendMessage", chat_id, text=text)
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)
+        return _ok(result)
 
     async def _send_photo(self, params: dict[str, Any]) -> web.Response:
         chat_id, photo, caption = self._chat_id(params), params.get("photo"), params.get("caption")
