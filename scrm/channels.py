@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -55,6 +55,25 @@ class InboundEvent:
     #: Acquisition source (QR scene, deep-link payload, contact-me state).
     source: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+def storable(value: Any) -> Any:
+    """Strings the store can hold: without NUL (PostgreSQL text refuses it) and without lone
+    surrogates (not encodable as UTF-8); applied to everything an event carries."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
+def cleaned(event: InboundEvent) -> InboundEvent:
+    event = replace(event, **{f.name: storable(getattr(event, f.name)) for f in fields(event)})
+    # Names and sources are the person's to choose: keep what fits the store rather than refuse them.
+    return replace(event, display_name=event.display_name[:255] if event.display_name else event.display_name,
+                   source=event.source[:128] if event.source else event.source)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from scrm import metrics, profiles, rfm
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
-from scrm.channels import Channel, InboundEvent, Reaction, channel_types
+from scrm.channels import Channel, InboundEvent, Reaction, channel_types, cleaned
 from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
 from scrm.config import Config
@@ -77,7 +77,7 @@ class Service:
 
     async def receive(self, event: InboundEvent) -> Reaction:
         """Channels call this; it returns after the event is committed."""
-        return metrics.received(event, await self.ingestor.submit(event))
+        return metrics.received(event, await self.ingestor.submit(cleaned(event)))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)

@@ -314,7 +314,7 @@ async def test_welcome_campaign_reaches_wechat_as_customer_service_message(aioht
 async def test_following_opens_the_window_for_the_welcome(aiohttp_client, make_config, clock, fake):
     client, service = await start(aiohttp_client, make_config, clock, fake)
     await post(client, plaintext(TOKEN, event_xml("o_ivy", "subscribe", create_time=1700000100)))
-    assert (await customer_of(service, "o_ivy")).last_inbound_at is None
+    assert (await customer_of(service, "o_ivy")).last_inbound_at == clock.now()  # a follow is an interaction
     await eventually(lambda: _status(service, "welcome", "sent"))
     assert [m["touser"] for m in fake.custom_messages] == ["o_ivy"]
 
@@ -372,7 +372,8 @@ async def test_outside_48h_skips_or_falls_back_to_template(aiohttp_client, make_
     assert notice["data"] == {"first": {"value": "朋友,您有优惠券待使用"}, "remark": {"value": "活动:优惠券提醒"}}
     async with service.sessions() as s:
         skipped = await s.scalar(select(Touchpoint).where(Touchpoint.kind == "delivery_skipped"))
-    assert (skipped.delivery_id, skipped.payload) == (found["formula-followup"].id, {"reason": "outside_48h_window"})
+    assert (skipped.delivery_id, skipped.payload) == (found["formula-followup"].id,
+                                                      {"step": 0, "reason": "outside_48h_window"})
 
 
 async def test_wechat_refusals_are_recorded_as_skips(aiohttp_client, make_config, clock, fake, tmp_path):
