@@ -254,3 +254,18 @@ async def test_opted_out_customers_get_nothing(world):
     async with world.s.sessions() as s:
         sent = await s.scalar(select(func.count()).select_from(Touchpoint).where(Touchpoint.kind == "campaign_message"))
     assert sent == 0
+
+
+async def test_templates_can_name_recommendations(world):
+    from scrm.campaigns.outbox import customer_context
+    from scrm.campaigns.templates import render
+    from scrm.store.models import LoyaltyAccount
+
+    cid = await world.say("nat")
+    async with world.s.sessions() as s, s.begin():
+        s.add(LoyaltyAccount(customer_id=cid, updated_at=world.clock.now(),
+                             recommendations=[{"sku": "B1", "name": "奶瓶"}, {"sku": "W2", "name": "湿巾"}]))
+    async with world.s.sessions() as s:
+        context = await customer_context(s, await s.get(Customer, cid), "console")
+    assert render("{{ customer.name }}:{{ recommend(customer, 1) }}|{{ recommend(customer) }}", {"customer": context}) \
+        == "nat:奶瓶|奶瓶、湿巾"

@@ -36,6 +36,7 @@ from scrm.store.models import (
     Customer,
     CustomerTag,
     Delivery,
+    LoyaltyAccount,
     Tag,
 )
 
@@ -328,8 +329,10 @@ async def customer_context(session: AsyncSession, customer: Customer, channel: s
     """What templates know about a customer (never phone numbers or birthdays)."""
     tags = (await session.scalars(
         select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id).order_by(Tag.name))).all()
+    recommendations = await session.scalar(
+        select(LoyaltyAccount.recommendations).where(LoyaltyAccount.customer_id == customer.id))
     return {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage, "tags": list(tags),
-            "channel": channel}
+            "channel": channel, "recommendations": recommendations or []}
 
 
 async def preview(session: AsyncSession, definition: CampaignDefinition, customer: Customer, channel: str,
