@@ -11,7 +11,8 @@ seen), ``days_since_seen``, ``age_days`` (since first seen), ``rfm.r`` / ``rfm.f
 ``expected_purchases`` (scrm.loyalty).
 Functions: ``tag(name)``, ``msgs(days)`` / ``msgs(from_days, to_days)`` (inbound messages in that
 window), ``conversions([days])``, ``revenue([days])``, ``coupons_received([days])``,
-``coupons_redeemed([days])``, ``segment(name)``.
+``coupons_redeemed([days])``, ``campaign_messages([days])``, ``replied()`` (wrote to us after the last
+campaign message they got), ``segment(name)``.
 """
 
 from __future__ import annotations
@@ -246,16 +247,25 @@ class Compiler:
                        Touchpoint.created_at <= self.now - timedelta(days=start))
                 .scalar_subquery()
             )
+        if name == "replied":
+            self._args(node, (), 0)
+            last_campaign = (select(func.max(Touchpoint.created_at))
+                             .where(Touchpoint.customer_id == Customer.id, Touchpoint.kind == "campaign_message")
+                             .scalar_subquery())
+            return and_(last_campaign.is_not(None), Customer.last_inbound_at > last_campaign)
         aggregates = {
-            "conversions": (func.count(Conversion.id), Conversion.customer_id, Conversion.created_at),
-            "revenue": (func.coalesce(func.sum(Conversion.amount), 0), Conversion.customer_id, Conversion.created_at),
-            "coupons_received": (func.count(CouponCode.id), CouponCode.customer_id, CouponCode.granted_at),
-            "coupons_redeemed": (func.count(Redemption.id), Redemption.customer_id, Redemption.redeemed_at),
+            "conversions": (func.count(Conversion.id), Conversion.customer_id, Conversion.created_at, true()),
+            "revenue": (func.coalesce(func.sum(Conversion.amount), 0), Conversion.customer_id, Conversion.created_at,
+                        true()),
+            "coupons_received": (func.count(CouponCode.id), CouponCode.customer_id, CouponCode.granted_at, true()),
+            "coupons_redeemed": (func.count(Redemption.id), Redemption.customer_id, Redemption.redeemed_at, true()),
+            "campaign_messages": (func.count(Touchpoint.id), Touchpoint.customer_id, Touchpoint.created_at,
+                                  Touchpoint.kind == "campaign_message"),
         }
         if name in aggregates:
-            agg, owner, when = aggregates[name]
+            agg, owner, when, only = aggregates[name]
             args = self._args(node, (int, float), 1)
-            query = select(agg).where(owner == Customer.id)
+            query = select(agg).where(owner == Customer.id, only)
             if args:
                 query = query.where(when > self.now - timedelta(days=args[0]))
             return query.scalar_subquery()

@@ -202,3 +202,31 @@ async def test_behaviour_tags_activity_drop_and_stages_move_both_ways(make_confi
             ("acquisition", "nurture"), ("nurture", "retention"), ("retention", "winback"), ("winback", "retention")]
     finally:
         await service.stop()
+
+
+async def test_campaign_messages_and_replies(make_config):
+    service = Service(make_config(), ManualClock(NOW))
+    await service.start(scheduler=False)
+    try:
+        async with service.sessions() as s, s.begin():
+            ids = []
+            for name, campaign_days_ago, inbound_days_ago in (("quiet", 5, 9), ("answered", 5, 2), ("never", None, 1)):
+                c = Customer(display_name=name, first_seen_at=NOW - timedelta(days=30), last_seen_at=NOW,
+                             last_inbound_at=NOW - timedelta(days=inbound_days_ago), attributes={})
+                s.add(c)
+                await s.flush()
+                ids.append(c.id)
+                if campaign_days_ago is not None:
+                    for extra in (0, 20):
+                        s.add(Touchpoint(customer_id=c.id, channel="console", account="local", direction="out",
+                                         kind="campaign_message", payload={},
+                                         created_at=NOW - timedelta(days=campaign_days_ago + extra)))
+        async with service.sessions() as s:
+            def who(expression: str):
+                return s.scalars(select(Customer.display_name).where(segments.condition(expression, NOW))
+                                 .order_by(Customer.id))
+            assert (await who("replied()")).all() == ["answered"]
+            assert (await who("campaign_messages(10) == 1")).all() == ["quiet", "answered"]
+            assert (await who("campaign_messages() == 2 and not replied()")).all() == ["quiet"]
+    finally:
+        await service.stop()
