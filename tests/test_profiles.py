@@ -15,7 +15,14 @@ from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
 from scrm.config import Config
 from scrm.service import Service
-from scrm.store.models import Conversion, Customer, CustomerTag, Identity, Tag, Touchpoint
+from scrm.store.models import (
+    Conversion,
+    Customer,
+    CustomerTag,
+    Identity,
+    Tag,
+    Touchpoint,
+)
 from scrm.tagging import add_tag
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
