@@ -32,8 +32,22 @@ import click
 import httpx
 from aiohttp import web
 from aiolimiter import AsyncLimiter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
-from telegram import InputFile, Message, Update, User
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+from telegram import (
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputFile,
+    Message,
+    Update,
+    User,
+)
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import (
     BadRequest,
@@ -49,7 +63,14 @@ from telegram.ext import AIORateLimiter, ExtBot
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
-from scrm.channels import Channel, InboundEvent, OutboundMessage, Reaction, SendResult, register
+from scrm.channels import (
+    Channel,
+    InboundEvent,
+    OutboundMessage,
+    Reaction,
+    SendResult,
+    register,
+)
 from scrm.ingest import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -367,7 +388,9 @@ def set_webhook(ctx: click.Context, bot: str, public_url: str, drop_pending_upda
 @click.pass_context
 def poll(ctx: click.Context, bot: str) -> None:
     """Run the service with BOT on long polling (deletes its webhook): no public URL needed."""
-    from scrm.cli.base import guard  # campaign file problems print cleanly, no traceback
+    from scrm.cli.base import (
+        guard,  # campaign file problems print cleanly, no traceback
+    )
 
     config, _ = _account(ctx, bot)
     guard(asyncio.run)(_poll_until_signal(config, bot))
@@ -513,15 +536,18 @@ class TelegramChannel(Channel):
 
     # outbound
 
-    async def _send_text(self, chat_id: int | str, text: str) -> SendResult:
-        return await _call(lambda: self.bot.send_message(chat_id=chat_id, text=_fit(text, MAX_TEXT)))
+    async def _send_text(self, chat_id: int | str, text: str, buttons: tuple[tuple[str, str], ...] = ()) -> SendResult:
+        markup = InlineKeyboardMarkup([[InlineKeyboardButton(label, url=url)] for label, url in buttons]) \
+            if buttons else None
+        return await _call(lambda: self.bot.send_message(chat_id=chat_id, text=_fit(text, MAX_TEXT),
+                                                         reply_markup=markup))
 
     async def send(self, message: OutboundMessage) -> SendResult:
         if not message.external_id.lstrip("-").isdigit():
             return SendResult("failed", f"not a telegram chat id: {message.external_id!r}")
         chat_id = int(message.external_id)
         if message.image is None:
-            result = await self._send_text(chat_id, message.text)
+            result = await self._send_text(chat_id, message.text, message.buttons)
         else:
             result = await self._send_image(chat_id, message.image, message.text)
         if result.reason == "blocked":

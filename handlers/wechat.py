@@ -29,19 +29,30 @@ from typing import Any, TypeVar
 
 import requests
 import xmltodict
-from urllib3.exceptions import MaxRetryError, NewConnectionError
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy import func, select
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 from wechatpy import events as wx_events
 from wechatpy import messages as wx_messages
 from wechatpy import parse_message
 from wechatpy.client import WeChatClient
 from wechatpy.crypto import WeChatCrypto
-from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException, WeChatClientException
+from wechatpy.exceptions import (
+    InvalidAppIdException,
+    InvalidSignatureException,
+    WeChatClientException,
+)
 from wechatpy.replies import TextReply
 
-from scrm.channels import Channel, InboundEvent, OutboundMessage, Reaction, SendResult, register
+from scrm.channels import (
+    Channel,
+    InboundEvent,
+    OutboundMessage,
+    Reaction,
+    SendResult,
+    register,
+)
 from scrm.store.models import Identity, Touchpoint
 
 log = logging.getLogger(__name__)
@@ -405,8 +416,14 @@ class WeChatChannel(Channel):
     async def send(self, message: OutboundMessage) -> SendResult:
         openid = message.external_id
         if await self._in_window(message):
-            text = message.text
-            result = await self._request(lambda api: api.message.send_text(openid, text), message.delivery_id)
+            text, card = message.text, message.article
+            if card is not None:
+                article = {"title": card.title, "description": card.description, "url": card.url,
+                           "picurl": card.picurl}
+                result = await self._request(lambda api: api.message.send_articles(openid, [article]),
+                                             message.delivery_id)
+            else:
+                result = await self._request(lambda api: api.message.send_text(openid, text), message.delivery_id)
             if result.reason != OUTSIDE_WINDOW:
                 return result
         if message.template is None:

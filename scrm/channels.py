@@ -97,6 +97,16 @@ class NoticeTemplate:
 
 
 @dataclass(frozen=True)
+class Article:
+    """A link card (WeChat news message); channels without cards send ``text`` with the link."""
+
+    title: str
+    description: str
+    url: str
+    picurl: str | None = None
+
+
+@dataclass(frozen=True)
 class OutboundMessage:
     channel: str
     account: str
@@ -112,6 +122,10 @@ class OutboundMessage:
     image: bytes | None = None
     #: ``external_id`` names a chat group (group campaigns), not a person.
     to_group: bool = False
+    #: Link buttons under the text, as (label, url) (Telegram inline keyboard).
+    buttons: tuple[tuple[str, str], ...] = ()
+    #: A link card instead of plain text where the channel has them (WeChat news).
+    article: Article | None = None
 
 
 #: ``unknown``: the platform may or may not have delivered (a lost answer); never resent, counted.

@@ -127,6 +127,20 @@ class Template(_Strict):
     fields: dict[str, str] = {}
 
 
+class Link(_Strict):
+    text: str = Field(min_length=1, max_length=64)
+    url: str = Field(pattern=r"^https?://")
+
+
+class ArticleSpec(_Strict):
+    """A WeChat news card; ``title`` and ``description`` are templates."""
+
+    title: str = Field(min_length=1)
+    description: str = ""
+    url: str = Field(pattern=r"^https?://")
+    picurl: str | None = None
+
+
 class Step(_Strict):
     #: Time after the previous step (for the first: after the trigger and its delay).
     wait: Duration = "0s"
@@ -139,6 +153,10 @@ class Step(_Strict):
     variants: list[Variant] = []
     coupon: str | None = None
     template: Template | None = None
+    #: Link buttons under the message (Telegram inline keyboard).
+    buttons: list[Link] = []
+    #: A news card for WeChat (other channels send the text).
+    article: ArticleSpec | None = None
 
 
 class Message(_Strict):
@@ -148,6 +166,8 @@ class Message(_Strict):
     channel_text: dict[str, str] = {}
     variants: list[Variant] = []
     template: Template | None = None
+    buttons: list[Link] = []
+    article: ArticleSpec | None = None
 
 
 class CouponSpec(_Strict):
@@ -186,7 +206,7 @@ class CampaignDefinition(_Strict):
             m = self.message
             coupon = self.coupon.pool if self.coupon else None
             return [Step(text=m.text, channel_text=m.channel_text, variants=m.variants, template=m.template,
-                         coupon=coupon)]
+                         coupon=coupon, buttons=m.buttons, article=m.article)]
         return self.steps
 
     @property
@@ -230,6 +250,8 @@ def _check(definition: CampaignDefinition, config: Config) -> list[str]:
         sources |= {f"{at}.variants.{j}.text": v.text for j, v in enumerate(step.variants)}
         if step.template is not None:
             sources |= {f"{at}.template.fields.{k}": v for k, v in step.template.fields.items()}
+        if step.article is not None:
+            sources |= {f"{at}.article.title": step.article.title, f"{at}.article.description": step.article.description}
         for key, source in sources.items():
             if problem := templates.check(source, available):
                 problems.append(f"{key}: {problem}")

@@ -25,7 +25,7 @@ from scrm import consent, coupons, metrics, segments
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
-from scrm.channels import NoticeTemplate, OutboundMessage, SendResult
+from scrm.channels import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import (
@@ -185,8 +185,14 @@ class Outbox:
         if (spec := step.template) is not None:
             notice = NoticeTemplate(spec.template_id, {k: templates.render(v, context) for k, v in spec.fields.items()},
                                     spec.url)
+        article = None
+        if (card := step.article) is not None:
+            article = Article(templates.render(card.title, context), templates.render(card.description, context),
+                              card.url, card.picurl)
         return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text, d.id, d.campaign,
-                                               last_inbound_at, notice, to_group=to_group))
+                                               last_inbound_at, notice, to_group=to_group,
+                                               buttons=tuple((b.text, b.url) for b in step.buttons),
+                                               article=article))
 
     async def _coupon(self, session: AsyncSession, d: Delivery, definition: CampaignDefinition, step: Step,
                       customer_id: int, now: datetime) -> dict[str, str] | str | None:

@@ -41,6 +41,7 @@ class Sent:
     text: str | None = None
     caption: str | None = None
     photo: bytes | None = None
+    reply_markup: Any = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class FakeTelegram:
         message_id = next(self._message_ids)
         photo = content.pop("photo_bytes", None)
         self.sent.append(Sent(method, chat_id, message_id, asyncio.get_running_loop().time(),
-                              content.get("text"), content.get("caption"), photo))
+                              content.get("text"), content.get("caption"), photo, content.get("reply_markup")))
         return {"message_id": message_id, "from": self.bot_user, "chat": self._chat(chat_id),
                 "date": int(time.time()), **content}
 
@@ -209,7 +210,14 @@ class FakeTelegram:
             return _error(403, "Forbidden: bot was blocked by the user")
         if (throttled := self._admit(chat_id)) is not None:
             return throttled
-        result = self._deliver("sendMessage", chat_id, text=text)
+        markup = params.get("reply_markup")
+        if isinstance(markup, str):
+            try:
+                markup = json.loads(markup)
+            except ValueError:
+                return _error(400, "Bad Request: can't parse reply keyboard markup JSON object")
+        extra = {"reply_markup": markup} if markup else {}
+        result = self._deliver("sendMessage", chat_id, text=text, **extra)
         if self.send_delay:
             await asyncio.sleep(self.send_delay)
         return _ok(result)

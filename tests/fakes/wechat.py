@@ -173,7 +173,11 @@ class FakeWeChat:
             return await self._answer(endpoint, q, body, error(44002))
         if msgtype == "image" and not (isinstance(content, dict) and content.get("media_id") in self.media):
             return await self._answer(endpoint, q, body, {"errcode": 40007, "errmsg": "invalid media_id"})
-        if msgtype not in ("text", "image"):
+        if msgtype == "news" and not (isinstance(content, dict) and isinstance(content.get("articles"), list)
+                                      and 1 <= len(content["articles"]) <= 8
+                                      and all(a.get("title") and a.get("url") for a in content["articles"])):
+            return await self._answer(endpoint, q, body, error(44002))
+        if msgtype not in ("text", "image", "news"):
             return await self._answer(endpoint, q, body, error(40008))
         self.custom_messages.append(body)
         return await self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok"})
