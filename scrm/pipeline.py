@@ -21,8 +21,8 @@ from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
 from scrm.customers import find_or_create, touchpoint
-from scrm.loyalty import commands as loyalty_commands
 from scrm.identity import merge_by_verified_phone
+from scrm.loyalty import commands as loyalty_commands
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Touchpoint
 from scrm.tagging import apply_hit, tokenize
