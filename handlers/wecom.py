@@ -587,7 +587,10 @@ class WeComChannel(Channel):
                 code = await coupons.grant(session, rule.coupon_pool, pool, customer.id, now)
                 prepared.fresh_coupon = code is not None
                 # The welcome campaign may have granted the pool's only code first: welcome with that one.
-                code = code or await self._held_code(session, rule.coupon_pool, customer.id, now)
+                if code is None and (code := await self._held_code(session, rule.coupon_pool, customer.id, now)):
+                    # The code now travels with this welcome: the campaign message that granted it will be
+                    # skipped, and the outbox takes back codes of skipped messages.
+                    code.delivery_id = None
                 if code is None:
                     prepared.problem = "coupon_limit_reached"
                     return prepared

@@ -77,6 +77,16 @@ async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: in
             return await session.get(CouponCode, candidate, populate_existing=True)
 
 
+async def revoke_for_delivery(session: AsyncSession, delivery_id: int) -> list[str]:
+    """Take back the unredeemed codes a message carried that never reached the customer (the channel
+    skipped or refused it); they return to their pool. Returns the codes."""
+    rows = (await session.scalars(select(CouponCode).where(
+        CouponCode.delivery_id == delivery_id, CouponCode.redeemed_at.is_(None)))).all()
+    for row in rows:
+        row.customer_id = row.delivery_id = row.granted_at = None
+    return [row.code for row in rows]
+
+
 async def import_codes(session: AsyncSession, name: str, pool: CouponPool, codes: list[str],
                        expires_at: datetime | None = None) -> int:
     """Add codes to a pool (from a supplier's file); codes already known are ignored."""

@@ -131,7 +131,10 @@ async def test_new_contact_gets_one_personal_welcome_with_a_coupon(client, fake)
     assert delivery.status == "skipped" and delivery.reason in ("wecom:welcomed_on_add", "coupon_limit_reached")
     assert fake.calls_to("externalcontact/add_msg_template") == []
     assert len(fake.welcomes) == 1
-    assert await scalar(client, select(func.count()).select_from(CouponCode)) == 1
+    # One coupon given: if the campaign granted one in a race with the welcome, the skipped campaign
+    # message's code went back to the pool.
+    assert await scalar(client, select(func.count()).select_from(CouponCode)
+                        .where(CouponCode.customer_id.is_not(None))) == 1
 
 
 async def test_expired_welcome_code_is_recorded_not_fatal(client, fake):

@@ -299,6 +299,11 @@ class Outbox:
                 d.status = "failed" if result.status == "retry" else result.status
                 d.reason, d.finished_at = result.reason, now
                 metrics.delivery_finished(d.channel, d.status, d.reason)
+                if d.status in ("skipped", "failed") and d.customer_id is not None:
+                    for code in await coupons.revoke_for_delivery(session, d.id):
+                        touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account,
+                                   direction="internal", kind="coupon_revoked", now=now, campaign=d.campaign,
+                                   delivery_id=d.id, payload={"code": code, "reason": d.reason})
                 if d.reason == "blocked" and d.customer_id is not None:
                     # The platform says the person blocked us: stop every push, in this transaction.
                     await session.execute(update(Customer).where(Customer.id == d.customer_id).values(opted_out=True))
