@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from scrm import commands
 from scrm.channels import OutboundMessage
 from scrm.config import Config, ConfigError
-from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+from scrm.store.models import CouponCode, Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, png, user
@@ -255,6 +255,9 @@ async def test_blocked_on_send_is_skipped_and_opts_out(client, fake, updates):
     alice = await customer_of(client, 1001)
     assert alice is not None and alice.opted_out is True
     assert await count(client, Touchpoint, Touchpoint.kind == "blocked") == 1
+    # The welcome's coupon never reached her: it went back to the pool.
+    assert await count(client, CouponCode, CouponCode.customer_id == alice.id) == 0
+    assert await count(client, Touchpoint, Touchpoint.kind == "coupon_revoked", Touchpoint.customer_id == alice.id) == 1
 
 
 async def test_unreachable_api_means_retry_not_failure(aiohttp_client, make_config, clock, updates):
