@@ -20,6 +20,7 @@ import sys
 import time
 import tracemalloc
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -48,6 +49,29 @@ def fill_postgres(schema: str, customers: int, touchpoints: int) -> None:
     subprocess.run([sys.executable, "-m", "bench.dataset", "--store", "postgresql", "--schema", schema,
                     "--customers", str(customers), "--touchpoints", str(touchpoints)], check=True, cwd=ROOT,
                    env=os.environ)
+
+
+def on_each_store(stores: str, customers: int, touchpoints: int,
+                  measure: Callable[[str, str | None], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``measure(url, schema)`` on the cached SQLite data set and on a fresh PostgreSQL schema
+    (dropped afterwards); a store that cannot be reached is reported, not fatal."""
+    results: dict[str, Any] = {}
+    for store in stores.split(","):
+        if store == "sqlite":
+            results["sqlite"] = asyncio.run(measure(ensure_sqlite(customers, touchpoints), None))
+        elif store == "postgresql":
+            url, schema = postgres_url(), f"bench_{uuid.uuid4().hex[:10]}"
+            try:
+                fill_postgres(schema, customers, touchpoints)
+                results["postgresql"] = asyncio.run(measure(url, schema))
+            except Exception as exc:  # no server here: report it, keep the SQLite figures
+                results["postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                try:
+                    asyncio.run(drop_postgres(url, schema))
+                except Exception:
+                    pass
+    return results
 
 
 async def plan(url: str, schema: str | None) -> dict[str, Any]:
@@ -84,21 +108,7 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,postgresql")
     args = parser.parse_args()
     results: dict[str, Any] = {"customers": args.customers, "touchpoints": args.touchpoints, "segment": SEGMENT}
-    for store in args.stores.split(","):
-        if store == "sqlite":
-            results["sqlite"] = asyncio.run(plan(ensure_sqlite(args.customers, args.touchpoints), None))
-        elif store == "postgresql":
-            url, schema = postgres_url(), f"bench_{uuid.uuid4().hex[:10]}"
-            try:
-                fill_postgres(schema, args.customers, args.touchpoints)
-                results["postgresql"] = asyncio.run(plan(url, schema))
-            except Exception as exc:  # no server here: report it, keep the SQLite figures
-                results["postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                try:
-                    asyncio.run(drop_postgres(url, schema))
-                except Exception:
-                    pass
+    results.update(on_each_store(args.stores, args.customers, args.touchpoints, plan))
     write_results("planning", results)
     rows = [("store", "audience", "planned", "select s", "total s", "tracemalloc MiB", "ru_maxrss MiB")]
     for store in ("postgresql", "sqlite"):

@@ -12,14 +12,12 @@ the second (warm cache) run is reported, the first beside it. Targets: <= 2 s on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
-import uuid
 from typing import Any
 
-from bench.common import postgres_url, table, write_results
-from bench.dataset import NOW, drop_postgres
-from bench.planning import ensure_sqlite, fill_postgres
+from bench.common import table, write_results
+from bench.dataset import NOW
+from bench.planning import on_each_store
 from scrm import reports
 from scrm.store.engine import make_engine, make_sessionmaker
 
@@ -62,21 +60,7 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,postgresql")
     args = parser.parse_args()
     results: dict[str, Any] = {"customers": args.customers, "touchpoints": args.touchpoints}
-    for store in args.stores.split(","):
-        if store == "sqlite":
-            results["sqlite"] = asyncio.run(measure(ensure_sqlite(args.customers, args.touchpoints), None))
-        elif store == "postgresql":
-            url, schema = postgres_url(), f"bench_{uuid.uuid4().hex[:10]}"
-            try:
-                fill_postgres(schema, args.customers, args.touchpoints)
-                results["postgresql"] = asyncio.run(measure(url, schema))
-            except Exception as exc:  # no server here: report it, keep the SQLite figures
-                results["postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                try:
-                    asyncio.run(drop_postgres(url, schema))
-                except Exception:
-                    pass
+    results.update(on_each_store(args.stores, args.customers, args.touchpoints, measure))
     write_results("reports", results)
     rows = [("store", "command", "first run s", "second run s", "target s")]
     for store, target in (("postgresql", 2.0), ("sqlite", 5.0)):
