@@ -26,7 +26,7 @@ from scrm.cluster import Cluster
 from scrm.config import Config
 from scrm.ingest import Ingestor
 from scrm.personal import Keyring, KeyringError, KeyringMissing, open_keyring
-from scrm.scheduler import OUTBOX_JOB, PROFILES_JOB, build_scheduler, run_soon
+from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.models import Campaign
@@ -83,10 +83,9 @@ class Service:
         run_soon(self.scheduler, OUTBOX_JOB)
 
     def touch(self, customer_ids: set[int]) -> None:
-        """Queue customers for the incremental profile refresh (behaviour tags, stages)."""
-        if customer_ids:
-            self.touched |= customer_ids
-            run_soon(self.scheduler, PROFILES_JOB)
+        """Queue customers for the incremental profile refresh (behaviour tags, stages), which runs
+        every few seconds: waking it per batch would make it fight ingest for the store's writer."""
+        self.touched |= customer_ids
 
     async def refresh_touched(self) -> profiles.RefreshResult | None:
         ids, self.touched = self.touched, set()
