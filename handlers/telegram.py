@@ -210,6 +210,10 @@ def _name(user: User) -> str | None:
     return user.full_name.strip() or None
 
 
+#: Prefix of the callback data of quick-reply buttons.
+QUICK_REPLY = "qr:"
+
+
 def update_events(update: Update, channel: str, account: str) -> list[InboundEvent]:
     """The events one update stands for (none for updates the service does not track)."""
     uid = str(update.update_id)
@@ -223,6 +227,10 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
         if change.chat.type == ChatType.PRIVATE and change.new_chat_member.status == ChatMemberStatus.BANNED:
             return [event(change.from_user, "blocked")]
         return []
+    if (tap := update.callback_query) is not None:
+        # A tapped quick reply is the person answering with that text.
+        data = tap.data or ""
+        return [event(tap.from_user, "text", text=data[len(QUICK_REPLY):])] if data.startswith(QUICK_REPLY) else []
     message = update.message
     if message is None or message.from_user is None:
         return []
@@ -479,6 +487,8 @@ class TelegramChannel(Channel):
         if not events:
             return
         reactions: list[Reaction] = await asyncio.gather(*(self.service.receive(e) for e in events))
+        if (tap := update.callback_query) is not None:
+            self._spawn(self._answer_tap(tap.id))
         fresh = [r for r in reactions if not r.duplicate]
         replies = [text for r in fresh for text in r.replies]
         images = [image for r in fresh for image in r.images]
@@ -499,6 +509,10 @@ class TelegramChannel(Channel):
                 log.warning("telegram bot %s: reply to chat %s not sent: %s %s", self.account, chat_id,
                             result.status, result.reason)
                 return
+
+    async def _answer_tap(self, query_id: str) -> None:
+        """Stop the spinner on the tapped button (Telegram shows it until the bot answers)."""
+        await _call(lambda: self.bot.answer_callback_query(query_id))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -536,9 +550,12 @@ class TelegramChannel(Channel):
 
     # outbound
 
-    async def _send_text(self, chat_id: int | str, text: str, buttons: tuple[tuple[str, str], ...] = ()) -> SendResult:
-        markup = InlineKeyboardMarkup([[InlineKeyboardButton(label, url=url)] for label, url in buttons]) \
-            if buttons else None
+    async def _send_text(self, chat_id: int | str, text: str, buttons: tuple[tuple[str, str], ...] = (),
+                         quick_replies: tuple[str, ...] = ()) -> SendResult:
+        rows = [[InlineKeyboardButton(label, url=url)] for label, url in buttons]
+        taps = [InlineKeyboardButton(reply, callback_data=QUICK_REPLY + reply) for reply in quick_replies]
+        rows += [taps[i:i + 6] for i in range(0, len(taps), 6)]
+        markup = InlineKeyboardMarkup(rows) if rows else None
         return await _call(lambda: self.bot.send_message(chat_id=chat_id, text=_fit(text, MAX_TEXT),
                                                          reply_markup=markup))
 
@@ -547,7 +564,7 @@ class TelegramChannel(Channel):
             return SendResult("failed", f"not a telegram chat id: {message.external_id!r}")
         chat_id = int(message.external_id)
         if message.image is None:
-            result = await self._send_text(chat_id, message.text, message.buttons)
+            result = await self._send_text(chat_id, message.text, message.buttons, message.quick_replies)
         else:
             result = await self._send_image(chat_id, message.image, message.text)
         if result.reason == "blocked":

@@ -126,6 +126,8 @@ class OutboundMessage:
     buttons: tuple[tuple[str, str], ...] = ()
     #: A link card instead of plain text where the channel has them (WeChat news).
     article: Article | None = None
+    #: Answers the person can tap (survey scores); a tap comes back as a text message with that answer.
+    quick_replies: tuple[str, ...] = ()
 
 
 #: ``unknown``: the platform may or may not have delivered (a lost answer); never resent, counted.

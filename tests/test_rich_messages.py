@@ -80,3 +80,30 @@ async def test_wechat_gets_a_news_card(aiohttp_client, make_config, clock, fake_
     assert article == {"title": "朋友 的奶粉推荐", "description": "新品到货,老顾客专享价",
                        "url": "https://shop.example.com/formula", "picurl": "https://shop.example.com/formula.png"}
     assert client.app[SERVICE] is service
+
+
+async def test_telegram_quick_replies_come_back_as_answers(aiohttp_client, make_config, clock, fake_telegram):
+    from sqlalchemy import select
+
+    from scrm.channels import OutboundMessage
+    from scrm.store.models import Touchpoint
+
+    client = await aiohttp_client(create_app(telegram_config(make_config, fake_telegram.base_url), clock))
+    channel = client.app[SERVICE].channel("telegram", "main")
+    result = await channel.send(OutboundMessage("telegram", "main", "5150", "满意吗?1-5 分",
+                                                quick_replies=tuple("12345")))
+    assert result.status == "sent"
+    [question] = fake_telegram.sent
+    assert question.reply_markup == {"inline_keyboard": [[{"text": n, "callback_data": f"qr:{n}"} for n in "12345"]]}
+
+    customer, updates = {"id": 5150, "is_bot": False, "first_name": "Bea"}, Updates(fake_telegram.bot_user)
+    await deliver(client, updates.tap(customer, "qr:4"))
+    await deliver(client, updates.tap(customer, "not-ours"))  # other buttons' data is ignored
+    async with client.app[SERVICE].sessions() as s:
+        answers = (await s.scalars(select(Touchpoint.text).where(Touchpoint.direction == "in"))).all()
+    assert answers == ["4"]
+
+    async def answered():
+        return len(fake_telegram.method_calls("answerCallbackQuery")) == 1
+
+    await eventually(answered)

@@ -99,9 +99,11 @@ async def send_due(service: Service, session: AsyncSession, now: datetime) -> in
         if channel is None:
             continue
         text = QUESTIONS[survey.kind]
+        scores = range(1, 6) if survey.kind == "csat" else range(0, 11)
         result = await channel.send(OutboundMessage(survey.channel, survey.account, survey.external_id, text,
                                                     campaign=survey.campaign,
-                                                    last_inbound_at=customer.last_inbound_at))
+                                                    last_inbound_at=customer.last_inbound_at,
+                                                    quick_replies=tuple(str(n) for n in scores)))
         touchpoint(session, customer_id=customer.id, channel=survey.channel, account=survey.account,
                    direction="out", kind="survey_question", now=now, text=text, campaign=survey.campaign,
                    payload={"survey": survey_id, "kind": survey.kind, "status": result.status})

@@ -126,6 +126,7 @@ class FakeTelegram:
             "getme": self._get_me, "sendmessage": self._send_message, "sendphoto": self._send_photo,
             "setwebhook": self._set_webhook, "deletewebhook": self._delete_webhook,
             "getwebhookinfo": self._get_webhook_info, "getupdates": self._get_updates,
+            "answercallbackquery": self._answer_callback_query,
         }.get(method)
         if handler is None:
             return _error(404, "Not Found")
@@ -141,6 +142,11 @@ class FakeTelegram:
         elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             params.update((await request.post()).items())
         return params
+
+    async def _answer_callback_query(self, params: dict[str, Any]) -> web.Response:
+        if not params.get("callback_query_id"):
+            return _error(400, "Bad Request: query is too old and response timeout expired or query ID is invalid")
+        return _ok(True)
 
     async def _get_me(self, params: dict[str, Any]) -> web.Response:
         return _ok({**self.bot_user, "can_join_groups": True, "can_read_all_group_messages": False,
@@ -329,6 +335,13 @@ class Updates:
         if text.startswith("/"):
             content["entities"] = [{"offset": 0, "length": len(text.split(" ", 1)[0]), "type": "bot_command"}]
         return self._message(sender, chat, **content)
+
+    def tap(self, sender: dict[str, Any], data: str) -> dict[str, Any]:
+        """The person tapped an inline button whose callback data is ``data``."""
+        return {"update_id": next(self._update_ids),
+                "callback_query": {"id": str(next(self._message_ids)), "from": sender, "chat_instance": "1",
+                                   "data": data, "message": {"message_id": 1, "date": int(time.time()),
+                                                             "chat": private_chat(sender), "text": "?"}}}
 
     def contact(self, sender: dict[str, Any], phone: str, owner: dict[str, Any] | None = None) -> dict[str, Any]:
         """A shared contact card; ``owner`` is whose number it is (default: the sender's own)."""
