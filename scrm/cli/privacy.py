@@ -6,11 +6,11 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.progress import (
@@ -57,9 +57,28 @@ async def open_private_store(config: Config) -> AsyncIterator[tuple[async_sessio
         yield sessions, await open_keyring(config, sessions, SystemClock().now())
 
 
+T = TypeVar("T")
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
     err.print(message, markup=False, highlight=False)
     sys.exit(code)
+
+
+def _run_private(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's store work; a missing or wrong key is a clear error, not a traceback."""
+    try:
+        return run_async(coro)
+    except KeyringError as exc:
+        _fail(f"privacy keys: {exc}")
+        raise  # unreachable: _fail exits
+
+
+def _found(result: T | None, ref: str) -> T:
+    if result is None:
+        _fail(f"no customer {ref}")
+    assert result is not None
+    return result
 
 
 @main.group()
@@ -138,9 +157,7 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
             return done, total, keyring.current
 
     try:
-        done, total, current = run_async(go())
-    except KeyringError as exc:
-        _fail(f"privacy keys: {exc}")
+        done, total, current = _run_private(go())
     except KeyboardInterrupt:
         _fail("interrupted: finished batches are saved; run `scrm keys rotate` again to resume")
     out.print(f"{done} customer(s) re-encrypted under key {current}" + ("" if done >= total else
@@ -223,7 +240,7 @@ def customers_export(ctx: click.Context, ref: str, out_path: Path | None, by: st
     config = load(ctx)
     actor = cli_actor(by)
 
-    async def go() -> tuple[int, dict[str, Any]] | None:
+    async def go() -> tuple[int, dict[str, Any], Path] | None:
         async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():
             customer = await find_by_ref(session, ref)
             if customer is None:
@@ -232,17 +249,9 @@ def customers_export(ctx: click.Context, ref: str, out_path: Path | None, by: st
             target = out_path or Path(f"customer-{customer.id}.json")
             await audit(session, actor, "admin", customer.id, "export", f"to {target.name}", via="cli",
                         at=SystemClock().now())
-            return customer.id, data
+            return customer.id, data, target
 
-    try:
-        result = run_async(go())
-    except KeyringError as exc:
-        _fail(f"privacy keys: {exc}")
-    if result is None:
-        _fail(f"no customer {ref}")
-    assert result is not None
-    customer_id, data = result
-    target = out_path or Path(f"customer-{customer_id}.json")
+    customer_id, data, target = _found(_run_private(go()), ref)
     text = json.dumps(data, ensure_ascii=False, indent=2, default=_json_default)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -282,14 +291,7 @@ def customers_erase(ctx: click.Context, ref: str, yes: bool, by: str | None) -> 
                         ", ".join(f"{k}={v}" for k, v in counts.items()), via="cli", at=now)
             return customer.id, counts
 
-    try:
-        result = run_async(go())
-    except KeyringError as exc:
-        _fail(f"privacy keys: {exc}")
-    if result is None:
-        _fail(f"no customer {ref}")
-    assert result is not None
-    customer_id, counts = result
+    customer_id, counts = _found(_run_private(go()), ref)
     out.print(f"erased customer #{customer_id}: {counts['texts']} message text(s), {counts['identities']} "
               f"channel identit(y/ies), {counts['cancelled']} planned message(s) cancelled")
 
@@ -315,10 +317,7 @@ def customers_dedupe(ctx: click.Context, by: str | None) -> None:
                             via="cli", at=now)
             return pairs
 
-    try:
-        pairs = run_async(go())
-    except KeyringError as exc:
-        _fail(f"privacy keys: {exc}")
+    pairs = _run_private(go())
     for keep, merged in pairs:
         out.print(f"#{merged} -> #{keep}")
     out.print(f"{len(pairs)} customer(s) merged")
