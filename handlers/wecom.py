@@ -552,11 +552,6 @@ class WeComChannel(Channel):
         prepared = _Prepared(rule=key)
         planned: list[str] = []
         detail = f"wecom:welcome:{key}"
-        if rule is not None and job.code and rule.coupon_pool and (pool := svc.config.coupons.get(rule.coupon_pool)):
-            # coupons.grant creates a missing pool row with a plain INSERT, which races the outbox's first
-            # grant of the same pool (unique violation); create it conflict-free first.
-            async with svc.sessions() as session, session.begin():
-                await insert_ignore(session, Coupon.__table__, {"name": rule.coupon_pool, "value": pool.value})
         async with svc.sessions() as session, session.begin():
             now = svc.clock.now()
             customer = await session.get(Customer, job.customer_id)
