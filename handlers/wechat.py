@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -31,7 +31,6 @@ import requests
 import xmltodict
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from sqlalchemy import func, select
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 from wechatpy import events as wx_events
 from wechatpy import messages as wx_messages
@@ -53,7 +52,6 @@ from scrm.channels import (
     SendResult,
     register,
 )
-from scrm.store.models import Identity, Touchpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,6 @@ T = TypeVar("T")
 #: Customer-service messages are allowed this long after the person's last interaction.
 REPLY_WINDOW = timedelta(hours=48)
 #: Inbound event kinds that open the window besides messages (WeChat: follow, QR scan, click menu).
-WINDOW_EVENT_KINDS = ("subscribe", "scan", "menu_click")
 #: WeChat shows text replies up to about this many bytes.
 MAX_REPLY_BYTES = 2048
 OUTSIDE_WINDOW = "outside_48h_window"
@@ -415,7 +412,7 @@ class WeChatChannel(Channel):
 
     async def send(self, message: OutboundMessage) -> SendResult:
         openid = message.external_id
-        if await self._in_window(message):
+        if self._in_window(message):
             text, card = message.text, message.article
             if card is not None:
                 article = {"title": card.title, "description": card.description, "url": card.url,
@@ -451,22 +448,11 @@ class WeChatChannel(Channel):
         """Customer-service image message (e.g. a report chart); the 48-hour window applies."""
         return await self._request(lambda api: api.message.send_image(openid, media_id), None)
 
-    async def _in_window(self, message: OutboundMessage) -> bool:
-        now = self.service.clock.now()
-        if message.last_inbound_at is not None and now - message.last_inbound_at < REPLY_WINDOW:
-            return True
-        # Following, scanning a QR code or clicking a menu also opens the window, but the core only
-        # tracks messages in last_inbound_at: look for those events in the touchpoints.
-        async with self.service.sessions() as session:
-            last_event: datetime | None = await session.scalar(
-                select(func.max(Touchpoint.created_at))
-                .join(Identity, Identity.customer_id == Touchpoint.customer_id)
-                .where(Identity.channel == self.type_name, Identity.account == self.account,
-                       Identity.external_id == message.external_id,
-                       Touchpoint.channel == self.type_name, Touchpoint.account == self.account,
-                       Touchpoint.direction == "in", Touchpoint.kind.in_(WINDOW_EVENT_KINDS))
-            )
-        return last_event is not None and now - last_event < REPLY_WINDOW
+    def _in_window(self, message: OutboundMessage) -> bool:
+        """Inside 48 hours of the person's last interaction (the core counts follows, QR scans and
+        menu clicks as interactions too, as WeChat does)."""
+        last = message.last_inbound_at
+        return last is not None and self.service.clock.now() - last < REPLY_WINDOW
 
     async def _run(self, fn: Callable[[_Api], T]) -> T:
         if self._executor is None:
