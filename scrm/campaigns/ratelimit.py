@@ -25,6 +25,10 @@ FROM clock WHERE rate_buckets.key = :key
 RETURNING CAST(EXTRACT(EPOCH FROM (rate_buckets.updated_at - clock.now)) AS float8) - CAST(:interval AS float8)
 """)
 
+#: Reservations a stalled sender may make before it sends anyway (it cannot wait forever).
+MAX_RESERVATIONS = 5
+
+
 class SharedBucket:
     """At most ``rate`` sends per second across every instance, evenly spaced.
 
@@ -37,9 +41,16 @@ class SharedBucket:
         self.sessions, self.key, self.rate = sessions, key, rate
 
     async def acquire(self) -> None:
-        wait = await self._reserve()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        """Sleep until our slot. A sender that wakes more than a slot late (its process was stalled)
+        takes a new slot instead: going now would land next to the senders whose slots come next."""
+        loop = asyncio.get_running_loop()
+        for _ in range(MAX_RESERVATIONS):
+            wait = await self._reserve()
+            due = loop.time() + max(wait, 0.0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if loop.time() - due <= 1.0 / self.rate:
+                return
 
     async def _reserve(self) -> float:
         params = {"key": self.key, "interval": 1.0 / self.rate}
