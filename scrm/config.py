@@ -270,6 +270,9 @@ class LoggingConfig(_Strict):
     #: ``text`` is for people at a terminal; ``json`` (one object per line) for log collectors.
     format: Literal["text", "json"] = "text"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: One line per HTTP request (aiohttp's access log). Off by default: at webhook rates it drowns
+    #: the service's own lines and costs about a tenth of ingest's CPU; request ids tie those to requests.
+    access_log: bool = False
 
 
 class ReportsConfig(_Strict):

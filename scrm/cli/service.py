@@ -68,6 +68,7 @@ def run(ctx: click.Context, host: str | None, port: int | None, role: str) -> No
 
     run_async(check_store(config))  # a missing or wrong privacy key stops here, with a clear message
     web.run_app(create_app(config, role=role), host=host, port=port,  # type: ignore[arg-type]
+                access_log=web.access_logger if config.logging.access_log else None,
                 print=lambda _: out.print(f"scrm ({role}) serving on http://{host}:{port} (store: {config.store.url})"))
 
 
