@@ -2,12 +2,12 @@
 
     python -m bench.tagging [--messages 2000] [--rounds 5] [--rules 10000]
 
-Both taggers are the project's KeywordTagger (jieba segmentation, one index lookup per token) built
-from generated Chinese and English keywords; messages contain keywords of both rule sets. The two
-are timed alternately (A B A B) and the headline is the ratio of the medians (10,000 / 10). jieba's
-dictionary is process-wide, so both taggers segment with it once the big rule set is built; the
-10-rule tagger is also timed before that, alone. rjieba (jieba-rs), when installed, is timed on the
-same messages for comparison only.
+Both taggers are the project's KeywordTagger (jieba segmentation through rjieba, one index lookup
+per token) built from generated Chinese and English keywords; messages contain keywords of both rule
+sets. The two are timed alternately (A B A B) and the headline is the ratio of the medians
+(10,000 / 10). The dictionary is process-wide, so both taggers segment with it once the big rule set
+is built; the 10-rule tagger is also timed before that, alone. The segmenter alone, and Python's
+jieba when installed (not a dependency), are timed on the same messages for comparison only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from bench.common import table, write_results
 from scrm.config import KeywordRule
-from scrm.tagging import KeywordTagger, normalize
+from scrm.tagging import KeywordTagger, normalize, segmenter
 
 #: Common characters for generated Chinese keywords and filler text.
 HANZI = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定"
@@ -105,7 +105,7 @@ def main() -> None:
     hits_big = sum(len(big.match(m)) for m in messages)
 
     rows = [("", "µs / message", "tag hits"),
-            ("10 rules, before the big set joined jieba", f"{alone:.1f}", ""),
+            ("10 rules, before the big set joined the dictionary", f"{alone:.1f}", ""),
             ("10 rules", f"{small_us:.1f}", str(hits_small)),
             (f"{args.rules:,} rules", f"{big_us:.1f}", str(hits_big))]
     figures: dict[str, object] = {
@@ -115,21 +115,21 @@ def main() -> None:
         "big_build_seconds": round(build_seconds, 2), "hits_small": hits_small, "hits_big": hits_big,
     }
 
-    import jieba
-
     normalized = [normalize(m) for m in messages]
-    jieba_us = statistics.median(time_per_message(jieba.lcut, normalized) for _ in range(args.rounds))
-    rows.append(("jieba.lcut alone (same dictionary)", f"{jieba_us:.1f}", ""))
-    figures["jieba_lcut_us"] = round(jieba_us, 2)
+    cut_us = statistics.median(time_per_message(segmenter().cut, normalized) for _ in range(args.rounds))
+    rows.append(("segmentation alone (rjieba, same dictionary)", f"{cut_us:.1f}", ""))
+    figures["rjieba_us"] = round(cut_us, 2)
     try:
-        import rjieba
+        import jieba
     except ImportError:
-        figures["rjieba_us"] = None
+        figures["jieba_lcut_us"] = None
     else:
-        time_per_message(rjieba.cut, normalized)
-        rjieba_us = statistics.median(time_per_message(rjieba.cut, normalized) for _ in range(args.rounds))
-        rows.append(("rjieba.cut alone (its own dictionary, for comparison)", f"{rjieba_us:.1f}", ""))
-        figures["rjieba_us"] = round(rjieba_us, 2)
+        for word in {normalize(k) for r in small_rules + big_rules for k in r.keywords}:
+            jieba.add_word(word, freq=100_000)
+        time_per_message(jieba.lcut, normalized)
+        jieba_us = statistics.median(time_per_message(jieba.lcut, normalized) for _ in range(args.rounds))
+        rows.append(("Python jieba.lcut alone (for comparison)", f"{jieba_us:.1f}", ""))
+        figures["jieba_lcut_us"] = round(jieba_us, 2)
 
     ratio = big_us / small_us
     figures |= {"ratio": round(ratio, 3), "target_ratio": 1.5}

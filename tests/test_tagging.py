@@ -56,6 +56,20 @@ def test_rule_terms_segment_as_one_token(tagger):
     assert "优惠券" in tokenize("有优惠券吗")
 
 
+def test_latin_words_split_as_jieba_splits_them():
+    """jieba-rs keeps "win-back" or a date whole; keywords were written against Python jieba's runs."""
+    assert tokenize("Win-back 2026-01-05 opted_out coupon. v1.5") == [
+        "win", "back", "2026", "01", "05", "opted", "out", "coupon", "v1.5"]
+
+
+def test_user_dictionary_joins_words(tmp_path):
+    text = "蓝莓味酸奶棒"
+    assert "蓝莓味酸奶棒" not in tokenize(text)
+    (tmp_path / "userdict.txt").write_text("蓝莓味酸奶棒 50000 n\n", "utf-8")
+    KeywordTagger([], tmp_path / "userdict.txt")
+    assert "蓝莓味酸奶棒" in tokenize(text)
+
+
 def test_weights_score_each_distinct_keyword(tagger):
     [hit] = [h for h in tagger.match("我想下单买两罐") if h.tag == "high-intent"]
     assert hit.score == 3
