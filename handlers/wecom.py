@@ -47,7 +47,7 @@ from wechatpy.exceptions import InvalidSignatureException
 
 from scrm import coupons, groups
 from scrm.campaigns import templates
-from scrm.campaigns.planner import plan_event
+from scrm.campaigns.planner import Trigger, plan_events
 from scrm.channels import Channel, InboundEvent, OutboundMessage, SendResult, register
 from scrm.customers import find_customer, touchpoint
 from scrm.ingest import StoreUnavailable
@@ -550,7 +550,7 @@ class WeComChannel(Channel):
                                name: str | None) -> _Prepared:
         svc = self.service
         prepared = _Prepared(rule=key)
-        planned: list[str] = []
+        planned = 0
         detail = f"wecom:welcome:{key}"
         async with svc.sessions() as session, session.begin():
             now = svc.clock.now()
@@ -566,9 +566,8 @@ class WeComChannel(Channel):
                 if await add_tag(session, customer.id, tag, "behaviour", detail, now):
                     touchpoint(session, customer_id=customer.id, channel="wecom", account=self.account,
                                direction="internal", kind="tag_added", now=now, payload={"tag": tag, "rule": detail})
-                    planned += await plan_event(session, list(svc.campaigns.values()), svc.paused, "tag_added",
-                                                customer_id=customer.id, channel="wecom", account=self.account,
-                                                external_id=job.external_id, now=now, tag=tag)
+                    planned += await plan_events(session, list(svc.campaigns.values()), svc.paused, [
+                        Trigger("tag_added", customer.id, "wecom", self.account, job.external_id, tag=tag)], now)
             if not job.code:
                 return prepared
             context: dict[str, Any] = {"customer": {"id": customer.id, "name": customer.display_name or "朋友",

@@ -68,7 +68,7 @@ class Ingestor:
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            outcomes = await self._process([event for event, _ in batch])
+            outcome = await self._process([event for event, _ in batch])
         except Exception:
             if len(batch) == 1:
                 metrics.store_error("ingest")
@@ -79,17 +79,16 @@ class Ingestor:
             for item in batch:
                 await self._commit([item])
             return
-        for (_, future), outcome in zip(batch, outcomes):
-            _resolve(future, outcome.reaction)
-        if any(o.planned for o in outcomes):
+        for (_, future), reaction in zip(batch, outcome.reactions):
+            _resolve(future, reaction)
+        if outcome.planned:
             self.service.wake_outbox()
-        self.service.touch({o.reaction.customer_id for o in outcomes if o.reaction.customer_id is not None})
+        self.service.touch(outcome.customers)
 
-    async def _process(self, events: list[InboundEvent]) -> list[pipeline.Outcome]:
+    async def _process(self, events: list[InboundEvent]) -> pipeline.BatchOutcome:
         svc = self.service
         async with svc.sessions() as session, session.begin():
-            now = svc.clock.now()
-            return [await pipeline.handle(svc, session, event, now) for event in events]
+            return await pipeline.handle_batch(svc, session, events, svc.clock.now())
 
 
 def _resolve(future: asyncio.Future[Reaction], reaction: Reaction | None = None, exc: Exception | None = None) -> None:

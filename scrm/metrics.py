@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 from sqlalchemy import event, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from scrm.store.models import Delivery, Touchpoint
@@ -166,6 +167,11 @@ def _count_flushed(session: Session, _context: Any) -> None:
     written = [(o.channel, o.direction) for o in session.new if isinstance(o, Touchpoint)]
     if written:
         session.info.setdefault(_PENDING, []).extend(written)
+
+
+def bulk_touchpoints(session: Session | AsyncSession, rows: Iterable[dict[str, Any]]) -> None:
+    """Touchpoints written by a bulk insert (no ORM objects to see at flush): counted at commit too."""
+    session.info.setdefault(_PENDING, []).extend((r["channel"], r["direction"]) for r in rows)
 
 
 @event.listens_for(Session, "after_commit")

@@ -1,168 +1,271 @@
-"""What happens to one inbound event inside the ingest transaction.
+"""What happens to a batch of inbound events inside the ingest transaction.
 
-Customer upsert, the touchpoint, customer commands, keyword tags and campaign triggers all share
-the transaction, so an event acknowledged to the platform has had all its effects committed.
+Set-based where the traffic is: one query finds the platform's retries, one finds the customers
+behind the batch's identities (one insert creates the new ones), and touchpoints, last-seen times,
+keyword tags and campaign triggers are written a few statements per batch. Events that need the
+customer row (follows, phone sharing, opt-out and coupon or loyalty commands, staff commands) load
+it and run one by one, after what the batch queued so far is written, so order is kept. Everything
+shares the transaction: an event acknowledged to the platform has had all its effects committed.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import commands, coupons, groups, staff
+from scrm import commands, coupons, groups, metrics, staff
 from scrm.campaigns.definitions import TriggerEvent
-from scrm.campaigns.planner import plan_event
+from scrm.campaigns.planner import Trigger, plan_events
 from scrm.channels import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
-from scrm.customers import find_or_create, touchpoint
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
 from scrm.personal import capture_phone, scrub_payload
-from scrm.store.models import Customer, Touchpoint
-from scrm.tagging import apply_hit, tokenize
+from scrm.store.models import Customer, Identity, Touchpoint
+from scrm.tagging import TagHit, apply_hits, tokenize
 
 if TYPE_CHECKING:
     from scrm.service import Service
 
+_Key = tuple[str, str, str]  # channel, account, external id
+
 
 @dataclass
-class Outcome:
-    reaction: Reaction
-    planned: list[str] = field(default_factory=list)
+class BatchOutcome:
+    reactions: list[Reaction]
+    #: Deliveries newly planned (the outbox is woken when there are any).
+    planned: int
+    #: Customers with new events (queued for the incremental profile refresh).
+    customers: set[int]
 
 
-async def _is_duplicate(session: AsyncSession, event: InboundEvent) -> bool:
-    if event.platform_msg_id is None:
-        return False
-    found = await session.scalar(
-        select(Touchpoint.id).where(
-            Touchpoint.channel == event.channel,
-            Touchpoint.account == event.account,
-            Touchpoint.platform_msg_id == event.platform_msg_id,
-        )
-    )
-    return found is not None
+@dataclass
+class _Batch:
+    """What the batch's events queued, written together by :meth:`flush`."""
+
+    service: Service
+    session: AsyncSession
+    now: datetime
+    touchpoints: list[dict[str, Any]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    interacted: set[int] = field(default_factory=set)
+    names: dict[int, str] = field(default_factory=dict)
+    hits: list[tuple[int, TagHit, InboundEvent]] = field(default_factory=list)
+    triggers: list[Trigger] = field(default_factory=list)
+    planned: int = 0
+
+    def touchpoint(self, event: InboundEvent, customer_id: int | None, direction: str, kind: str, *,
+                   text: str | None = None, payload: dict[str, Any] | None = None,
+                   platform_msg_id: str | None = None, actor: str | None = None) -> None:
+        self.touchpoints.append({
+            "customer_id": customer_id, "actor": actor, "channel": event.channel, "account": event.account,
+            "direction": direction, "kind": kind, "text": text, "payload": payload or {},
+            "platform_msg_id": platform_msg_id, "campaign": None, "delivery_id": None, "created_at": self.now,
+        })
+
+    def trigger(self, name: TriggerEvent, customer_id: int, event: InboundEvent, *, tag: str | None = None,
+                words: frozenset[str] | None = None) -> None:
+        self.triggers.append(Trigger(name, customer_id, event.channel, event.account, event.external_id, tag, words))
+
+    async def customer(self, customer_id: int) -> Customer:
+        """The customer's row, for the events that change more than the batch columns."""
+        await self.flush()
+        customer = await self.session.get(Customer, customer_id)
+        assert customer is not None
+        return customer
+
+    async def flush(self) -> None:
+        session, now = self.session, self.now
+        if self.hits:
+            hits, self.hits = self.hits, []
+            events = {id(hit): event for _, hit, event in hits}
+            for customer_id, hit in await apply_hits(session, [(c, h) for c, h, _ in hits], now):
+                event = events[id(hit)]
+                self.touchpoint(event, customer_id, "internal", "tag_added",
+                                payload={"tag": hit.tag, "keyword": hit.keyword, "score": hit.score})
+                self.trigger("tag_added", customer_id, event, tag=hit.tag)
+        customers = Customer.__table__
+        for ids, values in ((self.seen, {"last_seen_at": now}), (self.interacted, {"last_inbound_at": now})):
+            if ids:
+                await session.execute(update(customers).where(customers.c.id.in_(ids)).values(values))
+                ids.clear()
+        if self.names:
+            await session.execute(
+                update(customers).where(customers.c.id == bindparam("row_id"), customers.c.display_name.is_(None))
+                .values(display_name=bindparam("name")),
+                [{"row_id": i, "name": n} for i, n in self.names.items()])
+            self.names.clear()
+        if self.touchpoints:
+            rows, self.touchpoints = self.touchpoints, []
+            await session.execute(insert(Touchpoint.__table__), rows)
+            metrics.bulk_touchpoints(session, rows)
+        if self.triggers:
+            triggers, self.triggers = self.triggers, []
+            self.planned += await plan_events(session, list(self.service.campaigns.values()), self.service.paused,
+                                              triggers, now)
 
 
-async def handle(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
-    if await _is_duplicate(session, event):
-        return Outcome(Reaction(duplicate=True))
-    role = service.config.staff.get(f"{event.channel}:{event.external_id}")
-    if role is not None:
-        return await _handle_staff(service, session, event, role, now)
-    return await _handle_customer(service, session, event, now)
+async def handle_batch(service: Service, session: AsyncSession, events: list[InboundEvent],
+                       now: datetime) -> BatchOutcome:
+    batch = _Batch(service, session, now)
+    fresh = await _fresh(session, events)
+    roles = [service.config.staff.get(f"{e.channel}:{e.external_id}") for e in events]
+    customers = await _customers(session, [e for e, new, r in zip(events, fresh, roles) if new and r is None], now)
+    reactions: list[Reaction] = []
+    for event, new, role in zip(events, fresh, roles):
+        if not new:
+            reactions.append(Reaction(duplicate=True))
+        elif role is not None:
+            await batch.flush()
+            reactions.append(await _handle_staff(batch, event, role))
+        else:
+            customer_id, created = customers[(event.channel, event.account, event.external_id)]
+            reaction = await _handle_customer(batch, event, customer_id, created)
+            reactions.append(reaction)
+            # later events of this identity: not a first contact, and the merged customer if it merged
+            customers[(event.channel, event.account, event.external_id)] = (reaction.customer_id or customer_id, False)
+    await batch.flush()
+    return BatchOutcome(reactions, batch.planned, {r.customer_id for r in reactions if r.customer_id is not None})
 
 
-def _record(session: AsyncSession, event: InboundEvent, now: datetime, customer_id: int | None,
-            actor: str | None = None) -> None:
-    touchpoint(session, customer_id=customer_id, actor=actor, channel=event.channel, account=event.account,
-               direction="in", kind=event.kind, now=now, text=event.text or None, payload=scrub_payload(event.payload),
-               platform_msg_id=event.platform_msg_id)
+async def _fresh(session: AsyncSession, events: list[InboundEvent]) -> list[bool]:
+    """False for retries of an event already stored (or earlier in this batch), by platform id."""
+    wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for e in events:
+        if e.platform_msg_id is not None:
+            wanted[(e.channel, e.account)].add(e.platform_msg_id)
+    seen: set[tuple[str, str, str | None]] = set()
+    for (channel, account), msg_ids in wanted.items():
+        stored = await session.scalars(select(Touchpoint.platform_msg_id).where(
+            Touchpoint.channel == channel, Touchpoint.account == account, Touchpoint.platform_msg_id.in_(msg_ids)))
+        seen |= {(channel, account, m) for m in stored}
+    fresh = []
+    for e in events:
+        key = (e.channel, e.account, e.platform_msg_id)
+        fresh.append(e.platform_msg_id is None or key not in seen)
+        seen.add(key)
+    return fresh
 
 
-def _reply(session: AsyncSession, event: InboundEvent, now: datetime, text: str, customer_id: int | None,
-           actor: str | None = None) -> None:
-    touchpoint(session, customer_id=customer_id, actor=actor, channel=event.channel, account=event.account,
-               direction="out", kind="reply", now=now, text=text)
+async def _customers(session: AsyncSession, events: list[InboundEvent], now: datetime) -> dict[_Key, tuple[int, bool]]:
+    """The customer behind each event's identity, and whether it was created now (first contact)."""
+    wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for e in events:
+        wanted[(e.channel, e.account)].add(e.external_id)
+    found: dict[_Key, tuple[int, bool]] = {}
+    for (channel, account), external_ids in wanted.items():
+        rows = await session.execute(select(Identity.external_id, Identity.customer_id).where(
+            Identity.channel == channel, Identity.account == account, Identity.external_id.in_(external_ids)))
+        found |= {(channel, account, external_id): (customer_id, False) for external_id, customer_id in rows}
+    first: dict[_Key, InboundEvent] = {}
+    for e in events:
+        first.setdefault((e.channel, e.account, e.external_id), e)
+    new = [(key, e) for key, e in first.items() if key not in found]
+    if new:
+        # New customers differ only in name and source, so equal rows are interchangeable and
+        # RETURNING's unspecified order needs no sentinel column (which would mean a row per insert).
+        rows = [{"display_name": e.display_name, "acquisition_source": e.source or f"{e.channel}:{e.account}",
+                 "first_seen_at": now, "last_seen_at": now, "attributes": {}} for _, e in new]
+        returned: dict[tuple[str | None, str], list[int]] = defaultdict(list)
+        for cid, name, source in await session.execute(
+                insert(Customer).returning(Customer.id, Customer.display_name, Customer.acquisition_source), rows):
+            returned[(name, source)].append(cid)
+        created = {key: returned[(row["display_name"], row["acquisition_source"])].pop()
+                   for (key, _), row in zip(new, rows)}
+        await session.execute(insert(Identity.__table__), [
+            {"customer_id": cid, "channel": key[0], "account": key[1], "external_id": key[2], "created_at": now}
+            for key, cid in created.items()])
+        found |= {key: (cid, True) for key, cid in created.items()}
+    return found
 
 
-async def _handle_staff(service: Service, session: AsyncSession, event: InboundEvent, role: Role,
-                        now: datetime) -> Outcome:
+async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role) -> Reaction:
     actor = f"staff:{event.channel}:{event.external_id}"
-    _record(session, event, now, None, actor)
-    answer = await staff.dispatch(staff.StaffContext(service, session, event, actor, role, now))
-    _reply(session, event, now, answer.text, None, actor)
-    return Outcome(Reaction(replies=(answer.text,), images=answer.images))
+    batch.touchpoint(event, None, "in", event.kind, text=event.text or None, payload=scrub_payload(event.payload),
+                     platform_msg_id=event.platform_msg_id, actor=actor)
+    await batch.flush()
+    answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
+    batch.touchpoint(event, None, "out", "reply", text=answer.text, actor=actor)
+    return Reaction(replies=(answer.text,), images=answer.images)
 
 
-async def _handle_customer(service: Service, session: AsyncSession, event: InboundEvent, now: datetime) -> Outcome:
-    customer, created = await find_or_create(
-        session, event.channel, event.account, event.external_id, now, event.display_name, event.source
-    )
-    customer.last_seen_at = now
+async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int, created: bool) -> Reaction:
+    session, now = batch.session, batch.now
+    batch.seen.add(customer_id)
     if event.kind in INTERACTION_KINDS:
-        customer.last_inbound_at = now
-    _record(session, event, now, customer.id)
-    outcome = Outcome(Reaction(customer_id=customer.id))
+        batch.interacted.add(customer_id)
+    if event.display_name and not created:
+        batch.names[customer_id] = event.display_name
+    batch.touchpoint(event, customer_id, "in", event.kind, text=event.text or None,
+                     payload=scrub_payload(event.payload), platform_msg_id=event.platform_msg_id)
     replies: list[str] = []
     text = event.text.strip()
 
     if event.kind in ("unsubscribe", "blocked"):
+        customer = await batch.customer(customer_id)
         customer.opted_out = True
         record_consent(session, customer.id, event.channel, False, "unsubscribed", now, detail=event.kind)
     elif event.kind == "subscribe":
+        customer = await batch.customer(customer_id)
         customer.opted_out = False
         record_consent(session, customer.id, event.channel, True, "subscribed", now, detail=event.source)
         if event.source and not created:
             customer.attributes = {**customer.attributes, "last_source": event.source}
     elif event.kind == "contact_removed":
+        customer = await batch.customer(customer_id)
         customer.stage, customer.opted_out = "lost", True
     elif event.kind == "contact_shared" and isinstance(event.payload.get("phone"), str):
-        if await capture_phone(session, customer, event.payload["phone"], service.keyring, event.channel, now):
-            customer = await merge_by_verified_phone(session, customer, f"verified-phone:{event.channel}", now)
+        customer = await batch.customer(customer_id)
+        if await capture_phone(session, customer, event.payload["phone"], batch.service.keyring, event.channel, now):
+            customer_id = (await merge_by_verified_phone(session, customer, f"verified-phone:{event.channel}", now)).id
+            batch.seen.add(customer_id)
+            batch.interacted.add(customer_id)
     elif event.kind in ("group_joined", "group_left") and isinstance(event.payload.get("group_id"), (str, int)):
+        await batch.flush()
         group = await groups.upsert_group(session, event.channel, event.account, str(event.payload["group_id"]), now,
                                           title=event.payload.get("group_title"))
-        await groups.set_member(session, group, customer.id, event.kind == "group_joined", now)
+        await groups.set_member(session, group, customer_id, event.kind == "group_joined", now)
     elif event.kind in MESSAGE_KINDS and text:
-        replies += await _customer_text(service, session, customer, event, text, now, outcome)
+        replies += await _customer_text(batch, customer_id, event, text)
 
     if created:
-        outcome.planned += await _trigger(service, session, customer, event, now, "first_message")
+        batch.trigger("first_message", customer_id, event)
     for reply in replies:
-        _reply(session, event, now, reply, customer.id)
-    outcome.reaction = Reaction(replies=tuple(replies), customer_id=customer.id)
-    return outcome
+        batch.touchpoint(event, customer_id, "out", "reply", text=reply)
+    return Reaction(replies=tuple(replies), customer_id=customer_id)
 
 
-async def _customer_text(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
-                         text: str, now: datetime, outcome: Outcome) -> list[str]:
+async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, text: str) -> list[str]:
     """Customer commands (opt out, redeem, staff-only refusal) or, for ordinary text, keyword tags."""
+    service, session, now = batch.service, batch.session, batch.now
     if commands.is_opt_out(text):
-        customer.opted_out = True
-        record_consent(session, customer.id, event.channel, False, "opt_out", now, detail=text[:32])
+        (await batch.customer(customer_id)).opted_out = True
+        record_consent(session, customer_id, event.channel, False, "opt_out", now, detail=text[:32])
         return [commands.OPT_OUT_REPLY]
     if is_opt_in(text):
-        customer.opted_out = False
-        record_consent(session, customer.id, event.channel, True, "message", now, detail=text[:32])
+        (await batch.customer(customer_id)).opted_out = False
+        record_consent(session, customer_id, event.channel, True, "message", now, detail=text[:32])
         return [OPT_IN_REPLY]
     if staff.parse(text):
         return [staff.REFUSAL_REPLY]
     if code := commands.redeem_code(text):
-        result = await coupons.redeem(session, code, now, via="chat", customer_id=customer.id)
+        await batch.flush()
+        result = await coupons.redeem(session, code, now, via="chat", customer_id=customer_id)
         if result.status == "redeemed":
-            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
-                       direction="internal", kind="coupon_redeemed", now=now, payload={"code": result.code})
+            batch.touchpoint(event, customer_id, "internal", "coupon_redeemed", payload={"code": result.code})
         return [result.reply]
-    if (answers := await loyalty_commands.dispatch(service, session, customer, event, text, now)) is not None:
-        return answers  # 签到, 积分, 积分兑换, /invite, survey answers (scrm.loyalty.commands)
-    await _tag_keywords(service, session, customer, event, now, outcome)
+    if service.config.loyalty is not None:  # 签到, 积分, 积分兑换, /invite, survey answers (scrm.loyalty.commands)
+        answers = await loyalty_commands.dispatch(service, session, await batch.customer(customer_id), event, text, now)
+        if answers is not None:
+            return answers
+    batch.hits += [(customer_id, hit, event) for hit in service.tagger.match(event.text)]
     if any(c.definition.trigger.event == "keyword" for c in service.campaigns.values()):
-        outcome.planned += await _trigger(service, session, customer, event, now, "keyword", words=set(tokenize(text)))
+        batch.trigger("keyword", customer_id, event, words=frozenset(tokenize(text)))
     return []
-
-
-async def _tag_keywords(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
-                        now: datetime, outcome: Outcome) -> None:
-    for hit in service.tagger.match(event.text):
-        if await apply_hit(session, customer.id, hit, now):
-            touchpoint(session, customer_id=customer.id, channel=event.channel, account=event.account,
-                       direction="internal", kind="tag_added", now=now,
-                       payload={"tag": hit.tag, "keyword": hit.keyword, "score": hit.score})
-            outcome.planned += await _trigger(service, session, customer, event, now, "tag_added", hit.tag)
-
-
-async def _trigger(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent,
-                   now: datetime, name: TriggerEvent, tag: str | None = None,
-                   words: set[str] | None = None) -> list[str]:
-    return await plan_event(
-        session, list(service.campaigns.values()), service.paused, name,
-        customer_id=customer.id, channel=event.channel, account=event.account,
-        external_id=event.external_id, now=now, tag=tag, words=words,
-    )

@@ -13,13 +13,14 @@ import re
 import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import rjieba
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
@@ -124,14 +125,19 @@ class KeywordTagger:
         return hits
 
 
+async def tag_ids(session: AsyncSession, names: set[str]) -> dict[str, int]:
+    """Tag ids by name, creating the missing tags."""
+    found: dict[str, int] = {name: tid for name, tid in await session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names)))}
+    missing = sorted(names - found.keys())
+    if missing:
+        created = await session.scalars(insert(Tag).returning(Tag.id, sort_by_parameter_order=True),
+                                        [{"name": name} for name in missing])
+        found |= dict(zip(missing, created.all()))
+    return found
+
+
 async def tag_id(session: AsyncSession, name: str) -> int:
-    found = await session.scalar(select(Tag.id).where(Tag.name == name))
-    if found is not None:
-        return found
-    tag = Tag(name=name)
-    session.add(tag)
-    await session.flush()
-    return tag.id
+    return (await tag_ids(session, {name}))[name]
 
 
 async def add_tag(
@@ -162,20 +168,68 @@ async def remove_tag(session: AsyncSession, customer_id: int, name: str) -> bool
     return bool(result.rowcount)
 
 
-async def apply_hit(session: AsyncSession, customer_id: int, hit: TagHit, now: datetime) -> bool:
-    """Add a hit's score to the customer's interest in the tag; True when the tag is newly applied."""
-    rule = hit.rule
-    expires = now + timedelta(days=rule.ttl_days) if rule.ttl_days else None
-    score = hit.score
-    if rule.threshold > hit.score or rule.weights:
-        tid = await tag_id(session, rule.tag)
-        row = await session.scalar(
-            select(TagScore).where(TagScore.customer_id == customer_id, TagScore.tag_id == tid))
-        if row is None:
-            row = TagScore(customer_id=customer_id, tag_id=tid, score=0.0, updated_at=now)
-            session.add(row)
-        row.score, row.updated_at = row.score + hit.score, now
-        score = row.score
-        if score < rule.threshold:
-            return False
-    return await add_tag(session, customer_id, rule.tag, "keyword", hit.keyword, now, score, expires)
+async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], now: datetime) -> list[tuple[int, TagHit]]:
+    """Add keyword hits (customer id, hit), in order, to the customers' interest in their tags and
+    apply the tags that reach their thresholds, with a few statements for the whole batch; returns
+    the hits that applied a tag the customer did not hold."""
+    if not hits:
+        return []
+    ids = await tag_ids(session, {hit.rule.tag for _, hit in hits})
+    customers = {customer_id for customer_id, _ in hits}
+    held: dict[tuple[int, int], dict[str, Any]] = {
+        (row.customer_id, row.tag_id): {"id": row.id, "score": row.score, "expires_at": row.expires_at}
+        for row in await session.execute(select(CustomerTag.id, CustomerTag.customer_id, CustomerTag.tag_id,
+                                                CustomerTag.score, CustomerTag.expires_at).where(
+            CustomerTag.customer_id.in_(customers), CustomerTag.tag_id.in_(ids.values())))
+    }
+    scores: dict[tuple[int, int], dict[str, Any]] = {}
+    if any(_accumulates(hit) for _, hit in hits):
+        scores = {(row.customer_id, row.tag_id): {"id": row.id, "score": row.score}
+                  for row in await session.execute(select(TagScore.id, TagScore.customer_id, TagScore.tag_id,
+                                                          TagScore.score).where(
+                      TagScore.customer_id.in_(customers), TagScore.tag_id.in_(ids.values())))}
+    applied: list[tuple[int, TagHit]] = []
+    for customer_id, hit in hits:
+        rule, key = hit.rule, (customer_id, ids[hit.rule.tag])
+        score = hit.score
+        if _accumulates(hit):
+            row = scores.setdefault(key, {"id": None, "score": 0.0})
+            row["score"] = score = row["score"] + hit.score
+            if score < rule.threshold:
+                continue
+        expires = now + timedelta(days=rule.ttl_days) if rule.ttl_days else None
+        if key in held:
+            held[key] |= {"score": max(held[key]["score"], score), "expires_at": expires, "dirty": True}
+            continue
+        held[key] = {"id": None, "score": score, "expires_at": expires, "detail": hit.keyword}
+        applied.append((customer_id, hit))
+    await _write(session, TagScore, {k: v for k, v in scores.items()},
+                 lambda k, v: {"customer_id": k[0], "tag_id": k[1], "score": v["score"], "updated_at": now},
+                 lambda v: {"score": v["score"], "updated_at": now})
+    await _write(session, CustomerTag, {k: v for k, v in held.items() if v["id"] is None or v.get("dirty")},
+                 lambda k, v: {"customer_id": k[0], "tag_id": k[1], "source": "keyword", "source_detail": v["detail"],
+                               "score": v["score"], "added_at": now, "expires_at": v["expires_at"]},
+                 lambda v: {"score": v["score"], "expires_at": v["expires_at"]})
+    return applied
+
+
+def _accumulates(hit: TagHit) -> bool:
+    """Rules with a threshold above one hit's score, or with weights, keep a running score."""
+    return hit.rule.threshold > hit.score or bool(hit.rule.weights)
+
+
+async def _write(session: AsyncSession, model: type[CustomerTag] | type[TagScore],
+                 rows: dict[tuple[int, int], dict[str, Any]],
+                 new: Callable[[tuple[int, int], dict[str, Any]], dict[str, Any]],
+                 changed: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Insert the rows without an id and update the others, one executemany each."""
+    inserts = [new(k, v) for k, v in rows.items() if v["id"] is None]
+    updates = [{"row_id": v["id"], **{f"new_{c}": x for c, x in changed(v).items()}}
+               for v in rows.values() if v["id"] is not None]
+    table = model.__table__
+    if inserts:
+        await session.execute(insert(table), inserts)
+    if updates:
+        columns = [c.removeprefix("new_") for c in updates[0] if c != "row_id"]
+        await session.execute(update(table).where(table.c.id == bindparam("row_id"))
+                              .values({c: bindparam(f"new_{c}") for c in columns}), updates)

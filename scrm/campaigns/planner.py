@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,47 +32,35 @@ def triggered(campaigns: Sequence[LoadedCampaign], paused: set[str], event: Trig
     ]
 
 
-async def plan_event(
-    session: AsyncSession,
-    campaigns: Sequence[LoadedCampaign],
-    paused: set[str],
-    event: TriggerEvent,
-    *,
-    customer_id: int,
-    channel: str,
-    account: str,
-    external_id: str,
-    now: datetime,
-    tag: str | None = None,
-    words: set[str] | None = None,
-) -> list[str]:
-    """Plan every active campaign triggered by ``event``; returns the names newly planned."""
-    planned: list[str] = []
-    for loaded in triggered(campaigns, paused, event, tag=tag, words=words):
-        d = loaded.definition
-        if d.channels and channel not in d.channels:
-            continue
-        inserted = await insert_ignore(
-            session,
-            Delivery.__table__,
-            {
-                "campaign": d.name,
-                "step": 0,
-                "target": f"c{customer_id}",
-                "occurrence": "",
-                "customer_id": customer_id,
-                "channel": channel,
-                "account": account,
-                "external_id": external_id,
-                "status": "planned",
-                "attempts": 0,
-                "due_at": now + d.delay,
+@dataclass(frozen=True)
+class Trigger:
+    """One event that may start campaigns for one customer (reached on the identity it came from)."""
+
+    event: TriggerEvent
+    customer_id: int
+    channel: str
+    account: str
+    external_id: str
+    tag: str | None = None
+    words: frozenset[str] | None = None
+
+
+async def plan_events(session: AsyncSession, campaigns: Sequence[LoadedCampaign], paused: set[str],
+                      triggers: Sequence[Trigger], now: datetime) -> int:
+    """Plan every active campaign the triggers start, in one insert; returns the deliveries newly planned."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for t in triggers:
+        for loaded in triggered(campaigns, paused, t.event, tag=t.tag, words=set(t.words or ())):
+            d = loaded.definition
+            if d.channels and t.channel not in d.channels:
+                continue
+            rows.setdefault((d.name, f"c{t.customer_id}"), {
+                "campaign": d.name, "step": 0, "target": f"c{t.customer_id}", "occurrence": "",
+                "customer_id": t.customer_id, "channel": t.channel, "account": t.account,
+                "external_id": t.external_id, "status": "planned", "attempts": 0, "due_at": now + d.delay,
                 "created_at": now,
-            },
-        )
-        if inserted:
-            planned.append(d.name)
-    return planned
+            })
+    return await insert_ignore(session, Delivery.__table__, list(rows.values())) if rows else 0
 
 
 def _value(value: Any) -> Any:
