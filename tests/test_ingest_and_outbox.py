@@ -8,8 +8,9 @@ import uuid
 
 from sqlalchemy import func, select, update
 
+from scrm import commands
 from scrm.channels import InboundEvent
-from scrm.store.models import Customer, Delivery, Identity, Touchpoint
+from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import eventually
 
@@ -43,6 +44,39 @@ async def test_concurrent_messages_share_commits_and_all_land(aiohttp_client, ma
     assert await count(service, Touchpoint, Touchpoint.direction == "in") == 200
     assert await count(service, Customer) == 40
     assert await count(service, Identity) == 40
+
+
+async def test_one_group_commit_keeps_each_events_effects_and_order(aiohttp_client, make_config, clock):
+    """Events that share one batch: a retry inside it, a new customer's second message, interest
+    accumulating to a threshold across two messages, an opt-out between a customer's messages."""
+    client = await aiohttp_client(create_app(make_config(), clock))
+    service = client.app[SERVICE]
+
+    def text(user: str, words: str, msg_id: str) -> InboundEvent:
+        return InboundEvent("console", "local", user, "text", text=words, platform_msg_id=msg_id)
+
+    events = [text("fay", "我想买奶粉", "f1"), text("fay", "我想买奶粉", "f1"), text("fay", "下单用优惠券", "f2"),
+              text("gus", "奶粉", "g1"), text("gus", "退订", "g2"), text("gus", "formula", "g3")]
+    # submitted without awaiting in between: the writer takes them as one batch
+    reactions = await asyncio.gather(*(service.receive(e) for e in events))
+
+    assert [r.duplicate for r in reactions] == [False, True, False, False, False, False]
+    fay, gus = reactions[0].customer_id, reactions[3].customer_id
+    assert fay and gus and fay != gus and reactions[2].customer_id == fay and reactions[5].customer_id == gus
+    assert reactions[4].replies == (commands.OPT_OUT_REPLY,)
+    assert await count(service, Customer) == 2 and await count(service, Identity) == 2
+    assert await count(service, Touchpoint, Touchpoint.direction == "in") == 5
+    async with service.sessions() as s:
+        tags = {(c, t) for c, t in await s.execute(
+            select(CustomerTag.customer_id, Tag.name).join(Tag, Tag.id == CustomerTag.tag_id))}
+        opted_out = dict((await s.execute(select(Customer.id, Customer.opted_out))).all())
+        welcomes = (await s.scalars(select(Delivery.customer_id).where(Delivery.campaign == "welcome"))).all()
+        tag_added = (await s.scalars(select(Touchpoint.customer_id).where(Touchpoint.kind == "tag_added"))).all()
+    # high-intent needs 3: 买 (1) in the first message, 下单 (2) in the second; the retry adds nothing
+    assert tags == {(fay, "奶粉"), (fay, "high-intent"), (fay, "coupon-seeker"), (gus, "奶粉")}
+    assert opted_out == {fay: False, gus: True}
+    assert sorted(welcomes) == sorted([fay, gus]), "one welcome per new customer, however many messages"
+    assert sorted(tag_added) == sorted([fay, fay, fay, gus]), "a tag applied once, however often it is hit"
 
 
 async def test_delivery_mid_send_at_crash_becomes_unknown_and_is_never_resent(aiohttp_client, make_config, clock):
