@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import commands, coupons, groups, metrics, staff
@@ -92,10 +92,14 @@ class _Batch:
                                 payload={"tag": hit.tag, "keyword": hit.keyword, "score": hit.score})
                 self.trigger("tag_added", customer_id, event, tag=hit.tag)
         customers = Customer.__table__
-        for ids, values in ((self.seen, {"last_seen_at": now}), (self.interacted, {"last_inbound_at": now})):
-            if ids:
-                await session.execute(update(customers).where(customers.c.id.in_(ids)).values(values))
-                ids.clear()
+        if self.seen:
+            # one statement for both: every interaction is also a sighting
+            await session.execute(update(customers).where(customers.c.id.in_(self.seen)).values(
+                last_seen_at=now,
+                last_inbound_at=case((customers.c.id.in_(self.interacted), now), else_=customers.c.last_inbound_at)
+                if self.interacted else customers.c.last_inbound_at))
+            self.seen.clear()
+            self.interacted.clear()
         if self.names:
             await session.execute(
                 update(customers).where(customers.c.id == bindparam("row_id"), customers.c.display_name.is_(None))

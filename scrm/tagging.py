@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import rjieba
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
@@ -125,14 +126,26 @@ class KeywordTagger:
         return hits
 
 
+#: Committed tag ids by store: tags are never deleted or renamed, so an id once read stays true.
+_known_tags: WeakKeyDictionary[Engine, dict[str, int]] = WeakKeyDictionary()
+
+
 async def tag_ids(session: AsyncSession, names: set[str]) -> dict[str, int]:
     """Tag ids by name, creating the missing tags."""
-    found: dict[str, int] = {name: tid for name, tid in await session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names)))}
+    known = _known_tags.setdefault(session.get_bind(), {})
+    created_here: set[str] = session.info.setdefault("scrm_created_tags", set())
+    found = {name: known[name] for name in names if name in known}
+    if len(found) < len(names):
+        rows = await session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names - found.keys())))
+        read = {name: tid for name, tid in rows}
+        known |= {name: tid for name, tid in read.items() if name not in created_here}  # those may roll back
+        found |= read
     missing = sorted(names - found.keys())
     if missing:
         created = await session.scalars(insert(Tag).returning(Tag.id, sort_by_parameter_order=True),
                                         [{"name": name} for name in missing])
         found |= dict(zip(missing, created.all()))
+        created_here.update(missing)
     return found
 
 
@@ -199,7 +212,9 @@ async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], 
                 continue
         expires = now + timedelta(days=rule.ttl_days) if rule.ttl_days else None
         if key in held:
-            held[key] |= {"score": max(held[key]["score"], score), "expires_at": expires, "dirty": True}
+            row = held[key]
+            if (max(row["score"], score), expires) != (row["score"], row["expires_at"]):
+                row |= {"score": max(row["score"], score), "expires_at": expires, "dirty": True}
             continue
         held[key] = {"id": None, "score": score, "expires_at": expires, "detail": hit.keyword}
         applied.append((customer_id, hit))
