@@ -70,10 +70,15 @@ def storable(value: Any) -> Any:
 
 
 def cleaned(event: InboundEvent) -> InboundEvent:
-    event = replace(event, **{f.name: storable(getattr(event, f.name)) for f in fields(event)})
+    values = {f.name: getattr(event, f.name) for f in _EVENT_FIELDS}
+    fixed = {name: storable(value) for name, value in values.items()}
     # Names and sources are the person's to choose: keep what fits the store rather than refuse them.
-    return replace(event, display_name=event.display_name[:255] if event.display_name else event.display_name,
-                   source=event.source[:128] if event.source else event.source)
+    fixed["display_name"] = fixed["display_name"][:255] if fixed["display_name"] else fixed["display_name"]
+    fixed["source"] = fixed["source"][:128] if fixed["source"] else fixed["source"]
+    return event if fixed == values else replace(event, **fixed)
+
+
+_EVENT_FIELDS = fields(InboundEvent)
 
 
 @dataclass(frozen=True)

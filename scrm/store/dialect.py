@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, Table
+from sqlalchemy import Select, Table, literal_column
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,8 +15,12 @@ def _dialect(session: AsyncSession) -> Any:
 
 async def insert_ignore(session: AsyncSession, table: Table, values: dict[str, Any] | list[dict[str, Any]]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns the number of rows actually inserted."""
-    result = await session.execute(_dialect(session).insert(table).values(values).on_conflict_do_nothing())
-    return result.rowcount or 0
+    statement = _dialect(session).insert(table).on_conflict_do_nothing()
+    if isinstance(values, dict):
+        return (await session.execute(statement.values(values))).rowcount or 0
+    # Many rows: executemany, compiled once (a multi-row VALUES is a new statement for each row
+    # count); RETURNING counts the inserted rows, which executemany's rowcount does not on asyncpg.
+    return len((await session.execute(statement.returning(literal_column("1")), values)).all())
 
 
 async def insert_select_ignore(session: AsyncSession, table: Table, columns: list[str], query: Select[Any]) -> int:

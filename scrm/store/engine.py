@@ -12,9 +12,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from scrm.store import sqlite_driver  # noqa: F401  (registers sqlite+scrm_aiosqlite)
+
 
 def make_engine(url: str, schema: str | None = None, **kwargs: Any) -> AsyncEngine:
     if url.startswith("sqlite"):
+        # the same aiosqlite driver, one trip to its thread per statement (scrm.store.sqlite_driver)
+        url = url.replace("sqlite+aiosqlite://", "sqlite+scrm_aiosqlite://", 1)
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
 
         @event.listens_for(engine.sync_engine, "connect")
