@@ -322,6 +322,47 @@ Index("ix_deliveries_customer_finished", Delivery.customer_id, Delivery.finished
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
+#: Customers per stage at a moment (stages_at): counted from the index alone.
+Index("ix_customers_stage_first_seen", Customer.stage, Customer.first_seen_at)
+
+
+class ReportDay(Base):
+    """One closed local day of the additive report figures, built by scrm.rollups.
+
+    A row is deleted when a later change makes it stale; reports compute that day from the raw
+    tables until the rollup job builds it again.
+    """
+
+    __tablename__ = "report_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    #: The time zone whose local day this is (the service's when it was built).
+    timezone: Mapped[str] = mapped_column(String(64))
+    #: The local midnights opening and closing the day, naive UTC: the day is [starts_at, ends_at).
+    starts_at: Mapped[datetime]
+    ends_at: Mapped[datetime]
+    new_customers: Mapped[int] = mapped_column(Integer)
+    new_by_channel: Mapped[dict[str, Any]]
+    new_by_source: Mapped[dict[str, Any]]
+    messages_in: Mapped[int] = mapped_column(Integer)
+    messages_out: Mapped[int] = mapped_column(Integer)
+    opt_outs: Mapped[int] = mapped_column(Integer)
+    #: ``"from>to"`` -> stage moves that day.
+    stage_moves: Mapped[dict[str, Any]]
+    #: Customers with an inbound message that day: a zlib-compressed bitmap of their ids, so that
+    #: a period's active customers are the exact union of its days (distinct counts do not add up).
+    active: Mapped[bytes] = mapped_column(LargeBinary)
+    built_at: Mapped[datetime]
+
+
+class ReportRollupState(Base):
+    """One row: a counter every invalidation of built days bumps in its own transaction; a build
+    stores its day only if the counter has not moved since it began reading (scrm.rollups)."""
+
+    __tablename__ = "report_rollup_state"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class PrivacyKey(Base):
