@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
@@ -19,15 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from scrm import rollups
 from scrm.channels import MESSAGE_KINDS
-from scrm.commands import OPT_OUT_REPLY
 from scrm.store.models import (
     Conversion,
     CouponCode,
     Customer,
     CustomerTag,
     Delivery,
-    Identity,
     Redemption,
     Tag,
     Touchpoint,
@@ -82,7 +82,6 @@ STEPS = ("audience", "sent", "delivered", "replied", "redeemed", "converted")
 #: Statuses that reached the channel (the outbox tried to send).
 ATTEMPTED = ("sending", "sent", "failed", "unknown")
 REPLY_WINDOW = timedelta(hours=48)
-OPT_OUT_KINDS = ("unsubscribe", "blocked", "contact_removed")
 
 
 def label(key: str, lang: Lang = "both") -> str:
@@ -286,9 +285,11 @@ async def stages_at(session: AsyncSession, moment: datetime) -> dict[str, int]:
     counts = await _groups(session, select(Customer.stage, func.count())
                            .where(Customer.first_seen_at <= moment).group_by(Customer.stage))
     source, target = Touchpoint.payload["from"].as_string(), Touchpoint.payload["to"].as_string()
+    # EXISTS, not a join: SQLite would walk every customer seen by then instead of the few moves.
+    seen = exists().where(Customer.id == Touchpoint.customer_id, Customer.first_seen_at <= moment)
     moves = (await session.execute(
-        select(source, target, func.count()).join(Customer, Customer.id == Touchpoint.customer_id)
-        .where(Touchpoint.kind == "stage_changed", Touchpoint.created_at > moment, Customer.first_seen_at <= moment)
+        select(source, target, func.count())
+        .where(Touchpoint.kind == "stage_changed", Touchpoint.created_at > moment, seen)
         .group_by(source, target))).all()
     for old, new, n in moves:
         counts[old] = counts.get(old, 0) + n
@@ -297,17 +298,10 @@ async def stages_at(session: AsyncSession, moment: datetime) -> dict[str, int]:
 
 
 async def figures(session: AsyncSession, period: Period, attribution_days: int) -> Figures:
+    """One period's figures; the additive ones from the daily rollups where built (scrm.rollups)."""
     window = period.window
-    new = window(Customer.first_seen_at)
-    first_channel = (select(Identity.channel).where(Identity.customer_id == Customer.id)
-                     .order_by(Identity.id).limit(1).scalar_subquery())
-    channels = select(first_channel.label("channel")).where(new).subquery()
-    customer_tp = Touchpoint.customer_id.is_not(None) & window(Touchpoint.created_at)
-    inbound = customer_tp & (Touchpoint.direction == "in") & Touchpoint.kind.in_(MESSAGE_KINDS)
     sent = (Delivery.status == "sent") & window(Delivery.finished_at)
-    opted_out = or_(Touchpoint.kind.in_(OPT_OUT_KINDS),
-                    (Touchpoint.kind == "reply") & (Touchpoint.text == OPT_OUT_REPLY))
-
+    tally = await rollups.tally(session, period.since, period.until)
     conv = attributed_conversions(session, attribution_days, window(Conversion.created_at))
     credited = aliased(Delivery)
     campaign = func.coalesce(conv.c.own_campaign, credited.campaign)
@@ -317,19 +311,16 @@ async def figures(session: AsyncSession, period: Period, attribution_days: int) 
         .where(campaign.is_not(None)).group_by(campaign))).all()
     totals = (await session.execute(
         select(func.count(), func.coalesce(func.sum(Conversion.amount), 0.0)).where(window(Conversion.created_at)))).one()
-    source = func.coalesce(Customer.acquisition_source, "-")
-    source_target = Touchpoint.payload["from"].as_string() + literal(">") + Touchpoint.payload["to"].as_string()
+    sends = (await session.execute(select(func.count(), func.count(distinct(Delivery.customer_id))).where(sent))).one()
     return Figures(
-        new_customers=await _count(session, select(func.count()).where(new)),
-        new_by_channel=await _groups(session, select(func.coalesce(channels.c.channel, "-"), func.count())
-                                     .group_by(channels.c.channel)),
-        new_by_source=await _groups(session, select(source, func.count()).where(new).group_by(source)),
-        active_customers=await _count(session, select(func.count(distinct(Touchpoint.customer_id))).where(inbound)),
-        messages_in=await _count(session, select(func.count()).where(inbound)),
-        messages_out=await _count(session, select(func.count()).where(
-            customer_tp, Touchpoint.direction == "out", Touchpoint.kind.in_(("reply", "campaign_message")))),
-        opt_outs=await _count(session, select(func.count()).where(customer_tp, opted_out)),
-        campaign_sends=await _count(session, select(func.count()).where(sent)),
+        new_customers=tally.new_customers,
+        new_by_channel=dict(tally.new_by_channel),
+        new_by_source=dict(tally.new_by_source),
+        active_customers=tally.active_customers,
+        messages_in=tally.messages_in,
+        messages_out=tally.messages_out,
+        opt_outs=tally.opt_outs,
+        campaign_sends=int(sends[0]),
         coupons_granted=await _count(session, select(func.count()).where(window(CouponCode.granted_at))),
         coupon_redemptions=await _count(session, select(func.count()).where(window(Redemption.redeemed_at))),
         conversions=int(totals[0]),
@@ -337,12 +328,11 @@ async def figures(session: AsyncSession, period: Period, attribution_days: int) 
         attributed_conversions=sum(int(n) for _, n, _ in per_campaign),
         attributed_revenue=sum(float(r) for _, _, r in per_campaign),
         by_campaign={str(c): {"conversions": int(n), "revenue": round(float(r), 2)} for c, n, r in per_campaign},
-        reached_customers=await _count(session, select(func.count(distinct(Delivery.customer_id))).where(sent)),
+        reached_customers=int(sends[1]),
         converted_customers=await _count(
             session, select(func.count(distinct(Conversion.customer_id))).where(window(Conversion.created_at))),
         stages=await stages_at(session, period.until),
-        stage_moves=await _groups(session, select(source_target, func.count()).where(
-            Touchpoint.kind == "stage_changed", customer_tp).group_by(source_target)),
+        stage_moves=dict(tally.stage_moves),
     )
 
 
@@ -573,20 +563,29 @@ def _bucket(column: Any, starts: list[datetime]) -> Any:
 
 
 async def daily_trend(session: AsyncSession, period: Period, timezone: str) -> dict[str, dict[str, int]]:
-    """Per local day: new customers, inbound messages, conversions (for the trend chart)."""
+    """Per local day: new customers, inbound messages, conversions (for the trend chart).
+
+    Days the rollup holds in ``timezone`` come from it; the rest (and conversions) are counted live.
+    """
     starts = _day_buckets(period, timezone)
     zone = ZoneInfo(timezone)
     names = [f"{s.replace(tzinfo=ZoneInfo('UTC')).astimezone(zone):%m-%d}" for s in starts]
+    days = await rollups.built_days(session, period.since, period.until, timezone)
+    uncovered = rollups.gaps(period.since, period.until, days)
     series: dict[str, dict[str, int]] = {}
-    inbound = ((Touchpoint.direction == "in") & Touchpoint.kind.in_(MESSAGE_KINDS) & Touchpoint.customer_id.is_not(None))
-    for key, column, where in (("new_customers", Customer.first_seen_at, True),
-                               ("messages_in", Touchpoint.created_at, inbound),
-                               ("conversions", Conversion.created_at, True)):
-        bucket = _bucket(column, starts)
-        rows = (await session.execute(select(bucket, func.count()).where(period.window(column), where)
-                                      .group_by(bucket))).all()
-        found = {int(i): int(n) for i, n in rows}
-        series[key] = {name: found.get(i, 0) for i, name in enumerate(names)}
+    for key, column, where, spans in (
+            ("new_customers", Customer.first_seen_at, True, uncovered),
+            ("messages_in", Touchpoint.created_at, rollups.INBOUND, uncovered),
+            ("conversions", Conversion.created_at, True, [(period.since, period.until)])):
+        found: Counter[int] = Counter()
+        if spans:
+            bucket = _bucket(column, starts)
+            found.update({int(i): int(n) for i, n in (await session.execute(
+                select(bucket, func.count()).where(rollups.within(column, spans), where).group_by(bucket))).all()})
+        if key != "conversions":
+            for day in days:
+                found[starts.index(day.starts_at)] += getattr(day, key)
+        series[key] = {name: found[i] for i, name in enumerate(names)}
     return series
 
 
