@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm import metrics, personal
+from scrm import metrics, personal, rollups
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 
@@ -290,6 +290,12 @@ class Importer:
                 if existed and (filled or linked):
                     changed.add(customer.id)
                 merged_rows += existed
+            # Reports count new customers by day and first channel: the batch changes the day the import
+            # began (new customers are stamped with it, however late it runs) and the first days of the
+            # customers it gives an identity.
+            first_seen = {c.id: c.first_seen_at for c, _, _ in plans}
+            await rollups.invalidate(session, ({self.now} if new else set())
+                                     | {first_seen[i["customer_id"]] for i in identities})
             # executemany of one cached statement: a 1000-row VALUES list would be compiled afresh each batch
             if identities:
                 await session.execute(insert_ignore_stmt(session, Identity.__table__), identities)

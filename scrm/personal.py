@@ -428,15 +428,16 @@ async def redact_messages(session: AsyncSession, before: datetime, customer_id: 
     One set-based UPDATE; returns rows redacted."""
     from sqlalchemy import literal_column, update
 
+    from scrm import rollups
     from scrm.store.models import Touchpoint
 
     if session.bind.dialect.name == "postgresql":
         payload = literal_column("""(CAST(touchpoints.payload AS jsonb) || '{"redacted": true}'::jsonb)::json""")
     else:
         payload = func.json_set(Touchpoint.payload, "$.redacted", func.json("true"))
-    query = update(Touchpoint).where(Touchpoint.text.is_not(None)).values(text=None, payload=payload)
-    query = query.where(Touchpoint.customer_id == customer_id) if customer_id is not None \
-        else query.where(Touchpoint.created_at < before)
+    which = Touchpoint.customer_id == customer_id if customer_id is not None else Touchpoint.created_at < before
+    await rollups.before_redaction(session, which)
+    query = update(Touchpoint).where(Touchpoint.text.is_not(None), which).values(text=None, payload=payload)
     result = await session.execute(query.execution_options(synchronize_session=False))
     return result.rowcount or 0
 
@@ -466,8 +467,10 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
     the audit log) stay so reports remain right. Planned sends to them are cancelled."""
     from sqlalchemy import String, cast, literal, update
 
+    from scrm import rollups
     from scrm.store.models import Delivery, Identity, Touchpoint
 
+    await rollups.before_redaction(session, Touchpoint.customer_id == customer.id)
     _clear_phone(customer)
     _clear_birthday(customer)
     customer.display_name = None
@@ -501,6 +504,7 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
     ``merged_into``. Set-based per table."""
     from sqlalchemy import delete, update
 
+    from scrm import rollups
     from scrm.store.models import Consent as ConsentRow
     from scrm.store.models import (
         Conversion,
@@ -516,6 +520,7 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
 
     if keep.id == dup.id:
         raise ValueError("cannot merge a customer into itself")
+    await rollups.before_merge(session, keep, dup)
     for model in (CustomerTag, TagScore):  # unique per (customer, tag): keep's row wins
         await session.execute(delete(model).where(
             model.customer_id == dup.id,
