@@ -279,6 +279,9 @@ class ReportsConfig(_Strict):
     #: A conversion without a campaign is credited to the last campaign message sent to the
     #: customer at most this many days before it.
     attribution_days: int = Field(7, gt=0, le=365)
+    #: How often the job summing closed days for reports runs (scrm.rollups): days that closed or
+    #: were invalidated since are built then; until then reports count them from the raw tables.
+    rollup_minutes: int = Field(15, gt=0, le=1440)
 
 
 class LoyaltyTier(_Strict):

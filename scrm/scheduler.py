@@ -23,6 +23,8 @@ HEARTBEAT_JOB = "cluster:heartbeat"
 CLOCK_JOB = "campaigns:clock"
 #: Sends the report digests managers subscribed to (``/digest``) when they fall due.
 DIGESTS_JOB = "reports:digests"
+#: Sums closed days for reports (scrm.rollups).
+ROLLUPS_JOB = "reports:rollups"
 
 
 def build_scheduler(service: Service) -> AsyncIOScheduler:
@@ -53,10 +55,12 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
         hour, minute = config.privacy.retention_at.split(":")
         scheduler.add_job(leader(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
                           minute=int(minute), timezone=config.service.timezone)
-        from scrm import digests  # reports and charts load only with a scheduler
+        from scrm import digests, rollups  # reports and charts load only with a scheduler
 
         scheduler.add_job(leader(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB,
                           seconds=60)
+        scheduler.add_job(leader(rollups.job(service)), "interval", id=ROLLUPS_JOB,
+                          minutes=config.reports.rollup_minutes)
         from scrm.loyalty.jobs import (
             add_jobs as add_loyalty_jobs,  # points, tiers, surveys, tasks, scores
         )

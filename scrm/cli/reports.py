@@ -108,3 +108,22 @@ def report_cohort(ctx: click.Context, weeks: int, as_json: bool, png: Path | Non
     result = _query(config, lambda s: reports.cohorts(s, SystemClock().now(), config.service.timezone, weeks))
     _emit(reports.format_cohorts(result), result.as_dict(), as_json, png, lambda: charts.cohort_png(result))
 
+
+@report.command("rollups")
+@click.option("--rebuild", is_flag=True, help="Forget every built day first (after editing the store by hand).")
+@click.pass_context
+def report_rollups(ctx: click.Context, rebuild: bool) -> None:
+    """Sum the closed days reports read (what the service's job does every reports.rollup_minutes)."""
+    from scrm import rollups
+    from scrm.clock import SystemClock
+
+    config = load(ctx)
+
+    async def go() -> int:
+        async with open_store(config) as sessions:
+            if rebuild:
+                async with sessions() as session, session.begin():
+                    await rollups.forget_all(session)
+            return await rollups.build(sessions, config.service.timezone, SystemClock().now())
+
+    out.print(f"built {run_async(go())} days ({config.service.timezone})", markup=False, highlight=False)
