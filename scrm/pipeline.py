@@ -179,7 +179,8 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
                  "first_seen_at": now, "last_seen_at": now, "attributes": {}} for _, e in new]
         returned: dict[tuple[str | None, str], list[int]] = defaultdict(list)
         for cid, name, source in await session.execute(
-                insert(Customer).returning(Customer.id, Customer.display_name, Customer.acquisition_source), rows):
+                insert(Customer.__table__).returning(Customer.id, Customer.display_name, Customer.acquisition_source),
+                rows):
             returned[(name, source)].append(cid)
         created = {key: returned[(row["display_name"], row["acquisition_source"])].pop()
                    for (key, _), row in zip(new, rows)}
