@@ -79,7 +79,8 @@ def main() -> None:
         if r and "error" in r:
             rows.append((store, r["error"], "", "", ""))
         elif r:
-            rows.append((store, f"build rollups ({r['rollups']['days']} days)", f"{r['rollups']['seconds']:.1f}", "", ""))
+            built = r["rollups"]
+            rows.append((store, f"build rollups ({built['days']} days)", f"{built['seconds']:.1f}", "", ""))
             for name, label in (("funnel", "/funnel bench_reports"), ("report_30d", "/report 30d")):
                 rows.append((store, label, f"{r[name]['cold_seconds']:.2f}", f"{r[name]['seconds']:.2f}", f"{target:g}"))
     print(table(rows))

@@ -311,7 +311,8 @@ async def figures(session: AsyncSession, period: Period, attribution_days: int) 
         .where(campaign.is_not(None)).group_by(campaign))).all()
     totals = (await session.execute(
         select(func.count(), func.coalesce(func.sum(Conversion.amount), 0.0)).where(window(Conversion.created_at)))).one()
-    sends = (await session.execute(select(func.count(), func.count(distinct(Delivery.customer_id))).where(sent))).one()
+    sends = (await session.execute(
+        select(func.count(), func.count(distinct(Delivery.customer_id))).where(sent))).one()
     return Figures(
         new_customers=tally.new_customers,
         new_by_channel=dict(tally.new_by_channel),
@@ -573,18 +574,17 @@ async def daily_trend(session: AsyncSession, period: Period, timezone: str) -> d
     days = await rollups.built_days(session, period.since, period.until, timezone)
     uncovered = rollups.gaps(period.since, period.until, days)
     series: dict[str, dict[str, int]] = {}
-    for key, column, where, spans in (
-            ("new_customers", Customer.first_seen_at, True, uncovered),
-            ("messages_in", Touchpoint.created_at, rollups.INBOUND, uncovered),
-            ("conversions", Conversion.created_at, True, [(period.since, period.until)])):
+    for key, column, where, rolled_up in (("new_customers", Customer.first_seen_at, True, True),
+                                          ("messages_in", Touchpoint.created_at, rollups.INBOUND, True),
+                                          ("conversions", Conversion.created_at, True, False)):
+        spans = uncovered if rolled_up else [(period.since, period.until)]
         found: Counter[int] = Counter()
         if spans:
             bucket = _bucket(column, starts)
             found.update({int(i): int(n) for i, n in (await session.execute(
                 select(bucket, func.count()).where(rollups.within(column, spans), where).group_by(bucket))).all()})
-        if key != "conversions":
-            for day in days:
-                found[starts.index(day.starts_at)] += getattr(day, key)
+        for day in days if rolled_up else []:
+            found[starts.index(day.starts_at)] += getattr(day, key)
         series[key] = {name: found[i] for i, name in enumerate(names)}
     return series
 

@@ -54,7 +54,7 @@ OPT_OUT_KINDS = frozenset({"unsubscribe", "blocked", "contact_removed"})
 MESSAGES_OUT = frozenset({"reply", "campaign_message"})
 #: A customer's inbound message: what "messages in" and "active customers" count.
 INBOUND = and_(Touchpoint.customer_id.is_not(None), Touchpoint.direction == "in", Touchpoint.kind.in_(MESSAGE_KINDS))
-#: The opt-out confirmation: opt-outs by text also count it, so redacting its text changes its day.
+#: The opt-out confirmation reply: opt-outs count it by its text, so redacting that text changes its day.
 OPT_OUT_REPLY_ROW = (Touchpoint.kind == "reply") & (Touchpoint.text == OPT_OUT_REPLY)
 
 #: ``(since, until]``, naive UTC, as a report period.
@@ -100,7 +100,7 @@ class Tally:
                    int.from_bytes(zlib.decompress(day.active), "little"))
 
 
-def _days(spans: list[Span]) -> list[Span]:
+def _pieces(spans: list[Span]) -> list[Span]:
     """``spans`` cut into pieces of at most a day."""
     pieces = []
     for since, until in spans:
@@ -121,7 +121,7 @@ async def live(session: AsyncSession, spans: list[Span]) -> Tally:
     move = case((Touchpoint.kind == "stage_changed",
                  Touchpoint.payload["from"].as_string() + literal(">") + Touchpoint.payload["to"].as_string()))
     groups = (Touchpoint.direction, Touchpoint.kind, OPT_OUT_REPLY_ROW, move, case((INBOUND, Touchpoint.customer_id)))
-    for since, until in _days(spans):
+    for since, until in _pieces(spans):
         for direction, kind, opt_out_reply, moved, writer, n in await session.execute(
                 select(*groups, func.count()).where(Touchpoint.customer_id.is_not(None), Touchpoint.created_at > since,
                                                     Touchpoint.created_at <= until).group_by(*groups)):
@@ -154,7 +154,11 @@ async def built_days(session: AsyncSession, since: datetime, until: datetime,
     query = select(ReportDay).where(ReportDay.starts_at > since, ReportDay.ends_at <= until + TICK)
     if timezone is not None:
         query = query.where(ReportDay.timezone == timezone)
-    return list((await session.scalars(query.order_by(ReportDay.starts_at))).all())
+    days: list[ReportDay] = []
+    for day in (await session.scalars(query.order_by(ReportDay.starts_at))).all():
+        if not days or day.starts_at >= days[-1].ends_at:  # two zones' days overlap if one changes mid-build
+            days.append(day)
+    return days
 
 
 def gaps(since: datetime, until: datetime, days: list[ReportDay]) -> list[Span]:
@@ -282,4 +286,4 @@ async def before_redaction(session: AsyncSession, *where: ColumnElement[bool]) -
     """Blanking texts (``where`` selects the touchpoints) changes the opt-outs of the days holding
     opt-out replies, which are counted by their text."""
     await invalidate(session, await session.scalars(select(Touchpoint.created_at).where(
-        OPT_OUT_REPLY_ROW, Touchpoint.text.is_not(None), *where)))
+        OPT_OUT_REPLY_ROW, *where)))

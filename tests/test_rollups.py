@@ -22,40 +22,52 @@ import pytest
 from sqlalchemy import select
 
 from scrm import personal, reports, rollups
+from scrm.clock import ManualClock
 from scrm.commands import OPT_OUT_REPLY
 from scrm.identity import merge_customers
 from scrm.importer import Importer
 from scrm.loyalty.history import ImportResult, import_batch
 from scrm.scheduler import ROLLUPS_JOB
+from scrm.service import Service
 from scrm.store.models import Customer, ReportDay, Touchpoint
-from tests.test_reports import NOW, TZ, comparable, scrm_cli, truth, world  # noqa: F401 - world is a fixture
+from tests.test_reports import NOW, TZ, comparable, generate, load, scrm_cli, truth
 
 PERIODS = [reports.last_days(NOW, 30), reports.last_days(NOW, 7),
            reports.date_range(date(2026, 11, 16), date(2026, 11, 22), TZ),
            reports.last_days(NOW - timedelta(days=2, hours=5, minutes=7), 12)]
 
 
-async def report(service: Any) -> list[Any]:
+@pytest.fixture
+async def world(make_config):
+    """tests/test_reports.py's data set, whose true figures that file computes."""
+    service = Service(make_config(), ManualClock(NOW))
+    await service.start(scheduler=False)
+    w = generate()
+    yield service, w, await load(service, w)
+    await service.stop()
+
+
+async def figures(session: Any) -> list[Any]:
     """Every period's summary (with the one before) and daily trend, in two time zones."""
     out: list[Any] = []
-    async with service.sessions() as s:
-        for period in PERIODS:
-            out.append((await reports.summary(s, period)).as_dict())
-            out.append(await reports.daily_trend(s, period, TZ))
-            out.append(await reports.daily_trend(s, period, "America/New_York"))
+    for period in PERIODS:
+        out.append((await reports.summary(session, period)).as_dict())
+        out.append(await reports.daily_trend(session, period, TZ))
+        out.append(await reports.daily_trend(session, period, "America/New_York"))
     return out
 
 
+async def report(service: Any) -> list[Any]:
+    async with service.sessions() as s:
+        return await figures(s)
+
+
 async def raw_report(service: Any) -> list[Any]:
-    """The same, with every built day forgotten inside a transaction that is then rolled back."""
+    """The same from the raw tables alone: every built day forgotten in a transaction rolled back after."""
     async with service.sessions() as s:
         await s.begin()
         await rollups.forget_all(s)
-        out = []
-        for period in PERIODS:
-            out.append((await reports.summary(s, period)).as_dict())
-            out.append(await reports.daily_trend(s, period, TZ))
-            out.append(await reports.daily_trend(s, period, "America/New_York"))
+        out = await figures(s)
         await s.rollback()
     return out
 
@@ -80,8 +92,9 @@ async def test_built_days_give_the_raw_figures(world):
         first + timedelta(days=i) for i in range(stored)]
     async with service.sessions() as s:
         assert len(await rollups.built_days(s, NOW - timedelta(days=30), NOW)) == 29
-    assert await report(service) == before
-    for period, summary in zip(PERIODS, (await report(service))[::3], strict=True):
+    after = await report(service)
+    assert after == before
+    for period, summary in zip(PERIODS, after[::3], strict=True):
         assert comparable(summary) == truth(w, period.since, period.until)
         assert comparable(summary["previous"]) == truth(w, period.previous().since, period.since)
     assert await rollups.job(service)() == 0  # nothing new to build
@@ -99,10 +112,10 @@ async def test_reports_read_the_built_days(world):
         moment, name = day.starts_at, f"{day.day:%m-%d}"
     expected = truth(w, period.since, period.until)
     async with service.sessions() as s:
-        figures = await reports.figures(s, period, 7)
+        tampered = await reports.figures(s, period, 7)
         trend = await reports.daily_trend(s, period, TZ)
-    assert figures.messages_in == expected["messages_in"] + 1000
-    assert figures.active_customers == expected["active_customers"] + 1
+    assert tampered.messages_in == expected["messages_in"] + 1000
+    assert tampered.active_customers == expected["active_customers"] + 1
     assert trend["messages_in"][name] >= 1000
     async with service.sessions() as s, s.begin():
         await rollups.invalidate(s, [moment])
