@@ -57,6 +57,9 @@ INBOUND = and_(Touchpoint.customer_id.is_not(None), Touchpoint.direction == "in"
 #: The opt-out confirmation reply: opt-outs count it by its text, so redacting that text changes its day.
 OPT_OUT_REPLY_ROW = (Touchpoint.kind == "reply") & (Touchpoint.text == OPT_OUT_REPLY)
 
+#: Days read in one pass over the touchpoints (pages hold rows of many days), bounding the rows it returns.
+BATCH = 7
+
 #: ``(since, until]``, naive UTC, as a report period.
 Span = tuple[datetime, datetime]
 
@@ -110,42 +113,59 @@ def _pieces(spans: list[Span]) -> list[Span]:
     return pieces
 
 
-async def live(session: AsyncSession, spans: list[Span]) -> Tally:
-    """The figures over ``spans`` from the raw tables.
+def _piece(column: Any, pieces: list[Span]) -> Any:
+    """The index of the piece a timestamp falls in (comparisons only, portable)."""
+    return case(*((and_(column > since, column <= until), i) for i, (since, until) in enumerate(pieces)))
 
-    Touchpoints are read in one pass per day that also names the customers who wrote (grouped by
-    customer): one pass instead of two, and memory stays at one day's writers however long the spans.
-    """
-    tally = Tally()
-    bits = bytearray()
+
+async def _tallies(session: AsyncSession, pieces: list[Span]) -> list[Tally]:
+    """The figures of each piece (at most a day) from the raw tables, in one pass over each table;
+    the touchpoint pass also names the customers who wrote (it groups by them)."""
+    tallies = [Tally() for _ in pieces]
+    writers = [bytearray() for _ in pieces]
     move = case((Touchpoint.kind == "stage_changed",
                  Touchpoint.payload["from"].as_string() + literal(">") + Touchpoint.payload["to"].as_string()))
-    groups = (Touchpoint.direction, Touchpoint.kind, OPT_OUT_REPLY_ROW, move, case((INBOUND, Touchpoint.customer_id)))
-    for since, until in _pieces(spans):
-        for direction, kind, opt_out_reply, moved, writer, n in await session.execute(
-                select(*groups, func.count()).where(Touchpoint.customer_id.is_not(None), Touchpoint.created_at > since,
-                                                    Touchpoint.created_at <= until).group_by(*groups)):
-            if writer is not None:
-                tally.messages_in += n
-                if (byte := writer >> 3) >= len(bits):
-                    bits.extend(bytes(byte + 1 - len(bits)))
-                bits[byte] |= 1 << (writer & 7)
-            tally.messages_out += n if direction == "out" and kind in MESSAGES_OUT else 0
-            tally.opt_outs += n if kind in OPT_OUT_KINDS or opt_out_reply else 0
-            if kind == "stage_changed":
-                tally.stage_moves[str(moved)] += n
-    tally.active = int.from_bytes(bits, "little")
+    # The writer first: the grouping sort (PostgreSQL) then mostly compares integers.
+    groups = (case((INBOUND, Touchpoint.customer_id)), _piece(Touchpoint.created_at, pieces), Touchpoint.direction,
+              Touchpoint.kind, OPT_OUT_REPLY_ROW, move)
+    for writer, i, direction, kind, opt_out_reply, moved, n in await session.execute(
+            select(*groups, func.count()).where(Touchpoint.customer_id.is_not(None),
+                                                within(Touchpoint.created_at, pieces)).group_by(*groups)):
+        tally, bits = tallies[i], writers[i]
+        if writer is not None:
+            tally.messages_in += n
+            if (byte := writer >> 3) >= len(bits):
+                bits.extend(bytes(byte + 1 - len(bits)))
+            bits[byte] |= 1 << (writer & 7)
+        tally.messages_out += n if direction == "out" and kind in MESSAGES_OUT else 0
+        tally.opt_outs += n if kind in OPT_OUT_KINDS or opt_out_reply else 0
+        if kind == "stage_changed":
+            tally.stage_moves[str(moved)] += n
+    for tally, bits in zip(tallies, writers, strict=True):
+        tally.active = int.from_bytes(bits, "little")
 
     first_channel = (select(Identity.channel).where(Identity.customer_id == Customer.id)
                      .order_by(Identity.id).limit(1).scalar_subquery())
-    new = (select(first_channel.label("channel"), Customer.acquisition_source.label("source"))
-           .where(within(Customer.first_seen_at, spans)).subquery())
-    for channel, source, n in await session.execute(
-            select(new.c.channel, new.c.source, func.count()).group_by(new.c.channel, new.c.source)):
-        tally.new_customers += n
-        tally.new_by_channel["-" if channel is None else channel] += n
-        tally.new_by_source["-" if source is None else source] += n
-    return tally
+    new = (select(_piece(Customer.first_seen_at, pieces).label("piece"), first_channel.label("channel"),
+                  Customer.acquisition_source.label("source"))
+           .where(within(Customer.first_seen_at, pieces)).subquery())
+    for i, channel, source, n in await session.execute(
+            select(new.c.piece, new.c.channel, new.c.source, func.count())
+            .group_by(new.c.piece, new.c.channel, new.c.source)):
+        tallies[i].new_customers += n
+        tallies[i].new_by_channel["-" if channel is None else channel] += n
+        tallies[i].new_by_source["-" if source is None else source] += n
+    return tallies
+
+
+async def live(session: AsyncSession, spans: list[Span]) -> Tally:
+    """The figures over ``spans`` from the raw tables, :data:`BATCH` days per pass: memory stays at
+    a few days' writers however long the spans are."""
+    total, pieces = Tally(), _pieces(spans)
+    for start in range(0, len(pieces), BATCH):
+        for tally in await _tallies(session, pieces[start:start + BATCH]):
+            total.add(tally)
+    return total
 
 
 async def built_days(session: AsyncSession, since: datetime, until: datetime,
@@ -194,31 +214,33 @@ def _local_date(moment: datetime, zone: ZoneInfo) -> date:
     return moment.replace(tzinfo=ZoneInfo("UTC")).astimezone(zone).date()
 
 
-async def build_day(sessions: async_sessionmaker[AsyncSession], day: date, timezone: str, now: datetime) -> bool:
-    """Sum one local day and store it; False when an invalidation committed while it was read."""
+async def build_days(sessions: async_sessionmaker[AsyncSession], days: list[date], timezone: str,
+                     now: datetime) -> int:
+    """Sum local days and store them; none when an invalidation committed while they were read."""
     zone = ZoneInfo(timezone)
-    starts_at, ends_at = _midnight(day, zone), _midnight(day + timedelta(days=1), zone)
+    bounds = [(_midnight(day, zone), _midnight(day + timedelta(days=1), zone)) for day in days]
     async with sessions() as session, session.begin():
         generation = await session.scalar(select(ReportRollupState.generation))
-        t = await live(session, [(starts_at - TICK, ends_at - TICK)])
+        tallies = await _tallies(session, [(start - TICK, end - TICK) for start, end in bounds])
         # Takes the row (PostgreSQL) or the store (SQLite) lock: an invalidation either committed
-        # before (the counter moved: drop the day) or waits and then deletes the day stored here.
+        # before (the counter moved: drop the days) or waits and then deletes the days stored here.
         unchanged = await session.execute(update(ReportRollupState).where(ReportRollupState.generation == generation)
                                           .values(generation=ReportRollupState.generation))
         if not unchanged.rowcount:
-            return False
-        await session.execute(delete(ReportDay).where(ReportDay.day == day))
-        session.add(ReportDay(
-            day=day, timezone=timezone, starts_at=starts_at, ends_at=ends_at, new_customers=t.new_customers,
+            return 0
+        await session.execute(delete(ReportDay).where(ReportDay.day.in_(days)))
+        session.add_all(ReportDay(
+            day=day, timezone=timezone, starts_at=start, ends_at=end, new_customers=t.new_customers,
             new_by_channel=dict(t.new_by_channel), new_by_source=dict(t.new_by_source), messages_in=t.messages_in,
             messages_out=t.messages_out, opt_outs=t.opt_outs, stage_moves=dict(t.stage_moves),
-            active=zlib.compress(t.active.to_bytes((t.active.bit_length() + 7) // 8, "little")), built_at=now))
-    return True
+            active=zlib.compress(t.active.to_bytes((t.active.bit_length() + 7) // 8, "little")), built_at=now)
+            for day, (start, end), t in zip(days, bounds, tallies, strict=True))
+    return len(days)
 
 
 async def build(sessions: async_sessionmaker[AsyncSession], timezone: str, now: datetime) -> int:
     """Build every closed day since the first customer or touchpoint that is not built, newest first
-    (recent days are what reports ask for); returns the number of days stored."""
+    (recent days are what reports ask for), :data:`BATCH` days at a time; returns the days stored."""
     zone = ZoneInfo(timezone)
     async with sessions() as session, session.begin():
         await session.execute(delete(ReportDay).where(ReportDay.timezone != timezone))  # the time zone changed
@@ -228,11 +250,12 @@ async def build(sessions: async_sessionmaker[AsyncSession], timezone: str, now: 
     first = min((f for f in firsts if f is not None), default=None)
     if first is None:
         return 0
-    stored, day = 0, _local_date(now - SETTLE, zone) - timedelta(days=1)
-    while day >= _local_date(first, zone):
-        if day not in built:
-            stored += await build_day(sessions, day, timezone, now)
-        day -= timedelta(days=1)
+    last = _local_date(now - SETTLE, zone) - timedelta(days=1)
+    missing = [last - timedelta(days=i) for i in range((last - _local_date(first, zone)).days + 1)
+               if last - timedelta(days=i) not in built]
+    stored = 0
+    for i in range(0, len(missing), BATCH):
+        stored += await build_days(sessions, missing[i:i + BATCH], timezone, now)
     return stored
 
 

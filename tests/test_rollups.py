@@ -213,11 +213,11 @@ async def test_a_build_that_read_before_an_invalidation_committed_is_dropped(wor
     async with service.sessions() as s:
         await s.begin()
         await rollups.invalidate(s, [datetime(2026, 11, 20, 3, 0)])  # holds the counter until committed
-        build = asyncio.create_task(rollups.build_day(service.sessions, day, TZ, NOW))
+        build = asyncio.create_task(rollups.build_days(service.sessions, [day], TZ, NOW))
         await asyncio.sleep(1)  # the build reads the store, then waits for the counter
         await s.commit()
-    assert await build is False and await built(service) == []
-    assert await rollups.build_day(service.sessions, day, TZ, NOW) is True
+    assert await build == 0 and await built(service) == []
+    assert await rollups.build_days(service.sessions, [day], TZ, NOW) == 1
     assert await built(service) == [day]
 
 
