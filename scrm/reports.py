@@ -1,6 +1,7 @@
 """Conversion reports: summary, campaign funnel, cohorts, top tags — SQL aggregates only.
 
-Python receives grouped results (a few rows per channel, stage or variant), never the base's rows.
+Python receives grouped results (a few rows per channel, stage or variant), never the base's rows;
+active customers are unions of per-day sets of customer ids (scrm.rollups keeps the closed days').
 Periods are half-open on the left, ``(since, until]``: "the last 7 days" includes this very moment,
 and a period and the previous one of equal length never count the same event twice.
 """
