@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 import signal
 import sys
@@ -31,7 +32,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 import httpx
 from aiohttp import web
-from aiolimiter import AsyncLimiter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -63,6 +63,7 @@ from telegram.ext import AIORateLimiter, ExtBot
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
+from scrm.campaigns.ratelimit import Pace
 from scrm.channels import (
     Channel,
     InboundEvent,
@@ -140,29 +141,52 @@ class TelegramSettings(BaseModel):
         return value
 
 
-class PacedRateLimiter(AIORateLimiter):
-    """PTB's AIORateLimiter with evenly spaced slots and a per-private-chat limit.
+class _ChatTurn:
+    """One private chat's turn: its requests go one at a time, each a period after the previous one left."""
 
-    AIORateLimiter's buckets allow a full burst (30 at once) and then keep leaking, so a sliding second
-    can see up to twice the limit; a bucket of capacity one spaces requests at 1/rate instead. Telegram
-    also limits one private chat to about a message a second, which AIORateLimiter does not cover.
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.free_at = -math.inf  # event loop time
+
+
+class PacedRateLimiter(AIORateLimiter):
+    """PTB's AIORateLimiter (it keeps the per-group limit) with a steady overall pace and a
+    per-private-chat limit.
+
+    AIORateLimiter's overall bucket allows a full burst (30 at once) and then keeps leaking, so a sliding
+    second can see up to twice the limit; a bucket of capacity one instead loses every slot its waiter
+    wakes late for. The overall limit here is a :class:`Pace` (evenly spaced slots that a late waiter
+    does not lose), taken right before the HTTP call so that the spacing Telegram sees is the one
+    enforced. Telegram also limits one private chat to about a message a second, which AIORateLimiter
+    does not cover: a request waits for its chat's turn first, and the chat's next turn counts from when
+    this one gets its overall slot, so neither wait spoils the other.
     """
 
     def __init__(self, overall_per_second: float, per_chat_per_second: float, per_group_per_minute: float) -> None:
-        super().__init__(overall_max_rate=1, overall_time_period=1 / overall_per_second,
-                         group_max_rate=1, group_time_period=60 / per_group_per_minute, max_retries=0)
+        super().__init__(overall_max_rate=0, group_max_rate=1, group_time_period=60 / per_group_per_minute,
+                         max_retries=0)
+        self._overall = Pace(overall_per_second)
         self._chat_period = 1 / per_chat_per_second
-        self._chats: dict[int, AsyncLimiter] = {}
+        self._chats: dict[int, _ChatTurn] = {}
 
-    def _chat_limiter(self, chat_id: int) -> AsyncLimiter:
+    def _chat(self, chat_id: int) -> _ChatTurn:
         if len(self._chats) > 1024:  # forget idle chats
-            for key, limiter in list(self._chats.items()):
-                if key != chat_id and limiter.has_capacity():
+            now = asyncio.get_running_loop().time()
+            for key, turn in list(self._chats.items()):
+                if turn.free_at <= now and not turn.lock.locked():
                     del self._chats[key]
-        limiter = self._chats.get(chat_id)
-        if limiter is None:
-            limiter = self._chats[chat_id] = AsyncLimiter(1, self._chat_period)
-        return limiter
+        return self._chats.setdefault(chat_id, _ChatTurn())
+
+    async def _slot(self, chat: _ChatTurn | None) -> None:
+        if chat is None:
+            await self._overall.acquire()
+            return
+        async with chat.lock:
+            loop = asyncio.get_running_loop()
+            if (wait := chat.free_at - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            await self._overall.acquire()
+            chat.free_at = loop.time() + self._chat_period
 
     async def process_request(
         self,
@@ -174,18 +198,16 @@ class PacedRateLimiter(AIORateLimiter):
         rate_limit_args: int | None,
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
         chat_id = data.get("chat_id")
-        try:
-            private = chat_id is not None and int(chat_id) > 0
-        except (TypeError, ValueError):
-            private = False
-        if private:
-            limiter = self._chat_limiter(int(chat_id))  # type: ignore[arg-type]
+        if chat_id is not None:  # like AIORateLimiter: the overall limit counts what is sent to a chat
+            try:
+                chat = self._chat(int(chat_id)) if int(chat_id) > 0 else None
+            except (TypeError, ValueError):
+                chat = None
             inner = callback
 
             async def paced(*a: Any, **kw: Any) -> bool | dict[str, Any] | list[dict[str, Any]]:
-                # Innermost, right before the HTTP call, so the spacing Telegram sees is the one enforced.
-                async with limiter:
-                    return await inner(*a, **kw)
+                await self._slot(chat)
+                return await inner(*a, **kw)
 
             callback = paced
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
