@@ -72,6 +72,11 @@ class Service:
             raise KeyringError("privacy keys not opened yet: Service.start() opens them")
         return self._keyring
 
+    @property
+    def stopping(self) -> bool:
+        """True once stop() has begun: a job that loops (the outbox) takes no new work."""
+        return self._stopping
+
     def channel(self, kind: str, account: str) -> Channel | None:
         return self.channels.get((kind, account))
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from scrm import commands
+from scrm.campaigns.outbox import PREPARE_GROUP
 from scrm.campaigns.ratelimit import Pace
 from scrm.channels import OutboundMessage
 from scrm.config import Config, ConfigError
@@ -344,6 +345,82 @@ async def test_pace_keeps_every_second_under_the_rate_however_late_the_loop_runs
 
     await asyncio.gather(*(sender() for _ in range(senders)), busy())
     assert all(later - first > 1.0 for first, later in zip(times, times[rate:]))
+
+
+async def test_outbox_sends_the_next_batches_while_earlier_sends_are_in_flight(aiohttp_client, make_config, clock,
+                                                                               fake, updates):
+    # Batches of two, five sends in flight at most: with Telegram's answers held back, the outbox goes on
+    # claiming and sending until five are out, and no further; once answered, everyone has one message.
+    config = telegram_config(make_config, fake.base_url, {
+        "scheduler": {"outbox_batch": 2, "outbox_tick_seconds": 0.1}, "delivery": {"concurrency": 5}})
+    client = await aiohttp_client(create_app(config, clock))
+    people = [user(7000 + i, f"Pipe{i}") for i in range(12)]
+    fake.hold_answers()
+    for person in people:
+        await deliver(client, updates.text(person, "hello"))
+
+    async def five_out() -> bool:
+        return len(fake.sent) >= 5
+
+    await eventually(five_out)
+    await asyncio.sleep(0.5)  # time for a sixth to go out, were the bound not kept
+    out, sending = len(fake.sent), await count(client, Delivery, Delivery.status == "sending")
+    fake.release_answers()
+    assert (out, sending) == (5, 5)
+
+    async def all_sent() -> bool:
+        return await count(client, Delivery, Delivery.campaign == "welcome", Delivery.status == "sent") == len(people)
+
+    await eventually(all_sent)
+    assert sorted(s.chat_id for s in fake.sent) == [p["id"] for p in people] and fake.throttled == []
+
+
+async def test_frequency_cap_counts_marketing_messages_still_in_flight(aiohttp_client, make_config, clock, fake,
+                                                                        updates):
+    # Three marketing messages due for Alice, each in a later prepare transaction than the one before and
+    # prepared while Telegram has not answered the earlier ones: the cap (2 a week) counts those in flight.
+    config = telegram_config(make_config, fake.base_url, {"delivery": {"concurrency": 2 * PREPARE_GROUP + 4}})
+    client = await aiohttp_client(create_app(config, clock))
+    service = client.app[SERVICE]
+    others = [user(7100 + i, f"Other{i}") for i in range(2 * (PREPARE_GROUP - 1))]
+    for person in (ALICE, *others):
+        await deliver(client, updates.text(person, "hello"))
+
+    async def welcomed() -> bool:
+        return await count(client, Delivery, Delivery.campaign == "welcome", Delivery.status == "sent") \
+            == 1 + len(others)
+
+    await eventually(welcomed)
+    fake.hold_answers()
+    now = clock.now()
+    async with service.sessions() as s, s.begin():
+        # By id: Alice, 7 others | Alice, 7 others | Alice — one prepare transaction each.
+        for n, person in enumerate((ALICE, *others[:PREPARE_GROUP - 1], ALICE, *others[PREPARE_GROUP - 1:], ALICE)):
+            customer = await customer_of(client, person["id"])
+            assert customer is not None
+            s.add(Delivery(campaign="nurture-formula", step=0, target=f"c{customer.id}", occurrence=f"cap{n}",
+                           customer_id=customer.id, channel="telegram", account="main", external_id=str(person["id"]),
+                           status="planned", attempts=0, due_at=now, created_at=now))
+            await s.flush()
+    service.wake_outbox()
+
+    async def prepared() -> list[tuple[str, str | None]] | None:
+        async with service.sessions() as s:
+            rows = (await s.execute(select(Delivery.status, Delivery.reason).where(
+                Delivery.campaign == "nurture-formula", Delivery.step == 0, Delivery.external_id == str(ALICE["id"]))
+                .order_by(Delivery.id))).all()
+        return None if {r.status for r in rows} & {"planned", "claimed"} else [tuple(r) for r in rows]
+
+    outcomes = await eventually(prepared)
+    fake.release_answers()
+    assert outcomes == [("sending", None), ("sending", None), ("skipped", "frequency_cap")]
+
+    async def all_sent() -> bool:
+        return await count(client, Delivery, Delivery.campaign == "nurture-formula", Delivery.status == "sent") \
+            == 2 + len(others)
+
+    await eventually(all_sent)
+    assert len(fake.texts_to(ALICE["id"])) == 3  # the welcome and two of the three
 
 
 async def test_send_photo_uploads_multipart(client, fake):

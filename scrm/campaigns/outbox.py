@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,11 @@ JOURNEY_ENDS = frozenset({"opted_out", "exited", "campaign_removed", "step_remov
                           "consent_withdrawn", "no_consent"})
 
 
+#: Deliveries prepared per transaction: a short one, so that SQLite's single writer is free for the
+#: commits of the sends in flight between two of them.
+PREPARE_GROUP = 8
+
+
 @dataclass
 class _Prepared:
     delivery_id: int
@@ -58,26 +64,64 @@ class _Prepared:
     skip_reason: str | None = None
 
 
+class _Flight:
+    """The sends of one tick: at most ``limit`` at once. Each records its own outcome; ``wait`` returns
+    once all have ended and raises the first error, as gathering them would."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._errors: list[BaseException] = []
+
+    async def start(self, send: Coroutine[Any, Any, None]) -> None:
+        """Start a send once fewer than ``limit`` are in flight."""
+        await self._slots.acquire()
+        task = asyncio.create_task(send)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    async def settle(self, timeout: float) -> None:
+        """Until a send ends, or ``timeout`` seconds."""
+        await asyncio.wait(self._tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._errors.append(error)
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._errors:
+            raise self._errors[0]
+
+
 class Outbox:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._lock = asyncio.Lock()
-        #: Deliveries prepared for sending in the current tick (the frequency cap counts them).
-        self._batch: list[int] = []
+        #: Deliveries prepared for sending and not yet recorded (the frequency cap counts them).
+        self._in_flight: set[int] = set()
         self._limiters = limiters(service.sessions, service.engine.dialect.name, service.config.delivery.rate_limits)
 
     async def tick(self) -> int:
-        """Send what is due now; returns the number of deliveries handled (sent, skipped, deferred)."""
+        """Send what is due, until nothing more is and no send is out (or the service stops); returns the
+        number of deliveries handled (sent, skipped, deferred).
+
+        A pipeline, so that the platform sees a steady stream at the limiter's pace instead of a pause per
+        batch: while up to ``delivery.concurrency`` sends are in flight, the next deliveries are claimed and
+        prepared, a few per short transaction (SQLite's single writer stays free for the sends' commits)."""
         async with self._lock:
-            prepared, deferred = await self._claim()
-            skips = [(p, SendResult("skipped", p.skip_reason)) for p in prepared if p.message is None]
-            if skips:
-                await self._record(skips)
-            sends = [p for p in prepared if p.message is not None]
-            if sends:
-                gate = asyncio.Semaphore(self.service.config.delivery.concurrency)
-                await asyncio.gather(*(self._send_and_record(p, gate) for p in sends))
-            return len(prepared) + deferred
+            self._in_flight = set()
+            flight = _Flight(self.service.config.delivery.concurrency)
+            try:
+                return await self._feed(flight)
+            finally:
+                await flight.wait()
 
     async def pending_for(self, session: AsyncSession, customer_id: int, horizon: timedelta) -> int:
         due_by = self.service.clock.now() + horizon
@@ -86,13 +130,32 @@ class Outbox:
             Delivery.due_at <= due_by))
         return int(count or 0)
 
+    async def _feed(self, flight: _Flight) -> int:
+        handled = 0
+        while not self.service.stopping:
+            claimed = await self._claim()
+            if not claimed:
+                if not flight.busy:
+                    return handled
+                # Sends are still out: what they plan, or what falls due meanwhile, joins this stream.
+                await flight.settle(self.service.config.scheduler.outbox_tick_seconds)
+                continue
+            for start in range(0, len(claimed), PREPARE_GROUP):
+                prepared, deferred = await self._prepare_claimed(claimed[start:start + PREPARE_GROUP])
+                handled += len(prepared) + deferred
+                if skips := [(p, SendResult("skipped", p.skip_reason)) for p in prepared if p.message is None]:
+                    await self._record(skips)
+                for p in prepared:
+                    if p.message is not None:
+                        await flight.start(self._send_and_record(p))
+        return handled
+
     # -- claiming and preparing
 
-    async def _claim(self) -> tuple[list[_Prepared], int]:
+    async def _claim(self) -> list[int]:
+        """Claim up to ``outbox_batch`` due deliveries for this instance, in one short transaction."""
         svc = self.service
         now = svc.clock.now()
-        prepared: list[_Prepared] = []
-        deferred = 0
         async with svc.sessions() as session, session.begin():
             # Pause state lives in the store, so `scrm campaigns pause` reaches every running instance.
             svc.paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
@@ -113,17 +176,26 @@ class Outbox:
                         claimed_at=now)
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False))).all()
-            self._batch = []
-            for delivery_id in sorted(claimed):
+        return sorted(claimed)
+
+    async def _prepare_claimed(self, ids: list[int]) -> tuple[list[_Prepared], int]:
+        """Prepare claimed deliveries in one transaction; returns them and how many were deferred."""
+        now = self.service.clock.now()
+        prepared: list[_Prepared] = []
+        deferred = 0
+        async with self.service.sessions() as session, session.begin():
+            for delivery_id in ids:
                 d = await session.get(Delivery, delivery_id)
                 assert d is not None
+                if d.status != "claimed" or d.claimed_by != self.service.cluster.instance_id:
+                    continue  # handed back to planned while this instance stalled; another one owns it now
                 p = await self._prepare(session, d, now)
                 if p is None:
                     deferred += 1
                 else:
                     prepared.append(p)
                     if p.message is not None:
-                        self._batch.append(p.delivery_id)
+                        self._in_flight.add(p.delivery_id)
         return prepared, deferred
 
     async def _prepare(self, session: AsyncSession, d: Delivery, now: datetime) -> _Prepared | None:
@@ -231,9 +303,9 @@ class Outbox:
         marketing = [n for n, c in self.service.campaigns.items() if c.definition.kind == "marketing"]
         sent = await session.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.campaign.in_(marketing),
-            # Messages on their way count too: prepared earlier in this batch, or in flight on another instance.
+            # Messages on their way count too: prepared here and not yet recorded, or in flight on another instance.
             or_(and_(Delivery.status.in_(("claimed", "sending")),
-                     or_(Delivery.id.in_(self._batch), Delivery.claimed_by != self.service.cluster.instance_id)),
+                     or_(Delivery.id.in_(self._in_flight), Delivery.claimed_by != self.service.cluster.instance_id)),
                 and_(Delivery.status == "sent", Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))))
         return int(sent or 0) >= cfg.frequency_cap
 
@@ -254,13 +326,13 @@ class Outbox:
 
     # -- sending and recording
 
-    async def _send_and_record(self, p: _Prepared, gate: asyncio.Semaphore) -> None:
+    async def _send_and_record(self, p: _Prepared) -> None:
         """One send: ``sending`` committed right before the platform call, the outcome right after it."""
         assert p.message is not None
         channel = self.service.channel(p.message.channel, p.message.account)
         assert channel is not None
         limiter = self._limiters.get(f"{p.message.channel}:{p.message.account}")
-        async with gate:
+        try:
             if limiter is not None:
                 await limiter.acquire()
             if not await self._mark_sending(p.delivery_id):
@@ -272,7 +344,9 @@ class Outbox:
             except Exception as exc:  # a channel bug must not leave the delivery in limbo
                 log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
                 result = SendResult("failed", f"error:{type(exc).__name__}")
-        await self._record([(p, result)])
+            await self._record([(p, result)])
+        finally:
+            self._in_flight.discard(p.delivery_id)
 
     async def _mark_sending(self, delivery_id: int) -> bool:
         """claimed -> sending, only while this instance still holds the claim (a stalled instance's

@@ -8,7 +8,8 @@ multipart, JSON), and ENFORCES the flood limits from the Bot FAQ on message send
 ``retry_after`` and does not deliver. ``slack`` shortens the windows a little (network jitter between
 a client's pacing and our arrival times). Every delivered message is recorded with its arrival time.
 ``send_delay`` holds each successful send's answer back that long after the message is recorded (a slow
-platform: the message is out, the client does not know yet).
+platform: the message is out, the client does not know yet); ``hold_answers`` holds them back until
+``release_answers`` (the sends a client has in flight at once become countable).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class FakeTelegram:
         self._group_recent: dict[int, deque[float]] = defaultdict(deque)
         self._message_ids = count(1)
         self._update_arrived = asyncio.Event()
+        self._answering = asyncio.Event()
+        self._answering.set()
 
     # controls for tests
 
@@ -104,6 +107,13 @@ class FakeTelegram:
     def inject_flood(self, retry_after: int = 1, times: int = 1) -> None:
         """The next ``times`` sends get 429 whatever the pace (Telegram's limits are not only ours)."""
         self._injected.extend([retry_after] * times)
+
+    def hold_answers(self) -> None:
+        """Messages sent from now on are delivered, but answered only after ``release_answers``."""
+        self._answering.clear()
+
+    def release_answers(self) -> None:
+        self._answering.set()
 
     def push_update(self, update: dict[str, Any]) -> None:
         """An update waiting for getUpdates (Telegram keeps them while no webhook is set)."""
@@ -226,6 +236,7 @@ class FakeTelegram:
         result = self._deliver("sendMessage", chat_id, text=text, **extra)
         if self.send_delay:
             await asyncio.sleep(self.send_delay)
+        await self._answering.wait()
         return _ok(result)
 
     async def _send_photo(self, params: dict[str, Any]) -> web.Response:
