@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from scrm.loyalty.recommend import recommend
@@ -37,4 +38,11 @@ def check(source: str, available: set[str]) -> str | None:
 
 
 def render(source: str, context: dict[str, Any]) -> str:
-    return _env.from_string(source).render(context)
+    return _compiled(source).render(context)
+
+
+@lru_cache(maxsize=512)
+def _compiled(source: str) -> Template:
+    """A campaign renders the same few sources for every recipient; compiling one costs more than
+    rendering it (``from_string`` does not cache)."""
+    return _env.from_string(source)
