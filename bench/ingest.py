@@ -3,7 +3,8 @@
     python -m bench.ingest [--seconds 10] [--rounds 2] [--connections 32] [--generator auto|wrk|aiohttp]
 
 Starts ``scrm run`` (a config written by ``scrm init``: SQLite, demo campaigns, plus a WeChat account
-whose API base points at a closed local port) and a bare aiohttp app whose handler reads the body
+whose API is the fake WeChat server of tests/fakes/wechat.py in its own process, so the demo welcome
+messages are delivered as on a live account) and a bare aiohttp app whose handler reads the body
 and answers ``success``. Both get the same signed WeChat text messages (unique MsgIds; every other
 one from a returning customer) at the same concurrency for the same time, alternating A B A B, from
 ``wrk`` (bench/wechat.lua) when installed, else an aiohttp load generator. Afterwards every request
@@ -39,13 +40,14 @@ TEXTS = [
     "你好,请问奶粉多少钱?", "有没有优惠券可以用", "I want to buy milk powder, what is the price", "不要奶粉了,谢谢",
     "今天天气不错,随便看看", "怎么买?我想下单两罐配方奶", "Do you have a coupon or discount?", "宝宝六个月,推荐什么辅食",
 ]
-WECHAT_ACCOUNT = f"""
-# added by bench/ingest.py: an Official Account whose API is a closed local port (no outbound needed)
+APP_SECRET = "bench-secret"
+WECHAT_ACCOUNT = """
+# added by bench/ingest.py: an Official Account whose API is the fake WeChat server on loopback
 [channels.wechat.bench]
-app_id = "{APP_ID}"
-app_secret = "bench-secret"
-token = "{TOKEN}"
-api_base_url = "http://127.0.0.1:9/"
+app_id = "{app_id}"
+app_secret = "{app_secret}"
+token = "{token}"
+api_base_url = "http://127.0.0.1:{port}/"
 request_timeout_seconds = 2
 """
 
@@ -96,7 +98,16 @@ def serve_bare(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None)
 
 
-def write_config(folder: Path, campaigns: bool = True) -> Path:
+def serve_fake_wechat(port: int) -> None:
+    """WeChat's API as the tests' fake speaks it (tokens, customer-service messages)."""
+    from aiohttp import web
+
+    from tests.fakes.wechat import FakeWeChat
+
+    web.run_app(FakeWeChat(app_id=APP_ID, app_secret=APP_SECRET).app(), host="127.0.0.1", port=port, print=None)
+
+
+def write_config(folder: Path, wechat_port: int, campaigns: bool = True) -> Path:
     """``scrm init`` as a user runs it, plus the WeChat account; validated by the project's loader.
     Without ``campaigns`` the campaigns folder is emptied (no welcome deliveries for the outbox)."""
     from scrm.config import load_config
@@ -108,7 +119,7 @@ def write_config(folder: Path, campaigns: bool = True) -> Path:
         for path in (folder / "campaigns").glob("*.toml"):
             path.unlink()
     with config.open("a", encoding="utf-8") as fh:
-        fh.write(WECHAT_ACCOUNT)
+        fh.write(WECHAT_ACCOUNT.format(app_id=APP_ID, app_secret=APP_SECRET, token=TOKEN, port=wechat_port))
     load_config(config, environ={})
     return config
 
@@ -189,12 +200,13 @@ def run_aiohttp(url: str, seconds: float, connections: int, first_id: int, targe
 # -- the benchmark -------------------------------------------------------------------------------------
 
 
-def count_touchpoints(db: Path) -> tuple[int, int]:
-    """Inbound WeChat touchpoints and customers in the service's store."""
+def count_store(db: Path) -> tuple[int, int, dict[str, int]]:
+    """Inbound WeChat touchpoints, customers and campaign deliveries by status in the service's store."""
     with sqlite3.connect(db) as conn:
         tps = conn.execute("SELECT count(*) FROM touchpoints WHERE channel='wechat' AND direction='in'").fetchone()[0]
         customers = conn.execute("SELECT count(*) FROM identities WHERE channel='wechat'").fetchone()[0]
-    return int(tps), int(customers)
+        deliveries = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall())
+    return int(tps), int(customers), deliveries
 
 
 def main() -> None:
@@ -208,9 +220,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the service's folder (config, store, log)")
     parser.add_argument("--profile", metavar="FILE", help="record the service with py-spy (collapsed stacks, for flamegraph tools) into this file")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-wechat", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(args.serve_bare)
+        return
+    if args.serve_wechat:
+        serve_fake_wechat(args.serve_wechat)
         return
 
     generator = args.generator
@@ -219,13 +235,15 @@ def main() -> None:
     load = run_wrk if generator == "wrk" else run_aiohttp
 
     folder = Path(tempfile.mkdtemp(prefix="scrm-bench-ingest-"))
-    config = write_config(folder, campaigns=not args.no_campaigns)
-    service_port, bare_port = free_port(), free_port()
+    service_port, bare_port, wechat_port = free_port(), free_port(), free_port()
+    config = write_config(folder, wechat_port, campaigns=not args.no_campaigns)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (folder / "service.log").open("w")
     service = subprocess.Popen([sys.executable, "-m", "scrm", "-c", str(config), "run", "--port", str(service_port)],
                                cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
     bare = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--serve-bare", str(bare_port)], cwd=ROOT, env=env)
+    wechat = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--serve-wechat", str(wechat_port)], cwd=ROOT,
+                              env=env)
     profiler = None
     runs: list[Run] = []
     try:
@@ -250,9 +268,9 @@ def main() -> None:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
-        for proc in (service, bare):
+        for proc in (service, bare, wechat):
             proc.send_signal(signal.SIGINT)
-        for proc in (service, bare):
+        for proc in (service, bare, wechat):
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -260,7 +278,7 @@ def main() -> None:
         log.close()
 
     answered = warm.ok + sum(r.ok for r in runs if r.target == "service")
-    stored, customers = count_touchpoints(folder / "scrm.db")
+    stored, customers, deliveries = count_store(folder / "scrm.db")
     service_runs = [r for r in runs if r.target == "service"]
     bare_runs = [r for r in runs if r.target == "bare"]
     service_rps = sum(r.ok for r in service_runs) / sum(r.seconds for r in service_runs)
@@ -274,7 +292,7 @@ def main() -> None:
         "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2),
         "bare_p50_ms": round(sorted(r.p50_ms for r in bare_runs)[len(bare_runs) // 2], 2),
         "answered_200": answered, "touchpoints_stored": stored, "wechat_customers": customers,
-        "all_answered_stored": stored >= answered, "service_errors": sum(r.errors for r in service_runs),
+        "all_answered_stored": stored >= answered, "deliveries": deliveries, "service_errors": sum(r.errors for r in service_runs),
         "ratio": round(ratio, 4), "target_ratio": 0.25, "runs": [r.__dict__ | {"rps": r.rps} for r in runs],
     }
     write_results("ingest", figures)
@@ -289,6 +307,8 @@ def main() -> None:
           f"{machine()['cpus']} CPUs")
     print(f"answered 200: {answered}, touchpoints stored: {stored} "
           f"({'all stored' if stored >= answered else 'MISSING ' + str(answered - stored)})")
+    if deliveries:
+        print("campaign deliveries: " + ", ".join(f"{n} {status}" for status, n in sorted(deliveries.items())))
     if args.keep:
         print(f"service folder kept: {folder}")
     else:
