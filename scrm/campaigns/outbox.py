@@ -184,12 +184,14 @@ class Outbox:
         prepared: list[_Prepared] = []
         deferred = 0
         async with self.service.sessions() as session, session.begin():
-            for delivery_id in ids:
-                d = await session.get(Delivery, delivery_id)
-                assert d is not None
+            # Two queries for the group instead of two per delivery.
+            group = (await session.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id))).all()
+            customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
+                Customer.id.in_({d.customer_id for d in group if d.customer_id is not None})))).all()}
+            for d in group:
                 if d.status != "claimed" or d.claimed_by != self.service.cluster.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
-                p = await self._prepare(session, d, now)
+                p = await self._prepare(session, d, customers.get(d.customer_id), now)
                 if p is None:
                     deferred += 1
                 else:
@@ -198,8 +200,10 @@ class Outbox:
                         self._in_flight.add(p.delivery_id)
         return prepared, deferred
 
-    async def _prepare(self, session: AsyncSession, d: Delivery, now: datetime) -> _Prepared | None:
-        """The message to send, a skip, or None when the delivery was deferred (quiet hours)."""
+    async def _prepare(self, session: AsyncSession, d: Delivery, customer: Customer | None,
+                       now: datetime) -> _Prepared | None:
+        """The message to send, a skip, or None when the delivery was deferred (quiet hours); ``customer`` is
+        the delivery's (None for a group, or when it is gone)."""
         svc = self.service
         loaded = svc.campaigns.get(d.campaign)
         if loaded is None:
@@ -218,7 +222,6 @@ class Outbox:
             context["group"] = {"id": group.id, "title": group.title or "", "channel": group.channel}
             return self._message(d, step, definition, context, None, to_group=True)
 
-        customer = await session.get(Customer, d.customer_id)
         if customer is None or customer.opted_out:
             return _Prepared(d.id, None, "opted_out")
         if definition.exit and await self._holds(session, definition.exit, customer.id, now):
