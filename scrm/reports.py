@@ -276,30 +276,37 @@ async def _groups(session: AsyncSession, query: Any) -> dict[str, int]:
     return {str(key): int(n) for key, n in (await session.execute(query)).all()}
 
 
-async def stages_at(session: AsyncSession, moment: datetime) -> dict[str, int]:
-    """Customers per stage at ``moment``: today's stages, undone by the moves recorded after it.
+async def stages_at(session: AsyncSession, *moments: datetime) -> list[dict[str, int]]:
+    """Customers per stage at each of ``moments``: today's stages, undone by the moves recorded after it.
 
     Moves telescope (a customer's stage at ``moment`` is the ``from`` of their first later move),
     so summing ``from`` minus ``to`` per stage needs no per-customer work. Stage changes that left
-    no ``stage_changed`` touchpoint (a removed contact set to ``lost``) count as always so.
+    no ``stage_changed`` touchpoint (a removed contact set to ``lost``) count as always so. One pass
+    over the customers counts for every moment.
     """
-    counts = await _groups(session, select(Customer.stage, func.count())
-                           .where(Customer.first_seen_at <= moment).group_by(Customer.stage))
+    per_moment: list[dict[str, int]] = [{} for _ in moments]
+    for stage, *seen_by in await session.execute(select(
+            Customer.stage, *(func.count().filter(Customer.first_seen_at <= m) for m in moments))
+            .group_by(Customer.stage)):
+        for counts, n in zip(per_moment, seen_by, strict=True):
+            counts[str(stage)] = int(n)
     source, target = Touchpoint.payload["from"].as_string(), Touchpoint.payload["to"].as_string()
-    # EXISTS, not a join: SQLite would walk every customer seen by then instead of the few moves.
-    seen = exists().where(Customer.id == Touchpoint.customer_id, Customer.first_seen_at <= moment)
-    moves = (await session.execute(
-        select(source, target, func.count())
-        .where(Touchpoint.kind == "stage_changed", Touchpoint.created_at > moment, seen)
-        .group_by(source, target))).all()
-    for old, new, n in moves:
-        counts[old] = counts.get(old, 0) + n
-        counts[new] = counts.get(new, 0) - n
-    return {stage: n for stage, n in sorted(counts.items()) if n}
+    for moment, counts in zip(moments, per_moment, strict=True):
+        # EXISTS, not a join: SQLite would walk every customer seen by then instead of the few moves.
+        seen = exists().where(Customer.id == Touchpoint.customer_id, Customer.first_seen_at <= moment)
+        moves = (await session.execute(
+            select(source, target, func.count())
+            .where(Touchpoint.kind == "stage_changed", Touchpoint.created_at > moment, seen)
+            .group_by(source, target))).all()
+        for old, new, n in moves:
+            counts[old] = counts.get(old, 0) + n
+            counts[new] = counts.get(new, 0) - n
+    return [{stage: n for stage, n in sorted(counts.items()) if n} for counts in per_moment]
 
 
-async def figures(session: AsyncSession, period: Period, attribution_days: int) -> Figures:
-    """One period's figures; the additive ones from the daily rollups where built (scrm.rollups)."""
+async def figures(session: AsyncSession, period: Period, attribution_days: int, stages: dict[str, int]) -> Figures:
+    """One period's figures, with its end's ``stages``; the additive ones from the daily rollups where
+    built (scrm.rollups)."""
     window = period.window
     sent = (Delivery.status == "sent") & window(Delivery.finished_at)
     tally = await rollups.tally(session, period.since, period.until)
@@ -333,7 +340,7 @@ async def figures(session: AsyncSession, period: Period, attribution_days: int) 
         reached_customers=int(sends[1]),
         converted_customers=await _count(
             session, select(func.count(distinct(Conversion.customer_id))).where(window(Conversion.created_at))),
-        stages=await stages_at(session, period.until),
+        stages=stages,
         stage_moves=dict(tally.stage_moves),
     )
 
@@ -343,8 +350,9 @@ async def summary(session: AsyncSession, period: Period | datetime, days: int = 
     """The report for ``period`` and the one before it (``summary(session, now, 7)`` = last 7 days)."""
     if isinstance(period, datetime):
         period = last_days(period, days)
-    return Summary(period, await figures(session, period, attribution_days),
-                   await figures(session, period.previous(), attribution_days), attribution_days)
+    stages, stages_before = await stages_at(session, period.until, period.since)
+    return Summary(period, await figures(session, period, attribution_days, stages),
+                   await figures(session, period.previous(), attribution_days, stages_before), attribution_days)
 
 
 # --- text for a phone ----------------------------------------------------------------------------
