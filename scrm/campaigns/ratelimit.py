@@ -96,12 +96,6 @@ class Pace:
                 await asyncio.sleep(wait)
             self._next = max(slot, loop.time() - self.tolerance) + self.interval
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
 
 Limiter = AsyncLimiter | SharedBucket
 
