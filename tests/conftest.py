@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,29 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on: the OS picks an unused one, and it is released again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env(store: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The environment for a ``python -m scrm`` subprocess on the test's store.
+
+    The service port is pinned to a free loopback port: ``scrm chat`` talks to whatever service
+    answers on the configured host and port (``scrm doctor`` reports on it), so without this a
+    service someone left running on the default 8080 would decide these tests' outcome."""
+    env = {**os.environ, "SCRM_STORE__URL": store["url"], "SCRM_SERVICE__HOST": "127.0.0.1",
+           "SCRM_SERVICE__PORT": str(free_port()), **extra}
+    if "schema_name" in store:
+        env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
+    else:
+        env.pop("SCRM_STORE__SCHEMA_NAME", None)
+    env.pop("SCRM_CONFIG", None)
+    return env
 
 
 @pytest.fixture(scope="session")

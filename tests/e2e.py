@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from scrm.personal import open_keyring, write_key_file
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade
 from scrm.store.models import Campaign, Customer, Identity
-from tests.conftest import ROOT, deep_merge, example_config
+from tests.conftest import ROOT, deep_merge, example_config, free_port
 from tests.fakes.telegram import FakeTelegram
 
 TOKEN = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
@@ -38,12 +37,6 @@ ZONE = "Asia/Shanghai"
 CAMPAIGN = "e2e-flash"
 #: Telegram chat ids of the generated customers start here (customer i has chat FIRST_CHAT + i).
 FIRST_CHAT = 700_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- TOML out (the project reads TOML with tomllib; nothing here writes it) --------------------------

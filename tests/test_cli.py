@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import cli_env
+
 
 def scrm(cwd: Path, store: dict[str, Any], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SCRM_STORE__URL": store["url"]}
-    if "schema_name" in store:
-        env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
-    env.pop("SCRM_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=env, input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=cli_env(store), input=stdin,
+                          capture_output=True,
                           text=True, timeout=120)
 
 

@@ -7,7 +7,6 @@ parameters (Fader, Hardie & Lee 2005: r=0.243, alpha=4.414, a=0.793, b=2.426).""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -23,6 +22,7 @@ from scrm.loyalty.history import ImportResult, import_batch, read_orders
 from scrm.profile import customer_view
 from scrm.service import Service
 from scrm.store.models import Customer, LoyaltyAccount
+from tests.conftest import cli_env
 from tests.test_loyalty import LOYALTY
 
 PUBLISHED = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
@@ -140,10 +140,7 @@ def test_rule_risk_is_days_silent_against_own_gap():
 
 
 def test_cli_conversions_import_and_analytics_fit(tmp_path, store):
-    env = {**os.environ, "SCRM_STORE__URL": store["url"]}
-    if "schema_name" in store:
-        env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
-    env.pop("SCRM_CONFIG", None)
+    env = cli_env(store)  # the chat below must not find a service someone left on the configured port
 
     def scrm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=tmp_path, env=env, capture_output=True,

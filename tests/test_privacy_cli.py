@@ -4,7 +4,6 @@ erase, the audit log, and `scrm run` refusing a wrong or missing key."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -19,14 +18,11 @@ from scrm.channels import InboundEvent
 from scrm.config import load_config
 from scrm.service import Service
 from scrm.store.models import Customer, Identity
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env
 
 
 def scrm(cwd: Path, store: dict[str, Any], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SCRM_STORE__URL": store["url"], "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    if "schema_name" in store:
-        env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
-    env.pop("SCRM_CONFIG", None)
+    env = cli_env(store, PYTHONPATH=str(ROOT), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=env, input=stdin, capture_output=True,
                           text=True, timeout=120)
 

@@ -5,7 +5,6 @@ cohorts, top tags; through the functions, the staff chat commands and the CLI â€
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from scrm.store.models import (
     Tag,
     Touchpoint,
 )
+from tests.conftest import cli_env
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)  # a Friday; 20:00 in Asia/Shanghai
 TZ = "Asia/Shanghai"
@@ -520,11 +520,7 @@ async def test_non_staff_get_the_refusal_and_nothing_else(world, text):
 
 
 def scrm_cli(cwd: Path, store: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SCRM_STORE__URL": store["url"]}
-    if "schema_name" in store:
-        env["SCRM_STORE__SCHEMA_NAME"] = store["schema_name"]
-    env.pop("SCRM_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=cli_env(store), capture_output=True, text=True,
                           timeout=120, check=False)
 
 
