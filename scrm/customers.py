@@ -27,35 +27,6 @@ async def find_by_ref(session: AsyncSession, ref: str) -> Customer | None:
     return await find_customer(session, channel, external_id) if sep and external_id else None
 
 
-async def find_or_create(
-    session: AsyncSession,
-    channel: str,
-    account: str,
-    external_id: str,
-    now: datetime,
-    display_name: str | None = None,
-    source: str | None = None,
-) -> tuple[Customer, bool]:
-    """The customer behind an identity, created (with the identity) on first contact."""
-    customer = await find_customer(session, channel, external_id, account)
-    if customer is not None:
-        if display_name and not customer.display_name:
-            customer.display_name = display_name
-        return customer, False
-    customer = Customer(
-        display_name=display_name,
-        acquisition_source=source or f"{channel}:{account}",
-        first_seen_at=now,
-        last_seen_at=now,
-        attributes={},
-    )
-    session.add(customer)
-    await session.flush()
-    session.add(Identity(customer_id=customer.id, channel=channel, account=account, external_id=external_id, created_at=now))
-    await session.flush()
-    return customer, True
-
-
 def touchpoint(
     session: AsyncSession,
     *,

@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import func, select
 
 from scrm import personal
+from scrm.customers import find_customer
+from scrm.importer import Importer
 from scrm.store.models import (
     Conversion,
     CouponCode,
@@ -228,13 +230,15 @@ async def test_view_and_tags(client):
         assert "api:shop" in actors
 
 
-async def test_trigger_campaign(client):
+async def test_trigger_campaign(client, tmp_path):
     service = client.app[SERVICE]
-    now = service.clock.now()
-    async with service.sessions() as s, s.begin():  # a customer the welcome never reached (an import, say)
-        from scrm.customers import find_or_create
-
-        customer, _ = await find_or_create(s, "console", "local", "dora", now)
+    # a customer the welcome never reached: imported, she has not written yet
+    (tmp_path / "dora.csv").write_text("identity\nconsole:local:dora\n", "utf-8")
+    imported = await Importer(service.sessions, service.config, service.keyring, service.clock.now()).run(
+        tmp_path / "dora.csv")
+    assert imported.created == 1
+    async with service.sessions() as s:
+        customer = await find_customer(s, "console", "dora", "local")
     body = {"customer": {"channel": "console", "external_id": "dora"}}
     resp = await client.post("/api/v1/campaigns/nope/trigger", json=body, headers=auth(SHOP))
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "campaign_not_found"

@@ -13,6 +13,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from scrm import personal
+from scrm.channels import InboundEvent
+from scrm.customers import find_customer
 from scrm.exporter import export_customers, export_touchpoints
 from scrm.importer import Importer
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
@@ -53,11 +55,13 @@ HEADER = ["name", "phone", "birthday", "identity", "tags", "consent", "city"]
 async def test_import_merges_rejects_and_is_idempotent(make_config, clock, tmp_path):
     service = await started(make_config, clock)
     try:
-        async with service.sessions() as s, s.begin():  # already known: alice by identity, bob by phone
-            from scrm.customers import find_or_create
-
-            alice, _ = await find_or_create(s, "console", "local", "alice", clock.now(), "alice")
-            bob, _ = await find_or_create(s, "console", "local", "bob", clock.now(), "bob")
+        # already known: alice by identity, bob by phone; both first wrote to the brand (console:bob is staff)
+        for user in ("alice", "bobby"):
+            await service.receive(InboundEvent("console", "local", user, "text", text="hello",
+                                               platform_msg_id=f"first-{user}", display_name=user))
+        async with service.sessions() as s, s.begin():
+            alice = await find_customer(s, "console", "alice", "local")
+            bob = await find_customer(s, "console", "bobby", "local")
             await personal.set_phone(s, bob, "+8613900000002", service.keyring)
         path = write(tmp_path / "customers.csv", HEADER, [
             ["Carol", "139 0000 0001", "1990-05-17", "", "vip;奶粉", "yes", "上海"],        # 2 new
