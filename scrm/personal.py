@@ -424,8 +424,16 @@ async def check_store(config: Config) -> Keyring:
 
 async def redact_messages(session: AsyncSession, before: datetime, customer_id: int | None = None) -> int:
     """Blank message texts older than ``before`` (or all of one customer's): ``text`` -> NULL and
-    ``payload.redacted`` = true, metadata kept, so counts, funnels and reports do not change.
-    One set-based UPDATE; returns rows redacted."""
+    ``payload.redacted`` = true; the rest of each touchpoint (customer, kind, direction, time,
+    campaign) stays. Message counts, active customers, new customers, funnels, attribution, stages,
+    cohorts and tags do not change.
+
+    Opt-outs in reports do: an opt-out by chat word ("退订") is counted by the text of the bot's reply
+    (``rollups.OPT_OUT_REPLY_ROW``), so once that reply is blanked it no longer counts on its day in
+    /report, digests and ``scrm report`` (the rolled-up days holding such replies are invalidated
+    first, so built and live figures agree). The customer stays opted out, and platform opt-outs
+    (unsubscribe, blocked, contact removed) still count. The texts are also gone from the 360° view
+    and from touchpoint exports. One set-based UPDATE; returns rows redacted."""
     from sqlalchemy import literal_column, update
 
     from scrm import rollups
@@ -464,7 +472,8 @@ PERSONAL_PAYLOAD_KEYS = frozenset({"phone", "phone_last4", "name", "display_name
 async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dict[str, int]:
     """Erase a person: personal values (ciphertext and derived), name, attributes, message texts and
     channel ids go; aggregates (orders, coupons, tags, touchpoint metadata, consent history,
-    the audit log) stay so reports remain right. Planned sends to them are cancelled."""
+    the audit log) stay, so reports keep their figures except the person's chat opt-outs, which
+    are counted by reply text (see :func:`redact_messages`). Planned sends to them are cancelled."""
     from sqlalchemy import String, cast, literal, update
 
     from scrm import rollups
