@@ -47,7 +47,8 @@ class Customer(Base):
     birthday_md: Mapped[str | None] = mapped_column(String(5), index=True)
     timezone: Mapped[str | None] = mapped_column(String(64))
     locale: Mapped[str | None] = mapped_column(String(16))
-    stage: Mapped[str] = mapped_column(String(16), default="acquisition", index=True)
+    #: Indexed by ix_customers_stage_first_seen (stage, first_seen_at), below.
+    stage: Mapped[str] = mapped_column(String(16), default="acquisition")
     opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
     acquisition_source: Mapped[str | None] = mapped_column(String(128))
     first_seen_at: Mapped[datetime] = mapped_column(index=True)
