@@ -161,3 +161,25 @@ async def test_planner_lease_moves_when_the_holder_stops_heartbeating(make_confi
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_a_claim_takes_one_batch_and_instances_take_different_ones(make_config, clock):
+    """``scheduler.outbox_batch`` bounds a claim on both stores, so the instances share the outbox."""
+    from scrm.service import Service
+
+    config = make_config({"scheduler": {"outbox_batch": 4}})
+    first, second = Service(config, clock), Service(config, clock)
+    await first.start(scheduler=False)
+    await second.start(scheduler=False)
+    try:
+        for n in range(10):  # ten first messages: ten welcome deliveries due now
+            await first.receive(InboundEvent("console", "local", f"c{n}", "text", text="hi", platform_msg_id=f"c{n}"))
+        assert await count(first, Delivery, Delivery.status == "planned") == 10
+        mine, theirs = await first.outbox._claim(), await second.outbox._claim()
+        assert len(mine) == len(theirs) == 4 and not set(mine) & set(theirs)
+        assert await count(first, Delivery, Delivery.status == "claimed",
+                           Delivery.claimed_by == first.cluster.instance_id) == 4
+        assert await count(first, Delivery, Delivery.status == "planned") == 2
+    finally:
+        await first.stop()
+        await second.stop()

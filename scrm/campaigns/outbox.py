@@ -169,9 +169,15 @@ class Outbox:
             )
             if svc.paused:
                 due = due.where(Delivery.campaign.not_in(svc.paused))
+            # Locked first, claimed second. As a subquery of the UPDATE, PostgreSQL may run the locking
+            # SELECT again for every candidate row, and each run skips the rows the UPDATE has just
+            # claimed: the LIMIT no longer bounds the claim, and one instance took every due delivery.
+            ids = (await session.scalars(due)).all()
+            if not ids:
+                return []
             claimed = (await session.scalars(
                 update(Delivery)
-                .where(Delivery.id.in_(due.scalar_subquery()), Delivery.status == "planned")
+                .where(Delivery.id.in_(ids), Delivery.status == "planned")
                 .values(status="claimed", attempts=Delivery.attempts + 1, claimed_by=svc.cluster.instance_id,
                         claimed_at=now)
                 .returning(Delivery.id)
