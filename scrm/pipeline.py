@@ -29,12 +29,33 @@ from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
+from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import TagHit, apply_hits, tokenize
 
 if TYPE_CHECKING:
     from scrm.service import Service
 
 _Key = tuple[str, str, str]  # channel, account, external id
+
+# The batch's statements, built once: building one costs more than running it on a batch.
+_TP, _ID, _CU = Touchpoint.__table__, Identity.__table__, Customer.__table__
+_STORED = select(_TP.c.platform_msg_id).where(
+    _TP.c.channel == bindparam("channel"), _TP.c.account == bindparam("account"),
+    _TP.c.platform_msg_id.in_(bindparam("ids", expanding=True)))
+_IDENTIFIED = select(_ID.c.external_id, _ID.c.customer_id).where(
+    _ID.c.channel == bindparam("channel"), _ID.c.account == bindparam("account"),
+    _ID.c.external_id.in_(bindparam("ids", expanding=True)))
+_INSERT_CUSTOMERS = insert(_CU).returning(_CU.c.id, _CU.c.display_name, _CU.c.acquisition_source)
+_INSERT_IDENTITIES = insert(_ID)
+_INSERT_TOUCHPOINTS = insert(_TP)
+#: Every interaction is also a sighting: one statement for both times.
+_NOW = bindparam("now", type_=_CU.c.last_seen_at.type)
+_SEEN = update(_CU).where(_CU.c.id.in_(bindparam("seen", expanding=True))).values(
+    last_seen_at=_NOW,
+    last_inbound_at=case((_CU.c.id.in_(bindparam("interacted", expanding=True)), _NOW),
+                         else_=_CU.c.last_inbound_at))
+_NAMED = update(_CU).where(_CU.c.id == bindparam("row_id"), _CU.c.display_name.is_(None)).values(
+    display_name=bindparam("name"))
 
 
 @dataclass
@@ -91,24 +112,16 @@ class _Batch:
                 self.touchpoint(event, customer_id, "internal", "tag_added",
                                 payload={"tag": hit.tag, "keyword": hit.keyword, "score": hit.score})
                 self.trigger("tag_added", customer_id, event, tag=hit.tag)
-        customers = Customer.__table__
         if self.seen:
-            # one statement for both: every interaction is also a sighting
-            await session.execute(update(customers).where(customers.c.id.in_(self.seen)).values(
-                last_seen_at=now,
-                last_inbound_at=case((customers.c.id.in_(self.interacted), now), else_=customers.c.last_inbound_at)
-                if self.interacted else customers.c.last_inbound_at))
+            await session.execute(_SEEN, {"seen": list(self.seen), "interacted": list(self.interacted), "now": now})
             self.seen.clear()
             self.interacted.clear()
         if self.names:
-            await session.execute(
-                update(customers).where(customers.c.id == bindparam("row_id"), customers.c.display_name.is_(None))
-                .values(display_name=bindparam("name")),
-                [{"row_id": i, "name": n} for i, n in self.names.items()])
+            await session.execute(_NAMED, [{"row_id": i, "name": n} for i, n in self.names.items()])
             self.names.clear()
         if self.touchpoints:
             rows, self.touchpoints = self.touchpoints, []
-            await session.execute(insert(Touchpoint.__table__), rows)
+            await session.execute(_INSERT_TOUCHPOINTS, rows)
             metrics.bulk_touchpoints(session, rows)
         if self.triggers:
             triggers, self.triggers = self.triggers, []
@@ -147,9 +160,8 @@ async def _fresh(session: AsyncSession, events: list[InboundEvent]) -> list[bool
             wanted[(e.channel, e.account)].add(e.platform_msg_id)
     seen: set[tuple[str, str, str | None]] = set()
     for (channel, account), msg_ids in wanted.items():
-        stored = await session.scalars(select(Touchpoint.platform_msg_id).where(
-            Touchpoint.channel == channel, Touchpoint.account == account, Touchpoint.platform_msg_id.in_(msg_ids)))
-        seen |= {(channel, account, m) for m in stored}
+        stored = await session.execute(_STORED, {"channel": channel, "account": account, "ids": list(msg_ids)})
+        seen |= {(channel, account, m) for m, in stored}
     fresh = []
     for e in events:
         key = (e.channel, e.account, e.platform_msg_id)
@@ -165,8 +177,7 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
         wanted[(e.channel, e.account)].add(e.external_id)
     found: dict[_Key, tuple[int, bool]] = {}
     for (channel, account), external_ids in wanted.items():
-        rows = await session.execute(select(Identity.external_id, Identity.customer_id).where(
-            Identity.channel == channel, Identity.account == account, Identity.external_id.in_(external_ids)))
+        rows = await session.execute(_IDENTIFIED, {"channel": channel, "account": account, "ids": list(external_ids)})
         found |= {(channel, account, external_id): (customer_id, False) for external_id, customer_id in rows}
     first: dict[_Key, InboundEvent] = {}
     for e in events:
@@ -178,13 +189,11 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
         rows = [{"display_name": e.display_name, "acquisition_source": e.source or f"{e.channel}:{e.account}",
                  "first_seen_at": now, "last_seen_at": now, "attributes": {}} for _, e in new]
         returned: dict[tuple[str | None, str], list[int]] = defaultdict(list)
-        for cid, name, source in await session.execute(
-                insert(Customer.__table__).returning(Customer.id, Customer.display_name, Customer.acquisition_source),
-                rows):
+        for cid, name, source in await session.execute(_INSERT_CUSTOMERS, rows):
             returned[(name, source)].append(cid)
         created = {key: returned[(row["display_name"], row["acquisition_source"])].pop()
                    for (key, _), row in zip(new, rows)}
-        await session.execute(insert(Identity.__table__), [
+        await session.execute(_INSERT_IDENTITIES, [
             {"customer_id": cid, "channel": key[0], "account": key[1], "external_id": key[2], "created_at": now}
             for key, cid in created.items()])
         found |= {key: (cid, True) for key, cid in created.items()}
@@ -196,6 +205,7 @@ async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role) -> React
     batch.touchpoint(event, None, "in", event.kind, text=event.text or None, payload=scrub_payload(event.payload),
                      platform_msg_id=event.platform_msg_id, actor=actor)
     await batch.flush()
+    await statements_in_thread(batch.session)  # a report may read for seconds: not on the event loop
     answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
     batch.touchpoint(event, None, "out", "reply", text=answer.text, actor=actor)
     return Reaction(replies=(answer.text,), images=answer.images)

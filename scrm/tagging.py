@@ -13,7 +13,7 @@ import re
 import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,10 +21,20 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import rjieba
-from sqlalchemy import Engine, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    delete,
+    insert,
+    literal,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
+from scrm.store.dialect import upsert
 from scrm.store.models import CustomerTag, Tag, TagScore
 
 _segmenter_lock = threading.Lock()
@@ -183,31 +193,27 @@ async def remove_tag(session: AsyncSession, customer_id: int, name: str) -> bool
 
 async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], now: datetime) -> list[tuple[int, TagHit]]:
     """Add keyword hits (customer id, hit), in order, to the customers' interest in their tags and
-    apply the tags that reach their thresholds, with a few statements for the whole batch; returns
+    apply the tags that reach their thresholds: one read and two upserts for the whole batch; returns
     the hits that applied a tag the customer did not hold."""
     if not hits:
         return []
     ids = await tag_ids(session, {hit.rule.tag for _, hit in hits})
-    customers = {customer_id for customer_id, _ in hits}
-    held: dict[tuple[int, int], dict[str, Any]] = {
-        (row.customer_id, row.tag_id): {"id": row.id, "score": row.score, "expires_at": row.expires_at}
-        for row in await session.execute(select(CustomerTag.id, CustomerTag.customer_id, CustomerTag.tag_id,
-                                                CustomerTag.score, CustomerTag.expires_at).where(
-            CustomerTag.customer_id.in_(customers), CustomerTag.tag_id.in_(ids.values())))
-    }
-    scores: dict[tuple[int, int], dict[str, Any]] = {}
-    if any(_accumulates(hit) for _, hit in hits):
-        scores = {(row.customer_id, row.tag_id): {"id": row.id, "score": row.score}
-                  for row in await session.execute(select(TagScore.id, TagScore.customer_id, TagScore.tag_id,
-                                                          TagScore.score).where(
-                      TagScore.customer_id.in_(customers), TagScore.tag_id.in_(ids.values())))}
+    held: dict[tuple[int, int], dict[str, Any]] = {}
+    scores: dict[tuple[int, int], float] = {}
+    for kind, customer_id, tid, score, expires_at in await session.execute(
+            _HELD_AND_SCORES, {"customers": list({c for c, _ in hits}), "tags": list(set(ids.values()))}):
+        if kind == "held":
+            held[(customer_id, tid)] = {"score": score, "expires_at": expires_at}
+        else:
+            scores[(customer_id, tid)] = score
+    changed_scores: set[tuple[int, int]] = set()
     applied: list[tuple[int, TagHit]] = []
     for customer_id, hit in hits:
         rule, key = hit.rule, (customer_id, ids[hit.rule.tag])
         score = hit.score
         if _accumulates(hit):
-            row = scores.setdefault(key, {"id": None, "score": 0.0})
-            row["score"] = score = row["score"] + hit.score
+            score = scores[key] = scores.get(key, 0.0) + hit.score
+            changed_scores.add(key)
             if score < rule.threshold:
                 continue
         expires = now + timedelta(days=rule.ttl_days) if rule.ttl_days else None
@@ -216,35 +222,29 @@ async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], 
             if (max(row["score"], score), expires) != (row["score"], row["expires_at"]):
                 row |= {"score": max(row["score"], score), "expires_at": expires, "dirty": True}
             continue
-        held[key] = {"id": None, "score": score, "expires_at": expires, "detail": hit.keyword}
+        held[key] = {"score": score, "expires_at": expires, "detail": hit.keyword, "dirty": True}
         applied.append((customer_id, hit))
-    await _write(session, TagScore, {k: v for k, v in scores.items()},
-                 lambda k, v: {"customer_id": k[0], "tag_id": k[1], "score": v["score"], "updated_at": now},
-                 lambda v: {"score": v["score"], "updated_at": now})
-    await _write(session, CustomerTag, {k: v for k, v in held.items() if v["id"] is None or v.get("dirty")},
-                 lambda k, v: {"customer_id": k[0], "tag_id": k[1], "source": "keyword", "source_detail": v["detail"],
-                               "score": v["score"], "added_at": now, "expires_at": v["expires_at"]},
-                 lambda v: {"score": v["score"], "expires_at": v["expires_at"]})
+    if changed_scores:
+        await upsert(session, TagScore.__table__, ("customer_id", "tag_id"), ("score", "updated_at"), [
+            {"customer_id": c, "tag_id": t, "score": scores[(c, t)], "updated_at": now} for c, t in changed_scores])
+    # a tag already held keeps its source and added_at: the upsert changes only score and expiry
+    if writes := [{"customer_id": c, "tag_id": t, "source": "keyword", "source_detail": v.get("detail"),
+                   "score": v["score"], "added_at": now, "expires_at": v["expires_at"]}
+                  for (c, t), v in held.items() if v.get("dirty")]:
+        await upsert(session, CustomerTag.__table__, ("customer_id", "tag_id"), ("score", "expires_at"), writes)
     return applied
+
+
+_CT, _TS = CustomerTag.__table__.c, TagScore.__table__.c
+#: The customers' held tags and running scores for the batch's tags, in one read.
+_HELD_AND_SCORES = union_all(
+    select(literal("held"), _CT.customer_id, _CT.tag_id, _CT.score, _CT.expires_at).where(
+        _CT.customer_id.in_(bindparam("customers", expanding=True)), _CT.tag_id.in_(bindparam("tags", expanding=True))),
+    select(literal("score"), _TS.customer_id, _TS.tag_id, _TS.score, null()).where(
+        _TS.customer_id.in_(bindparam("customers", expanding=True)), _TS.tag_id.in_(bindparam("tags", expanding=True))),
+)
 
 
 def _accumulates(hit: TagHit) -> bool:
     """Rules with a threshold above one hit's score, or with weights, keep a running score."""
     return hit.rule.threshold > hit.score or bool(hit.rule.weights)
-
-
-async def _write(session: AsyncSession, model: type[CustomerTag] | type[TagScore],
-                 rows: dict[tuple[int, int], dict[str, Any]],
-                 new: Callable[[tuple[int, int], dict[str, Any]], dict[str, Any]],
-                 changed: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Insert the rows without an id and update the others, one executemany each."""
-    inserts = [new(k, v) for k, v in rows.items() if v["id"] is None]
-    updates = [{"row_id": v["id"], **{f"new_{c}": x for c, x in changed(v).items()}}
-               for v in rows.values() if v["id"] is not None]
-    table = model.__table__
-    if inserts:
-        await session.execute(insert(table), inserts)
-    if updates:
-        columns = [c.removeprefix("new_") for c in updates[0] if c != "row_id"]
-        await session.execute(update(table).where(table.c.id == bindparam("row_id"))
-                              .values({c: bindparam(f"new_{c}") for c in columns}), updates)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy import Select, Table, literal_column
@@ -27,3 +28,17 @@ async def insert_select_ignore(session: AsyncSession, table: Table, columns: lis
     """INSERT INTO table (columns) SELECT ... ON CONFLICT DO NOTHING; returns rows inserted."""
     result = await session.execute(_dialect(session).insert(table).from_select(columns, query).on_conflict_do_nothing())
     return result.rowcount or 0
+
+
+async def upsert(session: AsyncSession, table: Table, keys: tuple[str, ...], columns: tuple[str, ...],
+                 rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET columns, one executemany for all rows (the
+    statement is built once per store, dialect and column set)."""
+    await session.execute(_upsert_statement(session.bind.dialect.name, table, keys, columns), rows)
+
+
+@functools.cache
+def _upsert_statement(dialect: str, table: Table, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
+    statement = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    return statement.on_conflict_do_update(index_elements=list(keys),
+                                           set_={c: statement.excluded[c] for c in columns})

@@ -1,4 +1,4 @@
-"""SQLite through aiosqlite, one trip to its thread per statement.
+"""SQLite through aiosqlite, one trip to its thread per statement, or none while a writer holds the lock.
 
 SQLAlchemy's aiosqlite adapter goes to aiosqlite's thread three or four times per statement (open
 a cursor, execute, fetch, close), and every trip is a wake-up of the event loop; at ingest's rates
@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_dbapi,
     SQLiteDialect_aiosqlite,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util.concurrency import await_
 
 _Result = tuple[Any, int, int | None, list[Any]]
@@ -39,7 +40,7 @@ def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) 
 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
-    __slots__ = ("_description", "_rowcount", "_lastrowid")
+    __slots__ = ("_description", "_lastrowid", "_rowcount")
 
     def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
         self._adapt_connection = adapt_connection
@@ -75,7 +76,10 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     def _trip(self, operation: Any, parameters: Any, many: bool) -> None:
         try:
-            result = await_(self._in_thread(operation, parameters, many))
+            if self._adapt_connection.inline:
+                result = _run(self._connection._conn, operation, parameters, many)
+            else:
+                result = await_(self._in_thread(operation, parameters, many))
         except Exception as error:
             self._adapt_connection._handle_exception(error)
         self._description, self._rowcount, self._lastrowid, rows = result
@@ -87,8 +91,21 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
 
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+    __slots__ = ("inline",)
     _cursor_cls = OneTripCursor
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        #: Set by :func:`hold_write_lock` for the rest of the transaction.
+        self.inline = False
+
+    def commit(self) -> None:
+        self.inline = False
+        super().commit()
+
+    def rollback(self) -> None:
+        self.inline = False
+        super().rollback()
 
 
 class OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
@@ -107,3 +124,26 @@ class OneTripDialect(SQLiteDialect_aiosqlite):
 
 
 registry.register("sqlite.scrm_aiosqlite", __name__, "OneTripDialect")
+
+
+async def hold_write_lock(session: AsyncSession) -> None:
+    """Start the session's transaction holding SQLite's write lock, then run its statements here.
+
+    ``BEGIN IMMEDIATE`` waits (in aiosqlite's thread) for any other writer; from then on no statement
+    of the transaction can wait for another connection, and each takes microseconds, less than a trip
+    to the thread costs, so they run on the calling thread. COMMIT and ROLLBACK still go to the thread
+    (a commit may checkpoint the WAL, which writes and syncs the database file). No-op on PostgreSQL.
+    """
+    connection = await session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    await connection.exec_driver_sql("BEGIN IMMEDIATE")
+    (await connection.get_raw_connection()).dbapi_connection.inline = True  # type: ignore[union-attr]
+
+
+async def statements_in_thread(session: AsyncSession) -> None:
+    """Back to one trip to the thread per statement, for the rest of the transaction: for work whose
+    statements may run long (a staff command's report) while the write lock is held."""
+    connection = await session.connection()
+    if connection.dialect.name == "sqlite":
+        (await connection.get_raw_connection()).dbapi_connection.inline = False  # type: ignore[union-attr]
