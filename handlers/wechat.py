@@ -379,24 +379,24 @@ class WeChatChannel(Channel):
 
     async def _react(self, event: InboundEvent) -> tuple[str, ...]:
         """The core's replies, or none if it takes longer than WeChat waits (the commit goes on)."""
-        task = asyncio.ensure_future(self.service.receive(event))
-        try:
-            reaction = await asyncio.wait_for(asyncio.shield(task), self.settings.reply_timeout_seconds)
-        except TimeoutError:
+        committed = self.service.receive(event)
+        await asyncio.wait((committed,), timeout=self.settings.reply_timeout_seconds)  # never cancels it
+        if not committed.done():
             log.warning("wechat %s: event %s took over %ss; answered success", self.account,
                         event.platform_msg_id, self.settings.reply_timeout_seconds)
-            task.add_done_callback(partial(self._late_reaction, event.external_id))
+            committed.add_done_callback(partial(self._late_reaction, event.external_id))
             return ()
+        reaction = committed.result()
         return () if reaction.duplicate else reaction.replies
 
-    def _late_reaction(self, openid: str, task: asyncio.Future[Reaction]) -> None:
+    def _late_reaction(self, openid: str, committed: asyncio.Future[Reaction]) -> None:
         """A reply the passive answer missed goes out as a customer-service message (the window is open)."""
-        if task.cancelled():
+        if committed.cancelled():
             return
-        if (exc := task.exception()) is not None:
+        if (exc := committed.exception()) is not None:
             log.error("wechat %s: event from %s answered success but not committed: %r", self.account, openid, exc)
             return
-        reaction = task.result()
+        reaction = committed.result()
         if reaction.replies and not reaction.duplicate:
             text = "\n".join(reaction.replies)
             late = asyncio.ensure_future(self._request(lambda api: api.message.send_text(openid, text), None))

@@ -48,13 +48,14 @@ class Ingestor:
             pass
         self._task = None
 
-    async def submit(self, event: InboundEvent) -> Reaction:
-        """Resolves once the event and its effects are committed."""
+    def submit(self, event: InboundEvent) -> asyncio.Future[Reaction]:
+        """A future resolved once the event and its effects are committed (a future, not a
+        coroutine: a caller may stop waiting for it without cancelling the commit)."""
         if self._task is None:
             raise StoreUnavailable("ingest is not running")
         future: asyncio.Future[Reaction] = asyncio.get_running_loop().create_future()
-        await self._queue.put((event, future))
-        return await future
+        self._queue.put_nowait((event, future))
+        return future
 
     async def _run(self) -> None:
         while True:
@@ -80,8 +81,8 @@ class Ingestor:
             for item in batch:
                 await self._commit([item])
             return
-        for (_, future), reaction in zip(batch, outcome.reactions):
-            _resolve(future, reaction)
+        for (event, future), reaction in zip(batch, outcome.reactions):
+            _resolve(future, metrics.received(event, reaction))
         if outcome.planned:
             self.service.wake_outbox()
         self.service.touch(outcome.customers)

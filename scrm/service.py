@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from scrm import metrics, profiles, rfm
+from scrm import profiles, rfm
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
@@ -80,9 +80,9 @@ class Service:
     def channel(self, kind: str, account: str) -> Channel | None:
         return self.channels.get((kind, account))
 
-    async def receive(self, event: InboundEvent) -> Reaction:
-        """Channels call this; it returns after the event is committed."""
-        return metrics.received(event, await self.ingestor.submit(cleaned(event)))
+    def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
+        """Channels call this and await the future, which resolves once the event is committed."""
+        return self.ingestor.submit(cleaned(event))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)
