@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,7 +36,7 @@ _NOISY = ("alembic", "apscheduler", "httpx")
 @contextmanager
 def request_context(value: str | None = None) -> Iterator[str]:
     """Carry a request id for the duration of one request (made up when the caller sent none)."""
-    rid = value if value and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) else uuid.uuid4().hex[:16]
+    rid = value if value and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) else os.urandom(8).hex()
     token = request_id.set(rid)
     try:
         yield rid
