@@ -66,6 +66,8 @@ class StoreConfig(_Strict):
     url: str = "sqlite+aiosqlite:///scrm.db"
     #: PostgreSQL only: keep the tables in this schema (it must exist) instead of ``public``.
     schema_name: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    #: After a group commit of several events, the ingest writer waits this long before the next.
+    commit_linger_ms: float = Field(1.0, ge=0, le=100)
 
     @field_validator("url")
     @classmethod

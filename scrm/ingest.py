@@ -1,7 +1,9 @@
 """Group commit: many inbound events share one transaction, each acknowledged after the commit.
 
 A commit per request caps ingest at a few percent of a bare handler; here one writer task takes
-whatever has queued while the previous commit was in flight and commits it together.
+whatever has queued while the previous commit was in flight and commits it together. After a
+commit of several events it first waits ``store.commit_linger_ms``: the clients it just answered
+send their next events at once, and those then share the commit (a lone event never waits).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Ingestor:
     def __init__(self, service: Service, max_batch: int = 500) -> None:
         self.service = service
         self.max_batch = max_batch
+        self.linger = service.config.store.commit_linger_ms / 1000
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -58,10 +61,16 @@ class Ingestor:
         return future
 
     async def _run(self) -> None:
+        last = 0
         while True:
             batch = [await self._queue.get()]
+            if last > 1 and self.linger:
+                # Under load the events answered by the last commit come straight back: waiting a
+                # moment lets them share this commit instead of splitting the traffic in two halves.
+                await asyncio.sleep(self.linger)
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            last = len(batch)
             try:
                 await self._commit(batch)
             finally:
