@@ -21,8 +21,9 @@ async def find_customer(session: AsyncSession, channel: str, external_id: str, a
 async def find_by_ref(session: AsyncSession, ref: str) -> Customer | None:
     """A customer named the way operators do: ``#12`` / ``12`` (store id) or ``channel:external_id``."""
     ref = ref.strip()
-    if ref.lstrip("#").isdigit():
-        return await session.get(Customer, int(ref.lstrip("#")))
+    digits = ref.lstrip("#")
+    if digits.isascii() and digits.isdigit():  # not "¹" or "②": digits to str.isdigit, not to int()
+        return await session.get(Customer, int(digits))
     channel, sep, external_id = ref.partition(":")
     return await find_customer(session, channel, external_id) if sep and external_id else None
 

@@ -216,6 +216,8 @@ async def test_view_and_tags(client):
     resp = await client.get(f"/api/v1/customers/{view['id']}", headers=auth(READER))
     assert (await resp.json())["id"] == view["id"]
     assert (await client.get("/api/v1/customers/console:nobody", headers=auth(READER))).status == 404
+    for ref in ("%C2%B9", "%23%E2%91%A1"):  # "¹" and "#②": digits to str.isdigit, not ids
+        assert (await client.get(f"/api/v1/customers/{ref}", headers=auth(READER))).status == 404
     resp = await client.post("/api/v1/customers/console:alice/tags", json={"add": ["vip"]}, headers=auth(READER))
     assert resp.status == 403
     resp = await client.post("/api/v1/customers/console:alice/tags", json={"add": ["vip"], "remove": ["奶粉"]},

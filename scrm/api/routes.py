@@ -49,7 +49,7 @@ async def _resolve(call: Call, session: AsyncSession, ref: m.CustomerRef, field:
 
 async def _by_path(session: AsyncSession, ref: str) -> Customer:
     digits = ref.strip().lstrip("#")
-    fits = len(ref) <= 160 and not (digits.isdigit() and int(digits) > m.MAX_ID)
+    fits = len(ref) <= 160 and not (digits.isascii() and digits.isdigit() and int(digits) > m.MAX_ID)
     customer = await find_by_ref(session, ref) if fits else None
     if customer is None:
         raise ApiError(404, "customer_not_found", f"no customer {ref[:160]!r} (use an id or channel:external_id)")
