@@ -34,8 +34,9 @@ async def test_ingest_waits_for_another_writer_without_stalling_the_loop(aiohttp
     service = client.app[SERVICE]
     assert (await client.post("/console/local/messages", json={"user": "ann", "text": "你好", "id": "a1"})).status == 200
 
-    other = sqlite3.connect(tmp_path / "scrm.db", isolation_level=None)  # e.g. a CLI import in another process
-    other.execute("BEGIN IMMEDIATE")
+    # e.g. a CLI import in another process; it waits in a thread itself, as the outbox may be writing
+    other = sqlite3.connect(tmp_path / "scrm.db", isolation_level=None, check_same_thread=False, timeout=30)
+    await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
     try:
         pending = asyncio.ensure_future(
             client.post("/console/local/messages", json={"user": "bob", "text": "奶粉多少钱", "id": "b1"}))

@@ -40,6 +40,7 @@ from scrm.store.models import (
     LoyaltyAccount,
     Tag,
 )
+from scrm.store.sqlite_driver import hold_write_lock
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -157,6 +158,7 @@ class Outbox:
         svc = self.service
         now = svc.clock.now()
         async with svc.sessions() as session, session.begin():
+            await hold_write_lock(session)
             # Pause state lives in the store, so `scrm campaigns pause` reaches every running instance.
             svc.paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
             due = (
@@ -190,6 +192,7 @@ class Outbox:
         prepared: list[_Prepared] = []
         deferred = 0
         async with self.service.sessions() as session, session.begin():
+            await hold_write_lock(session)
             # Two queries for the group instead of two per delivery.
             group = (await session.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id))).all()
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
@@ -361,6 +364,7 @@ class Outbox:
         """claimed -> sending, only while this instance still holds the claim (a stalled instance's
         claims go back to planned for others, see scrm.cluster)."""
         async with self.service.sessions() as session, session.begin():
+            await hold_write_lock(session)
             marked = await session.execute(
                 update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
                                        Delivery.claimed_by == self.service.cluster.instance_id)
@@ -370,6 +374,7 @@ class Outbox:
     async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
         now = self.service.clock.now()
         async with self.service.sessions() as session, session.begin():
+            await hold_write_lock(session)
             for p, result in outcomes:
                 d = await session.get(Delivery, p.delivery_id)
                 assert d is not None
