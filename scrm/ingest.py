@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from scrm import metrics, pipeline
 from scrm.channels import InboundEvent, Reaction
-from scrm.store.sqlite_driver import hold_write_lock
+from scrm.store.engine import writing
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -98,8 +98,7 @@ class Ingestor:
 
     async def _process(self, events: list[InboundEvent]) -> pipeline.BatchOutcome:
         svc = self.service
-        async with svc.sessions() as session, session.begin():
-            await hold_write_lock(session)
+        async with writing(svc.sessions) as session:
             return await pipeline.handle_batch(svc, session, events, svc.clock.now())
 
 

@@ -29,6 +29,7 @@ from scrm.campaigns.ratelimit import limiters
 from scrm.channels import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
 from scrm.store.dialect import insert_ignore
+from scrm.store.engine import writing
 from scrm.store.models import (
     Campaign,
     ChatGroup,
@@ -40,7 +41,6 @@ from scrm.store.models import (
     LoyaltyAccount,
     Tag,
 )
-from scrm.store.sqlite_driver import hold_write_lock
 
 if TYPE_CHECKING:
     from scrm.service import Service
@@ -157,8 +157,7 @@ class Outbox:
         """Claim up to ``outbox_batch`` due deliveries for this instance, in one short transaction."""
         svc = self.service
         now = svc.clock.now()
-        async with svc.sessions() as session, session.begin():
-            await hold_write_lock(session)
+        async with writing(svc.sessions) as session:
             # Pause state lives in the store, so `scrm campaigns pause` reaches every running instance.
             svc.paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
             due = (
@@ -191,8 +190,7 @@ class Outbox:
         now = self.service.clock.now()
         prepared: list[_Prepared] = []
         deferred = 0
-        async with self.service.sessions() as session, session.begin():
-            await hold_write_lock(session)
+        async with writing(self.service.sessions) as session:
             # Two queries for the group instead of two per delivery.
             group = (await session.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id))).all()
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
@@ -363,8 +361,7 @@ class Outbox:
     async def _mark_sending(self, delivery_id: int) -> bool:
         """claimed -> sending, only while this instance still holds the claim (a stalled instance's
         claims go back to planned for others, see scrm.cluster)."""
-        async with self.service.sessions() as session, session.begin():
-            await hold_write_lock(session)
+        async with writing(self.service.sessions) as session:
             marked = await session.execute(
                 update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
                                        Delivery.claimed_by == self.service.cluster.instance_id)
@@ -373,8 +370,7 @@ class Outbox:
 
     async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
         now = self.service.clock.now()
-        async with self.service.sessions() as session, session.begin():
-            await hold_write_lock(session)
+        async with writing(self.service.sessions) as session:
             for p, result in outcomes:
                 d = await session.get(Delivery, p.delivery_id)
                 assert d is not None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -12,7 +16,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from scrm.store import sqlite_driver  # noqa: F401  (registers sqlite+scrm_aiosqlite)
+from scrm.store import sqlite_driver  # registers sqlite+scrm_aiosqlite
+
+#: SQLite has one writer at a time: this process's writers queue here, in order.
+_writers: WeakKeyDictionary[Engine, asyncio.Lock] = WeakKeyDictionary()
 
 
 def make_engine(url: str, schema: str | None = None, **kwargs: Any) -> AsyncEngine:
@@ -40,3 +47,24 @@ def make_engine(url: str, schema: str | None = None, **kwargs: Any) -> AsyncEngi
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A short transaction that writes (ingest, the outbox), committed when the block ends.
+
+    On SQLite this process's writers take turns on an asyncio lock, because SQLite's own wait for
+    its write lock sleeps 1 to 100 ms between tries, and then hold SQLite's lock from the start with
+    their statements on the loop (:func:`scrm.store.sqlite_driver.hold_write_lock`). Only for work
+    whose statements are small and which opens no other writing transaction inside. PostgreSQL:
+    a plain transaction.
+    """
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "sqlite":
+        async with sessions() as session, session.begin():
+            yield session
+        return
+    async with _writers.setdefault(engine.sync_engine, asyncio.Lock()):
+        async with sessions() as session, session.begin():
+            await sqlite_driver.hold_write_lock(session)
+            yield session
