@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm import metrics, personal, rollups
-from scrm.store.dialect import insert_ignore
+from scrm import metrics, personal, rollups, tagging
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 
 if TYPE_CHECKING:
@@ -103,7 +102,6 @@ class Importer:
         self.sessions, self.config, self.keyring, self.now = sessions, config, keyring, now
         self.batch_size = batch_size
         self.known_channels = set(channel_types())
-        self._tag_ids: dict[str, int] = {}
 
     async def run(self, path: Path, progress: Callable[[int], None] = lambda done: None) -> Summary:
         summary = Summary()
@@ -279,14 +277,15 @@ class Importer:
             session.add_all([c for c, _ in new])
             await session.flush()
             tags_now = await self._tags_of(session, {c.id for c, _, _ in plans})
+            tag_id_of = await tagging.tag_ids(session, {name for _, row, _ in plans for name in row.tags})
             changed: set[int] = set()
             merged_rows = 0
             identities: list[dict[str, Any]] = []
             customer_tags: list[dict[str, Any]] = []
             for customer, row, existed in plans:
                 filled = existed and await self._fill(session, customer, row)
-                linked = await self._links(session, customer, row, tags_now.setdefault(customer.id, set()), known,
-                                           identities, customer_tags)
+                linked = self._links(customer, row, tags_now.setdefault(customer.id, set()), tag_id_of, known,
+                                     identities, customer_tags)
                 if existed and (filled or linked):
                     changed.add(customer.id)
                 merged_rows += existed
@@ -356,9 +355,9 @@ class Importer:
             customer.attributes, changed = attributes, True
         return changed
 
-    async def _links(self, session: AsyncSession, customer: Customer, row: Row, tags: set[str],
-                     known: set[tuple[str, ...]], identities: list[dict[str, Any]],
-                     customer_tags: list[dict[str, Any]]) -> bool:
+    def _links(self, customer: Customer, row: Row, tags: set[str], tag_id_of: dict[str, int],
+               known: set[tuple[str, ...]], identities: list[dict[str, Any]],
+               customer_tags: list[dict[str, Any]]) -> bool:
         """Queue the row's identities and tags the customer lacks; True when there are any."""
         changed = False
         for channel, account, external_id in row.identities:
@@ -371,17 +370,11 @@ class Importer:
         for name in row.tags:
             if name not in tags:
                 tags.add(name)
-                customer_tags.append({"customer_id": customer.id, "tag_id": await self._tag_id(session, name),
+                customer_tags.append({"customer_id": customer.id, "tag_id": tag_id_of[name],
                                       "source": "import", "source_detail": self.source, "score": 1.0,
                                       "added_at": self.now})
                 changed = True
         return changed
-
-    async def _tag_id(self, session: AsyncSession, name: str) -> int:
-        if name not in self._tag_ids:
-            await insert_ignore(session, Tag.__table__, {"name": name})
-            self._tag_ids[name] = int(await session.scalar(select(Tag.id).where(Tag.name == name)))
-        return self._tag_ids[name]
 
 
 def insert_ignore_stmt(session: AsyncSession, table: Any) -> Any:

@@ -25,7 +25,6 @@ from sqlalchemy import (
     Engine,
     bindparam,
     delete,
-    insert,
     literal,
     null,
     select,
@@ -34,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
-from scrm.store.dialect import upsert
+from scrm.store.dialect import dialect_of, upsert
 from scrm.store.models import CustomerTag, Tag, TagScore
 
 _segmenter_lock = threading.Lock()
@@ -86,7 +85,7 @@ def load_dictionary(path: Path) -> None:
     for line in path.read_text("utf-8").splitlines():
         parts = line.split()
         if parts:
-            freq = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+            freq = int(parts[1]) if len(parts) > 1 and parts[1].isascii() and parts[1].isdigit() else None
             segmenter().add_word(parts[0], freq, parts[2] if len(parts) > 2 else None)
 
 
@@ -141,7 +140,8 @@ _known_tags: WeakKeyDictionary[Engine, dict[str, int]] = WeakKeyDictionary()
 
 
 async def tag_ids(session: AsyncSession, names: set[str]) -> dict[str, int]:
-    """Tag ids by name, creating the missing tags."""
+    """Tag ids by name, creating the missing tags; a tag another transaction creates meanwhile is
+    read, not a conflict (ingest, imports, the API and staff commands may all create one at once)."""
     known = _known_tags.setdefault(session.get_bind(), {})
     created_here: set[str] = session.info.setdefault("scrm_created_tags", set())
     found = {name: known[name] for name in names if name in known}
@@ -150,12 +150,19 @@ async def tag_ids(session: AsyncSession, names: set[str]) -> dict[str, int]:
         read = {name: tid for name, tid in rows}
         known |= {name: tid for name, tid in read.items() if name not in created_here}  # those may roll back
         found |= read
-    missing = sorted(names - found.keys())
+    missing = names - found.keys()
     if missing:
-        created = await session.scalars(insert(Tag).returning(Tag.id, sort_by_parameter_order=True),
-                                        [{"name": name} for name in missing])
-        found |= dict(zip(missing, created.all()))
-        created_here.update(missing)
+        created = dict((await session.execute(
+            dialect_of(session).insert(Tag).on_conflict_do_nothing(index_elements=[Tag.name])
+            .returning(Tag.name, Tag.id),
+            [{"name": name} for name in sorted(missing)])).all())
+        found |= created
+        created_here.update(created)
+        if len(created) < len(missing):  # committed by another transaction since the read above
+            rows = await session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(missing - created.keys())))
+            read = {name: tid for name, tid in rows}
+            known |= read
+            found |= read
     return found
 
 

@@ -112,3 +112,36 @@ async def test_interest_accumulates_to_threshold_and_tags_expire(aiohttp_client,
     assert result.tags_expired == 1
     assert "price-sensitive" not in await customer_tags()
     assert "high-intent" in await customer_tags()  # no ttl: kept
+
+
+async def test_a_tag_created_by_two_transactions_at_once_gets_one_id(make_config, clock):
+    """Ingest, an import and a staff command may create the same new tag at the same moment: the
+    later transaction waits for the earlier one and reads its tag instead of failing on the name."""
+    import asyncio
+
+    from scrm.service import Service
+    from scrm.tagging import tag_ids
+
+    service = Service(make_config(), clock)
+    await service.start(scheduler=False)
+    try:
+        async with service.sessions() as first:
+            await first.begin()
+            mine = await tag_ids(first, {"新标签", "vip"})
+            second = asyncio.ensure_future(_tag_ids_in_own_transaction(service, {"新标签", "其他"}))
+            await asyncio.sleep(0.3)  # the second is now waiting for the first's uncommitted tag
+            await first.commit()
+        theirs = await asyncio.wait_for(second, 30)
+        assert theirs["新标签"] == mine["新标签"]
+        async with service.sessions() as s:
+            names = (await s.scalars(select(Tag.name).where(Tag.name.in_(["新标签", "vip", "其他"])))).all()
+        assert sorted(names) == sorted(["新标签", "vip", "其他"])
+    finally:
+        await service.stop()
+
+
+async def _tag_ids_in_own_transaction(service, names: set[str]) -> dict[str, int]:
+    from scrm.tagging import tag_ids
+
+    async with service.sessions() as session, session.begin():
+        return await tag_ids(session, names)

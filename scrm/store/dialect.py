@@ -10,13 +10,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
-def _dialect(session: AsyncSession) -> Any:
+def dialect_of(session: AsyncSession) -> Any:
+    """SQLAlchemy's dialect module for the session's store, for its ``insert`` with ON CONFLICT."""
     return postgresql if session.bind.dialect.name == "postgresql" else sqlite
 
 
 async def insert_ignore(session: AsyncSession, table: Table, values: dict[str, Any] | list[dict[str, Any]]) -> int:
     """INSERT ... ON CONFLICT DO NOTHING; returns the number of rows actually inserted."""
-    statement = _dialect(session).insert(table).on_conflict_do_nothing()
+    statement = dialect_of(session).insert(table).on_conflict_do_nothing()
     if isinstance(values, dict):
         return (await session.execute(statement.values(values))).rowcount or 0
     # Many rows: executemany, compiled once (a multi-row VALUES is a new statement for each row
@@ -26,7 +27,7 @@ async def insert_ignore(session: AsyncSession, table: Table, values: dict[str, A
 
 async def insert_select_ignore(session: AsyncSession, table: Table, columns: list[str], query: Select[Any]) -> int:
     """INSERT INTO table (columns) SELECT ... ON CONFLICT DO NOTHING; returns rows inserted."""
-    result = await session.execute(_dialect(session).insert(table).from_select(columns, query).on_conflict_do_nothing())
+    result = await session.execute(dialect_of(session).insert(table).from_select(columns, query).on_conflict_do_nothing())
     return result.rowcount or 0
 
 
