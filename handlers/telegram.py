@@ -582,7 +582,7 @@ class TelegramChannel(Channel):
                                                          reply_markup=markup))
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        if not message.external_id.lstrip("-").isdigit():
+        if not message.external_id.lstrip("-").isdecimal():
             return SendResult("failed", f"not a telegram chat id: {message.external_id!r}")
         chat_id = int(message.external_id)
         if message.image is None:

@@ -129,6 +129,7 @@ async def test_done_when_scenario(world):
     assert "剩余积分 75" in answer
     assert "已核销" in await w.say("ann", f"/redeem {code}")
     assert "没有这个兑换项" in await w.say("ann", "/rewards 7")
+    assert "没有这个兑换项" in await w.say("ann", "积分兑换 ¹")  # a digit to str.isdigit, not to int()
 
     # Invite: a code and a Telegram deep link; a friend captured through it, credited once.
     invite = await w.say("ann", "/invite")

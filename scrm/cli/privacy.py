@@ -116,7 +116,7 @@ def keys_new(ctx: click.Context, key_id: str | None) -> None:
     except KeyringError as exc:
         _fail(f"privacy keys: {exc}", EXIT_USAGE)
     if key_id is None:
-        numbers = [int(k[1:]) for k in keyring.keys if k[:1] == "k" and k[1:].isdigit()]
+        numbers = [int(k[1:]) for k in keyring.keys if k[:1] == "k" and k[1:].isdecimal()]
         key_id = f"k{max(numbers, default=0) + 1}"
     if key_id in keyring.keys or key_id == "lookup":
         _fail(f"key {key_id!r} already exists", EXIT_USAGE)
@@ -194,7 +194,7 @@ def audit_cmd(ctx: click.Context, ref: str | None, since: str | None, limit: int
             if ref is not None:
                 found = await find_by_ref(session, ref)
                 if found is None:
-                    if not ref.lstrip("#").isdigit():
+                    if not ref.lstrip("#").isdecimal():
                         return None
                     customer_id = int(ref.lstrip("#"))  # an erased customer's id still finds its entries
                 else:

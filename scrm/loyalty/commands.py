@@ -136,7 +136,7 @@ async def rewards(ctx: CustomerContext, match: re.Match[str]) -> str:
     if not choice:
         return _reward_list(ctx)
     names = list(points.loyalty(ctx.service).rewards)
-    name = names[int(choice) - 1] if choice.isdigit() and 0 < int(choice) <= len(names) else choice.lower()
+    name = names[int(choice) - 1] if choice.isdecimal() and 0 < int(choice) <= len(names) else choice.lower()
     outcome = await points.redeem_reward(ctx.service, ctx.session, ctx.customer.id, name, ctx.now, **_where(ctx))
     if outcome.status == "redeemed":
         await tiers.evaluate(ctx.service, ctx.session, ctx.now, [ctx.customer.id])

@@ -44,7 +44,7 @@ async def done(ctx: StaffContext, args: str) -> str:
     if not _configured(ctx):
         return _OFF
     parts = args.split(maxsplit=1)
-    if not parts or not parts[0].lstrip("#").isdigit():
+    if not parts or not parts[0].lstrip("#").isdecimal():
         return "用法 Usage: /done <id>"
     task = await followups.complete(ctx.session, int(parts[0].lstrip("#")), ctx.actor, ctx.now)
     if task is None:
@@ -114,5 +114,5 @@ async def referral_report(ctx: StaffContext, args: str) -> str:
     if not _configured(ctx):
         return _OFF
     days = args.strip().rstrip("d")
-    since = ctx.now - timedelta(days=int(days)) if days.isdigit() else None
+    since = ctx.now - timedelta(days=int(days)) if days.isdecimal() else None
     return (await referrals.report(ctx.session, since)).text()

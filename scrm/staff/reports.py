@@ -62,7 +62,7 @@ async def funnel(ctx: StaffContext, args: str) -> StaffReply:
 
 @command("cohort", ALL, "/cohort [weeks]")
 async def cohort(ctx: StaffContext, args: str) -> StaffReply:
-    weeks = int(args) if args.strip().isdigit() and 2 <= int(args) <= 12 else 6
+    weeks = int(args) if args.strip().isdecimal() and 2 <= int(args) <= 12 else 6
     lang = _lang(ctx)
     result = await reports.cohorts(ctx.session, ctx.now, ctx.service.config.service.timezone, weeks)
     return StaffReply(reports.format_cohorts(result, lang), (await charts.render(charts.cohort_png, result, lang),))
