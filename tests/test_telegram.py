@@ -297,7 +297,16 @@ async def test_bad_input_is_rejected_and_writes_nothing(aiohttp_client, make_con
     assert await count(client, Touchpoint) == 0
 
 
-async def test_fan_out_stays_under_flood_limits(client, fake, updates):
+async def test_fan_out_stays_under_flood_limits(client, fake, updates, monkeypatch):
+    # When the service takes each send's slot of the overall pace, right before its HTTP call.
+    slots: list[float] = []
+    take = Pace.acquire
+
+    async def acquire(self: Pace) -> None:
+        await take(self)
+        slots.append(asyncio.get_running_loop().time())
+
+    monkeypatch.setattr(Pace, "acquire", acquire)
     people = [user(5000 + i, f"Fan{i}") for i in range(60)]
     for resp in await asyncio.gather(*(post(client, updates.text(p, "hello")) for p in people)):
         assert resp.status == 200
@@ -309,8 +318,11 @@ async def test_fan_out_stays_under_flood_limits(client, fake, updates):
     await eventually(all_sent, timeout=15)
     assert fake.throttled == []  # the fake enforces 30/s overall and 1/s per chat: none was needed
     assert sorted(s.chat_id for s in fake.sent) == [p["id"] for p in people]  # one each, no duplicates
-    times = sorted(s.at for s in fake.sent)
-    assert max(sum(1 for t in times if start <= t < start + 1) for start in times) <= 30
+    # The pace itself: never 31 sends within a second. Arrival times at the fake also carry the delay
+    # between a send's slot and its arrival, which a loaded machine varies by tens of milliseconds
+    # (more than the pace's margin); the fake judges arrivals with its slack for that (nothing throttled).
+    assert len(slots) >= 60
+    assert max(sum(1 for t in slots if start <= t < start + 1) for start in slots) <= 30
 
 
 async def test_two_messages_to_one_chat_are_a_second_apart(client, fake, updates):
