@@ -88,10 +88,11 @@ class Tag(Base):
 
 class CustomerTag(Base):
     __tablename__ = "customer_tags"
+    #: The unique (customer_id, tag_id) index also serves lookups by customer: no index of its own.
     __table_args__ = (UniqueConstraint("customer_id", "tag_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
     tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id"), index=True)
     #: Which rule set it: ``keyword`` / ``behaviour`` / ``operator`` / ``campaign``.
     source: Mapped[str] = mapped_column(String(16))
@@ -108,10 +109,11 @@ class TagScore(Base):
     """Accumulated interest per customer and tag; the tag is applied once the rule's threshold is passed."""
 
     __tablename__ = "tag_scores"
+    #: The unique (customer_id, tag_id) index also serves lookups by customer: no index of its own.
     __table_args__ = (UniqueConstraint("customer_id", "tag_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
     tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id"))
     score: Mapped[float] = mapped_column(Float, default=0.0)
     updated_at: Mapped[datetime]
