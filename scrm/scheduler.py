@@ -43,7 +43,8 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
     if role in ("web", "all"):
         scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
     if role in ("worker", "all"):
-        scheduler.add_job(job(service.outbox.tick), "interval", id=OUTBOX_JOB,
+        # A second instance only tells the running tick to claim again (Outbox.scheduled_tick).
+        scheduler.add_job(job(service.outbox.scheduled_tick), "interval", id=OUTBOX_JOB, max_instances=2,
                           seconds=config.scheduler.outbox_tick_seconds)
         scheduler.add_job(leader(service.run_campaign_clock), "interval", id=CLOCK_JOB,
                           seconds=config.scheduler.campaign_check_seconds, next_run_time=datetime.now(UTC))

@@ -387,6 +387,32 @@ async def test_outbox_sends_the_next_batches_while_earlier_sends_are_in_flight(a
     assert sorted(s.chat_id for s in fake.sent) == [p["id"] for p in people] and fake.throttled == []
 
 
+async def test_a_wake_while_the_outbox_runs_is_taken_by_the_running_tick(aiohttp_client, make_config, clock, fake,
+                                                                          updates, caplog):
+    # The scheduler's interval is a minute: Bob's welcome, planned while Alice's send awaits Telegram, can
+    # only go out through the tick that is running, and the wake finds the job busy without a warning.
+    config = telegram_config(make_config, fake.base_url, {"scheduler": {"outbox_tick_seconds": 60}})
+    client = await aiohttp_client(create_app(config, clock))
+    bob = user(7300, "Bob")
+    fake.hold_answers()
+    await deliver(client, updates.text(ALICE, "hello"))
+
+    async def alice_out() -> bool:
+        return len(fake.sent) == 1
+
+    await eventually(alice_out)
+    await deliver(client, updates.text(bob, "hello"))
+    await asyncio.sleep(0.3)  # the wake's scheduler run
+    fake.release_answers()
+
+    async def both_welcomed() -> bool:
+        return await count(client, Delivery, Delivery.campaign == "welcome", Delivery.status == "sent") == 2
+
+    await eventually(both_welcomed, timeout=10)
+    assert [s.chat_id for s in fake.sent] == [ALICE["id"], bob["id"]]
+    assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
+
+
 async def test_frequency_cap_counts_marketing_messages_still_in_flight(aiohttp_client, make_config, clock, fake,
                                                                         updates):
     # Three marketing messages due for Alice, each in a later prepare transaction than the one before and

@@ -105,9 +105,20 @@ class Outbox:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._lock = asyncio.Lock()
+        #: Set when more work was announced while a tick runs: that tick claims once more before it ends.
+        self._woken = False
         #: Deliveries prepared for sending and not yet recorded (the frequency cap counts them).
         self._in_flight: set[int] = set()
         self._limiters = limiters(service.sessions, service.engine.dialect.name, service.config.delivery.rate_limits)
+
+    async def scheduled_tick(self) -> None:
+        """The scheduler's entry (its interval, and :meth:`Service.wake_outbox`): while a tick runs, the
+        running one claims again before it ends instead of a second waiting for it, so a wake is never lost
+        and the scheduler never finds the job busy."""
+        if self._lock.locked():
+            self._woken = True
+            return
+        await self.tick()
 
     async def tick(self) -> int:
         """Send what is due, until nothing more is and no send is out (or the service stops); returns the
@@ -134,8 +145,11 @@ class Outbox:
     async def _feed(self, flight: _Flight) -> int:
         handled = 0
         while not self.service.stopping:
+            self._woken = False
             claimed = await self._claim()
             if not claimed:
+                if self._woken:  # announced while this claim ran: what it planned may be due now
+                    continue
                 if not flight.busy:
                     return handled
                 # Sends are still out: what they plan, or what falls due meanwhile, joins this stream.
