@@ -5,10 +5,12 @@ and events in plaintext or safe mode (AES), commits them through the core and an
 5-second limit — with a passive text reply when the core has one, else ``success``.
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
-the campaign's template message outside it (or a ``skipped`` result). Throttling, system-busy answers
-and connection failures are retried later; a send whose answer was lost is reported, never resent
-(WeChat has no idempotency key). wechatpy's client is synchronous, so every API call runs on this
-account's own small thread pool, never on the event loop.
+the campaign's template message outside it (or a ``skipped`` result). Images (report charts, digest
+trends) are uploaded as temporary media and follow the text as customer-service image messages; after
+a callback that happens in the background, since uploads would not fit WeChat's 5-second wait.
+Throttling, system-busy answers and connection failures are retried later; a send whose answer was lost
+is reported, never resent (WeChat has no idempotency key). wechatpy's client is synchronous, so every
+API call runs on this account's own small thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
@@ -249,7 +251,8 @@ class WeChatChannel(Channel):
         self._executor: ThreadPoolExecutor | None = None
         #: Retries so far per delivery for the doubling back-off (bounded: oldest entries drop out).
         self._retries: OrderedDict[int, int] = OrderedDict()
-        self._late: set[asyncio.Task[Any]] = set()
+        #: Customer-service sends that follow a callback (late replies, charts); stop() waits for them.
+        self._late: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -260,7 +263,11 @@ class WeChatChannel(Channel):
 
     async def stop(self) -> None:
         if self._late:
-            await asyncio.wait(self._late, timeout=self.settings.request_timeout_seconds)
+            # give follow-up sends one request timeout to finish, then cancel the rest before the pool goes
+            _, pending = await asyncio.wait(set(self._late), timeout=self.settings.request_timeout_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._executor is not None:
             # calls already running end within request_timeout_seconds; wait for them off the loop
             await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
@@ -302,10 +309,14 @@ class WeChatChannel(Channel):
         event = self._to_event(message)
         if event is None:  # kinds the service does not track (card, mass-send reports...): just acknowledge
             return _success()
-        replies = await self._react(event)
-        if not replies:
+        reaction = await self._react(event)
+        if reaction is None:
             return _success()
-        content = cut_utf8("\n".join(replies)).replace("]]>", "]]]]><![CDATA[>")
+        if reaction.images:  # after the passive reply, never delaying it (uploads take seconds)
+            self._spawn(self._follow_up(event.external_id, "", reaction.images))
+        if not reaction.replies:
+            return _success()
+        content = cut_utf8("\n".join(reaction.replies)).replace("]]>", "]]]]><![CDATA[>")
         reply = TextReply(message=message, content=content).render()
         if self._crypto is not None and encrypt_type == "aes":
             reply = self._crypto.encrypt_message(reply, query["nonce"], query["timestamp"])
@@ -377,36 +388,68 @@ class WeChatChannel(Channel):
                             platform_msg_id=msg_id or f"{m.source}:{m.time}", source=source,
                             payload={k: v for k, v in payload.items() if v is not None})
 
-    async def _react(self, event: InboundEvent) -> tuple[str, ...]:
-        """The core's replies, or none if it takes longer than WeChat waits (the commit goes on)."""
+    async def _react(self, event: InboundEvent) -> Reaction | None:
+        """The core's reaction to answer now, or None for a duplicate or when the commit takes longer
+        than WeChat waits (the commit goes on and its reaction follows as customer-service messages)."""
         committed = self.service.receive(event)
         await asyncio.wait((committed,), timeout=self.settings.reply_timeout_seconds)  # never cancels it
         if not committed.done():
             log.warning("wechat %s: event %s took over %ss; answered success", self.account,
                         event.platform_msg_id, self.settings.reply_timeout_seconds)
             committed.add_done_callback(partial(self._late_reaction, event.external_id))
-            return ()
+            return None
         reaction = committed.result()
-        return () if reaction.duplicate else reaction.replies
+        return None if reaction.duplicate else reaction
 
     def _late_reaction(self, openid: str, committed: asyncio.Future[Reaction]) -> None:
-        """A reply the passive answer missed goes out as a customer-service message (the window is open)."""
+        """Replies and charts the passive answer missed go out as customer-service messages (the window
+        is open: the person just wrote)."""
         if committed.cancelled():
             return
         if (exc := committed.exception()) is not None:
             log.error("wechat %s: event from %s answered success but not committed: %r", self.account, openid, exc)
             return
         reaction = committed.result()
-        if reaction.replies and not reaction.duplicate:
-            text = "\n".join(reaction.replies)
-            late = asyncio.ensure_future(self._request(lambda api: api.message.send_text(openid, text), None))
-            self._late.add(late)
-            late.add_done_callback(self._late_sent)
+        if (reaction.replies or reaction.images) and not reaction.duplicate:
+            self._spawn(self._follow_up(openid, "\n".join(reaction.replies), reaction.images))
 
-    def _late_sent(self, task: asyncio.Future[SendResult]) -> None:
-        self._late.discard(task)  # type: ignore[arg-type]
-        if not task.cancelled() and task.result().status != "sent":
-            log.warning("wechat %s: late reply not sent: %s", self.account, task.result())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a follow-up send detached from the callback, tracked so stop() can wait for or cancel it."""
+        task = asyncio.ensure_future(coro)
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def _follow_up(self, openid: str, text: str, images: tuple[bytes, ...]) -> None:
+        """Customer-service messages after a callback: the text a late commit missed, then each chart.
+
+        Nobody awaits this, so every failure is logged here; it stops at the first one (charts without
+        their text, or after WeChat refused one, would only confuse or burn quota).
+        """
+        try:
+            if text:
+                result = await self._request(lambda api: api.message.send_text(openid, text), None)
+                if result.status != "sent":
+                    log.warning("wechat %s: late reply to %s not sent: %s %s", self.account, openid,
+                                result.status, result.reason)
+                    return
+            for png in images:
+                if (await self._send_chart(openid, png)).status != "sent":
+                    return
+        except Exception:  # a bug or a stopped channel: logged, never an unretrieved task exception
+            log.exception("wechat %s: follow-up messages to %s failed", self.account, openid)
+
+    async def _send_chart(self, openid: str, png: bytes) -> SendResult:
+        """Upload one PNG and send it as an image message; WeChat's refusals are logged and returned, so
+        callers only decide whether to go on."""
+        try:
+            media_id = await self.upload_image(png)
+        except WeChatApiError as exc:
+            log.warning("wechat %s: chart for %s not uploaded: %s", self.account, openid, exc.reason)
+            return SendResult("failed", exc.reason)
+        result = await self.send_image(openid, media_id)
+        if result.status != "sent":
+            log.warning("wechat %s: chart for %s not sent: %s %s", self.account, openid, result.status, result.reason)
+        return result
 
     # -- outbound ----------------------------------------------------------------------------------
 
@@ -421,6 +464,8 @@ class WeChatChannel(Channel):
                                              message.delivery_id)
             else:
                 result = await self._request(lambda api: api.message.send_text(openid, text), message.delivery_id)
+            if result.status == "sent" and message.image is not None:
+                await self._attach(openid, message.image)
             if result.reason != OUTSIDE_WINDOW:
                 return result
         if message.template is None:
@@ -429,6 +474,14 @@ class WeChatChannel(Channel):
         data = {name: {"value": value} for name, value in t.fields.items()}
         return await self._request(lambda api: api.message.send_template(openid, t.template_id, data, url=t.url),
                                    message.delivery_id)
+
+    async def _attach(self, openid: str, png: bytes) -> None:
+        """The message's image after its text. The text's result stands whatever happens here: a retry
+        would send the text twice (custom/send has no idempotency key)."""
+        try:
+            await self._send_chart(openid, png)
+        except Exception:  # e.g. the channel stopping mid-send: logged, the sent text stays sent
+            log.exception("wechat %s: image for %s failed", self.account, openid)
 
     async def upload_image(self, png: bytes, filename: str = "chart.png") -> str:
         """Upload a temporary image (WeChat keeps it 3 days) for image messages; returns its media_id."""
