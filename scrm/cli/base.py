@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -17,6 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.campaigns.definitions import CampaignError
 from scrm.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from scrm.personal import Keyring
 
 out = Console()
 err = Console(stderr=True)
@@ -53,6 +57,25 @@ async def open_store(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSe
     finally:
         await engine.dispose()
 
+
+
+@asynccontextmanager
+async def open_private_store(config: Config) -> AsyncIterator[tuple[async_sessionmaker[AsyncSession], Keyring]]:
+    """The store plus its verified keyring, for commands that read or write personal values."""
+    from scrm.clock import SystemClock
+    from scrm.personal import open_keyring
+
+    async with open_store(config) as sessions:
+        yield sessions, await open_keyring(config, sessions, SystemClock().now())
+
+
+def cli_actor(by: str | None) -> str:
+    """Who is at the prompt, for the audit log: ``cli:<--by or the OS user>``."""
+    try:
+        user = by or getpass.getuser()
+    except OSError:
+        user = "unknown"
+    return f"cli:{user}"
 
 def guard(fn: Callable[..., T]) -> Callable[..., T]:
     """Campaign file and privacy key problems are user errors: print them, no traceback."""

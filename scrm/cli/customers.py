@@ -42,7 +42,7 @@ def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
 
     async def go() -> dict[str, Any] | None:
         from scrm.audit import audit
-        from scrm.cli.privacy import cli_actor, open_private_store
+        from scrm.cli.base import cli_actor, open_private_store
         from scrm.personal import find_by_phone, masked_phone
 
         async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():

@@ -10,9 +10,12 @@ from typing import Any, TextIO
 
 import click
 
+# The one-person export (scrm.cli.privacy) registers first; the command below replaces it and keeps its
+# behaviour for ``scrm customers export CUSTOMER``.
 from scrm.cli.base import (
     EXIT_FAILED,
     EXIT_USAGE,
+    cli_actor,
     err,
     load,
     main,
@@ -21,10 +24,6 @@ from scrm.cli.base import (
     run_async,
 )
 from scrm.cli.customers import customers
-
-# The one-person export (scrm.cli.privacy) registers first; the command below replaces it and keeps its
-# behaviour for ``scrm customers export CUSTOMER``.
-from scrm.cli.privacy import cli_actor
 from scrm.cli.privacy import customers_export as _subject_export
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Coroutine
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,41 +19,21 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.cli.base import (
     EXIT_FAILED,
     EXIT_USAGE,
+    cli_actor,
     err,
     load,
     main,
+    open_private_store,
     open_store,
     out,
     run_async,
 )
 from scrm.cli.customers import customers
-from scrm.config import Config
 from scrm.personal import Keyring, KeyringError
-
-
-def cli_actor(by: str | None) -> str:
-    """Who is at the prompt, for the audit log: ``cli:<--by or the OS user>``."""
-    try:
-        user = by or getpass.getuser()
-    except OSError:
-        user = "unknown"
-    return f"cli:{user}"
-
-
-@asynccontextmanager
-async def open_private_store(config: Config) -> AsyncIterator[tuple[async_sessionmaker[AsyncSession], Keyring]]:
-    """The store plus its verified keyring, for commands that read or write personal values."""
-    from scrm.clock import SystemClock
-    from scrm.personal import open_keyring
-
-    async with open_store(config) as sessions:
-        yield sessions, await open_keyring(config, sessions, SystemClock().now())
-
 
 T = TypeVar("T")
 
