@@ -1,9 +1,11 @@
 """The WeChat Official Account channel through the real app, against a fake WeChat API on loopback:
 callbacks in plaintext and safe mode, dedupe of WeChat's retries, campaign sends inside and outside
-the 48-hour window, token refresh and errcode handling, and bad input that writes nothing."""
+the 48-hour window, token refresh and errcode handling, report charts as image messages, and bad
+input that writes nothing."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import zlib
 from datetime import timedelta
@@ -11,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xmltodict
 from sqlalchemy import func, select
 
 from handlers.wechat import MAX_REPLY_BYTES, WeChatApiError, cut_utf8
+from scrm.channels import OutboundMessage
 from scrm.config import ConfigError
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
@@ -489,6 +493,163 @@ async def test_chart_image_upload_and_send(aiohttp_client, make_config, clock, f
     assert fake.custom_messages == [{"touser": "o_pia", "msgtype": "image", "image": {"media_id": media_id}}]
     with pytest.raises(WeChatApiError, match="^wechat:40005$"):  # WeChat checks the file really is an image
         await channel.upload_image(b"GIF-not-really")
+
+
+# -- report charts as image messages ------------------------------------------------------------------
+
+MANAGER = {"staff": {"wechat:o_manager": "manager"}}
+
+
+def images_to(fake: FakeWeChat, openid: str | None = None) -> list[dict[str, Any]]:
+    return [m for m in fake.custom_messages if m["msgtype"] == "image" and openid in (None, m["touser"])]
+
+
+def uploads(fake: FakeWeChat) -> list[Any]:
+    return [c for c in fake.calls if c.endpoint == "media/upload"]
+
+
+async def test_staff_report_gets_passive_text_then_chart_image(aiohttp_client, make_config, clock, fake):
+    client, _ = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER, request_timeout_seconds=5)
+    fake.stall_next("media/upload", 1.5)  # the passive reply must not wait for the upload
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/report 30d", 801)))
+    assert resp.status == 200 and resp.content_type == "application/xml"
+    reply = xmltodict.parse(await resp.text())["xml"]
+    assert (reply["MsgType"], reply["ToUserName"]) == ("text", "o_manager") and "新客户" in reply["Content"]
+    assert images_to(fake) == []  # answered while the chart is still uploading
+
+    async def image():
+        return images_to(fake)
+
+    [sent] = await eventually(image)
+    [upload] = uploads(fake)
+    assert upload.query["type"] == "image" and upload.answer["type"] == "image"
+    media_id = upload.answer["media_id"]
+    assert fake.media[media_id].startswith(b"\x89PNG\r\n\x1a\n")
+    assert sent == {"touser": "o_manager", "msgtype": "image", "image": {"media_id": media_id}}
+    assert [m["msgtype"] for m in fake.custom_messages] == ["image"]  # the text went as the passive reply
+
+
+async def test_customers_get_no_images(aiohttp_client, make_config, clock, fake):
+    client, _ = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER)
+    refused = await post(client, plaintext(TOKEN, text_xml("o_rita", "/report 30d", 811)))
+    assert "仅限员工" in await refused.text()
+    await post(client, plaintext(TOKEN, text_xml("o_rita", "你好,有奶粉吗", 812)))
+    await post(client, plaintext(TOKEN, text_xml("o_manager", "/report 7d", 813)))  # a chart follows this one
+
+    async def manager_image():
+        return images_to(fake, "o_manager")
+
+    await eventually(manager_image)
+    assert images_to(fake, "o_rita") == [] and len(uploads(fake)) == 1
+
+
+async def test_failed_chart_upload_is_logged_and_harmless(aiohttp_client, make_config, clock, fake, caplog):
+    caplog.set_level(logging.WARNING, logger="handlers.wechat")
+    client, _ = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER)
+    fake.fail_next("media/upload", 45009)  # daily API quota reached
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/report", 821)))
+    assert resp.status == 200 and "新客户" in await resp.text()
+
+    async def logged():
+        return [r for r in caplog.records if "not uploaded: wechat:45009" in r.getMessage()]
+
+    [record] = await eventually(logged)
+    assert record.levelno == logging.WARNING and "o_manager" in record.getMessage()
+    assert images_to(fake) == [] and fake.count("message/custom/send") == 0
+    # the channel still works: the next report's chart goes out
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/report 7d", 822)))
+    assert "新客户" in await resp.text()
+
+    async def image():
+        return images_to(fake, "o_manager")
+
+    await eventually(image)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_refused_chart_message_is_logged(aiohttp_client, make_config, clock, fake, caplog):
+    caplog.set_level(logging.WARNING, logger="handlers.wechat")
+    client, _ = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER)
+    fake.fail_next("message/custom/send", 45047)  # customer-service message quota for this user
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/report", 831)))
+    assert "新客户" in await resp.text()
+
+    async def logged():
+        return [r for r in caplog.records if "not sent: retry wechat:45047" in r.getMessage()]
+
+    await eventually(logged)
+    assert len(uploads(fake)) == 1 and images_to(fake) == []
+
+
+async def test_late_reaction_sends_text_then_chart(aiohttp_client, make_config, clock, fake):
+    client, _ = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER, reply_timeout_seconds=1e-6)
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/report 30d", 841)))
+    assert (resp.status, await resp.text()) == (200, "success")
+
+    async def both():
+        return fake.custom_messages if len(fake.custom_messages) == 2 else None
+
+    text, image = await eventually(both)
+    assert (text["touser"], text["msgtype"]) == ("o_manager", "text") and "新客户" in text["text"]["content"]
+    [upload] = uploads(fake)
+    assert image == {"touser": "o_manager", "msgtype": "image", "image": {"media_id": upload.answer["media_id"]}}
+
+
+async def test_stop_waits_for_a_chart_in_flight(aiohttp_client, make_config, clock, fake):
+    client, service = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER)
+    fake.stall_next("media/upload", 0.5)
+    await post(client, plaintext(TOKEN, text_xml("o_manager", "/report", 851)))
+    await service.channel("wechat", "brand").stop()
+    assert [m["touser"] for m in images_to(fake)] == ["o_manager"]
+
+
+async def test_stop_cancels_a_chart_that_outlasts_the_request_timeout(aiohttp_client, make_config, clock, fake,
+                                                                      caplog):
+    caplog.set_level(logging.WARNING, logger="handlers.wechat")
+    client, service = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER,
+                                  request_timeout_seconds=0.5)
+    fake.stall_next("token", 0.4)  # each call answers within the timeout, the two together do not
+    fake.stall_next("media/upload", 0.4)
+    await post(client, plaintext(TOKEN, text_xml("o_manager", "/report", 861)))
+    await service.channel("wechat", "brand").stop()
+    assert len(uploads(fake)) == 1 and fake.count("message/custom/send") == 0  # cancelled before the send
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_send_with_image_sends_text_then_image(aiohttp_client, make_config, clock, fake):
+    _, service = await start(aiohttp_client, make_config, clock, fake)
+    channel = service.channel("wechat", "brand")
+    png = _png()
+    digest = OutboundMessage("wechat", "brand", "o_sam", "周报:新客户 3", image=png, last_inbound_at=clock.now())
+    result = await channel.send(digest)
+    assert result.status == "sent"
+    [upload] = uploads(fake)
+    assert fake.custom_messages == [
+        {"touser": "o_sam", "msgtype": "text", "text": {"content": "周报:新客户 3"}},
+        {"touser": "o_sam", "msgtype": "image", "image": {"media_id": upload.answer["media_id"]}},
+    ]
+    assert fake.media[upload.answer["media_id"]] == png
+
+
+async def test_send_image_failure_keeps_the_text_sent(aiohttp_client, make_config, clock, fake, caplog):
+    caplog.set_level(logging.WARNING, logger="handlers.wechat")
+    _, service = await start(aiohttp_client, make_config, clock, fake)
+    channel = service.channel("wechat", "brand")
+    digest = OutboundMessage("wechat", "brand", "o_tia", "周报", image=_png(), last_inbound_at=clock.now())
+    fake.fail_next("media/upload", -1)  # system busy: a retry would send the text twice
+    result = await channel.send(digest)
+    assert result.status == "sent"
+    assert [m["msgtype"] for m in fake.custom_messages] == ["text"] and fake.count("message/custom/send") == 1
+    assert any("not uploaded: wechat:-1" in r.getMessage() for r in caplog.records)
+    # an image the fake refuses as a file (not a PNG) is logged the same way
+    result = await channel.send(OutboundMessage("wechat", "brand", "o_tia", "周报", image=b"not a png",
+                                                last_inbound_at=clock.now()))
+    assert result.status == "sent" and any("wechat:40005" in r.getMessage() for r in caplog.records)
+    # outside the window nothing is tried, as before
+    stale = OutboundMessage("wechat", "brand", "o_tia", "周报", image=_png(),
+                            last_inbound_at=clock.now() - timedelta(hours=49))
+    assert (await channel.send(stale)).status == "skipped"
+    assert len(uploads(fake)) == 2 and fake.count("message/custom/send") == 2
 
 
 async def _status(service, campaign: str, status: str) -> bool:
