@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes.telegram import FakeTelegram  # noqa: E402
 
 from scrm.channels import InboundEvent  # noqa: E402
-from scrm.config import parse_config  # noqa: E402
+from scrm.config_file import parse_config  # noqa: E402
 from scrm.service import Service  # noqa: E402
 from scrm.store.models import Delivery  # noqa: E402
 

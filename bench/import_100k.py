@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scrm import personal
 from scrm.clock import SystemClock
-from scrm.config import parse_config
+from scrm.config_file import parse_config
 from scrm.importer import Importer
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade

@@ -110,7 +110,7 @@ def serve_fake_wechat(port: int) -> None:
 def write_config(folder: Path, wechat_port: int, campaigns: bool = True) -> Path:
     """``scrm init`` as a user runs it, plus the WeChat account; validated by the project's loader.
     Without ``campaigns`` the campaigns folder is emptied (no welcome deliveries for the outbox)."""
-    from scrm.config import load_config
+    from scrm.config_file import load_config
 
     config = folder / "config.toml"
     subprocess.run([sys.executable, "-m", "scrm", "-c", str(config), "init"], check=True, cwd=folder,

@@ -17,7 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from scrm.clock import ManualClock, SystemClock
-from scrm.config import Config, parse_config
+from scrm.config import Config
+from scrm.config_file import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("SCRM_TEST_POSTGRES_URL")

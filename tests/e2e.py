@@ -23,7 +23,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scrm.config import parse_config
+from scrm.config_file import parse_config
 from scrm.personal import open_keyring, write_key_file
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scrm.config import ConfigError, load_config
+from scrm.config import ConfigError
+from scrm.config_file import load_config
 from tests.conftest import ROOT
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from scrm import personal
 from scrm.channels import InboundEvent
-from scrm.config import load_config
+from scrm.config_file import load_config
 from scrm.service import Service
 from scrm.store.models import Customer, Identity
 from tests.conftest import ROOT, cli_env

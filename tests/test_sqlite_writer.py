@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import event, func, select
 
-from scrm.config import parse_config
+from scrm.config_file import parse_config
 from scrm.store.models import Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, deep_merge, example_config

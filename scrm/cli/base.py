@@ -17,7 +17,8 @@ from rich.markup import escape
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.campaigns.definitions import CampaignError
-from scrm.config import Config, ConfigError, load_config
+from scrm.config import Config, ConfigError
+from scrm.config_file import load_config
 
 if TYPE_CHECKING:
     from scrm.personal import Keyring

@@ -158,7 +158,8 @@ def _config_checks(config: Any) -> list[Check]:
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check config, store and migrations, privacy keys, channel credentials and the running service."""
-    from scrm.config import ConfigError, load_config
+    from scrm.config import ConfigError
+    from scrm.config_file import load_config
 
     path = ctx.obj["config_path"]
     try:
