@@ -16,8 +16,9 @@ from datetime import timedelta
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from scrm.channels import Channel, InboundEvent, OutboundMessage, SendResult, register
+from scrm.channels import Channel, register
 from scrm.customers import find_customer
+from scrm.messages import InboundEvent, OutboundMessage, SendResult
 
 _USER = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _LOOPBACK = {"127.0.0.1", "::1"}

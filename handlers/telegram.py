@@ -64,15 +64,9 @@ from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from scrm.campaigns.ratelimit import Pace
-from scrm.channels import (
-    Channel,
-    InboundEvent,
-    OutboundMessage,
-    Reaction,
-    SendResult,
-    register,
-)
+from scrm.channels import Channel, register
 from scrm.ingest import StoreUnavailable
+from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
 
 if TYPE_CHECKING:
     from scrm.config import Config

@@ -46,14 +46,8 @@ from wechatpy.exceptions import (
 )
 from wechatpy.replies import TextReply
 
-from scrm.channels import (
-    Channel,
-    InboundEvent,
-    OutboundMessage,
-    Reaction,
-    SendResult,
-    register,
-)
+from scrm.channels import Channel, register
+from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)
 

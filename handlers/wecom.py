@@ -48,9 +48,10 @@ from wechatpy.exceptions import InvalidSignatureException
 from scrm import coupons, groups
 from scrm.campaigns import templates
 from scrm.campaigns.planner import Trigger, plan_events
-from scrm.channels import Channel, InboundEvent, OutboundMessage, SendResult, register
+from scrm.channels import Channel, register
 from scrm.customers import find_customer, touchpoint
 from scrm.ingest import StoreUnavailable
+from scrm.messages import InboundEvent, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import Coupon, CouponCode, Customer, Identity, Touchpoint
 from scrm.tagging import add_tag

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import charts, reports
-from scrm.channels import OutboundMessage
 from scrm.customers import touchpoint
+from scrm.messages import OutboundMessage
 from scrm.store.models import ReportDigest
 
 if TYPE_CHECKING:

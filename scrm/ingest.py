@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from scrm import metrics, pipeline
-from scrm.channels import InboundEvent, Reaction
+from scrm.messages import InboundEvent, Reaction
 from scrm.store.engine import writing
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from scrm.channels import InboundEvent, Reaction
+    from scrm.messages import InboundEvent, Reaction
 
 INBOUND = Counter("scrm_inbound_events_total", "Inbound events handed to the core, by channel and kind.",
                   ["channel", "kind"])

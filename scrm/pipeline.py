@@ -21,12 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scrm import commands, coupons, groups, metrics, staff
 from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import Trigger, plan_events
-from scrm.channels import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
+from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
 from scrm.store.sqlite_driver import statements_in_thread

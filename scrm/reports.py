@@ -22,7 +22,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from scrm import rollups
-from scrm.channels import MESSAGE_KINDS
+from scrm.messages import MESSAGE_KINDS
 from scrm.store.models import (
     Conversion,
     CouponCode,

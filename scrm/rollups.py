@@ -38,9 +38,15 @@ from sqlalchemy import and_, case, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
-from scrm.channels import MESSAGE_KINDS
 from scrm.commands import OPT_OUT_REPLY
-from scrm.store.models import Customer, Identity, ReportDay, ReportRollupState, Touchpoint
+from scrm.messages import MESSAGE_KINDS
+from scrm.store.models import (
+    Customer,
+    Identity,
+    ReportDay,
+    ReportRollupState,
+    Touchpoint,
+)
 
 if TYPE_CHECKING:
     from scrm.service import Service

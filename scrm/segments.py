@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
 
-from scrm.channels import MESSAGE_KINDS
+from scrm.messages import MESSAGE_KINDS
 from scrm.store.models import (
     Conversion,
     CouponCode,

@@ -20,11 +20,12 @@ from scrm import profiles, rfm
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
-from scrm.channels import Channel, InboundEvent, Reaction, channel_types, cleaned
+from scrm.channels import Channel, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
 from scrm.config import Config
 from scrm.ingest import Ingestor
+from scrm.messages import InboundEvent, Reaction, cleaned
 from scrm.personal import Keyring, KeyringError, KeyringMissing, open_keyring
 from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
 from scrm.store import migrate

@@ -11,10 +11,18 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
+from scrm.messages import InboundEvent
 from scrm.service import Service
-from scrm.store.models import CampaignRun, ChatGroup, Conversion, CouponCode, Customer, Delivery, Touchpoint
+from scrm.store.models import (
+    CampaignRun,
+    ChatGroup,
+    Conversion,
+    CouponCode,
+    Customer,
+    Delivery,
+    Touchpoint,
+)
 
 # 11:00 in Asia/Shanghai on a Friday: outside quiet hours.
 START = datetime(2026, 11, 27, 3, 0)

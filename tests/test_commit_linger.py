@@ -7,7 +7,7 @@ import asyncio
 
 from sqlalchemy import event
 
-from scrm.channels import InboundEvent
+from scrm.messages import InboundEvent
 from scrm.service import Service
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from scrm.channels import InboundEvent
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import CouponCode, Customer, Delivery, Touchpoint
 from scrm.web import SERVICE, create_app

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from scrm.channels import InboundEvent
 from scrm.identity import merge_customers
+from scrm.messages import InboundEvent
 from scrm.service import Service
-from scrm.store.models import CouponCode, Customer, CustomerTag, Identity, Tag, Touchpoint
+from scrm.store.models import (
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Identity,
+    Tag,
+    Touchpoint,
+)
 
 
 async def counts(service: Service, customer_id: int) -> dict[str, int]:

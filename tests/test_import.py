@@ -13,10 +13,10 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from scrm import personal
-from scrm.channels import InboundEvent
 from scrm.customers import find_customer
 from scrm.exporter import export_customers, export_touchpoints
 from scrm.importer import Importer
+from scrm.messages import InboundEvent
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 from tests.test_cli import scrm
 

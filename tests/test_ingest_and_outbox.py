@@ -9,7 +9,7 @@ import uuid
 from sqlalchemy import func, select, update
 
 from scrm import commands
-from scrm.channels import InboundEvent
+from scrm.messages import InboundEvent
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import eventually

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import func, select
 
 from scrm import orders
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
 from scrm.customers import find_customer
 from scrm.loyalty import jobs
+from scrm.messages import InboundEvent
 from scrm.profile import customer_view
 from scrm.service import Service
 from scrm.store.models import (

@@ -9,9 +9,9 @@ from datetime import datetime
 import pytest
 from sqlalchemy import func, select
 
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
 from scrm.loyalty import points
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import CouponCode, LoyaltyAccount, PointsLedger
 from tests.test_loyalty import LOYALTY

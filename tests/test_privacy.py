@@ -16,11 +16,18 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from scrm import consent, personal, reports
 from scrm.audit import audit, entries
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
+from scrm.messages import InboundEvent
 from scrm.personal import Keyring, KeyringError, PersonalDataError
 from scrm.service import Service
-from scrm.store.models import AuditEntry, Consent, Customer, Identity, PrivacyKey, Touchpoint
+from scrm.store.models import (
+    AuditEntry,
+    Consent,
+    Customer,
+    Identity,
+    PrivacyKey,
+    Touchpoint,
+)
 
 PHONE = "13812345678"
 BIRTHDAY = date(1990, 5, 17)

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select
 
 from scrm import personal
-from scrm.channels import InboundEvent
 from scrm.config_file import load_config
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import Customer, Identity
 from tests.conftest import ROOT, cli_env

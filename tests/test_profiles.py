@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import func, select
 
 from scrm import rfm, segments
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
 from scrm.config import Config
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import (
     Conversion,

@@ -18,9 +18,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from scrm import reports
-from scrm.channels import InboundEvent
 from scrm.clock import ManualClock
 from scrm.commands import OPT_OUT_REPLY
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import (
     Conversion,

@@ -85,7 +85,7 @@ async def test_wechat_gets_a_news_card(aiohttp_client, make_config, clock, fake_
 async def test_telegram_quick_replies_come_back_as_answers(aiohttp_client, make_config, clock, fake_telegram):
     from sqlalchemy import select
 
-    from scrm.channels import OutboundMessage
+    from scrm.messages import OutboundMessage
     from scrm.store.models import Touchpoint
 
     client = await aiohttp_client(create_app(telegram_config(make_config, fake_telegram.base_url), clock))

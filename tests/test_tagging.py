@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from scrm.channels import InboundEvent
 from scrm.config import KeywordRule
+from scrm.messages import InboundEvent
 from scrm.store.models import CustomerTag, Tag, TagScore
 from scrm.tagging import KeywordTagger, tokenize
 from scrm.web import SERVICE, create_app

@@ -23,9 +23,17 @@ from sqlalchemy import func, select
 from scrm import commands
 from scrm.campaigns.outbox import PREPARE_GROUP
 from scrm.campaigns.ratelimit import Pace
-from scrm.channels import OutboundMessage
 from scrm.config import Config, ConfigError
-from scrm.store.models import CouponCode, Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+from scrm.messages import OutboundMessage
+from scrm.store.models import (
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Delivery,
+    Identity,
+    Tag,
+    Touchpoint,
+)
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, png, user

@@ -17,8 +17,8 @@ import xmltodict
 from sqlalchemy import func, select
 
 from handlers.wechat import MAX_REPLY_BYTES, WeChatApiError, cut_utf8
-from scrm.channels import OutboundMessage
 from scrm.config import ConfigError
+from scrm.messages import OutboundMessage
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually

@@ -9,9 +9,17 @@ import pytest
 from sqlalchemy import func, select
 
 from handlers.wecom import WeComChannel
-from scrm.channels import OutboundMessage
 from scrm.config import ConfigError
-from scrm.store.models import CouponCode, Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
+from scrm.messages import OutboundMessage
+from scrm.store.models import (
+    CouponCode,
+    Customer,
+    CustomerTag,
+    Delivery,
+    Identity,
+    Tag,
+    Touchpoint,
+)
 from scrm.web import SERVICE, create_app
 from tests.conftest import eventually
 from tests.fakes.wecom import CallbackSigner, FakeWeCom, chat_event, contact_event

@@ -26,8 +26,8 @@ from scrm import consent, coupons, metrics, segments
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
-from scrm.channels import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.customers import touchpoint
+from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.engine import writing
 from scrm.store.models import (

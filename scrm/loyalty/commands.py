@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm.channels import InboundEvent
 from scrm.customers import touchpoint
 from scrm.loyalty import points, referrals, surveys, tiers
+from scrm.messages import InboundEvent
 from scrm.store.models import Customer, LoyaltyAccount
 
 if TYPE_CHECKING:

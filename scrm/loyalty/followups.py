@@ -18,9 +18,9 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import segments
-from scrm.channels import MESSAGE_KINDS, OutboundMessage
 from scrm.customers import touchpoint
 from scrm.loyalty.points import base_tier, ensure_account, loyalty
+from scrm.messages import MESSAGE_KINDS, OutboundMessage
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import (
     Conversion,

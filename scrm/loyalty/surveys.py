@@ -19,10 +19,10 @@ from sqlalchemy import String, cast, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.campaigns.planner import plan_triggered
-from scrm.channels import OutboundMessage
 from scrm.customers import touchpoint
 from scrm.loyalty.followups import create_task
 from scrm.loyalty.points import credit, loyalty
+from scrm.messages import OutboundMessage
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import Conversion, Customer, Identity, Survey, Touchpoint
 from scrm.tagging import add_tag

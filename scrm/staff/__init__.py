@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm.channels import InboundEvent
 from scrm.config import Role
+from scrm.messages import InboundEvent
 
 if TYPE_CHECKING:
     from scrm.service import Service
