@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm import personal
+from scrm.keyring import Keyring
 from scrm.store.models import Customer, CustomerTag, Identity, Tag, Touchpoint
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def _csv_cell(value: Any) -> Any:
 
 async def export_customers(sessions: async_sessionmaker[AsyncSession], config: Config, out: TextIO,
                            fmt: Format = "csv", segment: str | None = None, now: datetime | None = None,
-                           keyring: personal.Keyring | None = None,
+                           keyring: Keyring | None = None,
                            progress: Callable[[int], None] = lambda n: None) -> int:
     """Write every customer (of ``segment`` when given); with a ``keyring``, decrypted phone and birthday.
 

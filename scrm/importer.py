@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm import metrics, personal, rollups, tagging
+from scrm.keyring import Keyring
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class _Progress(io.RawIOBase):
 
 
 class Importer:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], config: Config, keyring: personal.Keyring,
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], config: Config, keyring: Keyring,
                  now: datetime, batch_size: int = 1000) -> None:
         from scrm.channels import channel_types
 

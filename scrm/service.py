@@ -25,8 +25,9 @@ from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
 from scrm.config import Config
 from scrm.ingest import Ingestor
+from scrm.keyring import Keyring, KeyringError, KeyringMissing
 from scrm.messages import InboundEvent, Reaction, cleaned
-from scrm.personal import Keyring, KeyringError, KeyringMissing, open_keyring
+from scrm.personal import open_keyring
 from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker

@@ -24,7 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scrm.config_file import parse_config
-from scrm.personal import open_keyring, write_key_file
+from scrm.keyring import write_key_file
+from scrm.personal import open_keyring
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade
 from scrm.store.models import Campaign, Customer, Identity

@@ -17,8 +17,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from scrm import consent, personal, reports
 from scrm.audit import audit, entries
 from scrm.clock import ManualClock
+from scrm.keyring import Keyring, KeyringError, new_key_entry
 from scrm.messages import InboundEvent
-from scrm.personal import Keyring, KeyringError, PersonalDataError
+from scrm.personal import PersonalDataError
 from scrm.service import Service
 from scrm.store.models import (
     AuditEntry,
@@ -169,7 +170,7 @@ async def test_key_rotation_interrupted_midway_then_resumed(service):
             values[customer.id] = personal.reveal(customer, service.keyring)
     old = service.keyring
     key_text = "\n".join(f"{k}:{b64(v)}" for k, v in [("lookup", old.lookup), *old.keys.items()])
-    rotated = Keyring.parse(key_text + "\n" + personal.new_key_entry("k2"))
+    rotated = Keyring.parse(key_text + "\n" + new_key_entry("k2"))
     assert rotated.current == "k2"
 
     async def keys_in_use() -> dict[str, int]:
@@ -222,7 +223,7 @@ async def test_wrong_or_missing_key_stops_the_service(make_config, clock, tmp_pa
     key_file = tmp_path / "privacy.key"
     good = key_file.read_text()
 
-    lines = [ln for ln in good.splitlines() if ln.startswith("lookup:")] + [personal.new_key_entry("k1")]
+    lines = [ln for ln in good.splitlines() if ln.startswith("lookup:")] + [new_key_entry("k1")]
     key_file.write_text("\n".join(lines) + "\n")  # right lookup key, wrong k1
     with pytest.raises(KeyringError, match="k1.*not the one"):
         svc = Service(make_config(), clock)
@@ -252,7 +253,7 @@ async def test_wrong_or_missing_key_stops_the_service(make_config, clock, tmp_pa
     with pytest.raises(KeyringError, match="32 bytes"):
         Keyring.parse("lookup:AAAA\nk1:AAAA")
     with pytest.raises(KeyringError, match="lookup"):
-        Keyring.parse(personal.new_key_entry("k1"))
+        Keyring.parse(new_key_entry("k1"))
 
 
 async def test_consent_gates_marketing(make_config, clock):

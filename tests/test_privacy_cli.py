@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from scrm import personal
 from scrm.config_file import load_config
+from scrm.keyring import new_key_entry
 from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import Customer, Identity
@@ -85,7 +86,7 @@ async def test_operator_privacy_session(tmp_path, store):
 
     good = key_file.read_text()
     key_file.write_text("\n".join([ln for ln in good.splitlines() if ln.startswith("lookup:")]
-                                  + [personal.new_key_entry("k2")]) + "\n")
+                                  + [new_key_entry("k2")]) + "\n")
     wrong = scrm(tmp_path, store, "run", "--port", "0")
     assert wrong.returncode == 2 and "privacy keys:" in wrong.stderr and "k2" in wrong.stderr
     assert "Traceback" not in wrong.stderr

@@ -21,7 +21,7 @@ from scrm.config import Config, ConfigError
 from scrm.config_file import load_config
 
 if TYPE_CHECKING:
-    from scrm.personal import Keyring
+    from scrm.keyring import Keyring
 
 out = Console()
 err = Console(stderr=True)
@@ -83,7 +83,7 @@ def guard(fn: Callable[..., T]) -> Callable[..., T]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        from scrm.personal import KeyringError
+        from scrm.keyring import KeyringError
 
         try:
             return fn(*args, **kwargs)

@@ -58,7 +58,8 @@ def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
                         via="cli")
             return view
 
-    from scrm.personal import KeyringError, PersonalDataError
+    from scrm.keyring import KeyringError
+    from scrm.personal import PersonalDataError
 
     try:
         view = run_async(go())

@@ -57,11 +57,11 @@ async def _store_checks(config: Any) -> list[Check]:
 
 
 def _privacy_check(config: Any) -> Check:
-    from scrm import personal
+    from scrm.keyring import Keyring, KeyringError
 
     try:
-        keyring = personal.Keyring.from_config(config)
-    except personal.KeyringError as exc:
+        keyring = Keyring.from_config(config)
+    except KeyringError as exc:
         return Check("privacy keys", "warn" if "does not exist" in str(exc) else "fail", str(exc),
                      "a new store gets a key file at first start; for a used store restore the key file from backup")
     return Check("privacy keys", "ok", f"{len(keyring.keys)} key(s), current {keyring.current!r}")

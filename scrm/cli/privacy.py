@@ -33,7 +33,7 @@ from scrm.cli.base import (
     run_async,
 )
 from scrm.cli.customers import customers
-from scrm.personal import Keyring, KeyringError
+from scrm.keyring import Keyring, KeyringError
 
 T = TypeVar("T")
 
@@ -68,7 +68,7 @@ def keys() -> None:
 @click.pass_context
 def keys_init(ctx: click.Context) -> None:
     """Write a new key file at privacy.key_file (refuses to overwrite one)."""
-    from scrm.personal import write_key_file
+    from scrm.keyring import write_key_file
 
     config = load(ctx)
     if not config.privacy.key_file:
@@ -86,7 +86,7 @@ def keys_init(ctx: click.Context) -> None:
 @click.pass_context
 def keys_new(ctx: click.Context, key_id: str | None) -> None:
     """Add a new encryption key; it encrypts new values at once, `scrm keys rotate` moves old ones."""
-    from scrm.personal import new_key_entry
+    from scrm.keyring import new_key_entry
 
     config = load(ctx)
     try:

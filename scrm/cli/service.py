@@ -39,7 +39,7 @@ def init(ctx: click.Context, force: bool) -> None:
         sys.exit(EXIT_FAILED)
     shutil.copyfile(demo_file("config.example.toml"), target)
     if not (key_file := target.parent / "privacy.key").exists():
-        from scrm.personal import write_key_file
+        from scrm.keyring import write_key_file
 
         write_key_file(key_file)  # encrypts customers' phone numbers and birthdays: back it up
     campaigns = target.parent / "campaigns"
