@@ -16,6 +16,7 @@ from datetime import timedelta
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
+from scrm.campaigns.outbox import pending_for
 from scrm.channels import Channel, register
 from scrm.customers import find_customer
 from scrm.messages import InboundEvent, OutboundMessage, SendResult
@@ -114,4 +115,4 @@ class ConsoleChannel(Channel):
             customer = await find_customer(session, "console", user, self.account)
             if customer is None:
                 return 0
-            return await self.service.outbox.pending_for(session, customer.id, PENDING_HORIZON)
+            return await pending_for(session, customer.id, self.service.clock.now() + PENDING_HORIZON)

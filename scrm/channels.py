@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from scrm.messages import OutboundMessage, SendResult
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 
 class Channel(ABC):
@@ -30,7 +30,7 @@ class Channel(ABC):
     type_name: ClassVar[str]
     settings_model: ClassVar[type[BaseModel]]
 
-    def __init__(self, account: str, settings: BaseModel, service: Service) -> None:
+    def __init__(self, account: str, settings: BaseModel, service: Runtime) -> None:
         self.account = account
         self.settings = settings
         self.service = service

@@ -26,7 +26,7 @@ from scrm.store.dialect import insert_ignore
 from scrm.store.models import Delivery, Instance, Lease
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ PLANNER = "planner"
 
 
 class Cluster:
-    def __init__(self, service: Service, role: str) -> None:
+    def __init__(self, service: Runtime, role: str) -> None:
         self.service = service
         self.role = role
         self.instance_id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -21,7 +21,7 @@ from scrm.messages import OutboundMessage
 from scrm.store.models import ReportDigest
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class _Due:
     image: bytes
 
 
-async def send_due(service: Service) -> int:
+async def send_due(service: Runtime) -> int:
     """Send every digest that is due now; returns how many were handed to their channel."""
     now = service.clock.now()
     timezone = service.config.service.timezone

@@ -17,7 +17,7 @@ from scrm.messages import InboundEvent, Reaction
 from scrm.store.engine import writing
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class StoreUnavailable(Exception):
 
 
 class Ingestor:
-    def __init__(self, service: Service, max_batch: int = 500) -> None:
+    def __init__(self, service: Runtime, max_batch: int = 500) -> None:
         self.service = service
         self.max_batch = max_batch
         self.linger = service.config.store.commit_linger_ms / 1000

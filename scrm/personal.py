@@ -24,7 +24,7 @@ from scrm.store.models import Customer, PersonalPlaintextPending, PrivacyKey
 
 if TYPE_CHECKING:
     from scrm.config import Config
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ async def redact_messages(session: AsyncSession, before: datetime, customer_id: 
     return result.rowcount or 0
 
 
-def retention_job(service: Service) -> Callable[[], Awaitable[int]]:
+def retention_job(service: Runtime) -> Callable[[], Awaitable[int]]:
     """The nightly job: redact message texts older than ``privacy.message_retention_days``."""
 
     async def redact_old_messages() -> int:

@@ -33,7 +33,7 @@ from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import TagHit, apply_hits, tokenize
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 _Key = tuple[str, str, str]  # channel, account, external id
 
@@ -71,7 +71,7 @@ class BatchOutcome:
 class _Batch:
     """What the batch's events queued, written together by :meth:`flush`."""
 
-    service: Service
+    service: Runtime
     session: AsyncSession
     now: datetime
     touchpoints: list[dict[str, Any]] = field(default_factory=list)
@@ -129,7 +129,7 @@ class _Batch:
                                               triggers, now)
 
 
-async def handle_batch(service: Service, session: AsyncSession, events: list[InboundEvent],
+async def handle_batch(service: Runtime, session: AsyncSession, events: list[InboundEvent],
                        now: datetime) -> BatchOutcome:
     batch = _Batch(service, session, now)
     fresh = await _fresh(session, events)

@@ -22,7 +22,7 @@ from scrm.store.models import Customer, CustomerTag, Tag, Touchpoint
 from scrm.tagging import tag_id
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 CHUNK = 500
 SYSTEM = {"channel": "system", "account": "-", "direction": "internal"}
@@ -61,7 +61,7 @@ async def _touch(session: AsyncSession, ids: Sequence[int], kind: str, now: date
             {**SYSTEM, "customer_id": cid, "kind": kind, "payload": payload, "created_at": now} for cid in ids])
 
 
-async def refresh(service: Service, session: AsyncSession, now: datetime,
+async def refresh(service: Runtime, session: AsyncSession, now: datetime,
                   customer_ids: Sequence[int] | None = None) -> RefreshResult:
     """Bring behaviour tags, expiries and stages up to date for some customers (None = everyone)."""
     config = service.config
@@ -104,7 +104,7 @@ async def _expire_tags(session: AsyncSession, scope: ColumnElement[bool], now: d
     result.tags_expired += len(expired)
 
 
-async def _behaviour_tag(service: Service, session: AsyncSession, rule: BehaviourRule, scope: ColumnElement[bool],
+async def _behaviour_tag(service: Runtime, session: AsyncSession, rule: BehaviourRule, scope: ColumnElement[bool],
                          now: datetime, result: RefreshResult) -> None:
     tid = await tag_id(session, rule.tag)
     condition = segments.condition(rule.when, now, service.config.segments)

@@ -49,7 +49,7 @@ from scrm.store.models import (
 )
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ async def build(sessions: async_sessionmaker[AsyncSession], timezone: str, now: 
     return stored
 
 
-def job(service: Service) -> Callable[[], Awaitable[int]]:
+def job(service: Runtime) -> Callable[[], Awaitable[int]]:
     """The scheduler job: build the days that closed (or were invalidated) since the last run."""
 
     async def build_rollups() -> int:

@@ -4,16 +4,39 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from scrm.personal import retention_job
+from scrm.runtime import Runtime
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.campaigns.outbox import Outbox
+    from scrm.channels import Channel
+    from scrm.cluster import Cluster
+
+
+class Scheduled(Runtime, Protocol):
+    """The service as its jobs see it: the runtime plus the parts and the work the jobs run."""
+
+    cluster: Cluster
+    outbox: Outbox
+
+    @property
+    def channels(self) -> Mapping[tuple[str, str], Channel]: ...
+
+    async def refresh_touched(self) -> object: ...
+
+    async def refresh_all(self) -> object: ...
+
+    async def run_campaign_clock(self) -> object: ...
+
+    async def reload_campaigns(self) -> bool: ...
+
+    async def recompute_rfm(self) -> int: ...
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +50,7 @@ DIGESTS_JOB = "reports:digests"
 ROLLUPS_JOB = "reports:rollups"
 
 
-def build_scheduler(service: Service) -> AsyncIOScheduler:
+def build_scheduler(service: Scheduled) -> AsyncIOScheduler:
     """Jobs by role: web instances ingest, workers send, and only the planner-lease holder plans."""
     scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                              "misfire_grace_time": 30})
@@ -56,7 +79,10 @@ def build_scheduler(service: Service) -> AsyncIOScheduler:
         hour, minute = config.privacy.retention_at.split(":")
         scheduler.add_job(leader(retention_job(service)), "cron", id="privacy:retention", hour=int(hour),
                           minute=int(minute), timezone=config.service.timezone)
-        from scrm import digests, rollups  # reports and charts load only with a scheduler
+        from scrm import (  # reports and charts load only with a scheduler
+            digests,
+            rollups,
+        )
 
         scheduler.add_job(leader(functools.partial(digests.send_due, service)), "interval", id=DIGESTS_JOB,
                           seconds=60)

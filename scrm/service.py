@@ -75,6 +75,10 @@ class Service:
         return self._keyring
 
     @property
+    def instance_id(self) -> str:
+        return self.cluster.instance_id
+
+    @property
     def stopping(self) -> bool:
         """True once stop() has begun: a job that loops (the outbox) takes no new work."""
         return self._stopping

@@ -43,7 +43,7 @@ from scrm.store.models import (
 )
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _Flight:
 
 
 class Outbox:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Runtime) -> None:
         self.service = service
         self._lock = asyncio.Lock()
         #: Set when more work was announced while a tick runs: that tick claims once more before it ends.
@@ -134,13 +134,6 @@ class Outbox:
                 return await self._feed(flight)
             finally:
                 await flight.wait()
-
-    async def pending_for(self, session: AsyncSession, customer_id: int, horizon: timedelta) -> int:
-        due_by = self.service.clock.now() + horizon
-        count = await session.scalar(select(func.count()).select_from(Delivery).where(
-            Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "claimed", "sending")),
-            Delivery.due_at <= due_by))
-        return int(count or 0)
 
     async def _feed(self, flight: _Flight) -> int:
         handled = 0
@@ -193,7 +186,7 @@ class Outbox:
             claimed = (await session.scalars(
                 update(Delivery)
                 .where(Delivery.id.in_(ids), Delivery.status == "planned")
-                .values(status="claimed", attempts=Delivery.attempts + 1, claimed_by=svc.cluster.instance_id,
+                .values(status="claimed", attempts=Delivery.attempts + 1, claimed_by=svc.instance_id,
                         claimed_at=now)
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False))).all()
@@ -210,7 +203,7 @@ class Outbox:
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
                 Customer.id.in_({d.customer_id for d in group if d.customer_id is not None})))).all()}
             for d in group:
-                if d.status != "claimed" or d.claimed_by != self.service.cluster.instance_id:
+                if d.status != "claimed" or d.claimed_by != self.service.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
                 p = await self._prepare(session, d, customers.get(d.customer_id), now)
                 if p is None:
@@ -329,7 +322,7 @@ class Outbox:
             Delivery.customer_id == customer_id, Delivery.id != delivery_id, Delivery.campaign.in_(marketing),
             # Messages on their way count too: prepared here and not yet recorded, or in flight on another instance.
             or_(and_(Delivery.status.in_(("claimed", "sending")),
-                     or_(Delivery.id.in_(self._in_flight), Delivery.claimed_by != self.service.cluster.instance_id)),
+                     or_(Delivery.id.in_(self._in_flight), Delivery.claimed_by != self.service.instance_id)),
                 and_(Delivery.status == "sent", Delivery.finished_at > now - timedelta(days=cfg.frequency_cap_days)))))
         return int(sent or 0) >= cfg.frequency_cap
 
@@ -378,7 +371,7 @@ class Outbox:
         async with writing(self.service.sessions) as session:
             marked = await session.execute(
                 update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
-                                       Delivery.claimed_by == self.service.cluster.instance_id)
+                                       Delivery.claimed_by == self.service.instance_id)
                 .values(status="sending").execution_options(synchronize_session=False))
         return bool(marked.rowcount)
 
@@ -388,7 +381,7 @@ class Outbox:
             for p, result in outcomes:
                 d = await session.get(Delivery, p.delivery_id)
                 assert d is not None
-                if d.claimed_by != self.service.cluster.instance_id:
+                if d.claimed_by != self.service.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
                 if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
                     d.status, d.reason = "planned", result.reason or "retry"
@@ -472,3 +465,11 @@ def pick_variant(campaign: str, target: str, step: Step) -> str:
             return variant.name
         bucket -= variant.weight
     raise AssertionError("weights cover every bucket")
+
+
+async def pending_for(session: AsyncSession, customer_id: int, due_by: datetime) -> int:
+    """Deliveries to the customer not yet finished and due by then (the console's "more coming")."""
+    count = await session.scalar(select(func.count()).select_from(Delivery).where(
+        Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "claimed", "sending")),
+        Delivery.due_at <= due_by))
+    return int(count or 0)

@@ -16,7 +16,7 @@ from scrm.store.models import Customer, Delivery, Identity
 from scrm.tagging import normalize
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 
 def triggered(campaigns: Sequence[LoadedCampaign], paused: set[str], event: TriggerEvent, *, tag: str | None = None,
@@ -94,7 +94,7 @@ async def plan_many(
     return await insert_select_ignore(session, Delivery.__table__, columns, query)
 
 
-async def plan_triggered(service: Service, session: AsyncSession, event: TriggerEvent, ids: Sequence[int],
+async def plan_triggered(service: Runtime, session: AsyncSession, event: TriggerEvent, ids: Sequence[int],
                          now: datetime, tag: str | None = None, stage: str | None = None) -> int:
     """Plan the campaigns an event starts for many customers at once (behaviour tags, stage moves)."""
     planned = 0

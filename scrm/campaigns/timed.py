@@ -35,7 +35,7 @@ from scrm.store.models import (
 )
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def fire_times(loaded: LoadedCampaign, since: datetime, until: datetime, zone: s
     return times
 
 
-async def run_due(service: Service, session: AsyncSession, now: datetime) -> ClockResult:
+async def run_due(service: Runtime, session: AsyncSession, now: datetime) -> ClockResult:
     result = ClockResult()
     created = {c.name: c.created_at for c in (await session.scalars(select(Campaign))).all()}
     for name, loaded in service.campaigns.items():
@@ -94,7 +94,7 @@ async def _count(result: ClockResult, name: str, planned: int) -> None:
         result.planned[name] = result.planned.get(name, 0) + planned
 
 
-async def _scheduled(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
+async def _scheduled(service: Runtime, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
                      active_since: datetime, result: ClockResult) -> None:
     d = loaded.definition
     last = await session.scalar(select(func.max(CampaignRun.scheduled_at)).where(CampaignRun.campaign == d.name))
@@ -124,7 +124,7 @@ async def _scheduled(service: Service, session: AsyncSession, loaded: LoadedCamp
         await _count(result, d.name, planned)
 
 
-async def _plan_audience(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
+async def _plan_audience(service: Runtime, session: AsyncSession, loaded: LoadedCampaign, now: datetime,
                          occurrence: str) -> int:
     d = loaded.definition
     due = now + d.delay
@@ -142,7 +142,7 @@ async def _plan_audience(service: Service, session: AsyncSession, loaded: Loaded
     return await plan_many(session, d.name, 0, _audience(service, loaded, now), due, now, d.channels, occurrence)
 
 
-def _audience(service: Service, loaded: LoadedCampaign, now: datetime,
+def _audience(service: Runtime, loaded: LoadedCampaign, now: datetime,
               extra: ColumnElement[bool] | None = None) -> ColumnElement[bool]:
     segment = loaded.definition.audience.segment
     parts = [Customer.opted_out.is_(False)]
@@ -153,7 +153,7 @@ def _audience(service: Service, loaded: LoadedCampaign, now: datetime,
     return and_(*parts)
 
 
-async def _inactivity(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+async def _inactivity(service: Runtime, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
     """Customers silent for N days, once per silence: the occurrence is their last inbound time."""
     d = loaded.definition
     assert d.trigger.days is not None
@@ -162,7 +162,7 @@ async def _inactivity(service: Service, session: AsyncSession, loaded: LoadedCam
     return await plan_many(session, d.name, 0, where, now + d.delay, now, d.channels, cast(last, String))
 
 
-async def _birthdays(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+async def _birthdays(service: Runtime, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
     """Today's birthdays in each customer's own time zone, from the configured local hour, once a year."""
     d = loaded.definition
     default_zone = service.config.service.timezone
@@ -183,7 +183,7 @@ async def _birthdays(service: Service, session: AsyncSession, loaded: LoadedCamp
     return planned
 
 
-async def _expiring(service: Service, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
+async def _expiring(service: Runtime, session: AsyncSession, loaded: LoadedCampaign, now: datetime) -> int:
     """Granted, unredeemed codes expiring within N days: one reminder per code."""
     d = loaded.definition
     assert d.trigger.days is not None

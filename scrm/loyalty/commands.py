@@ -23,12 +23,12 @@ from scrm.messages import InboundEvent
 from scrm.store.models import Customer, LoyaltyAccount
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class CustomerContext:
-    service: Service
+    service: Runtime
     session: AsyncSession
     customer: Customer
     event: InboundEvent
@@ -58,7 +58,7 @@ def command(name: str, pattern: str) -> Callable[[Handler], Handler]:
     return register
 
 
-async def dispatch(service: Service, session: AsyncSession, customer: Customer, event: InboundEvent, text: str,
+async def dispatch(service: Runtime, session: AsyncSession, customer: Customer, event: InboundEvent, text: str,
                    now: datetime) -> list[str] | None:
     """The replies to a customer command, or None for ordinary text (which also notes buying intent)."""
     if service.config.loyalty is None:

@@ -32,17 +32,17 @@ from scrm.store.models import (
 )
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-async def owner_of(service: Service, session: AsyncSession, customer_id: int) -> str | None:
+async def owner_of(service: Runtime, session: AsyncSession, customer_id: int) -> str | None:
     owner = await session.scalar(select(LoyaltyAccount.owner).where(LoyaltyAccount.customer_id == customer_id))
     return owner or (loyalty(service).followups.default_owner if service.config.loyalty else None)
 
 
-async def assign(service: Service, session: AsyncSession, customer_id: int, owner: str, now: datetime,
+async def assign(service: Runtime, session: AsyncSession, customer_id: int, owner: str, now: datetime,
                  by: str | None = None) -> None:
     await ensure_account(session, customer_id, now, base_tier(loyalty(service)))
     await session.execute(update(LoyaltyAccount).where(LoyaltyAccount.customer_id == customer_id)
@@ -54,7 +54,7 @@ async def assign(service: Service, session: AsyncSession, customer_id: int, owne
                kind="owner_assigned", now=now, actor=by, payload={"owner": owner})
 
 
-async def capture_owners(service: Service, session: AsyncSession, now: datetime, since: datetime) -> int:
+async def capture_owners(service: Runtime, session: AsyncSession, now: datetime, since: datetime) -> int:
     """Owners from WeCom "added as contact" events (payload owner = the staff member's UserID)."""
     owner = Touchpoint.payload["owner"].as_string()
     rows = (await session.execute(
@@ -73,7 +73,7 @@ async def capture_owners(service: Service, session: AsyncSession, now: datetime,
     return len(done)
 
 
-async def create_task(service: Service, session: AsyncSession, customer_id: int, kind: str, note: str,
+async def create_task(service: Runtime, session: AsyncSession, customer_id: int, kind: str, note: str,
                       due_at: datetime, now: datetime, rule_key: str | None = None,
                       created_by: str | None = None) -> int | None:
     """A task for the customer's owner; rule tasks (with ``rule_key``) are made once. Returns its id."""
@@ -122,11 +122,11 @@ def task_lines(tasks: list[tuple[FollowupTask, str | None]], now: datetime, zone
     return lines
 
 
-def staff_zone(service: Service, staff: str) -> str:
+def staff_zone(service: Runtime, staff: str) -> str:
     return loyalty(service).followups.timezones.get(staff, service.config.service.timezone)
 
 
-async def send_to_staff(service: Service, session: AsyncSession, staff: str, text: str, now: datetime,
+async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, text: str, now: datetime,
                         kind: str = "staff_alert") -> bool:
     """Send a chat message to a staff identity ``<channel>:<id>`` and record it as a touchpoint."""
     channel_kind, _, external_id = staff.partition(":")
@@ -142,7 +142,7 @@ async def send_to_staff(service: Service, session: AsyncSession, staff: str, tex
     return result.status == "sent"
 
 
-async def alert_new_tasks(service: Service, session: AsyncSession, now: datetime) -> int:
+async def alert_new_tasks(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """Tell owners about tasks they have not heard of yet (detractors, waiting customers...), with the
     customer's 360° card. The task is marked notified before the send: at most once."""
     from scrm.loyalty.view import card_text
@@ -166,7 +166,7 @@ async def alert_new_tasks(service: Service, session: AsyncSession, now: datetime
     return sent
 
 
-async def rule_tasks(service: Service, session: AsyncSession, now: datetime) -> int:
+async def rule_tasks(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """Tasks from rules: intent without a conversion in ``intent_days``; config rules (segment
     expressions, e.g. a VIP gone quiet), one open task per customer and rule."""
     config = loyalty(service).followups
@@ -194,7 +194,7 @@ async def rule_tasks(service: Service, session: AsyncSession, now: datetime) -> 
     return made
 
 
-async def waiting_tasks(service: Service, session: AsyncSession, now: datetime) -> int:
+async def waiting_tasks(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """A customer message on a staffed channel unanswered for ``waiting_minutes``: one task per message."""
     config = loyalty(service).followups
     if not config.staffed_channels:
@@ -218,7 +218,7 @@ async def waiting_tasks(service: Service, session: AsyncSession, now: datetime) 
     return made
 
 
-async def send_digests(service: Service, session: AsyncSession, now: datetime) -> int:
+async def send_digests(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """Each owner's open tasks once a day, at ``digest_at`` in their own time zone."""
     config = loyalty(service).followups
     owners = (await session.scalars(select(FollowupTask.owner).where(FollowupTask.done_at.is_(None),

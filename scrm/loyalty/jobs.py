@@ -26,7 +26,7 @@ from scrm.store.models import Conversion, LoyaltySeenConversion
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 BATCH = 2000
@@ -47,7 +47,7 @@ class SweepResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-async def credit_conversions(service: Service, session: AsyncSession, result: SweepResult) -> list[int]:
+async def credit_conversions(service: Runtime, session: AsyncSession, result: SweepResult) -> list[int]:
     """Each conversion not seen before, once: points for orders, the referrer's reward, a survey."""
     now = service.clock.now()
     config = points.loyalty(service)
@@ -77,7 +77,7 @@ async def credit_conversions(service: Service, session: AsyncSession, result: Sw
     return sorted(touched)
 
 
-async def sweep(service: Service) -> SweepResult:
+async def sweep(service: Runtime) -> SweepResult:
     result = SweepResult()
     if service.config.loyalty is None:
         return result
@@ -106,7 +106,7 @@ class NightlyResult:
     churn: churn.ScoreResult | None = None
 
 
-async def nightly(service: Service) -> NightlyResult:
+async def nightly(service: Runtime) -> NightlyResult:
     result = NightlyResult()
     config = service.config.loyalty
     if config is None:
@@ -127,7 +127,7 @@ async def nightly(service: Service) -> NightlyResult:
     return result
 
 
-def add_jobs(scheduler: AsyncIOScheduler, service: Service,
+def add_jobs(scheduler: AsyncIOScheduler, service: Runtime,
              wrap: Callable[[Callable[[], Awaitable[Any]]], Callable[[], Awaitable[Any]]] | None = None) -> None:
     """Register the sweep and the nightly pass (from scrm.scheduler.build_scheduler, wrapped so that
     only the planner-lease holder runs them: both plan sends and must not run twice at once)."""

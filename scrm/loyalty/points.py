@@ -23,7 +23,7 @@ from scrm.store.dialect import insert_ignore
 from scrm.store.models import LoyaltyAccount, PointsLedger
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 #: Reasons that take points away; everything else adds.
 DEBITS = ("redeem", "expire")
@@ -31,7 +31,7 @@ DEBITS = ("redeem", "expire")
 EARNS = ("order", "checkin", "survey", "referral", "adjust")
 
 
-def loyalty(service: Service) -> LoyaltyConfig:
+def loyalty(service: Runtime) -> LoyaltyConfig:
     config = service.config.loyalty
     if config is None:
         raise RuntimeError("loyalty is not configured ([loyalty] in the config)")
@@ -63,7 +63,7 @@ def expiry(config: LoyaltyConfig, earned_at: datetime, zone: str) -> datetime | 
     return end.astimezone(UTC).replace(tzinfo=None)
 
 
-async def credit(service: Service, session: AsyncSession, customer_id: int, points: int, reason: str, ref: str,
+async def credit(service: Runtime, session: AsyncSession, customer_id: int, points: int, reason: str, ref: str,
                  now: datetime, channel: str = "system", account: str = "-") -> int | None:
     """Add points once per (reason, ref); returns the new balance, or None when already credited."""
     if points <= 0:
@@ -126,7 +126,7 @@ class RewardOutcome:
     price: int = 0
 
 
-async def redeem_reward(service: Service, session: AsyncSession, customer_id: int, name: str, now: datetime,
+async def redeem_reward(service: Runtime, session: AsyncSession, customer_id: int, name: str, now: datetime,
                         channel: str = "system", account: str = "-") -> RewardOutcome:
     """Swap points for a coupon code atomically: the points go first (conditional UPDATE, so two
     concurrent redemptions cannot both spend the same points), then the code is granted in the same
@@ -173,7 +173,7 @@ async def expiring(session: AsyncSession, customer_id: int, until: datetime) -> 
     return max(0, int(row[0]) - int(row[1]))
 
 
-async def expire_due(service: Service, session: AsyncSession, now: datetime) -> int:
+async def expire_due(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """Nightly: expire points past their date for every customer (one grouped query; only the
     customers with something to expire come back). Returns the points expired."""
     due = _earned_until(now) - _debited()
@@ -193,7 +193,7 @@ async def recent(session: AsyncSession, customer_id: int, limit: int = 5) -> lis
                                        .order_by(PointsLedger.id.desc()).limit(limit))).all())
 
 
-def local_date(service: Service, now: datetime, zone: str | None = None) -> str:
+def local_date(service: Runtime, now: datetime, zone: str | None = None) -> str:
     tz = ZoneInfo(zone or service.config.service.timezone)
     return now.replace(tzinfo=UTC).astimezone(tz).date().isoformat()
 

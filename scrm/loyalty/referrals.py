@@ -24,7 +24,7 @@ from scrm.store.dialect import insert_ignore
 from scrm.store.models import Conversion, Customer, LoyaltyAccount, Referral, Touchpoint
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 _ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 SOURCE_CODE = re.compile(r"(?:^|[:_=])ref_([A-Za-z0-9]{4,16})$")
@@ -46,7 +46,7 @@ async def invite_code(session: AsyncSession, customer_id: int, now: datetime, ti
     return code
 
 
-def invite_text(service: Service, code: str) -> str:
+def invite_text(service: Runtime, code: str) -> str:
     bot = loyalty(service).referral.telegram_bot
     lines = [f"您的邀请码:{code}", f"好友首次联系我们时发送「邀请码 {code}」即可。"]
     if bot:
@@ -98,7 +98,7 @@ async def capture_from_sources(session: AsyncSession, now: datetime, since: date
     return captured
 
 
-async def on_conversion(service: Service, session: AsyncSession, referee_id: int, now: datetime) -> int | None:
+async def on_conversion(service: Runtime, session: AsyncSession, referee_id: int, now: datetime) -> int | None:
     """Pay the referrer for a referee's first conversion; once per referee (conditional UPDATE)."""
     config = loyalty(service)
     referral = await session.scalar(select(Referral).where(Referral.referee_id == referee_id))

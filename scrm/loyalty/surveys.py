@@ -28,7 +28,7 @@ from scrm.store.models import Conversion, Customer, Identity, Survey, Touchpoint
 from scrm.tagging import add_tag
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 DETRACTOR_TAG = "detractor"
 RANGES = {"csat": (1, 5), "nps": (0, 10)}
@@ -39,14 +39,14 @@ QUESTIONS = {
 _ANSWER = re.compile(r"^\s*(\d{1,2})\s*(?:分)?\s*[,,.。::;;、!!\-—]*\s*(.*)$", re.DOTALL)
 
 
-def low_threshold(service: Service, kind: str) -> int:
+def low_threshold(service: Runtime, kind: str) -> int:
     config = loyalty(service).surveys
     if config is not None and config.low_score is not None:
         return config.low_score
     return 2 if kind == "csat" else 6
 
 
-async def plan(service: Service, session: AsyncSession, customer_id: int, trigger: str, ref: str, now: datetime,
+async def plan(service: Runtime, session: AsyncSession, customer_id: int, trigger: str, ref: str, now: datetime,
                due_at: datetime, campaign: str | None = None) -> bool:
     """Plan one survey for the customer (once per trigger and ref), on their latest identity."""
     config = loyalty(service).surveys
@@ -61,7 +61,7 @@ async def plan(service: Service, session: AsyncSession, customer_id: int, trigge
         "status": "planned", "due_at": due_at, "created_at": now}))
 
 
-async def plan_after_conversions(service: Service, session: AsyncSession, conversions: list[Conversion],
+async def plan_after_conversions(service: Runtime, session: AsyncSession, conversions: list[Conversion],
                                  now: datetime) -> int:
     config = loyalty(service).surveys
     if config is None or not config.after_conversion:
@@ -75,7 +75,7 @@ async def plan_after_conversions(service: Service, session: AsyncSession, conver
     return planned
 
 
-async def send_due(service: Service, session: AsyncSession, now: datetime) -> int:
+async def send_due(service: Runtime, session: AsyncSession, now: datetime) -> int:
     """Ask the surveys that are due: claimed (planned -> asked) before the send, so never twice."""
     config = loyalty(service).surveys
     window = timedelta(hours=config.answer_hours if config else 72)
@@ -111,7 +111,7 @@ async def send_due(service: Service, session: AsyncSession, now: datetime) -> in
     return sent
 
 
-async def answer(service: Service, session: AsyncSession, customer: Customer, text: str, channel: str,
+async def answer(service: Runtime, session: AsyncSession, customer: Customer, text: str, channel: str,
                  account: str, now: datetime) -> str | None:
     """The reply to a survey answer, or None when the message is not one (ordinary chat goes on)."""
     match = _ANSWER.match(text)
@@ -146,7 +146,7 @@ async def answer(service: Service, session: AsyncSession, customer: Customer, te
     return "感谢您的评价!"
 
 
-async def _late(service: Service, session: AsyncSession, customer_id: int, now: datetime) -> str | None:
+async def _late(service: Runtime, session: AsyncSession, customer_id: int, now: datetime) -> str | None:
     """A number soon after a survey closed, with no campaign message since: a polite word, else None
     (the digits may answer a campaign's own question)."""
     config = loyalty(service).surveys
@@ -167,7 +167,7 @@ async def _late(service: Service, session: AsyncSession, customer_id: int, now: 
     return "感谢您的回复!这次满意度调查已经结束,如有任何问题请直接留言告诉我们。"
 
 
-async def _detractor(service: Service, session: AsyncSession, customer: Customer, survey: Survey, score: int,
+async def _detractor(service: Runtime, session: AsyncSession, customer: Customer, survey: Survey, score: int,
                      reason: str | None, now: datetime) -> None:
     if await add_tag(session, customer.id, DETRACTOR_TAG, "survey", f"{survey.kind}:{score}", now):
         touchpoint(session, customer_id=customer.id, channel="system", account="-", direction="internal",

@@ -37,7 +37,7 @@ from scrm.store.models import Conversion, LoyaltyAccount, PointsLedger
 from scrm.tagging import add_tag, remove_tag
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 YEAR = timedelta(days=365)
 TAG_PREFIX = "tier:"
@@ -64,7 +64,7 @@ def _target(config: LoyaltyConfig, points: Any, spend: Any) -> ColumnElement[str
     return case(*whens, else_=literal(base_tier(config))) if whens else literal(base_tier(config))
 
 
-async def evaluate(service: Service, session: AsyncSession, now: datetime,
+async def evaluate(service: Runtime, session: AsyncSession, now: datetime,
                    ids: Sequence[int] | None = None) -> list[TierChange]:
     """Move every account (or those of ``ids``) to the tier its last 12 months earn; returns the moves."""
     config = loyalty(service)
@@ -98,7 +98,7 @@ async def evaluate(service: Service, session: AsyncSession, now: datetime,
     return changes
 
 
-async def _apply(service: Service, session: AsyncSession, changes: list[TierChange], now: datetime) -> None:
+async def _apply(service: Runtime, session: AsyncSession, changes: list[TierChange], now: datetime) -> None:
     config = loyalty(service)
     base = base_tier(config)
     raised: dict[str, list[int]] = defaultdict(list)

@@ -20,7 +20,7 @@ from scrm.config import Role
 from scrm.messages import InboundEvent
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 REFUSAL_REPLY = "抱歉,这个命令仅限员工使用。Sorry, this command is for staff only."
 _COMMAND = re.compile(r"^\s*/([a-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
@@ -28,7 +28,7 @@ _COMMAND = re.compile(r"^\s*/([a-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.IGNORECASE | r
 
 @dataclass(frozen=True)
 class StaffContext:
-    service: Service
+    service: Runtime
     session: AsyncSession
     event: InboundEvent
     #: ``staff:<channel>:<id>``, recorded on what the command changes.

@@ -15,7 +15,7 @@ from scrm.store.models import Customer
 from scrm.tagging import add_tag, remove_tag
 
 if TYPE_CHECKING:
-    from scrm.service import Service
+    from scrm.runtime import Runtime
 
 _TAG_CHANGE = re.compile(r"^([+-])(\S{1,64})$")
 USAGE = "/tag <customer> +tag -tag   (customer: #id or channel:id)"
@@ -35,7 +35,7 @@ def tag_changes(args: str) -> tuple[str, list[tuple[bool, str]]] | None:
     return parts[0], changes
 
 
-async def change_tags(service: Service, session: AsyncSession, customer: Customer, changes: list[tuple[bool, str]],
+async def change_tags(service: Runtime, session: AsyncSession, customer: Customer, changes: list[tuple[bool, str]],
                       actor: str, now: datetime) -> list[str]:
     """Operator tag edits (chat or CLI), each recorded as a touchpoint; returns what changed."""
     done = []

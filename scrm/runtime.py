@@ -1,0 +1,68 @@
+"""What the core's modules use of the running service.
+
+:class:`scrm.service.Service` builds everything (channels, ingest, outbox, scheduler) and so imports
+nearly every module; the modules it hands itself to type it as :class:`Runtime` instead, so that none
+of them imports ``scrm.service`` back. Service is the one implementation; tests use the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from scrm.campaigns.definitions import LoadedCampaign
+    from scrm.clock import Clock
+    from scrm.config import Config
+    from scrm.keyring import Keyring
+    from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
+    from scrm.tagging import KeywordTagger
+
+
+class Sender(Protocol):
+    """A configured channel account, as the core sends through it."""
+
+    async def send(self, message: OutboundMessage) -> SendResult: ...
+
+
+class Runtime(Protocol):
+    config: Config
+    clock: Clock
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    #: Loaded campaign definitions by name, and the names of those paused.
+    campaigns: dict[str, LoadedCampaign]
+    paused: set[str]
+    tagger: KeywordTagger
+
+    @property
+    def channels(self) -> Mapping[tuple[str, str], Sender]:
+        """Every configured account by (channel type, account)."""
+
+    @property
+    def keyring(self) -> Keyring:
+        """The privacy keys; opened by start()."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() has begun: work that loops takes nothing new."""
+
+    @property
+    def instance_id(self) -> str:
+        """This process among the instances sharing the store (claims are marked with it)."""
+
+    def channel(self, kind: str, account: str) -> Sender | None: ...
+
+    def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
+        """Resolves once the event and its effects are committed."""
+
+    def wake_outbox(self) -> None: ...
+
+    def touch(self, customer_ids: set[int]) -> None:
+        """Queue customers for the incremental profile refresh."""
+
+    def job(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """A scheduler job that stop() waits for."""
