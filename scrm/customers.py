@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.store.models import Customer, Identity, Touchpoint
@@ -61,3 +61,16 @@ def touchpoint(
     )
     session.add(row)
     return row
+
+
+def staff_actor(channel: str, external_id: str) -> str:
+    """How staff touchpoints name who acted: ``staff:<channel>:<id on that channel>``."""
+    return f"staff:{channel}:{external_id}"
+
+
+async def staff_last_inbound(session: AsyncSession, channel: str, account: str, external_id: str) -> datetime | None:
+    """When this staff member last wrote to the account: WeChat lets the service message them for 48
+    hours after, as it does customers (whose time is ``Customer.last_inbound_at``)."""
+    return await session.scalar(select(func.max(Touchpoint.created_at)).where(
+        Touchpoint.actor == staff_actor(channel, external_id), Touchpoint.account == account,
+        Touchpoint.direction == "in"))

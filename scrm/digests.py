@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import charts, reports
-from scrm.customers import touchpoint
+from scrm.customers import staff_actor, staff_last_inbound, touchpoint
 from scrm.messages import OutboundMessage
 from scrm.store.models import ReportDigest
 
@@ -74,6 +74,7 @@ class _Due:
     frequency: str
     text: str
     image: bytes
+    last_inbound_at: datetime | None
 
 
 async def send_due(service: Runtime) -> int:
@@ -92,17 +93,19 @@ async def send_due(service: Runtime) -> int:
             text = reports.format_summary(await reports.summary(session, period, attribution_days=attribution), lang)
             trend = await reports.daily_trend(session, period, timezone)
             image = await charts.render(charts.trend_png, trend, lang)
-            due.append(_Due(row.channel, row.account, row.external_id, row.frequency, text, image))
+            seen = await staff_last_inbound(session, row.channel, row.account, row.external_id)
+            due.append(_Due(row.channel, row.account, row.external_id, row.frequency, text, image, seen))
     sent = 0
     for d in due:
         channel = service.channel(d.channel, d.account)
         if channel is None:
             log.warning("digest for %s:%s: channel account %s is not configured", d.channel, d.external_id, d.account)
             continue
-        result = await channel.send(OutboundMessage(d.channel, d.account, d.external_id, d.text, image=d.image))
+        result = await channel.send(OutboundMessage(d.channel, d.account, d.external_id, d.text, image=d.image,
+                                                    last_inbound_at=d.last_inbound_at))
         sent += result.status == "sent"
         async with service.sessions() as session, session.begin():
-            touchpoint(session, customer_id=None, actor=f"staff:{d.channel}:{d.external_id}", channel=d.channel,
+            touchpoint(session, customer_id=None, actor=staff_actor(d.channel, d.external_id), channel=d.channel,
                        account=d.account, direction="out", kind="report_digest", now=now, text=d.text,
                        payload={"frequency": d.frequency, "status": result.status, "reason": result.reason,
                                 "platform_msg_id": result.platform_msg_id})

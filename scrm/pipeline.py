@@ -24,6 +24,7 @@ from scrm.campaigns.planner import Trigger, plan_events
 from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
+from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
 from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
@@ -201,7 +202,7 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
 
 
 async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role) -> Reaction:
-    actor = f"staff:{event.channel}:{event.external_id}"
+    actor = staff_actor(event.channel, event.external_id)
     batch.touchpoint(event, None, "in", event.kind, text=event.text or None, payload=scrub_payload(event.payload),
                      platform_msg_id=event.platform_msg_id, actor=actor)
     await batch.flush()

@@ -668,3 +668,33 @@ def _png() -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+async def test_report_digest_reaches_a_wechat_manager_inside_48_hours_only(aiohttp_client, make_config, clock, fake):
+    # WeChat lets the service message the manager for 48 hours after they last wrote: the digest goes out
+    # (text, then its chart) the morning after "/digest", and is skipped once the manager has been silent.
+    from scrm import digests
+    from scrm.store.models import ReportDigest
+
+    client, service = await start(aiohttp_client, make_config, clock, fake, overrides=MANAGER)
+    resp = await post(client, plaintext(TOKEN, text_xml("o_manager", "/digest daily 09:00", 871)))
+    assert "Digest daily 09:00" in xmltodict.parse(await resp.text())["xml"]["Content"]
+
+    async def due_at():
+        async with service.sessions() as s:
+            return (await s.scalar(select(ReportDigest))).next_at
+
+    clock.set(await due_at() + timedelta(seconds=30))
+    assert await digests.send_due(service) == 1
+    [upload] = uploads(fake)
+    assert [(m["touser"], m["msgtype"]) for m in fake.custom_messages] == [("o_manager", "text"), ("o_manager", "image")]
+    assert fake.custom_messages[1]["image"]["media_id"] == upload.answer["media_id"]
+
+    clock.set(await due_at() + timedelta(days=2, seconds=30))  # the manager last wrote three days ago
+    assert await digests.send_due(service) == 0
+    assert len(fake.custom_messages) == 2 and len(uploads(fake)) == 1
+    async with service.sessions() as s:
+        sent = (await s.scalars(select(Touchpoint).where(Touchpoint.kind == "report_digest")
+                                .order_by(Touchpoint.id))).all()
+    assert [(t.actor, t.payload["status"], t.payload["reason"]) for t in sent] == [
+        ("staff:wechat:o_manager", "sent", None), ("staff:wechat:o_manager", "skipped", "outside_48h_window")]

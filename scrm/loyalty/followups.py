@@ -18,7 +18,7 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import segments
-from scrm.customers import touchpoint
+from scrm.customers import staff_actor, staff_last_inbound, touchpoint
 from scrm.loyalty.points import base_tier, ensure_account, loyalty
 from scrm.messages import MESSAGE_KINDS, OutboundMessage
 from scrm.store.dialect import insert_ignore
@@ -134,10 +134,11 @@ async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, tex
     if not external_id or account is None:
         log.warning("no configured %s channel to reach staff %s", channel_kind, staff)
         return False
+    seen = await staff_last_inbound(session, channel_kind, account, external_id)
     result = await service.channels[(channel_kind, account)].send(
-        OutboundMessage(channel_kind, account, external_id, text))
-    touchpoint(session, customer_id=None, actor=f"staff:{staff}", channel=channel_kind, account=account,
-               direction="out", kind=kind, now=now, text=text,
+        OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen))
+    touchpoint(session, customer_id=None, actor=staff_actor(channel_kind, external_id), channel=channel_kind,
+               account=account, direction="out", kind=kind, now=now, text=text,
                payload={"status": result.status, **({"reason": result.reason} if result.reason else {})})
     return result.status == "sent"
 

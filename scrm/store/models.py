@@ -322,6 +322,10 @@ class ReportDigest(Base):
 # Report indexes on earlier tables, declared here so the tables above stay as their owners wrote them.
 #: Last campaign touch before a conversion (attribution) and replies after a send.
 Index("ix_deliveries_customer_finished", Delivery.customer_id, Delivery.finished_at)
+# Staff touchpoints only (customers' have no actor): when a staff member last wrote, for the channels
+# whose reply window counts from it (WeChat's 48 hours).
+Index("ix_touchpoints_staff", Touchpoint.actor, Touchpoint.created_at,
+      sqlite_where=Touchpoint.actor.is_not(None), postgresql_where=Touchpoint.actor.is_not(None))
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
