@@ -36,6 +36,14 @@ class RefreshResult:
     stage_moves: dict[str, int] = field(default_factory=dict)
     planned: int = 0
 
+    def add(self, other: RefreshResult) -> None:
+        for mine, theirs in ((self.tags_added, other.tags_added), (self.tags_removed, other.tags_removed),
+                             (self.stage_moves, other.stage_moves)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+        self.tags_expired += other.tags_expired
+        self.planned += other.planned
+
 
 def behaviour_rules(config: Config) -> list[BehaviourRule]:
     rules = list(config.tagging.behaviour)

@@ -30,8 +30,9 @@ from scrm.messages import InboundEvent, Reaction, cleaned
 from scrm.personal import open_keyring
 from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
 from scrm.store import migrate
-from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.engine import make_engine, make_sessionmaker, writing
 from scrm.store.models import Campaign
+from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import KeywordTagger
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,20 @@ class Service:
         self.touched |= customer_ids
 
     async def refresh_touched(self) -> profiles.RefreshResult | None:
-        ids, self.touched = self.touched, set()
-        return await self._refresh(sorted(ids)) if ids else None
+        """One short transaction per chunk of customers, queued with ingest's (scrm.store.engine.writing):
+        a single transaction over thousands held SQLite's writer for half a second, and ingest waited
+        for it in SQLite's busy loop, which sleeps up to 100 ms between tries."""
+        ids, self.touched = sorted(self.touched), set()
+        if not ids:
+            return None
+        result = profiles.RefreshResult()
+        for start in range(0, len(ids), profiles.CHUNK):
+            async with writing(self.sessions) as session:
+                await statements_in_thread(session)  # behaviour conditions count touchpoints: off the loop
+                result.add(await profiles.refresh(self, session, self.clock.now(), ids[start:start + profiles.CHUNK]))
+        if result.planned:
+            self.wake_outbox()
+        return result
 
     async def refresh_all(self) -> profiles.RefreshResult:
         return await self._refresh(None)

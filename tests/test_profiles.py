@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
-from scrm import rfm, segments
+from scrm import profiles, rfm, segments
 from scrm.clock import ManualClock
 from scrm.config import Config
 from scrm.messages import InboundEvent
@@ -235,5 +235,34 @@ async def test_campaign_messages_and_replies(make_config):
             assert (await who("replied()")).all() == ["answered"]
             assert (await who("campaign_messages(10) == 1")).all() == ["quiet", "answered"]
             assert (await who("campaign_messages() == 2 and not replied()")).all() == ["quiet"]
+    finally:
+        await service.stop()
+
+
+async def test_incremental_refresh_covers_every_touched_customer_across_chunks(make_config, monkeypatch):
+    # Each chunk of touched customers is its own short transaction; the result adds them all up.
+    monkeypatch.setattr(profiles, "CHUNK", 2)
+    clock = ManualClock(NOW)
+    config = make_config({
+        "tagging": {"behaviour": [{"tag": "chatty", "when": "msgs(7) >= 2"}]},
+        "lifecycle": {"transitions": [{"from": ["acquisition"], "to": "nurture", "when": "msgs(30) >= 2"}]},
+    })
+    service = Service(config, clock)
+    await service.start(scheduler=False)
+    try:
+        people = [f"p{i}" for i in range(5)]
+        for round_ in range(2):
+            for person in people:
+                await service.receive(InboundEvent("console", "local", person, "text", text="hi",
+                                                   platform_msg_id=f"{person}-{round_}"))
+        commits: list[object] = []
+        event.listen(service.engine.sync_engine, "commit", commits.append)
+        result = await service.refresh_touched()
+        assert len(commits) == 3  # 2 + 2 + 1 customers
+        assert result is not None
+        assert result.tags_added == {"chatty": 5} and result.stage_moves == {"acquisition->nurture": 5}
+        async with service.sessions() as s:
+            assert set((await s.scalars(select(Customer.stage))).all()) == {"nurture"}
+        assert await service.refresh_touched() is None  # nothing touched since
     finally:
         await service.stop()
