@@ -18,10 +18,12 @@ _ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: codes are read a
 
 
 async def pool_row(session: AsyncSession, name: str, pool: CouponPool) -> Coupon:
-    # INSERT ... ON CONFLICT: two grants from a pool never seen before may race to create it.
-    await insert_ignore(session, Coupon.__table__, {"name": name, "value": pool.value})
     row = await session.scalar(select(Coupon).where(Coupon.name == name))
-    assert row is not None
+    if row is None:
+        # INSERT ... ON CONFLICT: two grants from a pool never seen before may race to create it.
+        await insert_ignore(session, Coupon.__table__, {"name": name, "value": pool.value})
+        row = await session.scalar(select(Coupon).where(Coupon.name == name))
+        assert row is not None
     if row.value != pool.value:
         row.value = pool.value
     return row

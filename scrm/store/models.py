@@ -329,6 +329,10 @@ Index("ix_touchpoints_staff", Touchpoint.actor, Touchpoint.created_at,
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
+# Imported codes not yet given out: a grant takes the pool's oldest from here instead of reading past
+# every code the pool has granted (the index on coupon_id alone), which grew with each grant.
+Index("ix_coupon_codes_unassigned", CouponCode.coupon_id, CouponCode.id,
+      sqlite_where=CouponCode.customer_id.is_(None), postgresql_where=CouponCode.customer_id.is_(None))
 #: Customers per stage at a moment (stages_at): counted from the index alone.
 Index("ix_customers_stage_first_seen", Customer.stage, Customer.first_seen_at)
 
