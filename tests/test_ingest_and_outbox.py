@@ -183,3 +183,44 @@ async def test_a_claim_takes_one_batch_and_instances_take_different_ones(make_co
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_the_event_loop_runs_between_the_deliveries_a_prepare_transaction_prepares(make_config, clock):
+    """On SQLite a prepare transaction's statements run on the loop's thread; between deliveries the loop
+    gets a turn (a probe task that yields in a loop counts them), so sends paced to a platform's rate are
+    not woken a whole group late."""
+    from sqlalchemy import event
+
+    from scrm.campaigns.outbox import PREPARE_GROUP
+    from scrm.service import Service
+
+    service = Service(make_config(), clock)
+    await service.start(scheduler=False)
+    turns = 0
+    seen: list[tuple[str, int]] = []
+
+    async def probe() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    def statement(conn, cursor, text, params, context, many) -> None:
+        seen.append((text, turns))
+
+    try:
+        for n in range(PREPARE_GROUP):
+            await service.receive(InboundEvent("console", "local", f"p{n}", "text", text="hi", platform_msg_id=f"p{n}"))
+        event.listen(service.engine.sync_engine, "before_cursor_execute", statement)
+        event.listen(service.engine.sync_engine, "commit", lambda conn: seen.append(("COMMIT", turns)))
+        task = asyncio.create_task(probe())
+        assert await service.outbox.tick() == PREPARE_GROUP
+        task.cancel()
+        start = next(i for i, (text, _) in enumerate(seen)
+                     if text.lstrip().startswith("SELECT deliveries.") and "deliveries.id IN" in text)
+        end = next(i for i in range(start, len(seen)) if seen[i][0] == "COMMIT")
+        if service.engine.dialect.name == "sqlite":
+            assert len({t for _, t in seen[start:end]}) > PREPARE_GROUP  # a turn per delivery at least
+        assert await count(service, Delivery, Delivery.status == "sent") == PREPARE_GROUP
+    finally:
+        await service.stop()

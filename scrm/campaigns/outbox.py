@@ -204,6 +204,10 @@ class Outbox:
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
                 Customer.id.in_({d.customer_id for d in group if d.customer_id is not None})))).all()}
             for d in group:
+                # On SQLite the statements run on the loop's thread while the write lock is held (they cannot
+                # wait for it): let the loop run between deliveries, or sends paced to the platform's rate
+                # wake a group's worth of statements late.
+                await asyncio.sleep(0)
                 if d.status != "claimed" or d.claimed_by != self.service.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
                 p = await self._prepare(session, d, customers.get(d.customer_id), now)
