@@ -51,13 +51,15 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 @asynccontextmanager
 async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A short transaction that writes (ingest, the outbox), committed when the block ends.
+    """A short transaction that writes (ingest, the outbox, the incremental profile refresh), committed
+    when the block ends.
 
     On SQLite this process's writers take turns on an asyncio lock, because SQLite's own wait for
     its write lock sleeps 1 to 100 ms between tries, and then hold SQLite's lock from the start with
-    their statements on the loop (:func:`scrm.store.sqlite_driver.hold_write_lock`). Only for work
-    whose statements are small and which opens no other writing transaction inside. PostgreSQL:
-    a plain transaction.
+    their statements on the loop (:func:`scrm.store.sqlite_driver.hold_write_lock`); work whose
+    statements may run long sends them back to the driver's thread
+    (:func:`scrm.store.sqlite_driver.statements_in_thread`). The block must open no other writing
+    transaction inside. PostgreSQL: a plain transaction.
     """
     engine = sessions.kw["bind"]
     if engine.dialect.name != "sqlite":
