@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import segments
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from scrm.runtime import Runtime
 
 CHUNK = 500
+#: Customers by id range per transaction of the full refresh.
+RANGE = 2000
 SYSTEM = {"channel": "system", "account": "-", "direction": "internal"}
 
 
@@ -69,32 +71,29 @@ async def _touch(session: AsyncSession, ids: Sequence[int], kind: str, now: date
             {**SYSTEM, "customer_id": cid, "kind": kind, "payload": payload, "created_at": now} for cid in ids])
 
 
-async def refresh(service: Runtime, session: AsyncSession, now: datetime,
-                  customer_ids: Sequence[int] | None = None) -> RefreshResult:
-    """Bring behaviour tags, expiries and stages up to date for some customers (None = everyone)."""
+async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope: ColumnElement[bool]) -> RefreshResult:
+    """Bring behaviour tags, expiries and stages up to date for the customers in scope (a condition on
+    ``customers``; the service passes chunks, one transaction each)."""
     config = service.config
     result = RefreshResult()
-    scopes: list[ColumnElement[bool]] = (
-        [true()] if customer_ids is None else [Customer.id.in_(chunk) for chunk in _chunks(list(customer_ids))])
-    for scope in scopes:
-        await _expire_tags(session, scope, now, result)
-        for rule in behaviour_rules(config):
-            await _behaviour_tag(service, session, rule, scope, now, result)
-        for transition in config.lifecycle.transitions:
-            condition = segments.condition(transition.when, now, config.segments)
-            moved = await _ids(session, select(Customer.id).where(
-                scope, Customer.stage.in_(transition.from_), Customer.stage != transition.to, condition))
-            for chunk in _chunks(moved):
-                rows = (await session.execute(select(Customer.id, Customer.stage).where(Customer.id.in_(chunk)))).all()
-                await session.execute(insert(Touchpoint), [
-                    {**SYSTEM, "customer_id": cid, "kind": "stage_changed", "payload": {"from": stage, "to": transition.to},
-                     "created_at": now} for cid, stage in rows])
-                await session.execute(update(Customer).where(Customer.id.in_(chunk)).values(stage=transition.to))
-                result.planned += await plan_triggered(service, session, "stage_changed", chunk, now,
-                                                       stage=transition.to)
-            if moved:
-                key = f"{'|'.join(transition.from_)}->{transition.to}"
-                result.stage_moves[key] = result.stage_moves.get(key, 0) + len(moved)
+    await _expire_tags(session, scope, now, result)
+    for rule in behaviour_rules(config):
+        await _behaviour_tag(service, session, rule, scope, now, result)
+    for transition in config.lifecycle.transitions:
+        condition = segments.condition(transition.when, now, config.segments)
+        moved = await _ids(session, select(Customer.id).where(
+            scope, Customer.stage.in_(transition.from_), Customer.stage != transition.to, condition))
+        for chunk in _chunks(moved):
+            rows = (await session.execute(select(Customer.id, Customer.stage).where(Customer.id.in_(chunk)))).all()
+            await session.execute(insert(Touchpoint), [
+                {**SYSTEM, "customer_id": cid, "kind": "stage_changed", "payload": {"from": stage, "to": transition.to},
+                 "created_at": now} for cid, stage in rows])
+            await session.execute(update(Customer).where(Customer.id.in_(chunk)).values(stage=transition.to))
+            result.planned += await plan_triggered(service, session, "stage_changed", chunk, now,
+                                                   stage=transition.to)
+        if moved:
+            key = f"{'|'.join(transition.from_)}->{transition.to}"
+            result.stage_moves[key] = result.stage_moves.get(key, 0) + len(moved)
     return result
 
 

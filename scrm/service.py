@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -31,7 +31,7 @@ from scrm.personal import open_keyring
 from scrm.scheduler import OUTBOX_JOB, build_scheduler, run_soon
 from scrm.store import migrate
 from scrm.store.engine import make_engine, make_sessionmaker, writing
-from scrm.store.models import Campaign
+from scrm.store.models import Campaign, Customer
 from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import KeywordTagger
 
@@ -100,27 +100,30 @@ class Service:
         self.touched |= customer_ids
 
     async def refresh_touched(self) -> profiles.RefreshResult | None:
-        """One short transaction per chunk of customers, queued with ingest's (scrm.store.engine.writing):
-        a single transaction over thousands held SQLite's writer for half a second, and ingest waited
-        for it in SQLite's busy loop, which sleeps up to 100 ms between tries."""
         ids, self.touched = sorted(self.touched), set()
         if not ids:
             return None
-        result = profiles.RefreshResult()
-        for start in range(0, len(ids), profiles.CHUNK):
-            async with writing(self.sessions) as session:
-                await statements_in_thread(session)  # behaviour conditions count touchpoints: off the loop
-                result.add(await profiles.refresh(self, session, self.clock.now(), ids[start:start + profiles.CHUNK]))
-        if result.planned:
-            self.wake_outbox()
-        return result
+        return await self._refresh([Customer.id.in_(ids[i:i + profiles.CHUNK])
+                                    for i in range(0, len(ids), profiles.CHUNK)])
 
     async def refresh_all(self) -> profiles.RefreshResult:
-        return await self._refresh(None)
+        async with self.sessions() as session:
+            first, last = (await session.execute(select(func.min(Customer.id), func.max(Customer.id)))).one()
+        if first is None:
+            return profiles.RefreshResult()
+        return await self._refresh([Customer.id.between(low, low + profiles.RANGE - 1)
+                                    for low in range(first, last + 1, profiles.RANGE)])
 
-    async def _refresh(self, ids: list[int] | None) -> profiles.RefreshResult:
-        async with self.sessions() as session, session.begin():
-            result = await profiles.refresh(self, session, self.clock.now(), ids)
+    async def _refresh(self, scopes: list[ColumnElement[bool]]) -> profiles.RefreshResult:
+        """One short transaction per scope (a chunk of customers), queued with ingest's writers
+        (scrm.store.engine.writing): one transaction over thousands of customers held SQLite's writer
+        for half a second or more, while ingest waited in SQLite's busy loop (up to 100 ms a try)."""
+        now = self.clock.now()
+        result = profiles.RefreshResult()
+        for scope in scopes:
+            async with writing(self.sessions) as session:
+                await statements_in_thread(session)  # behaviour conditions count touchpoints: off the loop
+                result.add(await profiles.refresh(self, session, now, scope))
         if result.planned:
             self.wake_outbox()
         return result

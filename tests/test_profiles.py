@@ -239,8 +239,9 @@ async def test_campaign_messages_and_replies(make_config):
         await service.stop()
 
 
-async def test_incremental_refresh_covers_every_touched_customer_across_chunks(make_config, monkeypatch):
-    # Each chunk of touched customers is its own short transaction; the result adds them all up.
+async def test_refreshes_cover_every_customer_across_chunks(make_config, monkeypatch):
+    # Each chunk of touched customers, and each id range of the full pass, is its own short transaction;
+    # the result adds them all up.
     monkeypatch.setattr(profiles, "CHUNK", 2)
     clock = ManualClock(NOW)
     config = make_config({
@@ -264,5 +265,11 @@ async def test_incremental_refresh_covers_every_touched_customer_across_chunks(m
         async with service.sessions() as s:
             assert set((await s.scalars(select(Customer.stage))).all()) == {"nurture"}
         assert await service.refresh_touched() is None  # nothing touched since
+        # the full pass goes by id range, a transaction each: 5 customers in ranges of 2
+        monkeypatch.setattr(profiles, "RANGE", 2)
+        commits.clear()
+        clock.advance(timedelta(days=8))  # a quiet week: the behaviour tag goes again
+        result = await service.refresh_all()
+        assert len(commits) == 3 and result.tags_removed == {"chatty": 5}
     finally:
         await service.stop()
