@@ -29,32 +29,40 @@ async def pool_row(session: AsyncSession, name: str, pool: CouponPool) -> Coupon
     return row
 
 
+async def _pool_id(session: AsyncSession, name: str, pool: CouponPool) -> int:
+    """The pool's id, read once per session (the outbox grants a group's coupons in one)."""
+    known: dict[str, int] = session.info.setdefault("scrm_coupon_pools", {})
+    if name not in known:
+        known[name] = (await pool_row(session, name, pool)).id
+    return known[name]
+
+
+async def granted_for(session: AsyncSession, delivery_id: int) -> CouponCode | None:
+    """The code given for this delivery, if any: a delivery claimed again (its instance died before
+    sending it) keeps the code it was given."""
+    return await session.scalar(select(CouponCode).where(CouponCode.delivery_id == delivery_id))
+
+
 async def grant(
     session: AsyncSession, name: str, pool: CouponPool, customer_id: int, now: datetime, delivery_id: int | None = None
 ) -> CouponCode | None:
-    """A fresh code for the customer, or None when they reached the pool's per-customer limit.
-
-    Granting twice for the same delivery returns the first code.
-    """
-    if delivery_id is not None:
-        existing = await session.scalar(select(CouponCode).where(CouponCode.delivery_id == delivery_id))
-        if existing is not None:
-            return existing
-    coupon = await pool_row(session, name, pool)
+    """A fresh code for the customer (given for ``delivery_id``, one code per delivery: see
+    :func:`granted_for`), or None when they reached the pool's per-customer limit."""
+    coupon_id = await _pool_id(session, name, pool)
     held = await session.scalar(
-        select(func.count()).where(CouponCode.coupon_id == coupon.id, CouponCode.customer_id == customer_id)
+        select(func.count()).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id == customer_id)
     )
     if held >= pool.per_customer:
         return None
     expires = now + timedelta(days=pool.valid_days)
-    row = await _claim_imported(session, coupon.id, customer_id, delivery_id, now, expires)
+    row = await _claim_imported(session, coupon_id, customer_id, delivery_id, now, expires)
     if row is not None or not pool.generate:
         return row
     while True:
         code = pool.prefix + "".join(secrets.choice(_ALPHABET) for _ in range(8))
         if await session.scalar(select(CouponCode.id).where(CouponCode.code == code)) is None:
             break
-    row = CouponCode(coupon_id=coupon.id, code=code, customer_id=customer_id, delivery_id=delivery_id,
+    row = CouponCode(coupon_id=coupon_id, code=code, customer_id=customer_id, delivery_id=delivery_id,
                      granted_at=now, expires_at=expires)
     session.add(row)
     await session.flush()

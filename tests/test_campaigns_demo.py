@@ -265,7 +265,7 @@ async def test_opted_out_customers_get_nothing(world):
 
 
 async def test_templates_can_name_recommendations(world):
-    from scrm.campaigns.outbox import customer_context
+    from scrm.campaigns.outbox import customer_context, customer_extras
     from scrm.campaigns.templates import render
     from scrm.store.models import LoyaltyAccount
 
@@ -274,6 +274,7 @@ async def test_templates_can_name_recommendations(world):
         s.add(LoyaltyAccount(customer_id=cid, updated_at=world.clock.now(),
                              recommendations=[{"sku": "B1", "name": "奶瓶"}, {"sku": "W2", "name": "湿巾"}]))
     async with world.s.sessions() as s:
-        context = await customer_context(s, await s.get(Customer, cid), "console")
+        extras = await customer_extras(s, [cid])
+        context = customer_context(await s.get(Customer, cid), "console", extras[cid])
     assert render("{{ customer.name }}:{{ recommend(customer, 1) }}|{{ recommend(customer) }}", {"customer": context}) \
         == "nat:奶瓶|奶瓶、湿巾"

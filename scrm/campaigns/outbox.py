@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
@@ -199,10 +199,11 @@ class Outbox:
         prepared: list[_Prepared] = []
         deferred = 0
         async with writing(self.service.sessions) as session:
-            # Two queries for the group instead of two per delivery.
+            # A few queries for the group instead of a few per delivery.
             group = (await session.scalars(select(Delivery).where(Delivery.id.in_(ids)).order_by(Delivery.id))).all()
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
                 Customer.id.in_({d.customer_id for d in group if d.customer_id is not None})))).all()}
+            extras = await customer_extras(session, [cid for cid in customers if cid is not None])
             for d in group:
                 # On SQLite the statements run on the loop's thread while the write lock is held (they cannot
                 # wait for it): let the loop run between deliveries, or sends paced to the platform's rate
@@ -210,7 +211,8 @@ class Outbox:
                 await asyncio.sleep(0)
                 if d.status != "claimed" or d.claimed_by != self.service.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
-                p = await self._prepare(session, d, customers.get(d.customer_id), now)
+                p = await self._prepare(session, d, customers.get(d.customer_id),
+                                        extras.get(d.customer_id or 0, ([], [])), now)
                 if p is None:
                     deferred += 1
                 else:
@@ -219,10 +221,10 @@ class Outbox:
                         self._in_flight.add(p.delivery_id)
         return prepared, deferred
 
-    async def _prepare(self, session: AsyncSession, d: Delivery, customer: Customer | None,
+    async def _prepare(self, session: AsyncSession, d: Delivery, customer: Customer | None, extras: _Extras,
                        now: datetime) -> _Prepared | None:
         """The message to send, a skip, or None when the delivery was deferred (quiet hours); ``customer`` is
-        the delivery's (None for a group, or when it is gone)."""
+        the delivery's (None for a group, or when it is gone), ``extras`` its tags and recommendations."""
         svc = self.service
         loaded = svc.campaigns.get(d.campaign)
         if loaded is None:
@@ -260,7 +262,7 @@ class Outbox:
                 d.status, d.reason, d.due_at = "planned", "deferred:quiet_hours", resume
                 return None
 
-        context["customer"] = await customer_context(session, customer, d.channel)
+        context["customer"] = customer_context(customer, d.channel, extras)
         coupon = await self._coupon(session, d, definition, step, customer.id, now)
         if isinstance(coupon, str):
             return _Prepared(d.id, None, coupon)
@@ -295,10 +297,11 @@ class Outbox:
         if definition.trigger.event == "coupon_expiring":
             code = d.occurrence  # the reminder is about this customer's code
         elif step.coupon:
-            # A delivery claimed again (its instance died before sending it) keeps the code it was given.
-            fresh = await session.scalar(select(CouponCode.id).where(CouponCode.delivery_id == d.id)) is None
-            granted = await coupons.grant(session, step.coupon, self.service.config.coupons[step.coupon], customer_id,
-                                          now, delivery_id=d.id)
+            granted = await coupons.granted_for(session, d.id)
+            fresh = granted is None
+            if granted is None:
+                granted = await coupons.grant(session, step.coupon, self.service.config.coupons[step.coupon],
+                                              customer_id, now, delivery_id=d.id)
             if granted is None:
                 return "coupon_limit_reached"
             if fresh:
@@ -430,20 +433,34 @@ class Outbox:
             "due_at": now + parse_duration(nxt.wait), "created_at": now})
 
 
-async def customer_context(session: AsyncSession, customer: Customer, channel: str) -> dict[str, Any]:
+#: A customer's tag names and loyalty recommendations, for templates.
+_Extras = tuple[list[str], list[Any]]
+
+
+async def customer_extras(session: AsyncSession, customer_ids: Collection[int]) -> dict[int, _Extras]:
+    """Tags and recommendations of several customers in two queries (a prepare group's)."""
+    found: dict[int, _Extras] = {cid: ([], []) for cid in customer_ids}
+    for cid, name in await session.execute(select(CustomerTag.customer_id, Tag.name).join(Tag).where(
+            CustomerTag.customer_id.in_(found)).order_by(Tag.name)):
+        found[cid][0].append(name)
+    for cid, recommendations in await session.execute(select(
+            LoyaltyAccount.customer_id, LoyaltyAccount.recommendations).where(LoyaltyAccount.customer_id.in_(found))):
+        found[cid] = (found[cid][0], recommendations or [])
+    return found
+
+
+def customer_context(customer: Customer, channel: str, extras: _Extras) -> dict[str, Any]:
     """What templates know about a customer (never phone numbers or birthdays)."""
-    tags = (await session.scalars(
-        select(Tag.name).join(CustomerTag).where(CustomerTag.customer_id == customer.id).order_by(Tag.name))).all()
-    recommendations = await session.scalar(
-        select(LoyaltyAccount.recommendations).where(LoyaltyAccount.customer_id == customer.id))
+    tags, recommendations = extras
     return {"id": customer.id, "name": customer.display_name or "朋友", "stage": customer.stage, "tags": list(tags),
-            "channel": channel, "recommendations": recommendations or []}
+            "channel": channel, "recommendations": list(recommendations)}
 
 
 async def preview(session: AsyncSession, definition: CampaignDefinition, customer: Customer, channel: str,
                   pool_values: dict[str, float]) -> list[str]:
     """Every step as this customer would read it, without granting coupons or sending anything."""
     texts = []
+    extras = (await customer_extras(session, [customer.id]))[customer.id]
     for step in definition.journey:
         source = step.channel_text.get(channel, step.text)
         if step.variants:
@@ -452,7 +469,7 @@ async def preview(session: AsyncSession, definition: CampaignDefinition, custome
         pool = step.coupon or (definition.coupon.pool if definition.coupon else None)
         context: dict[str, Any] = {
             "campaign": {"name": definition.name, "title": definition.title},
-            "customer": await customer_context(session, customer, channel),
+            "customer": customer_context(customer, channel, extras),
             "coupon": {"code": "(code given at send)", "value": f"{pool_values.get(pool or '', 0):g}",
                        "expires": "(date at send)"},
         }
