@@ -17,6 +17,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scrm.messages import InboundEvent
 from scrm.web import SERVICE, create_app
 from tests.test_api import KEYS
 
@@ -75,8 +76,8 @@ def served(make_config, clock):
     service = server.runner.app[SERVICE]
 
     async def seed() -> None:  # one known customer, so generated requests also reach the deeper paths
-        await service.receive(__import__("scrm.channels", fromlist=["InboundEvent"]).InboundEvent(
-            "console", "local", "alice", "text", "你好", platform_msg_id="seed-1", display_name="alice"))
+        await service.receive(InboundEvent("console", "local", "alice", "text", "你好", platform_msg_id="seed-1",
+                                           display_name="alice"))
 
     server.call(seed())
     yield server
