@@ -440,6 +440,8 @@ _Extras = tuple[list[str], list[Any]]
 async def customer_extras(session: AsyncSession, customer_ids: Collection[int]) -> dict[int, _Extras]:
     """Tags and recommendations of several customers in two queries (a prepare group's)."""
     found: dict[int, _Extras] = {cid: ([], []) for cid in customer_ids}
+    if not found:  # a group campaign's deliveries have no customer
+        return found
     for cid, name in await session.execute(select(CustomerTag.customer_id, Tag.name).join(Tag).where(
             CustomerTag.customer_id.in_(found)).order_by(Tag.name)):
         found[cid][0].append(name)
