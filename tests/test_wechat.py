@@ -500,6 +500,15 @@ async def test_chart_image_upload_and_send(aiohttp_client, make_config, clock, f
 MANAGER = {"staff": {"wechat:o_manager": "manager"}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _charts_loaded() -> None:
+    """matplotlib's first import and font scan can take seconds on a loaded machine, longer than WeChat's
+    passive-reply wait; these tests are about what follows the reply, so the cost is paid up front."""
+    from scrm import charts
+
+    assert charts.text_png("新客户").startswith(b"\x89PNG")
+
+
 def images_to(fake: FakeWeChat, openid: str | None = None) -> list[dict[str, Any]]:
     return [m for m in fake.custom_messages if m["msgtype"] == "image" and openid in (None, m["touser"])]
 
