@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.messages import OutboundMessage, SendResult
 from scrm.store.models import Customer, Identity, Touchpoint
 
 
@@ -61,6 +62,15 @@ def touchpoint(
     )
     session.add(row)
     return row
+
+
+def staff_message_touchpoint(session: AsyncSession, message: OutboundMessage, result: SendResult, kind: str,
+                             now: datetime, **payload: Any) -> Touchpoint:
+    """Record a message the service sent to a staff member (digest, alert) and how the send went."""
+    return touchpoint(session, customer_id=None, actor=staff_actor(message.channel, message.external_id),
+                      channel=message.channel, account=message.account, direction="out", kind=kind, now=now,
+                      text=message.text, payload={"status": result.status, "reason": result.reason,
+                                                  "platform_msg_id": result.platform_msg_id, **payload})
 
 
 def staff_actor(channel: str, external_id: str) -> str:

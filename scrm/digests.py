@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import charts, reports
-from scrm.customers import staff_actor, staff_last_inbound, touchpoint
+from scrm.customers import staff_last_inbound, staff_message_touchpoint
 from scrm.messages import OutboundMessage
 from scrm.store.models import ReportDigest
 
@@ -101,12 +101,10 @@ async def send_due(service: Runtime) -> int:
         if channel is None:
             log.warning("digest for %s:%s: channel account %s is not configured", d.channel, d.external_id, d.account)
             continue
-        result = await channel.send(OutboundMessage(d.channel, d.account, d.external_id, d.text, image=d.image,
-                                                    last_inbound_at=d.last_inbound_at))
+        message = OutboundMessage(d.channel, d.account, d.external_id, d.text, image=d.image,
+                                  last_inbound_at=d.last_inbound_at)
+        result = await channel.send(message)
         sent += result.status == "sent"
         async with service.sessions() as session, session.begin():
-            touchpoint(session, customer_id=None, actor=staff_actor(d.channel, d.external_id), channel=d.channel,
-                       account=d.account, direction="out", kind="report_digest", now=now, text=d.text,
-                       payload={"frequency": d.frequency, "status": result.status, "reason": result.reason,
-                                "platform_msg_id": result.platform_msg_id})
+            staff_message_touchpoint(session, message, result, "report_digest", now, frequency=d.frequency)
     return sent

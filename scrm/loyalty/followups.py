@@ -18,7 +18,7 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import segments
-from scrm.customers import staff_actor, staff_last_inbound, touchpoint
+from scrm.customers import staff_last_inbound, staff_message_touchpoint, touchpoint
 from scrm.loyalty.points import base_tier, ensure_account, loyalty
 from scrm.messages import MESSAGE_KINDS, OutboundMessage
 from scrm.store.dialect import insert_ignore
@@ -135,11 +135,9 @@ async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, tex
         log.warning("no configured %s channel to reach staff %s", channel_kind, staff)
         return False
     seen = await staff_last_inbound(session, channel_kind, account, external_id)
-    result = await service.channels[(channel_kind, account)].send(
-        OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen))
-    touchpoint(session, customer_id=None, actor=staff_actor(channel_kind, external_id), channel=channel_kind,
-               account=account, direction="out", kind=kind, now=now, text=text,
-               payload={"status": result.status, **({"reason": result.reason} if result.reason else {})})
+    message = OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen)
+    result = await service.channels[(channel_kind, account)].send(message)
+    staff_message_touchpoint(session, message, result, kind, now)
     return result.status == "sent"
 
 
