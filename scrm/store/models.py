@@ -6,7 +6,7 @@ All timestamps are naive UTC: SQLite keeps no zone, so one convention serves bot
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -28,6 +29,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(), str: String(255)}
+
+    if TYPE_CHECKING:
+        #: Every model here is declared with ``__tablename__``, so it is mapped to a Table (SQLAlchemy
+        #: annotates the attribute with the wider FromClause, which covers other kinds of mapping).
+        __table__: ClassVar[Table]
 
 
 class Customer(Base):

@@ -41,8 +41,9 @@ def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     __slots__ = ("_description", "_lastrowid", "_rowcount")
+    _adapt_connection: OneTripConnection
 
-    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+    def __init__(self, adapt_connection: OneTripConnection) -> None:
         self._adapt_connection = adapt_connection
         self._connection = adapt_connection._connection
         self._rows: collections.deque[Any] = collections.deque()
@@ -58,8 +59,9 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     def rowcount(self) -> int:
         return self._rowcount
 
+    # SQLAlchemy annotates lastrowid as int; sqlite3's is None after executemany.
     @property
-    def lastrowid(self) -> int | None:
+    def lastrowid(self) -> int | None:  # type: ignore[override]
         return self._lastrowid
 
     def close(self) -> None:
@@ -87,12 +89,14 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _in_thread(self, operation: Any, parameters: Any, many: bool) -> _Result:
         async with self._adapt_connection._execute_mutex:
-            return await self._connection._execute(_run, self._connection._conn, operation, parameters, many)  # type: ignore[no-any-return]
+            return await self._connection._execute(_run, self._connection._conn, operation, parameters, many)
 
 
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ("inline",)
-    _cursor_cls = OneTripCursor
+    # The base class types its cursor class as taking any DBAPI connection adapter; this one is only
+    # ever made by this connection, with itself.
+    _cursor_cls = OneTripCursor  # type: ignore[assignment]
 
     def __init__(self, dbapi: Any, connection: Any) -> None:
         super().__init__(dbapi, connection)

@@ -33,4 +33,7 @@ connection = config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
-    asyncio.run(_run_on_url(config.get_main_option("sqlalchemy.url")))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("Alembic was given neither a connection nor sqlalchemy.url")
+    asyncio.run(_run_on_url(url))
