@@ -22,7 +22,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.customers import touchpoint
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import Delivery, Instance, Lease
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Cluster:
         taken = await session.execute(
             update(Lease).where(Lease.name == PLANNER, or_(Lease.holder == self.instance_id, Lease.expires_at <= now))
             .values(holder=self.instance_id, expires_at=now + self.lease))
-        leader = bool(taken.rowcount)
+        leader = bool(rowcount(taken))
         if leader and not self.is_leader:
             self.became_leader_at = now
             log.info("instance %s holds the planner lease", self.instance_id)
@@ -76,9 +76,9 @@ class Cluster:
         requeued = await session.execute(
             update(Delivery).where(Delivery.status == "claimed", stopped)
             .values(status="planned", claimed_by=None, claimed_at=None).execution_options(synchronize_session=False))
-        if requeued.rowcount:
+        if rowcount(requeued):
             log.warning("%d deliveries claimed by a stopped instance were never sent; planned again",
-                        requeued.rowcount)
+                        rowcount(requeued))
         orphans = (await session.scalars(select(Delivery).where(Delivery.status == "sending", stopped))).all()
         for d in orphans:
             d.status, d.reason, d.finished_at = "unknown", "crashed_mid_send", now

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import CouponPool
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import Conversion, Coupon, CouponCode, Delivery, Redemption
 
 _ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: codes are read aloud at the till
@@ -49,9 +49,9 @@ async def grant(
     """A fresh code for the customer (given for ``delivery_id``, one code per delivery: see
     :func:`granted_for`), or None when they reached the pool's per-customer limit."""
     coupon_id = await _pool_id(session, name, pool)
-    held = await session.scalar(
+    held = (await session.execute(
         select(func.count()).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id == customer_id)
-    )
+    )).scalar_one()
     if held >= pool.per_customer:
         return None
     expires = now + timedelta(days=pool.valid_days)
@@ -83,7 +83,7 @@ async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: in
             update(CouponCode).where(CouponCode.id == candidate, CouponCode.customer_id.is_(None))
             .values(customer_id=customer_id, delivery_id=delivery_id, granted_at=now,
                     expires_at=func.coalesce(CouponCode.expires_at, expires)))
-        if taken.rowcount:
+        if rowcount(taken):
             return await session.get(CouponCode, candidate, populate_existing=True)
 
 

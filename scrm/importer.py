@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm import metrics, personal, rollups, tagging
 from scrm.keyring import Keyring
+from scrm.store.dialect import dialect_name
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class Importer:
             raise ImportError_("no phone or identity column: rows could not be matched on a second import")
         return mapping
 
-    def _reject(self, rejects: Any, path: Path, fieldnames: list[str], line: int, raw: dict[str, Any], reason: str,
+    def _reject(self, rejects: Any, path: Path, fieldnames: Sequence[str], line: int, raw: dict[str, Any], reason: str,
                 summary: Summary) -> Any:
         if rejects is None:
             handle = path.open("w", encoding="utf-8", newline="")
@@ -306,11 +307,11 @@ class Importer:
             summary.updated += len(changed)
         return rejected
 
-    async def _existing(self, session: AsyncSession, rows: list[Row]) -> dict[tuple[str, ...], Customer]:
+    async def _existing(self, session: AsyncSession, rows: list[Row]) -> dict[tuple[str | None, ...], Customer]:
         """Customers already matching the batch's identities or phone hashes, in two queries (plus one load)."""
         external_ids = {e for r in rows for _, _, e in r.identities}
         hashes = {r.phone_hash for r in rows if r.phone_hash}
-        key_to_id: dict[tuple[str, ...], int] = {}
+        key_to_id: dict[tuple[str | None, ...], int] = {}
         if external_ids:
             for channel, external_id, cid in (await session.execute(
                     select(Identity.channel, Identity.external_id, Identity.customer_id)
@@ -357,7 +358,7 @@ class Importer:
         return changed
 
     def _links(self, customer: Customer, row: Row, tags: set[str], tag_id_of: dict[str, int],
-               known: set[tuple[str, ...]], identities: list[dict[str, Any]],
+               known: set[tuple[str | None, ...]], identities: list[dict[str, Any]],
                customer_tags: list[dict[str, Any]]) -> bool:
         """Queue the row's identities and tags the customer lacks; True when there are any."""
         changed = False
@@ -382,7 +383,7 @@ def insert_ignore_stmt(session: AsyncSession, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for executemany (both stores)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    dialect = postgresql if dialect_name(session) == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
 
 

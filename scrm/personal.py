@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.keyring import Keyring, KeyringError, KeyringMissing, write_key_file
+from scrm.store.dialect import dialect_name, rowcount
 from scrm.store.models import Customer, PersonalPlaintextPending, PrivacyKey
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ async def phone_duplicates(session: AsyncSession) -> list[list[int]]:
     rows = (await session.execute(
         select(Customer.phone_hash, Customer.id).where(Customer.phone_hash.in_(select(dup.c.phone_hash)))
         .order_by(Customer.phone_hash, Customer.id))).all()
-    groups: dict[str, list[int]] = {}
+    groups: dict[str | None, list[int]] = {}
     for digest, cid in rows:
         groups.setdefault(digest, []).append(cid)
     return list(groups.values())
@@ -273,7 +274,8 @@ async def redact_messages(session: AsyncSession, before: datetime, customer_id: 
     from scrm import rollups
     from scrm.store.models import Touchpoint
 
-    if session.bind.dialect.name == "postgresql":
+    payload: ColumnElement[Any]
+    if dialect_name(session) == "postgresql":
         payload = literal_column("""(CAST(touchpoints.payload AS jsonb) || '{"redacted": true}'::jsonb)::json""")
     else:
         payload = func.json_set(Touchpoint.payload, "$.redacted", func.json("true"))
@@ -281,7 +283,7 @@ async def redact_messages(session: AsyncSession, before: datetime, customer_id: 
     await rollups.before_redaction(session, which)
     query = update(Touchpoint).where(Touchpoint.text.is_not(None), which).values(text=None, payload=payload)
     result = await session.execute(query.execution_options(synchronize_session=False))
-    return result.rowcount or 0
+    return rowcount(result) or 0
 
 
 def retention_job(service: Runtime) -> Callable[[], Awaitable[int]]:
@@ -325,18 +327,18 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
             texts += tp.text is not None
             tp.text = None
             tp.payload = {**{k: v for k, v in tp.payload.items() if k not in PERSONAL_PAYLOAD_KEYS}, "redacted": True}
-    cancelled = (await session.execute(
+    cancelled = rowcount(await session.execute(
         update(Delivery).where(Delivery.customer_id == customer.id, Delivery.status == "planned")
         .values(status="skipped", reason="erased", finished_at=now).execution_options(synchronize_session=False)
-    )).rowcount or 0
+    )) or 0
     await session.execute(update(Delivery).where(Delivery.customer_id == customer.id)
                           .values(text=None, external_id="erased").execution_options(synchronize_session=False))
     # The identity row stays (reports count customers by channel) but no longer names the person; their
     # next message, if any, starts a new customer.
-    identities = (await session.execute(
+    identities = rowcount(await session.execute(
         update(Identity).where(Identity.customer_id == customer.id)
         .values(external_id=literal("erased:") + cast(Identity.id, String))
-        .execution_options(synchronize_session=False))).rowcount or 0
+        .execution_options(synchronize_session=False))) or 0
     await session.flush()
     return {"texts": texts, "identities": identities, "cancelled": cancelled}
 
@@ -364,10 +366,10 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
     if keep.id == dup.id:
         raise ValueError("cannot merge a customer into itself")
     await rollups.before_merge(session, keep, dup)
-    for model in (CustomerTag, TagScore):  # unique per (customer, tag): keep's row wins
-        await session.execute(delete(model).where(
-            model.customer_id == dup.id,
-            model.tag_id.in_(select(model.tag_id).where(model.customer_id == keep.id).scalar_subquery())))
+    for tag_model in (CustomerTag, TagScore):  # unique per (customer, tag): keep's row wins
+        await session.execute(delete(tag_model).where(
+            tag_model.customer_id == dup.id,
+            tag_model.tag_id.in_(select(tag_model.tag_id).where(tag_model.customer_id == keep.id).scalar_subquery())))
     await session.execute(delete(GroupMember).where(
         GroupMember.customer_id == dup.id,
         GroupMember.group_id.in_(select(GroupMember.group_id).where(GroupMember.customer_id == keep.id)

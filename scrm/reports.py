@@ -16,13 +16,14 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, distinct, exists, func, literal, or_, select
+from sqlalchemy import and_, case, distinct, exists, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from scrm import rollups
 from scrm.messages import MESSAGE_KINDS
+from scrm.store.dialect import dialect_name
 from scrm.store.models import (
     Conversion,
     CouponCode,
@@ -166,7 +167,7 @@ def _shift(session: AsyncSession, column: Any, delta: timedelta) -> ColumnElemen
     SQLite keeps ``YYYY-MM-DD HH:MM:SS.ffffff`` text: shift the whole seconds with strftime and
     keep the stored fraction, so comparisons stay string-exact.
     """
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         return column + literal(delta)
     seconds = int(delta.total_seconds())
     assert delta == timedelta(seconds=seconds), "whole seconds only"
@@ -516,7 +517,9 @@ async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7
     for v, ch, n_deliveries, n_conversions, revenue in converted:
         cell = cells.setdefault((v or "-", ch), FunnelRow())
         cell.converted, cell.conversions, cell.revenue = int(n_deliveries), int(n_conversions), float(revenue or 0)
-    total, by_variant, by_channel = FunnelRow(), {}, {}
+    total = FunnelRow()
+    by_variant: dict[str, FunnelRow] = {}
+    by_channel: dict[str, FunnelRow] = {}
     for (v, ch), cell in sorted(cells.items()):
         total.add(cell)
         by_variant.setdefault(v, FunnelRow()).add(cell)
@@ -583,9 +586,9 @@ async def daily_trend(session: AsyncSession, period: Period, timezone: str) -> d
     days = await rollups.built_days(session, period.since, period.until, timezone)
     uncovered = rollups.gaps(period.since, period.until, days)
     series: dict[str, dict[str, int]] = {}
-    for key, column, where, rolled_up in (("new_customers", Customer.first_seen_at, True, True),
+    for key, column, where, rolled_up in (("new_customers", Customer.first_seen_at, true(), True),
                                           ("messages_in", Touchpoint.created_at, rollups.INBOUND, True),
-                                          ("conversions", Conversion.created_at, True, False)):
+                                          ("conversions", Conversion.created_at, true(), False)):
         spans = uncovered if rolled_up else [(period.since, period.until)]
         found: Counter[int] = Counter()
         if spans:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.store.dialect import rowcount
 from scrm.store.models import Conversion, Customer
 
 
@@ -37,4 +38,4 @@ async def recompute(session: AsyncSession) -> int:
     await session.execute(update(Customer).where(Customer.rfm_r.is_not(None)).values(rfm_r=None, rfm_f=None, rfm_m=None))
     result = await session.execute(
         update(Customer).where(Customer.id == scored.c.cid).values(rfm_r=scored.c.r, rfm_f=scored.c.f, rfm_m=scored.c.m))
-    return result.rowcount or 0
+    return rowcount(result) or 0

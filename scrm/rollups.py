@@ -40,6 +40,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from scrm.commands import OPT_OUT_REPLY
 from scrm.messages import MESSAGE_KINDS
+from scrm.store.dialect import rowcount
 from scrm.store.models import (
     Customer,
     Identity,
@@ -233,7 +234,7 @@ async def build_days(sessions: async_sessionmaker[AsyncSession], days: list[date
         # before (the counter moved: drop the days) or waits and then deletes the days stored here.
         unchanged = await session.execute(update(ReportRollupState).where(ReportRollupState.generation == generation)
                                           .values(generation=ReportRollupState.generation))
-        if not unchanged.rowcount:
+        if not rowcount(unchanged):
             return 0
         await session.execute(delete(ReportDay).where(ReportDay.day.in_(days)))
         session.add_all(ReportDay(

@@ -22,6 +22,7 @@ from weakref import WeakKeyDictionary
 
 import rjieba
 from sqlalchemy import (
+    Connection,
     Engine,
     bindparam,
     delete,
@@ -33,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
-from scrm.store.dialect import dialect_of, upsert
+from scrm.store.dialect import dialect_of, rowcount, upsert
 from scrm.store.models import CustomerTag, Tag, TagScore
 
 _segmenter_lock = threading.Lock()
@@ -136,7 +137,7 @@ class KeywordTagger:
 
 
 #: Committed tag ids by store: tags are never deleted or renamed, so an id once read stays true.
-_known_tags: WeakKeyDictionary[Engine, dict[str, int]] = WeakKeyDictionary()
+_known_tags: WeakKeyDictionary[Engine | Connection, dict[str, int]] = WeakKeyDictionary()
 
 
 async def tag_ids(session: AsyncSession, names: set[str]) -> dict[str, int]:
@@ -195,7 +196,7 @@ async def remove_tag(session: AsyncSession, customer_id: int, name: str) -> bool
     result = await session.execute(
         delete(CustomerTag).where(CustomerTag.customer_id == customer_id, CustomerTag.tag_id == tid)
     )
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], now: datetime) -> list[tuple[int, TagHit]]:

@@ -28,7 +28,7 @@ from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
 from scrm.customers import touchpoint
 from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.engine import writing
 from scrm.store.models import (
     Campaign,
@@ -379,7 +379,7 @@ class Outbox:
                 update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
                                        Delivery.claimed_by == self.service.instance_id)
                 .values(status="sending").execution_options(synchronize_session=False))
-        return bool(marked.rowcount)
+        return bool(rowcount(marked))
 
     async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
         now = self.service.clock.now()
