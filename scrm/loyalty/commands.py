@@ -12,7 +12,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -81,7 +81,12 @@ async def _note_intent(ctx: CustomerContext, text: str) -> None:
                                   .values(intent_at=ctx.now))
 
 
-def _where(ctx: CustomerContext) -> dict[str, str]:
+class _Where(TypedDict):
+    channel: str
+    account: str
+
+
+def _where(ctx: CustomerContext) -> _Where:
     return {"channel": ctx.event.channel, "account": ctx.event.account}
 
 

@@ -21,7 +21,7 @@ from scrm import segments
 from scrm.customers import staff_last_inbound, staff_message_touchpoint, touchpoint
 from scrm.loyalty.points import base_tier, ensure_account, loyalty
 from scrm.messages import MESSAGE_KINDS, OutboundMessage
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import (
     Conversion,
     Customer,
@@ -95,7 +95,7 @@ async def complete(session: AsyncSession, task_id: int, by: str, now: datetime) 
     """Close an open task (a touchpoint records it); None when unknown or already done."""
     done = await session.execute(update(FollowupTask).where(FollowupTask.id == task_id, FollowupTask.done_at.is_(None))
                                  .values(done_at=now, done_by=by))
-    if not done.rowcount:
+    if not rowcount(done):
         return None
     task = await session.get(FollowupTask, task_id, populate_existing=True)
     assert task is not None
@@ -154,7 +154,7 @@ async def alert_new_tasks(service: Runtime, session: AsyncSession, now: datetime
         claimed = await session.execute(update(FollowupTask).where(FollowupTask.id == task_id,
                                                                    FollowupTask.notified_at.is_(None))
                                         .values(notified_at=now))
-        if not claimed.rowcount:
+        if not rowcount(claimed):
             continue
         task = await session.get(FollowupTask, task_id)
         customer = await session.get(Customer, task.customer_id) if task else None
@@ -176,6 +176,7 @@ async def rule_tasks(service: Runtime, session: AsyncSession, now: datetime) -> 
     rows = (await session.execute(select(LoyaltyAccount.customer_id, LoyaltyAccount.intent_at, bought)
                                   .where(LoyaltyAccount.intent_at <= cutoff))).all()
     for customer_id, intent_at, converted in rows:
+        assert intent_at is not None  # the query's intent_at <= cutoff excludes NULL
         await session.execute(update(LoyaltyAccount).where(LoyaltyAccount.customer_id == customer_id)
                               .values(intent_at=None))
         if not converted:
@@ -226,6 +227,7 @@ async def send_digests(service: Runtime, session: AsyncSession, now: datetime) -
     at = time.fromisoformat(config.digest_at)
     sent = 0
     for owner in owners:
+        assert owner is not None  # the query excludes NULL owners
         zone = staff_zone(service, owner)
         local = now.replace(tzinfo=UTC).astimezone(ZoneInfo(zone))
         if local.time() < at:
@@ -235,7 +237,7 @@ async def send_digests(service: Runtime, session: AsyncSession, now: datetime) -
         claimed = await session.execute(update(FollowupDigest).where(FollowupDigest.staff == owner,
                                                                      FollowupDigest.last_date < today)
                                         .values(last_date=today))
-        if not claimed.rowcount:
+        if not rowcount(claimed):
             continue
         tasks = await open_tasks(session, owner)
         overdue = sum(1 for t, _ in tasks if t.due_at < now)

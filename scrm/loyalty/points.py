@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import ColumnElement, and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
 from scrm.config import LoyaltyConfig
 from scrm.customers import touchpoint
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import LoyaltyAccount, PointsLedger
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ async def take(session: AsyncSession, customer_id: int, points: int, now: dateti
     taken = await session.execute(
         update(LoyaltyAccount).where(LoyaltyAccount.customer_id == customer_id, LoyaltyAccount.balance >= points)
         .values(balance=LoyaltyAccount.balance - points, updated_at=now))
-    return await balance(session, customer_id) if taken.rowcount else None
+    return await balance(session, customer_id) if rowcount(taken) else None
 
 
 def record_debit(session: AsyncSession, customer_id: int, points: int, reason: str, ref: str, left: int,
@@ -156,12 +156,12 @@ async def redeem_reward(service: Runtime, session: AsyncSession, customer_id: in
     return RewardOutcome("redeemed", name, granted.code, left, reward.points)
 
 
-def _earned_until(cutoff: datetime) -> object:
+def _earned_until(cutoff: datetime) -> ColumnElement[int]:
     return func.coalesce(func.sum(case((and_(PointsLedger.delta > 0, PointsLedger.expires_at <= cutoff),
                                         PointsLedger.delta), else_=0)), 0)
 
 
-def _debited() -> object:
+def _debited() -> ColumnElement[int]:
     return func.coalesce(func.sum(case((PointsLedger.delta < 0, -PointsLedger.delta), else_=0)), 0)
 
 

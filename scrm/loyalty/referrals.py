@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.customers import touchpoint
 from scrm.loyalty.points import base_tier, credit, ensure_account, loyalty
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import Conversion, Customer, LoyaltyAccount, Referral, Touchpoint
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ async def on_conversion(service: Runtime, session: AsyncSession, referee_id: int
         return None
     marked = await session.execute(update(Referral).where(Referral.id == referral.id, Referral.converted_at.is_(None))
                                    .values(converted_at=now))
-    if not marked.rowcount:
+    if not rowcount(marked):
         return None
     points = config.referral.points
     if points:

@@ -23,7 +23,7 @@ from scrm.customers import touchpoint
 from scrm.loyalty.followups import create_task
 from scrm.loyalty.points import credit, loyalty
 from scrm.messages import OutboundMessage
-from scrm.store.dialect import insert_ignore
+from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import Conversion, Customer, Identity, Survey, Touchpoint
 from scrm.tagging import add_tag
 
@@ -93,7 +93,7 @@ async def send_due(service: Runtime, session: AsyncSession, now: datetime) -> in
         status = "skipped" if customer.opted_out else "asked"
         claimed = await session.execute(update(Survey).where(Survey.id == survey_id, Survey.status == "planned")
                                         .values(status=status, asked_at=now, expires_at=now + window))
-        if not claimed.rowcount or status == "skipped":
+        if not rowcount(claimed) or status == "skipped":
             continue
         channel = service.channel(survey.channel, survey.account)
         if channel is None:
@@ -132,7 +132,7 @@ async def answer(service: Runtime, session: AsyncSession, customer: Customer, te
     reason = match.group(2).strip()[:500] or None
     recorded = await session.execute(update(Survey).where(Survey.id == survey.id, Survey.status == "asked")
                                      .values(status="answered", score=score, reason=reason, answered_at=now))
-    if not recorded.rowcount:
+    if not rowcount(recorded):
         return "您已经评价过了,感谢!"
     touchpoint(session, customer_id=customer.id, channel=channel, account=account, direction="internal",
                kind="survey_answered", now=now, campaign=survey.campaign,
@@ -206,17 +206,17 @@ async def survey_summary(session: AsyncSession, since: datetime, until: datetime
         select(Survey.kind, Survey.channel, Survey.campaign, day, Survey.score, func.count())
         .where(Survey.status == "answered", Survey.answered_at >= since, Survey.answered_at < until)
         .group_by(Survey.kind, Survey.channel, Survey.campaign, day, Survey.score))).all()
-    groups: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for kind, channel, campaign, when, score, n in rows:
         week = _week(datetime.fromisoformat(str(when)[:10]))
         for key in (("total", ""), ("week", week), ("channel", channel), ("campaign", campaign or "(none)")):
-            groups[kind][f"{key[0]}:{key[1]}"] += [score] * n  # type: ignore[index]
+            groups[kind][f"{key[0]}:{key[1]}"] += [score] * n
     result: dict[str, Any] = {}
     for kind, buckets in groups.items():
         section: dict[str, Any] = {"total": _score(kind, buckets.get("total:", [])),
                                    "by_week": {}, "by_channel": {}, "by_campaign": {}}
-        for key, scores in sorted(buckets.items()):
-            dim, _, value = key.partition(":")
+        for label, scores in sorted(buckets.items()):
+            dim, _, value = label.partition(":")
             if dim != "total":
                 section[f"by_{dim}"][value] = _score(kind, scores)
         result[kind] = section

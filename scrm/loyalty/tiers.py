@@ -116,7 +116,7 @@ async def _apply(service: Runtime, session: AsyncSession, changes: list[TierChan
                    kind="tier_changed", now=now, payload={"from": change.old, "to": change.new,
                                                           "direction": "up" if change.up else "down"})
     planned = 0
-    for tier, ids in raised.items():
-        planned += await plan_triggered(service, session, "tag_added", ids, now, tag=TAG_PREFIX + tier)
+    for tier_name, ids in raised.items():
+        planned += await plan_triggered(service, session, "tag_added", ids, now, tag=TAG_PREFIX + tier_name)
     if planned:
         service.wake_outbox()
