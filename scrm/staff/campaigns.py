@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from scrm.campaigns.control import set_paused
 from scrm.campaigns.outbox import preview
+from scrm.config import Role
 from scrm.customers import find_by_ref
 from scrm.staff import StaffContext, command
 
-OPERATORS = {"operator", "admin"}
+OPERATORS: set[Role] = {"operator", "admin"}
 
 
 async def _switch(ctx: StaffContext, args: str, paused: bool) -> str:

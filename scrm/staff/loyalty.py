@@ -6,12 +6,13 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from scrm.config import Role
 from scrm.customers import find_by_ref
 from scrm.loyalty import followups, referrals, surveys
 from scrm.staff import StaffContext, command
 from scrm.store.models import FollowupTask
 
-ALL_STAFF = {"operator", "manager", "admin"}
+ALL_STAFF: set[Role] = {"operator", "manager", "admin"}
 
 
 def _me(ctx: StaffContext) -> str:

@@ -10,12 +10,13 @@ import re
 
 from scrm import charts, digests, reports
 from scrm.audit import audit
+from scrm.config import Role
 from scrm.customers import find_by_ref
 from scrm.loyalty.report import care_figures, format_care
 from scrm.profile import customer_view
 from scrm.staff import StaffContext, StaffReply, command
 
-ALL = {"manager", "admin", "operator"}
+ALL: set[Role] = {"manager", "admin", "operator"}
 REPORT_USAGE = "/report [7d|30d|YYYY-MM-DD..YYYY-MM-DD]"
 DIGEST_USAGE = "/digest daily|weekly HH:MM  |  /digest off"
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
