@@ -90,7 +90,7 @@ async def export_customers(sessions: async_sessionmaker[AsyncSession], config: C
                 ids, tag_names = customer.identity_list, customer.tag_list
                 record: dict[str, Any] = {"id": customer.id, "name": customer.display_name}
                 if keyring is not None:
-                    values = personal.reveal(customer, keyring)  # type: ignore[arg-type]  (a row has its columns)
+                    values = personal.reveal(customer, keyring)
                     record["phone"] = values["phone"]
                     record["birthday"] = values["birthday"].isoformat() if values["birthday"] else None
                 else:

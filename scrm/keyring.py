@@ -157,7 +157,7 @@ class Keyring:
             nonce = secrets.token_bytes(_NONCE)
             new.append({"key_id": key_id, "check_value": nonce + aead.encrypt(nonce, _CHECK_PLAINTEXT, b"check"),
                         "created_at": now})
-        await insert_ignore(session, PrivacyKey.__table__, new)  # type: ignore[arg-type]
+        await insert_ignore(session, PrivacyKey.__table__, new)
         for row in (await session.execute(select(PrivacyKey.key_id, PrivacyKey.check_value))).all():
             if row.key_id == LOOKUP_ID:
                 if not hmac.compare_digest(row.check_value, new[0]["check_value"]):

@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -119,7 +119,20 @@ async def phone_duplicates(session: AsyncSession) -> list[list[int]]:
     return list(groups.values())
 
 
-def reveal(customer: Customer, keyring: Keyring) -> dict[str, Any]:
+class Sealed(Protocol):
+    """What :func:`reveal` reads: a Customer, or a row of the customers table's columns."""
+
+    @property
+    def phone_enc(self) -> bytes | None: ...
+    @property
+    def phone_key(self) -> str | None: ...
+    @property
+    def birthday_enc(self) -> bytes | None: ...
+    @property
+    def birthday_key(self) -> str | None: ...
+
+
+def reveal(customer: Sealed, keyring: Keyring) -> dict[str, Any]:
     """Decrypted personal values (``phone``, ``birthday`` as a date), for export and authorized views.
     Callers that show them to staff write an audit entry (see scrm.audit)."""
     phone = birthday = None

@@ -187,13 +187,14 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
     if new:
         # New customers differ only in name and source, so equal rows are interchangeable and
         # RETURNING's unspecified order needs no sentinel column (which would mean a row per insert).
-        rows = [{"display_name": e.display_name, "acquisition_source": e.source or f"{e.channel}:{e.account}",
-                 "first_seen_at": now, "last_seen_at": now, "attributes": {}} for _, e in new]
+        new_rows: list[dict[str, Any]] = [
+            {"display_name": e.display_name, "acquisition_source": e.source or f"{e.channel}:{e.account}",
+             "first_seen_at": now, "last_seen_at": now, "attributes": {}} for _, e in new]
         returned: dict[tuple[str | None, str], list[int]] = defaultdict(list)
-        for cid, name, source in await session.execute(_INSERT_CUSTOMERS, rows):
+        for cid, name, source in await session.execute(_INSERT_CUSTOMERS, new_rows):
             returned[(name, source)].append(cid)
         created = {key: returned[(row["display_name"], row["acquisition_source"])].pop()
-                   for (key, _), row in zip(new, rows)}
+                   for (key, _), row in zip(new, new_rows)}
         await session.execute(_INSERT_IDENTITIES, [
             {"customer_id": cid, "channel": key[0], "account": key[1], "external_id": key[2], "created_at": now}
             for key, cid in created.items()])

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy.orm import QueryableAttribute
 
 from scrm.messages import MESSAGE_KINDS
 from scrm.store.models import (
@@ -253,7 +254,9 @@ class Compiler:
                              .where(Touchpoint.customer_id == Customer.id, Touchpoint.kind == "campaign_message")
                              .scalar_subquery())
             return and_(last_campaign.is_not(None), Customer.last_inbound_at > last_campaign)
-        aggregates = {
+        #: name: (aggregate, owning customer's id column, time column, extra filter)
+        aggregates: dict[str, tuple[ColumnElement[Any], QueryableAttribute[int | None],
+                                    QueryableAttribute[datetime | None], ColumnElement[bool]]] = {
             "conversions": (func.count(Conversion.id), Conversion.customer_id, Conversion.created_at, true()),
             "revenue": (func.coalesce(func.sum(Conversion.amount), 0), Conversion.customer_id, Conversion.created_at,
                         true()),

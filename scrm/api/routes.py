@@ -190,11 +190,12 @@ async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
             select(Delivery.campaign, func.count(CouponCode.id), func.count(CouponCode.redeemed_at))
             .join(CouponCode, CouponCode.delivery_id == Delivery.id).group_by(Delivery.campaign))):
         out.setdefault(campaign, {}).update(coupons_granted=granted, coupons_redeemed=redeemed)
-    for campaign, n, people, revenue in (await session.execute(
+    for credited, n, people, revenue in (await session.execute(
             select(Conversion.campaign, func.count(), func.count(distinct(Conversion.customer_id)),
                    func.coalesce(func.sum(Conversion.amount), 0))
             .where(Conversion.campaign.is_not(None)).group_by(Conversion.campaign))):
-        out.setdefault(campaign, {}).update(conversions=n, converted_customers=people, revenue=float(revenue))
+        assert credited is not None  # the query excludes conversions without a campaign
+        out.setdefault(credited, {}).update(conversions=n, converted_customers=people, revenue=float(revenue))
     return {name: m.Funnel(**values) for name, values in out.items()}
 
 

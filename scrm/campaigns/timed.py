@@ -145,7 +145,7 @@ async def _plan_audience(service: Runtime, session: AsyncSession, loaded: Loaded
 def _audience(service: Runtime, loaded: LoadedCampaign, now: datetime,
               extra: ColumnElement[bool] | None = None) -> ColumnElement[bool]:
     segment = loaded.definition.audience.segment
-    parts = [Customer.opted_out.is_(False)]
+    parts: list[ColumnElement[bool]] = [Customer.opted_out.is_(False)]
     if segment:
         parts.append(segments.condition(service.config.segments[segment], now, service.config.segments))
     if extra is not None:

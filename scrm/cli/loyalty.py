@@ -76,11 +76,11 @@ def referrals() -> None:
 def referrals_report(ctx: click.Context, days: int | None, as_json: bool) -> None:
     """Invites, captures, conversions, points paid and the top referrers."""
     from scrm.clock import SystemClock
-    from scrm.loyalty.referrals import report
+    from scrm.loyalty.referrals import ReferralReport, report
 
     config = load(ctx)
 
-    async def go():  # type: ignore[no-untyped-def]
+    async def go() -> ReferralReport:
         async with open_store(config) as sessions, sessions() as session:
             since = SystemClock().now() - timedelta(days=days) if days else None
             return await report(session, since)
