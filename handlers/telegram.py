@@ -16,6 +16,7 @@ group. Platform errors become :class:`SendResult` values: 429 -> retry after ``r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -207,7 +208,7 @@ class PacedRateLimiter(AIORateLimiter):
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
 
 
-def make_bot(settings: TelegramSettings) -> ExtBot[None]:
+def make_bot(settings: TelegramSettings) -> ExtBot[int]:
     """A bot client for one account; no I/O until ``initialize``."""
     return ExtBot(
         settings.token.get_secret_value(),
@@ -299,7 +300,7 @@ def _reply_chat(update: Update) -> int | None:
     return update.message.chat.id if update.message is not None else None
 
 
-def parse_update(body: bytes, bot: ExtBot[None]) -> Update:
+def parse_update(body: bytes, bot: ExtBot[int]) -> Update:
     """The Update in a webhook body; raises ``HTTPBadRequest`` for anything else."""
     try:
         data = json.loads(body)
@@ -527,8 +528,11 @@ class TelegramChannel(Channel):
                 return
 
     async def _answer_tap(self, query_id: str) -> None:
-        """Stop the spinner on the tapped button (Telegram shows it until the bot answers)."""
-        await _call(lambda: self.bot.answer_callback_query(query_id))
+        """Stop the spinner on the tapped button (Telegram shows it until the bot answers); best effort.
+
+        Not through :func:`_call`: the answer is True, not a Message with an id to record."""
+        with contextlib.suppress(TelegramError):
+            await self.bot.answer_callback_query(query_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

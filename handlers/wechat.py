@@ -158,7 +158,7 @@ class _Api(WeChatClient):
         self.expires_at = int(time.time()) + expires_in
         return result
 
-    @property  # type: ignore[override]
+    @property
     def access_token(self) -> str:
         """The cached token, fetched once (not once per thread) when missing or about to expire."""
         with self._token_lock:
@@ -219,7 +219,7 @@ def _parse(body: bytes | str) -> wx_messages.BaseMessage:
             raise ValueError("no CreateTime")
         if message.type in ("text", "image", "voice", "video", "shortvideo", "location", "link"):
             message.id  # noqa: B018 - MsgId, when present, must be a number too
-        return message  # type: ignore[no-any-return]
+        return message
     except Exception as exc:  # expat, a missing <xml> root or field, a non-numeric id: all malformed input
         raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
 
