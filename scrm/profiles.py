@@ -12,12 +12,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    and_,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import segments
 from scrm.campaigns.planner import plan_triggered
-from scrm.config import BehaviourRule, Config
+from scrm.config import BehaviourRule, Config, Transition
 from scrm.store.models import Customer, CustomerTag, Tag, Touchpoint
 from scrm.tagging import tag_id
 
@@ -71,6 +81,49 @@ async def _touch(session: AsyncSession, ids: Sequence[int], kind: str, now: date
             {**SYSTEM, "customer_id": cid, "kind": kind, "payload": payload, "created_at": now} for cid in ids])
 
 
+async def pending(service: Runtime, session: AsyncSession, now: datetime, scope: ColumnElement[bool]) -> bool:
+    """Whether :func:`refresh` would change anything in scope, in one read-only statement: most
+    chunks of just-touched customers change nothing, and need not queue for SQLite's one writer."""
+    config = service.config
+    changes: list[Select[Any]] = [_expired(scope, now)]
+    for rule in behaviour_rules(config):
+        tid = select(Tag.id).where(Tag.name == rule.tag).scalar_subquery()  # NULL until the tag exists
+        changes.append(_gaining(config, rule, tid, scope, now))
+        if not rule.sticky:
+            changes.append(_losing(config, rule, tid, scope, now))
+    changes += [_moving(config, transition, scope, now) for transition in config.lifecycle.transitions]
+    return bool(await session.scalar(select(or_(*(change.exists() for change in changes)))))
+
+
+# What changes for the customers in scope: refresh() reads these, pending() asks whether any has a row.
+def _expired(scope: ColumnElement[bool], now: datetime) -> Select[Any]:
+    return (select(CustomerTag.id, CustomerTag.customer_id, Tag.name).join(Tag)
+            .join(Customer, Customer.id == CustomerTag.customer_id)
+            .where(scope, CustomerTag.expires_at.is_not(None), CustomerTag.expires_at <= now))
+
+
+def _gaining(config: Config, rule: BehaviourRule, tid: int | ScalarSelect[int], scope: ColumnElement[bool],
+             now: datetime) -> Select[Any]:
+    condition = segments.condition(rule.when, now, config.segments)
+    has_tag = (select(CustomerTag.id).where(CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == tid)
+               .exists())
+    return select(Customer.id).where(scope, condition, ~has_tag)
+
+
+def _losing(config: Config, rule: BehaviourRule, tid: int | ScalarSelect[int], scope: ColumnElement[bool],
+            now: datetime) -> Select[Any]:
+    condition = segments.condition(rule.when, now, config.segments)
+    return (select(Customer.id).join(CustomerTag, and_(
+        CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == tid, CustomerTag.source == "behaviour"))
+        .where(scope, or_(~condition, condition.is_(None))))
+
+
+def _moving(config: Config, transition: Transition, scope: ColumnElement[bool], now: datetime) -> Select[Any]:
+    condition = segments.condition(transition.when, now, config.segments)
+    return select(Customer.id).where(scope, Customer.stage.in_(transition.from_), Customer.stage != transition.to,
+                                     condition)
+
+
 async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope: ColumnElement[bool]) -> RefreshResult:
     """Bring behaviour tags, expiries and stages up to date for the customers in scope (a condition on
     ``customers``; the service passes chunks, one transaction each)."""
@@ -80,9 +133,7 @@ async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope:
     for rule in behaviour_rules(config):
         await _behaviour_tag(service, session, rule, scope, now, result)
     for transition in config.lifecycle.transitions:
-        condition = segments.condition(transition.when, now, config.segments)
-        moved = await _ids(session, select(Customer.id).where(
-            scope, Customer.stage.in_(transition.from_), Customer.stage != transition.to, condition))
+        moved = await _ids(session, _moving(config, transition, scope, now))
         for chunk in _chunks(moved):
             rows = (await session.execute(select(Customer.id, Customer.stage).where(Customer.id.in_(chunk)))).all()
             await session.execute(insert(Touchpoint), [
@@ -98,10 +149,7 @@ async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope:
 
 
 async def _expire_tags(session: AsyncSession, scope: ColumnElement[bool], now: datetime, result: RefreshResult) -> None:
-    expired = (await session.execute(
-        select(CustomerTag.id, CustomerTag.customer_id, Tag.name).join(Tag)
-        .join(Customer, Customer.id == CustomerTag.customer_id)
-        .where(scope, CustomerTag.expires_at.is_not(None), CustomerTag.expires_at <= now))).all()
+    expired = (await session.execute(_expired(scope, now))).all()
     if expired:
         await session.execute(insert(Touchpoint), [
             {**SYSTEM, "customer_id": cid, "kind": "tag_expired", "payload": {"tag": name}, "created_at": now}
@@ -114,10 +162,7 @@ async def _expire_tags(session: AsyncSession, scope: ColumnElement[bool], now: d
 async def _behaviour_tag(service: Runtime, session: AsyncSession, rule: BehaviourRule, scope: ColumnElement[bool],
                          now: datetime, result: RefreshResult) -> None:
     tid = await tag_id(session, rule.tag)
-    condition = segments.condition(rule.when, now, service.config.segments)
-    has_tag = (select(CustomerTag.id).where(CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == tid)
-               .exists())
-    added = await _ids(session, select(Customer.id).where(scope, condition, ~has_tag))
+    added = await _ids(session, _gaining(service.config, rule, tid, scope, now))
     for chunk in _chunks(added):
         await session.execute(insert(CustomerTag), [
             {"customer_id": cid, "tag_id": tid, "source": "behaviour", "source_detail": rule.when, "score": 1.0,
@@ -128,9 +173,7 @@ async def _behaviour_tag(service: Runtime, session: AsyncSession, rule: Behaviou
         result.tags_added[rule.tag] = result.tags_added.get(rule.tag, 0) + len(added)
     if rule.sticky:
         return
-    gone = await _ids(session, select(Customer.id).join(CustomerTag, and_(
-        CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == tid, CustomerTag.source == "behaviour"))
-        .where(scope, or_(~condition, condition.is_(None))))
+    gone = await _ids(session, _losing(service.config, rule, tid, scope, now))
     for chunk in _chunks(gone):
         await session.execute(delete(CustomerTag).where(CustomerTag.tag_id == tid, CustomerTag.customer_id.in_(chunk)))
         await _touch(session, chunk, "tag_removed", now, {"tag": rule.tag, "rule": rule.when})

@@ -117,10 +117,14 @@ class Service:
     async def _refresh(self, scopes: list[ColumnElement[bool]]) -> profiles.RefreshResult:
         """One short transaction per scope (a chunk of customers), queued with ingest's writers
         (scrm.store.engine.writing): one transaction over thousands of customers held SQLite's writer
-        for half a second or more, while ingest waited in SQLite's busy loop (up to 100 ms a try)."""
+        for half a second or more, while ingest waited in SQLite's busy loop (up to 100 ms a try).
+        A chunk in which nothing changes is found by a read, beside the writer, and skipped."""
         now = self.clock.now()
         result = profiles.RefreshResult()
         for scope in scopes:
+            async with self.sessions() as session:
+                if not await profiles.pending(self, session, now, scope):
+                    continue
             async with writing(self.sessions) as session:
                 await statements_in_thread(session)  # behaviour conditions count touchpoints: off the loop
                 result.add(await profiles.refresh(self, session, now, scope))

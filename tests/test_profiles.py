@@ -271,5 +271,15 @@ async def test_refreshes_cover_every_customer_across_chunks(make_config, monkeyp
         clock.advance(timedelta(days=8))  # a quiet week: the behaviour tag goes again
         result = await service.refresh_all()
         assert len(commits) == 3 and result.tags_removed == {"chatty": 5}
+        # A chunk in which nobody changes takes no write transaction: p0 and p1 say one thing each (still
+        # not chatty, already nurture), p4 two things (chatty again), so only p4's chunk is written.
+        for person, says in (("p0", 1), ("p1", 1), ("p4", 2)):
+            for i in range(says):
+                await service.receive(InboundEvent("console", "local", person, "text", text="hi",
+                                                   platform_msg_id=f"{person}-later-{i}"))
+        commits.clear()
+        result = await service.refresh_touched()
+        assert result is not None and result.tags_added == {"chatty": 1}
+        assert len(commits) == 1
     finally:
         await service.stop()
