@@ -198,8 +198,10 @@ class Compiler:
         raise ExpressionError(f"unknown name or value {ast.unparse(node)!r}")
 
     def _list(self, node: ast.expr) -> list[Any]:
-        if isinstance(node, (ast.List, ast.Tuple)) and all(isinstance(e, ast.Constant) for e in node.elts):
-            return [e.value for e in node.elts]  # type: ignore[attr-defined]
+        if isinstance(node, (ast.List, ast.Tuple)):
+            constants = [e for e in node.elts if isinstance(e, ast.Constant)]
+            if len(constants) == len(node.elts):
+                return [e.value for e in constants]
         raise ExpressionError(f"'in' needs a list of constants, got {ast.unparse(node)!r}")
 
     def _args(self, node: ast.Call, kinds: tuple[type, ...], at_most: int) -> list[Any]:

@@ -6,7 +6,7 @@ import sys
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -25,6 +25,9 @@ from scrm.cli.base import (
 )
 from scrm.cli.customers import customers
 from scrm.cli.privacy import customers_export as _subject_export
+
+if TYPE_CHECKING:
+    from scrm.exporter import Format
 
 
 def _progress(total: int | None, unit: str) -> Any:
@@ -100,7 +103,7 @@ def _output(stack: ExitStack, path: Path | None) -> TextIO:
               help="Decrypt phone numbers and birthdays (audited; otherwise last 4 digits and MM-DD only).")
 @click.option("--by", help="Who asks (recorded in the audit log; default: your OS user).")
 @click.pass_context
-def customers_export(ctx: click.Context, ref: str | None, fmt: str, segment: str | None, out_path: Path | None,
+def customers_export(ctx: click.Context, ref: str | None, fmt: Format, segment: str | None, out_path: Path | None,
                      with_personal: bool, by: str | None) -> None:
     """Export all customers (or a segment's) with identities, tags and attributes, streamed in bounded
     memory; or, given one CUSTOMER, everything stored about that person as JSON (a data-subject request)."""
@@ -128,7 +131,7 @@ def customers_export(ctx: click.Context, ref: str | None, fmt: str, segment: str
                                 f"all customers{f' of segment {segment}' if segment else ''} with personal data",
                                 via="cli", at=now)
             with ExitStack() as stack:
-                return await export_customers(sessions, config, _output(stack, out_path), fmt,  # type: ignore[arg-type]
+                return await export_customers(sessions, config, _output(stack, out_path), fmt,
                                               segment, now, keyring)
 
     n = run_async(go())
@@ -149,7 +152,7 @@ def touchpoints() -> None:
 @click.option("--out", "output", type=click.Path(dir_okay=False, path_type=Path), help="File (default: stdout).")
 @click.option("--no-text", is_flag=True, help="Leave message text out.")
 @click.pass_context
-def touchpoints_export(ctx: click.Context, since: datetime, until: datetime | None, fmt: str,
+def touchpoints_export(ctx: click.Context, since: datetime, until: datetime | None, fmt: Format,
                        output: Path | None, no_text: bool) -> None:
     """Export touchpoints since a date, oldest first, streamed."""
     from scrm.exporter import export_touchpoints
@@ -159,7 +162,7 @@ def touchpoints_export(ctx: click.Context, since: datetime, until: datetime | No
     async def go() -> int:
         async with open_store(config) as sessions:
             with ExitStack() as stack:
-                return await export_touchpoints(sessions, _output(stack, output), since, until, fmt,  # type: ignore[arg-type]
+                return await export_touchpoints(sessions, _output(stack, output), since, until, fmt,
                                                 text=not no_text)
 
     n = run_async(go())

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Coroutine
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.progress import (
@@ -38,7 +38,7 @@ from scrm.keyring import Keyring, KeyringError
 T = TypeVar("T")
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     err.print(message, markup=False, highlight=False)
     sys.exit(code)
 
@@ -73,7 +73,7 @@ def keys_init(ctx: click.Context) -> None:
     config = load(ctx)
     if not config.privacy.key_file:
         _fail("privacy.key_file is not set (keys come from SCRM_PRIVACY__KEY)", EXIT_USAGE)
-    path = config.resolve(config.privacy.key_file)  # type: ignore[arg-type]
+    path = config.resolve(config.privacy.key_file)
     try:
         write_key_file(path)
     except FileExistsError:
