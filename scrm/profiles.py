@@ -85,7 +85,7 @@ async def pending(service: Runtime, session: AsyncSession, now: datetime, scope:
     """Whether :func:`refresh` would change anything in scope, in one read-only statement: most
     chunks of just-touched customers change nothing, and need not queue for SQLite's one writer."""
     config = service.config
-    changes: list[Select[Any]] = [_expired(scope, now)]
+    changes: list[Select[*tuple[Any, ...]]] = [_expired(scope, now)]
     for rule in behaviour_rules(config):
         tid = select(Tag.id).where(Tag.name == rule.tag).scalar_subquery()  # NULL until the tag exists
         changes.append(_gaining(config, rule, tid, scope, now))
@@ -96,7 +96,7 @@ async def pending(service: Runtime, session: AsyncSession, now: datetime, scope:
 
 
 # What changes for the customers in scope: refresh() reads these, pending() asks whether any has a row.
-def _expired(scope: ColumnElement[bool], now: datetime) -> Select[Any]:
+def _expired(scope: ColumnElement[bool], now: datetime) -> Select[*tuple[Any, ...]]:
     return (select(CustomerTag.id, CustomerTag.customer_id, Tag.name).join(Tag)
             .join(Customer, Customer.id == CustomerTag.customer_id)
             .where(scope, CustomerTag.expires_at.is_not(None), CustomerTag.expires_at <= now))
