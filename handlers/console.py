@@ -58,7 +58,7 @@ class ConsoleChannel(Channel):
     async def send(self, message: OutboundMessage) -> SendResult:
         text = message.text
         if message.image is not None:
-            text += f"\n[chart: {save_image(message.image)}]"
+            text += f"\n[chart: {save_image(await message.image.png())}]"
         async with self._arrived:
             self._mailboxes[message.external_id].append(text)
             self._arrived.notify_all()
@@ -90,7 +90,7 @@ class ConsoleChannel(Channel):
                              display_name=user)
         reaction = await self.service.receive(event)
         return web.json_response({"replies": list(reaction.replies), "duplicate": reaction.duplicate,
-                                  "images": [save_image(image) for image in reaction.images]})
+                                  "images": [save_image(await chart.png()) for chart in reaction.images]})
 
     async def _get_updates(self, request: web.Request) -> web.Response:
         self._check_remote(request)

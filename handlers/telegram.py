@@ -67,7 +67,7 @@ from telegram.warnings import PTBDeprecationWarning
 from scrm.campaigns.ratelimit import Pace
 from scrm.channels import Channel, register
 from scrm.ingest import StoreUnavailable
-from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
+from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 if TYPE_CHECKING:
     from scrm.config import Config
@@ -513,10 +513,10 @@ class TelegramChannel(Channel):
         if (replies or images) and chat_id is not None:
             self._spawn(self._send_replies(chat_id, replies, images))
 
-    async def _send_replies(self, chat_id: int, replies: list[str], images: list[bytes]) -> None:
+    async def _send_replies(self, chat_id: int, replies: list[str], images: list[Chart]) -> None:
         """The core's replies, then its images (report charts), in order; one retry after a flood wait."""
         sends: list[Callable[[], Awaitable[SendResult]]] = [partial(self._send_text, chat_id, text) for text in replies]
-        sends += [partial(self.send_photo, chat_id, image) for image in images]
+        sends += [partial(self._send_chart, chat_id, chart) for chart in images]
         for send in sends:
             result = await send()
             if result.status == "retry":
@@ -591,17 +591,21 @@ class TelegramChannel(Channel):
             await self._record_blocked(message.external_id)
         return result
 
-    async def _send_image(self, chat_id: int, image: bytes, text: str) -> SendResult:
+    async def _send_image(self, chat_id: int, image: Chart, text: str) -> SendResult:
         """The picture with the text as its caption, or (text over 1024 characters) followed by it."""
+        png = await image.png()
         if len(text) <= MAX_CAPTION:
-            return await self.send_photo(chat_id, image, text)
-        photo = await self.send_photo(chat_id, image)
+            return await self.send_photo(chat_id, png, text)
+        photo = await self.send_photo(chat_id, png)
         if photo.status != "sent":
             return photo
         rest = await self._send_text(chat_id, text)
         if rest.status != "sent":  # the photo is out: sending it all again would duplicate it
             return SendResult("failed", f"photo sent, text not: {rest.reason}", photo.platform_msg_id)
         return rest
+
+    async def _send_chart(self, chat_id: int, chart: Chart) -> SendResult:
+        return await self.send_photo(chat_id, await chart.png())
 
     async def send_photo(self, chat_id: int | str, png_bytes: bytes, caption: str = "") -> SendResult:
         """A picture (report charts) with an optional caption, uploaded as multipart."""

@@ -47,7 +47,7 @@ from wechatpy.exceptions import (
 from wechatpy.replies import TextReply
 
 from scrm.channels import Channel, register
-from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
+from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ class WeChatChannel(Channel):
         self._late.add(task)
         task.add_done_callback(self._late.discard)
 
-    async def _follow_up(self, openid: str, text: str, images: tuple[bytes, ...]) -> None:
+    async def _follow_up(self, openid: str, text: str, images: tuple[Chart, ...]) -> None:
         """Customer-service messages after a callback: the text a late commit missed, then each chart.
 
         Nobody awaits this, so every failure is logged here; it stops at the first one (charts without
@@ -426,15 +426,16 @@ class WeChatChannel(Channel):
                     log.warning("wechat %s: late reply to %s not sent: %s %s", self.account, openid,
                                 result.status, result.reason)
                     return
-            for png in images:
-                if (await self._send_chart(openid, png)).status != "sent":
+            for chart in images:
+                if (await self._send_chart(openid, chart)).status != "sent":
                     return
         except Exception:  # a bug or a stopped channel: logged, never an unretrieved task exception
             log.exception("wechat %s: follow-up messages to %s failed", self.account, openid)
 
-    async def _send_chart(self, openid: str, png: bytes) -> SendResult:
-        """Upload one PNG and send it as an image message; WeChat's refusals are logged and returned, so
-        callers only decide whether to go on."""
+    async def _send_chart(self, openid: str, chart: Chart) -> SendResult:
+        """Draw and upload one chart and send it as an image message; WeChat's refusals are logged and
+        returned, so callers only decide whether to go on."""
+        png = await chart.png()
         try:
             media_id = await self.upload_image(png)
         except WeChatApiError as exc:
@@ -469,11 +470,11 @@ class WeChatChannel(Channel):
         return await self._request(lambda api: api.message.send_template(openid, t.template_id, data, url=t.url),
                                    message.delivery_id)
 
-    async def _attach(self, openid: str, png: bytes) -> None:
+    async def _attach(self, openid: str, chart: Chart) -> None:
         """The message's image after its text. The text's result stands whatever happens here: a retry
         would send the text twice (custom/send has no idempotency key)."""
         try:
-            await self._send_chart(openid, png)
+            await self._send_chart(openid, chart)
         except Exception:  # e.g. the channel stopping mid-send: logged, the sent text stays sent
             log.exception("wechat %s: image for %s failed", self.account, openid)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from scrm.messages import Chart
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -173,8 +175,6 @@ def cohort_png(c: Cohorts, lang: Lang = "both", font: Path | None = None) -> byt
         return _png(fig)
 
 
-async def render(fn: Any, *args: Any, **kwargs: Any) -> bytes:
-    """Render in a worker thread: a chart takes tens of milliseconds the event loop should not wait."""
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args, **kwargs)
+def chart(draw: Callable[..., bytes], *args: Any) -> Chart:
+    """``draw(*args)`` as a :class:`~scrm.messages.Chart`: drawn when the channel sends it."""
+    return Chart(functools.partial(draw, *args))

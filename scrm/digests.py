@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import charts, reports
 from scrm.customers import staff_last_inbound, staff_message_touchpoint
-from scrm.messages import OutboundMessage
+from scrm.messages import Chart, OutboundMessage
 from scrm.store.models import ReportDigest
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class _Due:
     external_id: str
     frequency: str
     text: str
-    image: bytes
+    image: Chart
     last_inbound_at: datetime | None
 
 
@@ -92,7 +92,7 @@ async def send_due(service: Runtime) -> int:
             period = reports.last_days(now, PERIOD_DAYS.get(row.frequency, 7))
             text = reports.format_summary(await reports.summary(session, period, attribution_days=attribution), lang)
             trend = await reports.daily_trend(session, period, timezone)
-            image = await charts.render(charts.trend_png, trend, lang)
+            image = charts.chart(charts.trend_png, trend, lang)  # drawn when sent, after this transaction
             seen = await staff_last_inbound(session, row.channel, row.account, row.external_id)
             due.append(_Due(row.channel, row.account, row.external_id, row.frequency, text, image, seen))
     sent = 0

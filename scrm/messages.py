@@ -7,6 +7,8 @@ once the event is committed, and sends an :class:`OutboundMessage`, whose outcom
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -70,14 +72,30 @@ _EVENT_FIELDS = fields(InboundEvent)
 
 
 @dataclass(frozen=True)
+class Chart:
+    """A picture (a report chart) drawn when a channel sends it, not when the core decides on it.
+
+    Drawing takes 0.1 s warm and over half a second cold (matplotlib's import and fonts); a staff
+    command's answer is decided inside the ingest transaction, which holds SQLite's writer and its
+    batch mates' acknowledgements, so the drawing waits until the channel sends, after the commit.
+    """
+
+    draw: Callable[[], bytes]
+
+    async def png(self) -> bytes:
+        """The PNG, drawn in a worker thread: never on the event loop."""
+        return await asyncio.to_thread(self.draw)
+
+
+@dataclass(frozen=True)
 class Reaction:
     """What the core decided about an inbound event, returned once it is committed."""
 
     duplicate: bool = False
     replies: tuple[str, ...] = ()
     customer_id: int | None = None
-    #: PNG images (report charts) to send after the replies, where the channel can show images.
-    images: tuple[bytes, ...] = ()
+    #: Report charts to send after the replies, where the channel can show images.
+    images: tuple[Chart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,8 +129,8 @@ class OutboundMessage:
     last_inbound_at: datetime | None = None
     #: The campaign's notice template, rendered, for channels that need one outside the window.
     template: NoticeTemplate | None = None
-    #: A PNG to send with ``text`` as its caption (report charts); channels without images send the text.
-    image: bytes | None = None
+    #: A chart to send with ``text`` as its caption; channels without images send the text.
+    image: Chart | None = None
     #: ``external_id`` names a chat group (group campaigns), not a person.
     to_group: bool = False
     #: Link buttons under the text, as (label, url) (Telegram inline keyboard).

@@ -412,7 +412,8 @@ async def test_chat_report_and_funnel_show_the_same_figures(world):
     new_line = next(line for line in text.splitlines() if line.startswith("新客户"))
     assert new_line.split()[-1] == f"{expected['new_customers'] - before['new_customers']:+d}".replace("+0", "0")
     assert "最后一次活动触达" in text.splitlines()[-2] and "last campaign message" in text.splitlines()[-1]
-    assert len(reaction.images) == 1 and reaction.images[0].startswith(b"\x89PNG")
+    # the chart is drawn when the channel sends it, after the commit: the reaction carries it undrawn
+    assert len(reaction.images) == 1 and (await reaction.images[0].png()).startswith(b"\x89PNG")
 
     reaction = await service.receive(staff_event("bob", "/funnel spring"))
     f = funnel_truth(w, "spring")["total"]

@@ -24,7 +24,7 @@ from scrm import commands
 from scrm.campaigns.outbox import PREPARE_GROUP
 from scrm.campaigns.ratelimit import Pace
 from scrm.config import Config, ConfigError
-from scrm.messages import OutboundMessage
+from scrm.messages import Chart, OutboundMessage
 from scrm.store.models import (
     CouponCode,
     Customer,
@@ -481,9 +481,9 @@ async def test_send_photo_uploads_multipart(client, fake):
     assert (await channel.send_photo(1003, b"not an image", "x")).status == "failed"
 
     # Outbound messages with an image (report charts): the text is the caption, or follows the photo.
-    assert (await channel.send(OutboundMessage("telegram", "main", "1004", "图表 chart", image=image))).status == "sent"
+    assert (await channel.send(OutboundMessage("telegram", "main", "1004", "图表 chart", image=Chart(lambda: image)))).status == "sent"
     long_text = "报表 " * 400
-    assert (await channel.send(OutboundMessage("telegram", "main", "1005", long_text, image=image))).status == "sent"
+    assert (await channel.send(OutboundMessage("telegram", "main", "1005", long_text, image=Chart(lambda: image)))).status == "sent"
     assert [(s.method, s.chat_id, s.caption, s.text) for s in fake.sent[1:]] == [
         ("sendPhoto", 1004, "图表 chart", None), ("sendPhoto", 1005, None, None), ("sendMessage", 1005, None, long_text)]
     assert fake.throttled == []

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from handlers.wechat import MAX_REPLY_BYTES, WeChatApiError, cut_utf8
 from scrm.config import ConfigError
-from scrm.messages import OutboundMessage
+from scrm.messages import Chart, OutboundMessage
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually
@@ -629,7 +629,7 @@ async def test_send_with_image_sends_text_then_image(aiohttp_client, make_config
     _, service = await start(aiohttp_client, make_config, clock, fake)
     channel = service.channel("wechat", "brand")
     png = _png()
-    digest = OutboundMessage("wechat", "brand", "o_sam", "周报:新客户 3", image=png, last_inbound_at=clock.now())
+    digest = OutboundMessage("wechat", "brand", "o_sam", "周报:新客户 3", image=Chart(lambda: png), last_inbound_at=clock.now())
     result = await channel.send(digest)
     assert result.status == "sent"
     [upload] = uploads(fake)
@@ -644,18 +644,18 @@ async def test_send_image_failure_keeps_the_text_sent(aiohttp_client, make_confi
     caplog.set_level(logging.WARNING, logger="handlers.wechat")
     _, service = await start(aiohttp_client, make_config, clock, fake)
     channel = service.channel("wechat", "brand")
-    digest = OutboundMessage("wechat", "brand", "o_tia", "周报", image=_png(), last_inbound_at=clock.now())
+    digest = OutboundMessage("wechat", "brand", "o_tia", "周报", image=Chart(_png), last_inbound_at=clock.now())
     fake.fail_next("media/upload", -1)  # system busy: a retry would send the text twice
     result = await channel.send(digest)
     assert result.status == "sent"
     assert [m["msgtype"] for m in fake.custom_messages] == ["text"] and fake.count("message/custom/send") == 1
     assert any("not uploaded: wechat:-1" in r.getMessage() for r in caplog.records)
     # an image the fake refuses as a file (not a PNG) is logged the same way
-    result = await channel.send(OutboundMessage("wechat", "brand", "o_tia", "周报", image=b"not a png",
+    result = await channel.send(OutboundMessage("wechat", "brand", "o_tia", "周报", image=Chart(lambda: b"not a png"),
                                                 last_inbound_at=clock.now()))
     assert result.status == "sent" and any("wechat:40005" in r.getMessage() for r in caplog.records)
     # outside the window nothing is tried, as before
-    stale = OutboundMessage("wechat", "brand", "o_tia", "周报", image=_png(),
+    stale = OutboundMessage("wechat", "brand", "o_tia", "周报", image=Chart(_png),
                             last_inbound_at=clock.now() - timedelta(hours=49))
     assert (await channel.send(stale)).status == "skipped"
     assert len(uploads(fake)) == 2 and fake.count("message/custom/send") == 2

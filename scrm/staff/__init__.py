@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import Role
-from scrm.messages import InboundEvent
+from scrm.messages import Chart, InboundEvent
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -39,10 +39,10 @@ class StaffContext:
 
 @dataclass(frozen=True)
 class StaffReply:
-    """A command's answer: text, plus PNG charts for channels that can show images."""
+    """A command's answer: text, plus charts for channels that can show images."""
 
     text: str
-    images: tuple[bytes, ...] = ()
+    images: tuple[Chart, ...] = ()
 
 
 Handler = Callable[[StaffContext, str], Awaitable[str | StaffReply]]

@@ -46,7 +46,7 @@ async def report(ctx: StaffContext, args: str) -> StaffReply:
     trend = await reports.daily_trend(ctx.session, period, config.service.timezone)
     text = "\n".join(filter(None, [reports.format_summary(summary, lang),
                                    format_care(await care_figures(ctx.session, period))]))
-    return StaffReply(text, (await charts.render(charts.trend_png, trend, lang),))
+    return StaffReply(text, (charts.chart(charts.trend_png, trend, lang),))
 
 
 @command("funnel", ALL, "/funnel <campaign>")
@@ -58,7 +58,7 @@ async def funnel(ctx: StaffContext, args: str) -> StaffReply:
     result = await reports.funnel(ctx.session, name, ctx.service.config.reports.attribution_days)
     if result is None:
         return StaffReply(f"{reports.label('funnel', lang)}: {name}: {reports.label('no_data', lang)}")
-    return StaffReply(reports.format_funnel(result, lang), (await charts.render(charts.funnel_png, result, lang),))
+    return StaffReply(reports.format_funnel(result, lang), (charts.chart(charts.funnel_png, result, lang),))
 
 
 @command("cohort", ALL, "/cohort [weeks]")
@@ -66,7 +66,7 @@ async def cohort(ctx: StaffContext, args: str) -> StaffReply:
     weeks = int(args) if args.strip().isdecimal() and 2 <= int(args) <= 12 else 6
     lang = _lang(ctx)
     result = await reports.cohorts(ctx.session, ctx.now, ctx.service.config.service.timezone, weeks)
-    return StaffReply(reports.format_cohorts(result, lang), (await charts.render(charts.cohort_png, result, lang),))
+    return StaffReply(reports.format_cohorts(result, lang), (charts.chart(charts.cohort_png, result, lang),))
 
 
 @command("top", ALL, "/top tags")
