@@ -18,10 +18,12 @@ from scrm.store.engine import writing
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
+    from scrm.staff import StaffReply
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[InboundEvent, asyncio.Future[Reaction]]
+#: The event, its future, and a staff report's answer read before the transaction (scrm.staff).
+_Item = tuple[InboundEvent, asyncio.Future[Reaction], "StaffReply | None"]
 
 
 class StoreUnavailable(Exception):
@@ -51,13 +53,14 @@ class Ingestor:
             pass
         self._task = None
 
-    def submit(self, event: InboundEvent) -> asyncio.Future[Reaction]:
+    def submit(self, event: InboundEvent, answer: StaffReply | None = None) -> asyncio.Future[Reaction]:
         """A future resolved once the event and its effects are committed (a future, not a
-        coroutine: a caller may stop waiting for it without cancelling the commit)."""
+        coroutine: a caller may stop waiting for it without cancelling the commit). ``answer``: a
+        staff report's, already read; the transaction records it instead of running the command."""
         if self._task is None:
             raise StoreUnavailable("ingest is not running")
         future: asyncio.Future[Reaction] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((event, future))
+        self._queue.put_nowait((event, future, answer))
         return future
 
     async def _run(self) -> None:
@@ -79,7 +82,7 @@ class Ingestor:
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            outcome = await self._process([event for event, _ in batch])
+            outcome = await self._process(batch)
         except Exception:
             if len(batch) == 1:
                 metrics.store_error("ingest")
@@ -90,16 +93,17 @@ class Ingestor:
             for item in batch:
                 await self._commit([item])
             return
-        for (event, future), reaction in zip(batch, outcome.reactions):
+        for (event, future, _), reaction in zip(batch, outcome.reactions):
             _resolve(future, metrics.received(event, reaction))
         if outcome.planned:
             self.service.wake_outbox()
         self.service.touch(outcome.customers)
 
-    async def _process(self, events: list[InboundEvent]) -> pipeline.BatchOutcome:
+    async def _process(self, batch: list[_Item]) -> pipeline.BatchOutcome:
         svc = self.service
         async with writing(svc.sessions) as session:
-            return await pipeline.handle_batch(svc, session, events, svc.clock.now())
+            return await pipeline.handle_batch(svc, session, [(event, answer) for event, _, answer in batch],
+                                               svc.clock.now())
 
 
 def _resolve(future: asyncio.Future[Reaction], reaction: Reaction | None = None, exc: Exception | None = None) -> None:

@@ -35,6 +35,7 @@ from scrm.tagging import TagHit, apply_hits, tokenize
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
+    from scrm.staff import StaffReply
 
 _Key = tuple[str, str, str]  # channel, account, external id
 
@@ -130,19 +131,21 @@ class _Batch:
                                               triggers, now)
 
 
-async def handle_batch(service: Runtime, session: AsyncSession, events: list[InboundEvent],
+async def handle_batch(service: Runtime, session: AsyncSession, items: list[tuple[InboundEvent, StaffReply | None]],
                        now: datetime) -> BatchOutcome:
+    """``items``: each event with the answer already read for a staff report (or None)."""
     batch = _Batch(service, session, now)
+    events = [event for event, _ in items]
     fresh = await _fresh(session, events)
-    roles = [service.config.staff.get(f"{e.channel}:{e.external_id}") for e in events]
+    roles = [staff.role_of(service, e) for e in events]
     customers = await _customers(session, [e for e, new, r in zip(events, fresh, roles) if new and r is None], now)
     reactions: list[Reaction] = []
-    for event, new, role in zip(events, fresh, roles):
+    for (event, answer), new, role in zip(items, fresh, roles):
         if not new:
             reactions.append(Reaction(duplicate=True))
         elif role is not None:
             await batch.flush()
-            reactions.append(await _handle_staff(batch, event, role))
+            reactions.append(await _handle_staff(batch, event, role, answer))
         else:
             customer_id, created = customers[(event.channel, event.account, event.external_id)]
             reaction = await _handle_customer(batch, event, customer_id, created)
@@ -202,13 +205,14 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
     return found
 
 
-async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role) -> Reaction:
+async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role, answer: staff.StaffReply | None) -> Reaction:
     actor = staff_actor(event.channel, event.external_id)
     batch.touchpoint(event, None, "in", event.kind, text=event.text or None, payload=scrub_payload(event.payload),
                      platform_msg_id=event.platform_msg_id, actor=actor)
-    await batch.flush()
-    await statements_in_thread(batch.session)  # a report may read for seconds: not on the event loop
-    answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
+    if answer is None:  # a command that writes (the reports were answered before this transaction)
+        await batch.flush()
+        await statements_in_thread(batch.session)  # its reads may still take a while: not on the event loop
+        answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
     batch.touchpoint(event, None, "out", "reply", text=answer.text, actor=actor)
     return Reaction(replies=(answer.text,), images=answer.images)
 

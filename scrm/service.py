@@ -16,14 +16,14 @@ from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from scrm import profiles, rfm
+from scrm import profiles, rfm, staff
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
 from scrm.channels import Channel, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
-from scrm.config import Config
+from scrm.config import Config, Role
 from scrm.ingest import Ingestor
 from scrm.keyring import Keyring, KeyringError, KeyringMissing
 from scrm.messages import InboundEvent, Reaction, cleaned
@@ -89,7 +89,16 @@ class Service:
 
     def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
         """Channels call this and await the future, which resolves once the event is committed."""
-        return self.ingestor.submit(cleaned(event))
+        event = cleaned(event)
+        role = staff.role_of(self, event)
+        if role is not None and staff.reads_only(event.text, role):
+            # shielded: like the ingest future, a caller that stops waiting does not stop the commit
+            return asyncio.shield(self._report(event, role))
+        return self.ingestor.submit(event)
+
+    async def _report(self, event: InboundEvent, role: Role) -> Reaction:
+        """A staff report: read beside the writer first, then committed with its answer."""
+        return await self.ingestor.submit(event, await staff.answer_beside_writer(self, event, role))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)

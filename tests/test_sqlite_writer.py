@@ -1,6 +1,6 @@
 """SQLite: the ingest writer takes the write lock up front and runs its statements on the event loop
-(scrm.store.sqlite_driver.hold_write_lock). Waiting for another writer must not stall the loop, and
-a staff command's statements go back to the driver's thread."""
+(scrm.store.sqlite_driver.hold_write_lock). Waiting for another writer must not stall the loop, a
+staff command's statements go back to the driver's thread, and a staff report reads before it waits."""
 
 from __future__ import annotations
 
@@ -78,3 +78,37 @@ async def test_ingest_statements_run_on_the_loop_and_a_staff_report_in_the_drive
     report = [thread for thread, sql in ran if sql.startswith("SELECT") and "touchpoints" in sql
               and "platform_msg_id IN" not in sql]
     assert report and threading.main_thread().name not in report
+
+
+async def test_a_staff_report_reads_while_another_writer_holds_the_lock(aiohttp_client, tmp_path, clock):
+    """A report reads for as long as the store is big: it reads beside the writer, and only its
+    answer waits for the write lock, so webhooks queued behind it never wait for its reading."""
+    data = deep_merge(example_config(), {"store": {"url": f"sqlite+aiosqlite:///{tmp_path / 'scrm.db'}"},
+                                         "campaigns": {"path": str(ROOT / "campaigns")},
+                                         "staff": {"console:boss": "manager"}})
+    app = create_app(parse_config(data, tmp_path, environ={}), clock)
+    service = app[SERVICE]
+    ran: list[str] = []
+
+    @event.listens_for(service.engine.sync_engine, "connect")
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection._connection._conn.set_trace_callback(ran.append)
+
+    client = await aiohttp_client(app)
+    assert (await client.post("/console/local/messages", json={"user": "ann", "text": "奶粉", "id": "a1"})).status == 200
+    other = sqlite3.connect(tmp_path / "scrm.db", isolation_level=None, check_same_thread=False, timeout=30)
+    await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
+    try:
+        ran.clear()
+        pending = asyncio.ensure_future(
+            client.post("/console/local/messages", json={"user": "boss", "text": "/report 7d", "id": "r1"}))
+        await asyncio.sleep(0.5)
+        assert not pending.done()  # its answer waits for the lock to be recorded...
+        assert any(sql.startswith("SELECT") and "FROM customers" in sql for sql in ran)  # ...its reading did not
+        assert not any(sql.startswith("INSERT") for sql in ran)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    answer = await (await asyncio.wait_for(pending, 10)).json()
+    assert answer["replies"][0].startswith("报告") and len(answer["images"]) == 1
+    assert await stored_messages(service) == 2

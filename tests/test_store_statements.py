@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
 
 from scrm.store.dialect import insert_ignore
-from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.engine import make_engine, make_sessionmaker, reading, writing
 
 METADATA = MetaData()
 ITEMS = Table("statement_items", METADATA, Column("id", Integer, primary_key=True), Column("code", Integer),
@@ -57,5 +59,25 @@ async def test_sqlite_statements_read_write_and_report_like_the_stock_driver(tmp
                 raise AssertionError("duplicate code accepted")
             await conn.rollback()
             assert await conn.scalar(select(func.count()).select_from(ITEMS)) == 14
+    finally:
+        await engine.dispose()
+
+
+async def test_a_reading_transaction_cannot_write_and_leaves_its_connection_writable(store: dict[str, Any]):
+    engine = make_engine(store["url"], store.get("schema_name"), pool_size=1, max_overflow=0)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(METADATA.create_all)
+            await conn.execute(insert(ITEMS).values(code=1, label="x"))
+        async with reading(sessions) as s:
+            assert await s.scalar(select(ITEMS.c.label).where(ITEMS.c.code == 1)) == "x"
+        with pytest.raises(DBAPIError, match="(?i)read-?only"):
+            async with reading(sessions) as s:
+                await s.execute(insert(ITEMS).values(code=2, label="y"))
+        async with writing(sessions) as s:  # the same pooled connection: writable again
+            await s.execute(insert(ITEMS).values(code=3, label="z"))
+        async with sessions() as s:
+            assert sorted(await s.scalars(select(ITEMS.c.code))) == [1, 3]
     finally:
         await engine.dispose()

@@ -3,6 +3,11 @@
 Each command lives in a module of this package and registers itself with :func:`command`; the
 pipeline only calls :func:`dispatch`. A command from someone without the role gets a polite refusal
 and reveals nothing.
+
+Commands registered with ``reads_only`` (the reports) may read for seconds over a large store, so
+they are answered before their event's ingest transaction, beside the writer
+(:func:`answer_beside_writer`), and the transaction only records the answer: inside it they would
+hold SQLite's writer, and every webhook behind it, for as long as they read.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import Role
+from scrm.customers import staff_actor
 from scrm.messages import Chart, InboundEvent
+from scrm.store.engine import reading
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -54,14 +61,15 @@ class StaffCommand:
     roles: frozenset[Role]
     usage: str
     handler: Handler
+    reads_only: bool
 
 
 _COMMANDS: dict[str, StaffCommand] = {}
 
 
-def command(name: str, roles: set[Role], usage: str) -> Callable[[Handler], Handler]:
+def command(name: str, roles: set[Role], usage: str, *, reads_only: bool = False) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
-        _COMMANDS[name] = StaffCommand(name, frozenset(roles), usage, handler)
+        _COMMANDS[name] = StaffCommand(name, frozenset(roles), usage, handler, reads_only)
         return handler
 
     return register
@@ -78,6 +86,25 @@ def parse(text: str) -> tuple[str, str] | None:
 def help_text(role: Role) -> str:
     usable = [c.usage for c in _COMMANDS.values() if role in c.roles]
     return "员工命令 Staff commands:\n" + "\n".join(usable)
+
+
+def role_of(service: Runtime, event: InboundEvent) -> Role | None:
+    """The sender's staff role, or None for a customer."""
+    return service.config.staff.get(f"{event.channel}:{event.external_id}")
+
+
+def reads_only(text: str, role: Role) -> bool:
+    """True for a command this role may run that only reads (the reports)."""
+    parsed = parse(text)
+    return parsed is not None and role in (spec := _COMMANDS[parsed[0]]).roles and spec.reads_only
+
+
+async def answer_beside_writer(service: Runtime, event: InboundEvent, role: Role) -> StaffReply:
+    """A :func:`reads_only` command's answer, read in a transaction that cannot write and holds no
+    write lock (:func:`scrm.store.engine.reading`)."""
+    async with reading(service.sessions) as session:
+        actor = staff_actor(event.channel, event.external_id)
+        return await dispatch(StaffContext(service, session, event, actor, role, service.clock.now()))
 
 
 async def dispatch(ctx: StaffContext) -> StaffReply:

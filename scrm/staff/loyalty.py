@@ -26,7 +26,7 @@ def _configured(ctx: StaffContext) -> bool:
 _OFF = "积分/跟进功能未启用 Loyalty and follow-ups are not configured ([loyalty])."
 
 
-@command("tasks", ALL_STAFF, "/tasks [all]   我的跟进任务 my follow-up tasks (due, overdue)")
+@command("tasks", ALL_STAFF, "/tasks [all]   我的跟进任务 my follow-up tasks (due, overdue)", reads_only=True)
 async def tasks(ctx: StaffContext, args: str) -> str:
     if not _configured(ctx):
         return _OFF
@@ -110,7 +110,7 @@ async def survey(ctx: StaffContext, args: str) -> str:
     return f"#{customer.id} 满意度调查已安排 survey planned" if planned else "已安排过 Already planned."
 
 
-@command("referrals", {"manager", "admin"}, "/referrals [days]   推荐有礼报表 referral report")
+@command("referrals", {"manager", "admin"}, "/referrals [days]   推荐有礼报表 referral report", reads_only=True)
 async def referral_report(ctx: StaffContext, args: str) -> str:
     if not _configured(ctx):
         return _OFF

@@ -35,7 +35,7 @@ def _lang(ctx: StaffContext) -> reports.Lang:
     return reports.lang_of(staff_locale(ctx))
 
 
-@command("report", ALL, REPORT_USAGE)
+@command("report", ALL, REPORT_USAGE, reads_only=True)
 async def report(ctx: StaffContext, args: str) -> StaffReply:
     config = ctx.service.config
     period = reports.parse_period(args, ctx.now, config.service.timezone)
@@ -49,7 +49,7 @@ async def report(ctx: StaffContext, args: str) -> StaffReply:
     return StaffReply(text, (charts.chart(charts.trend_png, trend, lang),))
 
 
-@command("funnel", ALL, "/funnel <campaign>")
+@command("funnel", ALL, "/funnel <campaign>", reads_only=True)
 async def funnel(ctx: StaffContext, args: str) -> StaffReply:
     name = args.strip()
     if not name or " " in name:
@@ -61,7 +61,7 @@ async def funnel(ctx: StaffContext, args: str) -> StaffReply:
     return StaffReply(reports.format_funnel(result, lang), (charts.chart(charts.funnel_png, result, lang),))
 
 
-@command("cohort", ALL, "/cohort [weeks]")
+@command("cohort", ALL, "/cohort [weeks]", reads_only=True)
 async def cohort(ctx: StaffContext, args: str) -> StaffReply:
     weeks = int(args) if args.strip().isdecimal() and 2 <= int(args) <= 12 else 6
     lang = _lang(ctx)
@@ -69,7 +69,7 @@ async def cohort(ctx: StaffContext, args: str) -> StaffReply:
     return StaffReply(reports.format_cohorts(result, lang), (charts.chart(charts.cohort_png, result, lang),))
 
 
-@command("top", ALL, "/top tags")
+@command("top", ALL, "/top tags", reads_only=True)
 async def top(ctx: StaffContext, args: str) -> str:
     if args.strip().lower() not in ("", "tags"):
         return "用法 Usage: /top tags"

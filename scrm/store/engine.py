@@ -70,3 +70,20 @@ async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
         async with sessions() as session, session.begin():
             await sqlite_driver.hold_write_lock(session)
             yield session
+
+
+@asynccontextmanager
+async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A transaction that only reads (staff reports), beside the writer: it never takes SQLite's write
+    lock, and a write in it is an error (SQLite's ``query_only``, PostgreSQL's ``READ ONLY``)."""
+    async with sessions() as session, session.begin():
+        connection = await session.connection()
+        if connection.dialect.name != "sqlite":
+            await connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            yield session
+            return
+        await connection.exec_driver_sql("PRAGMA query_only = ON")
+        try:
+            yield session
+        finally:  # the connection goes back to the pool
+            await connection.exec_driver_sql("PRAGMA query_only = OFF")
