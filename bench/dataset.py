@@ -111,9 +111,8 @@ class Generator:
 
     def deliveries(self) -> Iterator[tuple[Any, ...]]:
         """The finished ``bench_reports`` campaign: every 10th customer, 90% sent."""
-        rng, row = random.Random(17), 0
-        for i in range(0, self.n, 10):
-            row += 1
+        rng = random.Random(17)
+        for row, i in enumerate(range(0, self.n, 10), start=1):
             sent = rng.random() < 0.9
             ago = rng.uniform(1, 20)
             yield (row, "bench_reports", 0, f"c{i + 1}", "", i + 1, "wechat" if i % 3 else "telegram", "brand",

@@ -33,11 +33,11 @@ from sqlalchemy import func, select
 from bench.common import ROOT, table, write_results
 
 sys.path.insert(0, str(ROOT))
-from scrm.config_file import parse_config  # noqa: E402
-from scrm.messages import InboundEvent  # noqa: E402
-from scrm.service import Service  # noqa: E402
-from scrm.store.models import Delivery  # noqa: E402
-from tests.fakes.telegram import FakeTelegram  # noqa: E402
+from scrm.config_file import parse_config
+from scrm.messages import InboundEvent
+from scrm.service import Service
+from scrm.store.models import Delivery
+from tests.fakes.telegram import FakeTelegram
 
 TOKEN = "123456789:AAbenchmarkTokenForTheFakeBotApi00000"
 ALLOWED_RATE = 30.0

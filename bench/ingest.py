@@ -130,7 +130,7 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
-        except Exception:  # not listening yet (or 405 for the bare app's POST-only route: it is up)
+        except Exception:  # noqa: BLE001 - not listening yet (or 405 for the bare app's POST-only route: it is up)
             if isinstance(sys.exc_info()[1], urllib.error.HTTPError):
                 return
             if time.monotonic() > deadline:

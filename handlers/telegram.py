@@ -310,7 +310,7 @@ def parse_update(body: bytes, bot: ExtBot[int]) -> Update:
         raise web.HTTPBadRequest(text="not a Telegram Update: an object with an integer update_id")
     try:
         return Update.de_json(data, bot)
-    except Exception as exc:  # PTB's parser fails in many ways (TypeError, KeyError, ValueError...) on bad input
+    except Exception as exc:  # noqa: BLE001 - PTB's parser fails in many ways (TypeError, KeyError, ValueError...) on bad input
         log.debug("rejected update: %r", exc)
         raise web.HTTPBadRequest(text="not a valid Telegram Update") from None
 

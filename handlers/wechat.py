@@ -220,7 +220,7 @@ def _parse(body: bytes | str) -> wx_messages.BaseMessage:
         if message.type in ("text", "image", "voice", "video", "shortvideo", "location", "link"):
             message.id  # noqa: B018 - MsgId, when present, must be a number too
         return message
-    except Exception as exc:  # expat, a missing <xml> root or field, a non-numeric id: all malformed input
+    except Exception as exc:  # noqa: BLE001 - expat, a missing <xml> root or field, a non-numeric id: all malformed input
         raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
 
 
@@ -325,15 +325,15 @@ class WeChatChannel(Channel):
         try:
             encrypted = xmltodict.parse(body)["xml"]["Encrypt"]
             if not isinstance(encrypted, str):
-                raise ValueError("Encrypt is not text")
-        except Exception as exc:  # expat error, missing root or element
+                raise TypeError("Encrypt is not text")
+        except Exception as exc:  # noqa: BLE001 - expat error, missing root or element
             raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
         try:
             return str(self._crypto.decrypt_message({"Encrypt": encrypted}, msg_signature,
                                                     query["timestamp"], query["nonce"]))
         except (InvalidSignatureException, InvalidAppIdException):
             raise web.HTTPForbidden(text="bad msg_signature or AppID") from None
-        except Exception as exc:  # base64, block size, padding or text errors in the ciphertext
+        except Exception as exc:  # noqa: BLE001 - base64, block size, padding or text errors in the ciphertext
             raise web.HTTPBadRequest(text=f"undecryptable Encrypt ({type(exc).__name__})") from None
 
     def _to_event(self, m: wx_messages.BaseMessage) -> InboundEvent | None:

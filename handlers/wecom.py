@@ -225,7 +225,7 @@ class WeComChannel(Channel):
             echo = self.crypto.check_signature(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"])
         except InvalidSignatureException:
             raise web.HTTPForbidden(text="bad signature") from None
-        except Exception:  # wechatpy raises assorted errors (base64, padding, corp id) on bad ciphertext
+        except Exception:  # noqa: BLE001 - wechatpy raises assorted errors (base64, padding, corp id) on bad ciphertext
             raise web.HTTPBadRequest(text="echostr cannot be decrypted") from None
         return web.Response(text=echo)
 
@@ -241,7 +241,7 @@ class WeComChannel(Channel):
             plain = self.crypto.decrypt_message({"Encrypt": encrypt}, q["msg_signature"], q["timestamp"], q["nonce"])
         except InvalidSignatureException:
             raise web.HTTPForbidden(text="bad signature") from None
-        except Exception:  # bad base64 / padding / corp id: a correctly signed but broken body
+        except Exception:  # noqa: BLE001 - bad base64 / padding / corp id: a correctly signed but broken body
             raise web.HTTPBadRequest(text="Encrypt cannot be decrypted") from None
         data = self._inner_message(plain)
         if _text(data, "MsgType").lower() == "event":
@@ -594,7 +594,7 @@ class WeComChannel(Channel):
                                      "expires": code.expires_at.date().isoformat() if code.expires_at else ""}
             try:
                 prepared.text = templates.render(rule.text, context)
-            except Exception as exc:  # the sandbox raises SecurityError, TypeError... from odd data
+            except Exception as exc:  # noqa: BLE001 - the sandbox raises SecurityError, TypeError... from odd data
                 prepared.problem = f"template_error:{type(exc).__name__}"
                 if prepared.fresh_coupon:
                     await session.execute(delete(CouponCode).where(CouponCode.code == prepared.coupon))

@@ -49,9 +49,9 @@ async def _service_url(config: Config, url: str | None) -> AsyncIterator[str]:
 
 async def _answers(base: str) -> bool:
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-            async with http.get(f"{base}/healthz") as resp:
-                return resp.status in (200, 503) and "scheduler" in await resp.json()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http, \
+                http.get(f"{base}/healthz") as resp:
+            return resp.status in (200, 503) and "scheduler" in await resp.json()
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return False
 

@@ -222,7 +222,7 @@ class Service:
             async with self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             status["store"] = "ok"
-        except Exception as exc:  # any driver error means the same thing to an operator
+        except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to an operator
             status["store"] = f"unreachable: {type(exc).__name__}"
         return status
 

@@ -13,7 +13,7 @@ from tests.conftest import cli_env
 
 def scrm(cwd: Path, store: dict[str, Any], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=cli_env(store), input=stdin,
-                          capture_output=True,
+                          capture_output=True, check=False,
                           text=True, timeout=120)
 
 

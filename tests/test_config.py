@@ -75,7 +75,7 @@ def test_environment_overrides_file(tmp_path):
 def test_cli_prints_problems_and_exits_non_zero(tmp_path):
     path = write(tmp_path, '[service]\nport = "eighty"\n[channels.console.local]\nallow_remote = 3\n')
     result = subprocess.run([sys.executable, "-m", "scrm", "-c", str(path), "run"], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "service.port: " in result.stderr

@@ -4,7 +4,6 @@ at-most-once delivery across a crash, opt-out respected, health reporting."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from sqlalchemy import func, select, update
 

@@ -25,7 +25,7 @@ from tests.conftest import ROOT, cli_env
 def scrm(cwd: Path, store: dict[str, Any], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = cli_env(store, PYTHONPATH=str(ROOT), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=env, input=stdin, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
 
 
 async def seed(tmp_path: Path, store: dict[str, Any]) -> None:

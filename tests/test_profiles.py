@@ -183,11 +183,11 @@ async def test_behaviour_tags_activity_drop_and_stages_move_both_ways(make_confi
         await say()
         assert (await state(cid))[0] == "nurture"           # incremental: moved on the event
         await say()
-        stage, tags = await state(cid)
+        _, tags = await state(cid)
         assert "chatty" in tags
         clock.advance(timedelta(days=8))                    # a quiet week: 3 before, 0 now
         await service.refresh_all()
-        stage, tags = await state(cid)
+        _, tags = await state(cid)
         assert "chatty" not in tags and "activity-drop" in tags
         await say()                                         # 1 against the previous week's 3: still a drop
         assert "activity-drop" in (await state(cid))[1]

@@ -481,7 +481,7 @@ async def test_lost_answer_is_never_resent(aiohttp_client, make_config, clock, f
 
 
 async def test_chart_image_upload_and_send(aiohttp_client, make_config, clock, fake):
-    client, service = await start(aiohttp_client, make_config, clock, fake)
+    _, service = await start(aiohttp_client, make_config, clock, fake)
     channel = service.channel("wechat", "brand")
     png = _png()
     media_id = await channel.upload_image(png)

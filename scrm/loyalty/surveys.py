@@ -99,7 +99,7 @@ async def send_due(service: Runtime, session: AsyncSession, now: datetime) -> in
         if channel is None:
             continue
         text = QUESTIONS[survey.kind]
-        scores = range(1, 6) if survey.kind == "csat" else range(0, 11)
+        scores = range(1, 6) if survey.kind == "csat" else range(11)
         result = await channel.send(OutboundMessage(survey.channel, survey.account, survey.external_id, text,
                                                     campaign=survey.campaign,
                                                     last_inbound_at=customer.last_inbound_at,

@@ -66,10 +66,9 @@ async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
         async with sessions() as session, session.begin():
             yield session
         return
-    async with _writers.setdefault(engine.sync_engine, asyncio.Lock()):
-        async with sessions() as session, session.begin():
-            await sqlite_driver.hold_write_lock(session)
-            yield session
+    async with _writers.setdefault(engine.sync_engine, asyncio.Lock()), sessions() as session, session.begin():
+        await sqlite_driver.hold_write_lock(session)
+        yield session
 
 
 @asynccontextmanager

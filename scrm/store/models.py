@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(), str: String(255)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(), str: String(255)}
 
     if TYPE_CHECKING:
         #: Every model here is declared with ``__tablename__``, so it is mapped to a Table (SQLAlchemy

@@ -82,7 +82,7 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
                 result = _run(self._connection._conn, operation, parameters, many)
             else:
                 result = await_(self._in_thread(operation, parameters, many))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - the adapter translates any driver error (and re-raises)
             self._adapt_connection._handle_exception(error)
         self._description, self._rowcount, self._lastrowid, rows = result
         self._rows = collections.deque(rows)

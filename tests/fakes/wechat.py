@@ -209,7 +209,7 @@ class FakeWeChat:
         if part is None or getattr(part, "name", None) != "media" or not getattr(part, "filename", None):
             return await self._answer(endpoint, q, None, error(40005))
         data = await part.read()  # type: ignore[union-attr]
-        if not (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")):
+        if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
             return await self._answer(endpoint, q, {"filename": part.filename, "size": len(data)}, error(40005))
         media_id = uuid.uuid4().hex
         self.media[media_id] = data
