@@ -76,13 +76,12 @@ def _label(value: str | None, default: str = "none", limit: int = 40) -> str:
     return head or default
 
 
-def received(event: InboundEvent, reaction: Reaction) -> Reaction:
-    """Count one committed inbound event (a platform retry as a duplicate); returns the reaction."""
+def received(event: InboundEvent, reaction: Reaction) -> None:
+    """Count one committed inbound event (a platform retry as a duplicate)."""
     if reaction.duplicate:
         INBOUND_DUPLICATES.labels(event.channel).inc()
     else:
         INBOUND.labels(event.channel, _label(event.kind, "unknown", 24)).inc()
-    return reaction
 
 
 def delivery_finished(channel: str, status: str, reason: str | None = None) -> None:

@@ -179,6 +179,7 @@ class Service:
         for channel in self.channels.values():
             await channel.start()
         await self.ingestor.start()
+        await self.outbox.start()
         if scheduler:
             self.scheduler.start()
 
@@ -206,6 +207,7 @@ class Service:
         await asyncio.gather(*self._running_jobs, return_exceptions=True)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        await self.outbox.stop()
         await self.ingestor.stop()
         for channel in self.channels.values():
             await channel.stop()

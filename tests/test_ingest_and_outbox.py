@@ -223,3 +223,33 @@ async def test_the_event_loop_runs_between_the_deliveries_a_prepare_transaction_
         assert await count(service, Delivery, Delivery.status == "sent") == PREPARE_GROUP
     finally:
         await service.stop()
+
+
+async def test_the_sends_in_flight_share_their_commits(make_config, clock):
+    """A send's ``sending`` mark and its outcome are committed before and after its platform call, and
+    the marks and outcomes of the sends in flight together share one commit (group commit), instead
+    of two commits a delivery; every delivery still ends sent, with one touchpoint each."""
+    from sqlalchemy import event
+
+    from scrm.service import Service
+
+    service = Service(make_config(), clock)
+    await service.start(scheduler=False)
+    commits = 0
+
+    def counted(_conn) -> None:
+        nonlocal commits
+        commits += 1
+
+    try:
+        n = 40
+        for i in range(n):  # forty first messages: forty welcome deliveries due now
+            await service.receive(InboundEvent("console", "local", f"g{i}", "text", text="hi", platform_msg_id=f"g{i}"))
+        event.listen(service.engine.sync_engine, "commit", counted)
+        assert await service.outbox.tick() == n
+        assert await count(service, Delivery, Delivery.status == "sent") == n
+        assert await count(service, Touchpoint, Touchpoint.kind == "campaign_message") == n
+        assert commits < n  # two a delivery (mark, outcome) without group commit, plus claims and prepares
+    finally:
+        event.remove(service.engine.sync_engine, "commit", counted)
+        await service.stop()

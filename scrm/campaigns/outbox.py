@@ -2,8 +2,8 @@
 records every outcome — and plans a journey's next step in the same transaction.
 
 At most once: a due delivery is first ``claimed`` (with the rest of its batch), then marked ``sending``
-in its own commit right before its platform call, and its outcome is committed as soon as the call
-returns. So after a crash only the sends actually in flight (at most ``delivery.concurrency`` per
+in a commit right before its platform call, and its outcome is committed as soon as the call returns
+(marks and outcomes of the sends in flight share their commits: scrm.store.group_commit). So after a crash only the sends actually in flight (at most ``delivery.concurrency`` per
 instance) are in doubt: a ``sending`` row of a stopped instance becomes ``unknown``, never resent,
 while its ``claimed`` rows, never handed to the platform, go back to ``planned`` (scrm.cluster).
 """
@@ -28,8 +28,9 @@ from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
 from scrm.customers import touchpoint
 from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
-from scrm.store.dialect import insert_ignore, rowcount
+from scrm.store.dialect import insert_ignore
 from scrm.store.engine import writing
+from scrm.store.group_commit import GroupCommit, Outcome
 from scrm.store.models import (
     Campaign,
     ChatGroup,
@@ -111,6 +112,18 @@ class Outbox:
         #: Deliveries prepared for sending and not yet recorded (the frequency cap counts them).
         self._in_flight: set[int] = set()
         self._limiters = limiters(service.sessions, service.engine.dialect.name, service.config.delivery.rate_limits)
+        self._marks: GroupCommit[int, bool] = GroupCommit("outbox", service.sessions, self._mark_sending)
+        self._outcomes: GroupCommit[tuple[_Prepared, SendResult], None] = GroupCommit(
+            "outbox", service.sessions, self._record_outcomes)
+
+    async def start(self) -> None:
+        await self._marks.start()
+        await self._outcomes.start()
+
+    async def stop(self) -> None:
+        """After the last tick: commit the marks and outcomes still queued."""
+        await self._marks.stop()
+        await self._outcomes.stop()
 
     async def scheduled_tick(self) -> None:
         """The scheduler's entry (its interval, and :meth:`Service.wake_outbox`): while a tick runs, the
@@ -152,8 +165,9 @@ class Outbox:
             for start in range(0, len(claimed), PREPARE_GROUP):
                 prepared, deferred = await self._prepare_claimed(claimed[start:start + PREPARE_GROUP])
                 handled += len(prepared) + deferred
-                if skips := [(p, SendResult("skipped", p.skip_reason)) for p in prepared if p.message is None]:
-                    await self._record(skips)
+                skips = [self._outcomes.submit((p, SendResult("skipped", p.skip_reason)))
+                         for p in prepared if p.message is None]
+                await asyncio.gather(*skips)
                 for p in prepared:
                     if p.message is not None:
                         await flight.start(self._send_and_record(p))
@@ -358,7 +372,7 @@ class Outbox:
         try:
             if limiter is not None:
                 await limiter.acquire()
-            if not await self._mark_sending(p.delivery_id):
+            if not await self._marks.submit(p.delivery_id):
                 log.warning("delivery %s was taken back from this instance before its send; not sent here",
                             p.delivery_id)
                 return
@@ -367,59 +381,66 @@ class Outbox:
             except Exception as exc:  # a channel bug must not leave the delivery in limbo
                 log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
                 result = SendResult("failed", f"error:{type(exc).__name__}")
-            await self._record([(p, result)])
+            await self._outcomes.submit((p, result))
         finally:
             self._in_flight.discard(p.delivery_id)
 
-    async def _mark_sending(self, delivery_id: int) -> bool:
+    async def _mark_sending(self, session: AsyncSession, ids: list[int]) -> Outcome[bool]:
         """claimed -> sending, only while this instance still holds the claim (a stalled instance's
-        claims go back to planned for others, see scrm.cluster)."""
-        async with writing(self.service.sessions) as session:
-            marked = await session.execute(
-                update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "claimed",
-                                       Delivery.claimed_by == self.service.instance_id)
-                .values(status="sending").execution_options(synchronize_session=False))
-        return bool(rowcount(marked))
+        claims go back to planned for others, see scrm.cluster); a result per delivery id."""
+        marked = set((await session.scalars(
+            update(Delivery).where(Delivery.id.in_(ids), Delivery.status == "claimed",
+                                   Delivery.claimed_by == self.service.instance_id)
+            .values(status="sending").returning(Delivery.id).execution_options(synchronize_session=False))).all())
+        return [i in marked for i in ids], None
 
-    async def _record(self, outcomes: list[tuple[_Prepared, SendResult]]) -> None:
+    async def _record_outcomes(self, session: AsyncSession,
+                               outcomes: list[tuple[_Prepared, SendResult]]) -> Outcome[None]:
         now = self.service.clock.now()
-        async with writing(self.service.sessions) as session:
-            for p, result in outcomes:
-                d = await session.get(Delivery, p.delivery_id)
-                assert d is not None
-                if d.claimed_by != self.service.instance_id:
-                    continue  # handed back to planned while this instance stalled; another one owns it now
-                if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
-                    d.status, d.reason = "planned", result.reason or "retry"
-                    d.due_at = now + timedelta(seconds=max(result.retry_after, 1.0))
-                    continue
-                d.status = "failed" if result.status == "retry" else result.status
-                d.reason, d.finished_at = result.reason, now
-                metrics.delivery_finished(d.channel, d.status, d.reason)
-                if d.status in ("skipped", "failed") and d.customer_id is not None:
-                    for code in await coupons.revoke_for_delivery(session, d.id):
-                        touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account,
-                                   direction="internal", kind="coupon_revoked", now=now, campaign=d.campaign,
-                                   delivery_id=d.id, payload={"code": code, "reason": d.reason})
-                if d.reason == "blocked" and d.customer_id is not None:
-                    # The platform says the person blocked us: stop every push, in this transaction.
-                    await session.execute(update(Customer).where(Customer.id == d.customer_id).values(opted_out=True))
-                d.platform_msg_id = result.platform_msg_id
-                kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
-                        "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")
-                payload: dict[str, Any] = {"step": d.step}
-                if result.reason:
-                    payload["reason"] = result.reason
-                if result.platform_msg_id:
-                    payload["platform_msg_id"] = result.platform_msg_id
-                if d.variant:
-                    payload["variant"] = d.variant
-                touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account, direction="out",
-                           kind=kind, now=now, text=d.text if d.status == "sent" else None, campaign=d.campaign,
-                           delivery_id=d.id, payload=payload,
-                           actor=f"group:{d.group_id}" if d.group_id is not None else None)
-                if d.status in ("sent", "skipped") and d.reason not in JOURNEY_ENDS:
-                    await self._plan_next(session, d, now)
+        ids = [p.delivery_id for p, _ in outcomes]
+        rows = {d.id: d for d in (await session.scalars(select(Delivery).where(Delivery.id.in_(ids)))).all()}
+        finished: list[tuple[str, str, str | None]] = []  # counted once committed
+        for p, result in outcomes:
+            d = rows.get(p.delivery_id)
+            if d is None or d.claimed_by != self.service.instance_id:
+                continue  # handed back to planned while this instance stalled; another one owns it now
+            if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
+                d.status, d.reason = "planned", result.reason or "retry"
+                d.due_at = now + timedelta(seconds=max(result.retry_after, 1.0))
+                continue
+            d.status = "failed" if result.status == "retry" else result.status
+            d.reason, d.finished_at = result.reason, now
+            finished.append((d.channel, d.status, d.reason))
+            if d.status in ("skipped", "failed") and d.customer_id is not None:
+                for code in await coupons.revoke_for_delivery(session, d.id):
+                    touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account,
+                               direction="internal", kind="coupon_revoked", now=now, campaign=d.campaign,
+                               delivery_id=d.id, payload={"code": code, "reason": d.reason})
+            if d.reason == "blocked" and d.customer_id is not None:
+                # The platform says the person blocked us: stop every push, in this transaction.
+                await session.execute(update(Customer).where(Customer.id == d.customer_id).values(opted_out=True))
+            d.platform_msg_id = result.platform_msg_id
+            kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
+                    "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")
+            payload: dict[str, Any] = {"step": d.step}
+            if result.reason:
+                payload["reason"] = result.reason
+            if result.platform_msg_id:
+                payload["platform_msg_id"] = result.platform_msg_id
+            if d.variant:
+                payload["variant"] = d.variant
+            touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account, direction="out",
+                       kind=kind, now=now, text=d.text if d.status == "sent" else None, campaign=d.campaign,
+                       delivery_id=d.id, payload=payload,
+                       actor=f"group:{d.group_id}" if d.group_id is not None else None)
+            if d.status in ("sent", "skipped") and d.reason not in JOURNEY_ENDS:
+                await self._plan_next(session, d, now)
+
+        def committed() -> None:
+            for channel, status, reason in finished:
+                metrics.delivery_finished(channel, status, reason)
+
+        return [None] * len(outcomes), committed
 
     async def _plan_next(self, session: AsyncSession, d: Delivery, now: datetime) -> None:
         loaded = self.service.campaigns.get(d.campaign)
