@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -37,10 +38,13 @@ async def _pool_id(session: AsyncSession, name: str, pool: CouponPool) -> int:
     return known[name]
 
 
-async def granted_for(session: AsyncSession, delivery_id: int) -> CouponCode | None:
-    """The code given for this delivery, if any: a delivery claimed again (its instance died before
-    sending it) keeps the code it was given."""
-    return await session.scalar(select(CouponCode).where(CouponCode.delivery_id == delivery_id))
+async def granted_for(session: AsyncSession, delivery_ids: Collection[int]) -> dict[int, CouponCode]:
+    """The codes given for these deliveries, by delivery: a delivery claimed again (its instance died
+    before sending it) keeps the code it was given."""
+    if not delivery_ids:
+        return {}
+    rows = await session.scalars(select(CouponCode).where(CouponCode.delivery_id.in_(delivery_ids)))
+    return {row.delivery_id: row for row in rows if row.delivery_id is not None}
 
 
 async def grant(
@@ -69,15 +73,24 @@ async def grant(
     return row
 
 
+def _empty_pools(session: AsyncSession) -> set[int]:
+    """Pools this transaction found without a free code (codes it returns or imports take them off)."""
+    empty: set[int] = session.info.setdefault("scrm_empty_pools", set())
+    return empty
+
+
 async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: int, delivery_id: int | None,
                           now: datetime, expires: datetime) -> CouponCode | None:
-    """Hand out the oldest unassigned imported code; the conditional UPDATE makes a code go to one
-    customer only, even when two instances grant at once."""
-    while True:
+    """Hand out the oldest unassigned imported (or returned) code; the conditional UPDATE makes a code
+    go to one customer only, even when two instances grant at once. A pool found empty is not looked
+    at again in the same transaction (the outbox grants a group's coupons in one)."""
+    empty = _empty_pools(session)
+    while coupon_id not in empty:
         candidate = await session.scalar(
             select(CouponCode.id).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id.is_(None))
             .order_by(CouponCode.id).limit(1))
         if candidate is None:
+            empty.add(coupon_id)
             return None
         taken = await session.execute(
             update(CouponCode).where(CouponCode.id == candidate, CouponCode.customer_id.is_(None))
@@ -85,6 +98,7 @@ async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: in
                     expires_at=func.coalesce(CouponCode.expires_at, expires)))
         if rowcount(taken):
             return await session.get(CouponCode, candidate, populate_existing=True)
+    return None
 
 
 async def revoke_for_delivery(session: AsyncSession, delivery_id: int) -> list[str]:
@@ -94,6 +108,7 @@ async def revoke_for_delivery(session: AsyncSession, delivery_id: int) -> list[s
         CouponCode.delivery_id == delivery_id, CouponCode.redeemed_at.is_(None)))).all()
     for row in rows:
         row.customer_id = row.delivery_id = row.granted_at = None
+        _empty_pools(session).discard(row.coupon_id)
     return [row.code for row in rows]
 
 
@@ -101,6 +116,7 @@ async def import_codes(session: AsyncSession, name: str, pool: CouponPool, codes
                        expires_at: datetime | None = None) -> int:
     """Add codes to a pool (from a supplier's file); codes already known are ignored."""
     coupon = await pool_row(session, name, pool)
+    _empty_pools(session).discard(coupon.id)
     rows = [{"coupon_id": coupon.id, "code": c.strip().upper(), "expires_at": expires_at} for c in codes if c.strip()]
     return await insert_ignore(session, CouponCode.__table__, rows) if rows else 0
 

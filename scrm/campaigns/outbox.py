@@ -218,6 +218,7 @@ class Outbox:
             customers: dict[int | None, Customer] = {c.id: c for c in (await session.scalars(select(Customer).where(
                 Customer.id.in_({d.customer_id for d in group if d.customer_id is not None})))).all()}
             extras = await customer_extras(session, [cid for cid in customers if cid is not None])
+            granted = await coupons.granted_for(session, [d.id for d in group])
             for d in group:
                 # On SQLite the statements run on the loop's thread while the write lock is held (they cannot
                 # wait for it): let the loop run between deliveries, or sends paced to the platform's rate
@@ -226,7 +227,7 @@ class Outbox:
                 if d.status != "claimed" or d.claimed_by != self.service.instance_id:
                     continue  # handed back to planned while this instance stalled; another one owns it now
                 p = await self._prepare(session, d, customers.get(d.customer_id),
-                                        extras.get(d.customer_id or 0, ([], [])), now)
+                                        extras.get(d.customer_id or 0, ([], [])), granted.get(d.id), now)
                 if p is None:
                     deferred += 1
                 else:
@@ -236,9 +237,10 @@ class Outbox:
         return prepared, deferred
 
     async def _prepare(self, session: AsyncSession, d: Delivery, customer: Customer | None, extras: _Extras,
-                       now: datetime) -> _Prepared | None:
+                       granted: CouponCode | None, now: datetime) -> _Prepared | None:
         """The message to send, a skip, or None when the delivery was deferred (quiet hours); ``customer`` is
-        the delivery's (None for a group, or when it is gone), ``extras`` its tags and recommendations."""
+        the delivery's (None for a group, or when it is gone), ``extras`` its tags and recommendations,
+        ``granted`` the coupon code it was given when an earlier claim prepared it."""
         svc = self.service
         loaded = svc.campaigns.get(d.campaign)
         if loaded is None:
@@ -277,7 +279,7 @@ class Outbox:
                 return None
 
         context["customer"] = customer_context(customer, d.channel, extras)
-        coupon = await self._coupon(session, d, definition, step, customer.id, now)
+        coupon = await self._coupon(session, d, definition, step, customer.id, granted, now)
         if isinstance(coupon, str):
             return _Prepared(d.id, None, coupon)
         if coupon is not None:
@@ -305,13 +307,12 @@ class Outbox:
                                                article=article))
 
     async def _coupon(self, session: AsyncSession, d: Delivery, definition: CampaignDefinition, step: Step,
-                      customer_id: int, now: datetime) -> dict[str, str] | str | None:
+                      customer_id: int, granted: CouponCode | None, now: datetime) -> dict[str, str] | str | None:
         """Template data for the coupon this message carries, a skip reason when one was due but
         cannot be had, or None when the step carries no coupon."""
         if definition.trigger.event == "coupon_expiring":
             code = d.occurrence  # the reminder is about this customer's code
         elif step.coupon:
-            granted = await coupons.granted_for(session, d.id)
             fresh = granted is None
             if granted is None:
                 granted = await coupons.grant(session, step.coupon, self.service.config.coupons[step.coupon],
