@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import CouponPool
-from scrm.store.dialect import insert_ignore, rowcount
+from scrm.store.dialect import dialect_of, insert_ignore, rowcount
 from scrm.store.models import Conversion, Coupon, CouponCode, Delivery, Redemption
 
 _ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: codes are read aloud at the till
@@ -51,26 +51,32 @@ async def grant(
     session: AsyncSession, name: str, pool: CouponPool, customer_id: int, now: datetime, delivery_id: int | None = None
 ) -> CouponCode | None:
     """A fresh code for the customer (given for ``delivery_id``, one code per delivery: see
-    :func:`granted_for`), or None when they reached the pool's per-customer limit."""
+    :func:`granted_for`), or None when they reached the pool's per-customer limit.
+
+    Codes are written at once (never left pending in the session), so counting them needs no flush
+    of what else the session holds: the outbox's group of deliveries is flushed once, at its commit."""
     coupon_id = await _pool_id(session, name, pool)
-    held = (await session.execute(
-        select(func.count()).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id == customer_id)
-    )).scalar_one()
-    if held >= pool.per_customer:
+    held = await session.scalar(
+        select(func.count()).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id == customer_id),
+        execution_options=_NO_FLUSH)
+    if (held or 0) >= pool.per_customer:
         return None
     expires = now + timedelta(days=pool.valid_days)
     row = await _claim_imported(session, coupon_id, customer_id, delivery_id, now, expires)
     if row is not None or not pool.generate:
         return row
-    while True:
+    while row is None:  # a new random code; another already taken (one in 10^11 or so) means another draw
         code = pool.prefix + "".join(secrets.choice(_ALPHABET) for _ in range(8))
-        if await session.scalar(select(CouponCode.id).where(CouponCode.code == code)) is None:
-            break
-    row = CouponCode(coupon_id=coupon_id, code=code, customer_id=customer_id, delivery_id=delivery_id,
-                     granted_at=now, expires_at=expires)
-    session.add(row)
-    await session.flush()
+        row = await session.scalar(
+            dialect_of(session).insert(CouponCode).on_conflict_do_nothing(index_elements=[CouponCode.code])
+            .values(coupon_id=coupon_id, code=code, customer_id=customer_id, delivery_id=delivery_id,
+                    granted_at=now, expires_at=expires).returning(CouponCode),
+            execution_options=_NO_FLUSH)
     return row
+
+
+#: For the statements of :func:`grant`, which do not depend on what the session has pending.
+_NO_FLUSH = {"autoflush": False}
 
 
 def _empty_pools(session: AsyncSession) -> set[int]:
@@ -88,7 +94,7 @@ async def _claim_imported(session: AsyncSession, coupon_id: int, customer_id: in
     while coupon_id not in empty:
         candidate = await session.scalar(
             select(CouponCode.id).where(CouponCode.coupon_id == coupon_id, CouponCode.customer_id.is_(None))
-            .order_by(CouponCode.id).limit(1))
+            .order_by(CouponCode.id).limit(1), execution_options=_NO_FLUSH)
         if candidate is None:
             empty.add(coupon_id)
             return None
