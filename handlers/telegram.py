@@ -66,8 +66,8 @@ from telegram.warnings import PTBDeprecationWarning
 
 from scrm.campaigns.ratelimit import Pace
 from scrm.channels import Channel, register
+from scrm.group_commit import StoreUnavailable
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
-from scrm.store.group_commit import StoreUnavailable
 
 if TYPE_CHECKING:
     from scrm.config import Config

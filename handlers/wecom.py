@@ -50,9 +50,9 @@ from scrm.campaigns import templates
 from scrm.campaigns.planner import Trigger, plan_events
 from scrm.channels import Channel, register
 from scrm.customers import find_customer, touchpoint
+from scrm.group_commit import StoreUnavailable
 from scrm.messages import InboundEvent, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
-from scrm.store.group_commit import StoreUnavailable
 from scrm.store.models import Coupon, CouponCode, Customer, Identity, Touchpoint
 from scrm.tagging import add_tag
 

@@ -1,4 +1,4 @@
-"""Ingest: inbound events committed in groups (scrm.store.group_commit), each acknowledged after the commit.
+"""Ingest: inbound events committed in groups (scrm.group_commit), each acknowledged after the commit.
 
 A commit per request caps ingest at a few percent of a bare handler; group commit shares one
 transaction among the events that arrive while the previous one commits. After a commit of several
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import metrics, pipeline
+from scrm.group_commit import GroupCommit
 from scrm.messages import InboundEvent, Reaction
-from scrm.store.group_commit import GroupCommit
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime

@@ -11,8 +11,8 @@ from aiohttp.typedefs import Handler
 from scrm import api
 from scrm.clock import Clock
 from scrm.config import Config
+from scrm.group_commit import StoreUnavailable
 from scrm.service import Service
-from scrm.store.group_commit import StoreUnavailable
 
 SERVICE = web.AppKey("service", Service)
 Role = Literal["web", "worker", "all"]

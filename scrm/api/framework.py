@@ -24,8 +24,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from scrm import metrics
 from scrm.api.models import Error
 from scrm.config import ApiScope
+from scrm.group_commit import StoreUnavailable
 from scrm.service import Service
-from scrm.store.group_commit import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

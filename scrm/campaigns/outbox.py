@@ -3,9 +3,10 @@ records every outcome — and plans a journey's next step in the same transactio
 
 At most once: a due delivery is first ``claimed`` (with the rest of its batch), then marked ``sending``
 in a commit right before its platform call, and its outcome is committed as soon as the call returns
-(marks and outcomes of the sends in flight share their commits: scrm.store.group_commit). So after a crash only the sends actually in flight (at most ``delivery.concurrency`` per
-instance) are in doubt: a ``sending`` row of a stopped instance becomes ``unknown``, never resent,
-while its ``claimed`` rows, never handed to the platform, go back to ``planned`` (scrm.cluster).
+(marks and outcomes of the sends in flight share their commits: scrm.group_commit). So after a
+crash only the sends actually in flight (at most ``delivery.concurrency`` per instance) are in doubt:
+a ``sending`` row of a stopped instance becomes ``unknown``, never resent, while its ``claimed`` rows,
+never handed to the platform, go back to ``planned`` (scrm.cluster).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
 from scrm.customers import touchpoint
+from scrm.group_commit import GroupCommit, Outcome
 from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.engine import writing
-from scrm.store.group_commit import GroupCommit, Outcome
 from scrm.store.models import (
     Campaign,
     ChatGroup,
