@@ -8,6 +8,7 @@ import shutil
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,9 @@ from scrm.cli.base import (
     out,
     run_async,
 )
+
+if TYPE_CHECKING:
+    from scrm.web import Role
 
 
 def demo_file(name: str) -> Path:
@@ -56,7 +60,7 @@ def init(ctx: click.Context, force: bool) -> None:
               help="web: serve webhooks; worker: send and plan; all: both (several instances may share a PostgreSQL store).")
 @click.pass_context
 @guard
-def run(ctx: click.Context, host: str | None, port: int | None, role: str) -> None:
+def run(ctx: click.Context, host: str | None, port: int | None, role: Role) -> None:  # click.Choice: one of Role
     """Serve webhooks and run the scheduler until SIGINT/SIGTERM."""
     from aiohttp import web
 
@@ -70,7 +74,7 @@ def run(ctx: click.Context, host: str | None, port: int | None, role: str) -> No
     run_async(check_store(config))  # a missing or wrong privacy key stops here, with a clear message
     app = create_app(config, role=role)
     app.on_startup.append(_tune_gc)  # after the service's own start-up (its cleanup context runs first)
-    web.run_app(app, host=host, port=port,  # type: ignore[arg-type]
+    web.run_app(app, host=host, port=port,
                 access_log=web.access_logger if config.logging.access_log else None,
                 print=lambda _: out.print(f"scrm ({role}) serving on http://{host}:{port} (store: {config.store.url})"))
 
