@@ -12,6 +12,7 @@ import re
 import tempfile
 from collections import defaultdict, deque
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
@@ -20,6 +21,9 @@ from scrm.campaigns.outbox import pending_for
 from scrm.channels import Channel, register
 from scrm.customers import find_customer
 from scrm.messages import InboundEvent, OutboundMessage, SendResult
+
+if TYPE_CHECKING:
+    from scrm.runtime import Runtime
 
 _USER = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _LOOPBACK = {"127.0.0.1", "::1"}
@@ -46,8 +50,8 @@ class ConsoleChannel(Channel):
     settings_model = ConsoleSettings
     settings: ConsoleSettings
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, account: str, settings: BaseModel, service: Runtime) -> None:
+        super().__init__(account, settings, service)
         self._mailboxes: dict[str, deque[str]] = defaultdict(deque)
         self._arrived = asyncio.Condition()
 

@@ -226,8 +226,8 @@ def _parse(body: bytes | str) -> wx_messages.BaseMessage:
 
 def _float(value: object) -> float | None:
     try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return float(value) if isinstance(value, str | int | float) else None
+    except ValueError:
         return None
 
 
@@ -521,7 +521,7 @@ class WeChatChannel(Channel):
                 return self._backoff(delivery_id, f"network:{type(exc).__name__}")
             log.warning("wechat %s: outcome of delivery %s unknown: %r", self.account, delivery_id, exc)
             return self._finish(delivery_id, SendResult("failed", f"unknown_outcome:{type(exc).__name__}"))
-        self._retries.pop(delivery_id, None)  # type: ignore[arg-type]
+        self._forget_retries(delivery_id)
         if not isinstance(result, dict):  # wechatpy hands back the raw response when it is not JSON
             return SendResult("failed", "wechat:bad_response")
         msgid = result.get("msgid")
@@ -556,8 +556,12 @@ class WeChatChannel(Channel):
         return SendResult("retry", reason, retry_after=wait)
 
     def _finish(self, delivery_id: int | None, result: SendResult) -> SendResult:
-        self._retries.pop(delivery_id, None)  # type: ignore[arg-type]
+        self._forget_retries(delivery_id)
         return result
+
+    def _forget_retries(self, delivery_id: int | None) -> None:
+        if delivery_id is not None:
+            self._retries.pop(delivery_id, None)
 
 
 def _success() -> web.Response:

@@ -109,7 +109,7 @@ class Importer:
         summary = Summary()
         self.source = f"import:{path.name}"[:64]
         rejects_path = path.with_name(path.stem + ".rejects.csv")
-        rejects: tuple[Any, csv.writer] | None = None  # type: ignore[valid-type]
+        rejects: tuple[Any, Any] | None = None  # (file, csv writer: the csv module has no public writer type)
         with path.open("rb") as raw_file:
             text = io.TextIOWrapper(io.BufferedReader(_Progress(raw_file, progress)), encoding="utf-8-sig",
                                     newline="")
