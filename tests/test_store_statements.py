@@ -65,6 +65,7 @@ async def test_sqlite_statements_read_write_and_report_like_the_stock_driver(tmp
 
 async def test_a_reading_transaction_cannot_write_and_leaves_its_connection_writable(store: dict[str, Any]):
     engine = make_engine(store["url"], store.get("schema_name"), pool_size=1, max_overflow=0)
+    elsewhere = make_engine(store["url"], store.get("schema_name"))  # another process, say
     sessions = make_sessionmaker(engine)
     try:
         async with engine.begin() as conn:
@@ -72,12 +73,16 @@ async def test_a_reading_transaction_cannot_write_and_leaves_its_connection_writ
             await conn.execute(insert(ITEMS).values(code=1, label="x"))
         async with reading(sessions) as s:
             assert await s.scalar(select(ITEMS.c.label).where(ITEMS.c.code == 1)) == "x"
+            async with elsewhere.begin() as other:  # a write committed meanwhile...
+                await other.execute(insert(ITEMS).values(code=7, label="w"))
+            assert await s.scalar(select(func.count()).select_from(ITEMS)) == 1  # ...is not in its snapshot
         with pytest.raises(DBAPIError, match="(?i)read-?only"):
             async with reading(sessions) as s:
                 await s.execute(insert(ITEMS).values(code=2, label="y"))
         async with writing(sessions) as s:  # the same pooled connection: writable again
             await s.execute(insert(ITEMS).values(code=3, label="z"))
         async with sessions() as s:
-            assert sorted(await s.scalars(select(ITEMS.c.code))) == [1, 3]
+            assert sorted(await s.scalars(select(ITEMS.c.code))) == [1, 3, 7]
     finally:
+        await elsewhere.dispose()
         await engine.dispose()

@@ -74,14 +74,17 @@ async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
 @asynccontextmanager
 async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A transaction that only reads (staff reports), beside the writer: it never takes SQLite's write
-    lock, and a write in it is an error (SQLite's ``query_only``, PostgreSQL's ``READ ONLY``)."""
+    lock, and a write in it is an error (SQLite's ``query_only``, PostgreSQL's ``READ ONLY``). Its
+    statements all read one snapshot, so a report's figures agree with each other (PostgreSQL:
+    REPEATABLE READ; SQLite: an explicit ``BEGIN``, as the driver begins no transaction for reads)."""
     async with sessions() as session, session.begin():
         connection = await session.connection()
         if connection.dialect.name != "sqlite":
-            await connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            await connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield session
             return
         await connection.exec_driver_sql("PRAGMA query_only = ON")
+        await connection.exec_driver_sql("BEGIN")
         try:
             yield session
         finally:  # the connection goes back to the pool
