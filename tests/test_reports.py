@@ -520,6 +520,27 @@ async def test_non_staff_get_the_refusal_and_nothing_else(world, text):
         assert (await service.receive(staff_event("olga", text))).replies == (REFUSAL_REPLY,)
 
 
+async def test_a_report_that_fails_gets_an_apology_and_its_message_is_kept(world, caplog):
+    """A report reads outside the ingest transaction; when it breaks (here: its rollup table is gone),
+    the manager is told, the error is logged, and the message and answer are still recorded."""
+    from sqlalchemy import select, text
+
+    from scrm.staff import REPORT_FAILED_REPLY
+
+    service, _, _ = world
+    async with service.sessions() as s, s.begin():
+        await s.execute(text("DROP TABLE report_days"))
+    reaction = await service.receive(staff_event("bob", "/report 30d"))
+    assert reaction.replies == (REPORT_FAILED_REPLY,) and reaction.images == ()
+    assert any("staff command '/report 30d'" in r.getMessage() for r in caplog.records)
+    async with service.sessions() as s:
+        recorded = (await s.scalars(select(Touchpoint.text).where(Touchpoint.actor == "staff:console:bob")
+                                    .order_by(Touchpoint.id))).all()
+    assert recorded[-2:] == ["/report 30d", REPORT_FAILED_REPLY]
+    # a report that does not read that table still answers
+    assert (await service.receive(staff_event("bob", "/top tags"))).replies[0].startswith("热门标签")
+
+
 def scrm_cli(cwd: Path, store: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=cli_env(store), capture_output=True, text=True,
                           timeout=120, check=False)

@@ -13,6 +13,7 @@ hold SQLite's writer, and every webhook behind it, for as long as they read.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm import metrics
 from scrm.config import Role
 from scrm.customers import staff_actor
 from scrm.messages import Chart, InboundEvent
@@ -29,7 +31,10 @@ from scrm.store.engine import reading
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
 
+log = logging.getLogger(__name__)
+
 REFUSAL_REPLY = "抱歉,这个命令仅限员工使用。Sorry, this command is for staff only."
+REPORT_FAILED_REPLY = "抱歉,报表暂时无法生成,请稍后再试。Sorry, the report could not be made; please try again later."
 _COMMAND = re.compile(r"^\s*/([a-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
 
 
@@ -101,10 +106,16 @@ def reads_only(text: str, role: Role) -> bool:
 
 async def answer_beside_writer(service: Runtime, event: InboundEvent, role: Role) -> StaffReply:
     """A :func:`reads_only` command's answer, read in a transaction that cannot write and holds no
-    write lock (:func:`scrm.store.engine.reading`)."""
-    async with reading(service.sessions) as session:
-        actor = staff_actor(event.channel, event.external_id)
-        return await dispatch(StaffContext(service, session, event, actor, role, service.clock.now()))
+    write lock (:func:`scrm.store.engine.reading`). A report that fails is logged and answered with
+    an apology; the staff member's message is still recorded (and not retried by the platform)."""
+    try:
+        async with reading(service.sessions) as session:
+            actor = staff_actor(event.channel, event.external_id)
+            return await dispatch(StaffContext(service, session, event, actor, role, service.clock.now()))
+    except Exception:  # whatever broke, the manager gets an answer and the event is kept
+        log.exception("staff command %r from %s:%s failed", event.text[:40], event.channel, event.external_id)
+        metrics.store_error("report")
+        return StaffReply(REPORT_FAILED_REPLY)
 
 
 async def dispatch(ctx: StaffContext) -> StaffReply:
