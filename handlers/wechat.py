@@ -9,8 +9,9 @@ the campaign's template message outside it (or a ``skipped`` result). Images (re
 trends) are uploaded as temporary media and follow the text as customer-service image messages; after
 a callback that happens in the background, since uploads would not fit WeChat's 5-second wait.
 Throttling, system-busy answers and connection failures are retried later; a send whose answer was lost
-is reported, never resent (WeChat has no idempotency key). wechatpy's client is synchronous, so every
-API call runs on this account's own small thread pool, never on the event loop.
+is reported, never resent (WeChat has no idempotency key). wechatpy checks, decrypts and parses the
+callbacks and renders the passive replies; its API client is synchronous (``requests``), so the few
+API calls the channel makes go out over aiohttp here, in the shapes wechatpy's client sends.
 """
 
 from __future__ import annotations
@@ -18,40 +19,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import re
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Mapping
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
-import requests
+import aiohttp
 import xmltodict
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from urllib3.exceptions import MaxRetryError, NewConnectionError
 from wechatpy import events as wx_events
 from wechatpy import messages as wx_messages
 from wechatpy import parse_message
-from wechatpy.client import WeChatClient
 from wechatpy.crypto import WeChatCrypto
-from wechatpy.exceptions import (
-    InvalidAppIdException,
-    InvalidSignatureException,
-    WeChatClientException,
-)
+from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
 from wechatpy.replies import TextReply
 
 from scrm.channels import Channel, register
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Customer-service messages are allowed this long after the person's last interaction.
 REPLY_WINDOW = timedelta(hours=48)
@@ -84,7 +76,7 @@ class WeChatSettings(BaseModel):
     quota_retry_seconds: float = Field(60.0, gt=0)
     #: First wait after a system-busy errcode (-1) or a network error; doubles on each retry.
     retry_backoff_seconds: float = Field(2.0, gt=0)
-    #: Threads for wechatpy's blocking calls (at most this many API calls in flight).
+    #: At most this many API calls in flight at once (connections to the API).
     max_concurrent_requests: int = Field(8, ge=1, le=64)
 
     @field_validator("api_base_url")
@@ -103,94 +95,146 @@ class WeChatApiError(Exception):
         self.reason = reason
 
 
-class _TokenError(Exception):
-    """The token endpoint refused (wrong AppSecret, IP not whitelisted, quota...)."""
+class _ApiError(Exception):
+    """WeChat refused a call: its errcode, or None for an HTTP error status from the API gateway."""
 
-    def __init__(self, errcode: int, errmsg: str) -> None:
-        super().__init__(f"{errcode}: {errmsg}")
+    def __init__(self, errcode: int | None, errmsg: str, status: int = 200) -> None:
+        super().__init__(f"{errcode}: {errmsg}" if errcode is not None else errmsg)
         self.errcode = errcode
+        self.status = status
+
+
+class _TokenError(_ApiError):
+    """The token endpoint refused (wrong AppSecret, IP not whitelisted, quota...)."""
 
 
 class _NotSent(Exception):
     """A network error before the message itself went out (fetching the token), safe to retry."""
 
-    def __init__(self, cause: requests.RequestException) -> None:
+    def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
 
 
-def _never_connected(exc: requests.RequestException) -> bool:
+#: What the network errors are called in delivery reasons (the names operators know from requests).
+def _network_name(exc: Exception) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "ConnectTimeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "ConnectionError"
+    if isinstance(exc, TimeoutError):
+        return "ReadTimeout"
+    return type(exc).__name__
+
+
+def _never_connected(exc: Exception) -> bool:
     """True when the request cannot have reached WeChat (refused, DNS, connect timeout).
 
     After a read timeout or a dropped connection WeChat may have delivered the message; custom/send has
     no idempotency key, so resending could deliver it twice.
     """
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    cause = exc.args[0] if exc.args else None
-    return isinstance(exc, requests.ConnectionError) and isinstance(cause, MaxRetryError) \
-        and isinstance(cause.reason, NewConnectionError)
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
-class _Api(WeChatClient):
-    """wechatpy's client aimed at the configured base URL, with a thread-safe token cache.
+_NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError)
 
-    wechatpy's own token refresh is off (``auto_retry=False``): it recurses for as long as WeChat keeps
-    answering 40001, and its token fetch ignores both the base URL and the request timeout.
+
+class _Api:
+    """WeChat's API (``cgi-bin/``) at the configured base URL, with its access token cached.
+
+    An invalid or expired token (40001, 40014, 42001) is fetched again and the call retried once, by
+    one caller while the others wait (wechatpy's own refresh recurses for as long as WeChat answers
+    40001, and its token fetch ignores the base URL and the timeout). Connecting may take
+    ``request_timeout_seconds``, and so may each wait for the answer's next bytes.
     """
 
     def __init__(self, settings: WeChatSettings) -> None:
-        super().__init__(settings.app_id, settings.app_secret.get_secret_value(),
-                         timeout=settings.request_timeout_seconds, auto_retry=False)
-        self.API_BASE_URL = settings.api_base_url + "cgi-bin/"
-        self._token_lock = threading.Lock()
+        self.settings = settings
+        self.base = settings.api_base_url + "cgi-bin/"
+        self._http: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_expires = 0.0  # time.monotonic()
+        self._token_lock = asyncio.Lock()
 
-    def fetch_access_token(self) -> dict[str, Any]:
-        res = self._http.get(self.API_BASE_URL + "token", timeout=self.timeout, params={
-            "grant_type": "client_credential", "appid": self.appid, "secret": self.secret})
-        res.raise_for_status()
-        result = res.json()
-        if not isinstance(result, dict) or not result.get("access_token"):
-            errcode = int(result.get("errcode", 0)) if isinstance(result, dict) else 0
-            raise _TokenError(errcode, str(result.get("errmsg", "")) if isinstance(result, dict) else "not JSON")
-        expires_in = int(result.get("expires_in", 7200))
-        self.session.set(self.access_token_key, result["access_token"], expires_in)
-        self.expires_at = int(time.time()) + expires_in
-        return result
+    async def start(self) -> None:
+        if self._http is None:
+            timeout = self.settings.request_timeout_seconds
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
+                connector=aiohttp.TCPConnector(limit=self.settings.max_concurrent_requests))
 
-    @property
-    def access_token(self) -> str:
-        """The cached token, fetched once (not once per thread) when missing or about to expire."""
-        with self._token_lock:
-            token = self.session.get(self.access_token_key)
-            if token and self.expires_at and self.expires_at - time.time() > 60:
-                return str(token)
-            self.fetch_access_token()
-            return str(self.session.get(self.access_token_key))
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
-    def refresh_token(self, stale: str) -> None:
-        """Refetch unless another thread already replaced the token WeChat just rejected."""
-        with self._token_lock:
-            if self.session.get(self.access_token_key) == stale:
-                self.fetch_access_token()
-
-    def call(self, fn: Callable[[_Api], T]) -> T:
-        """One API call; an invalid or expired token is refreshed and the call retried once."""
+    async def call(self, endpoint: str, body: dict[str, Any] | None = None, *, params: dict[str, str] | None = None,
+                   upload: tuple[str, bytes, str] | None = None) -> Any:
+        """POST ``body`` as JSON (or ``upload``: file name, bytes, content type, as the ``media`` part);
+        returns WeChat's JSON answer, or None when the answer is not JSON."""
         try:
-            token = self.access_token
-        except requests.RequestException as exc:
+            token = await self._access_token()
+        except _NETWORK_ERRORS as exc:
             raise _NotSent(exc) from exc
         try:
-            return fn(self)
-        except WeChatClientException as exc:
+            return await self._post(endpoint, token, body, params, upload)
+        except _ApiError as exc:
             if exc.errcode not in TOKEN_ERRCODES:
                 raise
-            log.info("wechat %s: access token rejected (%s), refreshing", self.appid, exc.errcode)
+            log.info("wechat %s: access token rejected (%s), refreshing", self.settings.app_id, exc.errcode)
         try:
-            self.refresh_token(token)
-        except requests.RequestException as exc:
+            token = await self._access_token(stale=token)
+        except _NETWORK_ERRORS as exc:
             raise _NotSent(exc) from exc
-        return fn(self)
+        return await self._post(endpoint, token, body, params, upload)
+
+    async def _access_token(self, stale: str | None = None) -> str:
+        """The cached token, fetched once (not once per caller) when missing, about to expire, or the
+        ``stale`` one WeChat just rejected."""
+        async with self._token_lock:
+            if self._token is None or self._token == stale or self._token_expires - time.monotonic() < 60:
+                result = await self._answer("GET", self.base + "token", params={
+                    "grant_type": "client_credential", "appid": self.settings.app_id,
+                    "secret": self.settings.app_secret.get_secret_value()}, token_call=True)
+                token = result.get("access_token") if isinstance(result, dict) else None
+                if not isinstance(token, str) or not token:
+                    raise _TokenError(0, "token answer has no access_token")
+                self._token = token
+                self._token_expires = time.monotonic() + int(result.get("expires_in", 7200))
+            return self._token
+
+    async def _post(self, endpoint: str, token: str, body: dict[str, Any] | None, params: dict[str, str] | None,
+                    upload: tuple[str, bytes, str] | None) -> Any:
+        data: aiohttp.FormData | bytes | None = None
+        if upload is not None:
+            data = aiohttp.FormData()
+            data.add_field("media", upload[1], filename=upload[0], content_type=upload[2])
+        elif body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")  # WeChat wants UTF-8, not \u escapes
+        return await self._answer("POST", self.base + endpoint, params={**(params or {}), "access_token": token},
+                                  data=data)
+
+    async def _answer(self, method: str, url: str, *, params: dict[str, str], data: Any = None,
+                      token_call: bool = False) -> Any:
+        if self._http is None:
+            raise RuntimeError(f"wechat account {self.settings.app_id!r} is not started")
+        async with self._http.request(method, url, params=params, data=data) as response:
+            if response.status != 200:
+                raise (_TokenError if token_call else _ApiError)(None, f"HTTP {response.status}", response.status)
+            raw = await response.read()
+        try:
+            result = json.loads(raw.decode("utf-8", "ignore"), strict=False)
+        except ValueError:
+            return None
+        errcode = int(result.get("errcode") or 0) if isinstance(result, dict) else 0
+        if errcode:
+            raise (_TokenError if token_call else _ApiError)(errcode, str(result.get("errmsg", "")))
+        return result
+
+
+def _text(openid: str, text: str) -> dict[str, Any]:
+    """A customer-service text message."""
+    return {"touser": openid, "msgtype": "text", "text": {"content": text}}
 
 
 def _signature(*parts: str) -> str:
@@ -242,7 +286,6 @@ class WeChatChannel(Channel):
         s = self.settings
         self._crypto = WeChatCrypto(s.token, s.encoding_aes_key, s.app_id) if s.encoding_aes_key else None
         self._api = _Api(s)
-        self._executor: ThreadPoolExecutor | None = None
         #: Retries so far per delivery for the doubling back-off (bounded: oldest entries drop out).
         self._retries: OrderedDict[int, int] = OrderedDict()
         #: Customer-service sends that follow a callback (late replies, charts); stop() waits for them.
@@ -251,9 +294,7 @@ class WeChatChannel(Channel):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.settings.max_concurrent_requests,
-                                                thread_name_prefix=f"wechat-{self.account}")
+        await self._api.start()
 
     async def stop(self) -> None:
         if self._late:
@@ -262,11 +303,7 @@ class WeChatChannel(Channel):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._executor is not None:
-            # calls already running end within request_timeout_seconds; wait for them off the loop
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-            self._executor = None
-            self._api._http.close()
+        await self._api.stop()
 
     # -- inbound -----------------------------------------------------------------------------------
 
@@ -421,7 +458,7 @@ class WeChatChannel(Channel):
         """
         try:
             if text:
-                result = await self._request(lambda api: api.message.send_text(openid, text), None)
+                result = await self._request(_text(openid, text), None)
                 if result.status != "sent":
                     log.warning("wechat %s: late reply to %s not sent: %s %s", self.account, openid,
                                 result.status, result.reason)
@@ -455,10 +492,10 @@ class WeChatChannel(Channel):
             if card is not None:
                 article = {"title": card.title, "description": card.description, "url": card.url,
                            "picurl": card.picurl}
-                result = await self._request(lambda api: api.message.send_articles(openid, [article]),
-                                             message.delivery_id)
+                news = {"touser": openid, "msgtype": "news", "news": {"articles": [article]}}
+                result = await self._request(news, message.delivery_id)
             else:
-                result = await self._request(lambda api: api.message.send_text(openid, text), message.delivery_id)
+                result = await self._request(_text(openid, text), message.delivery_id)
             if result.status == "sent" and message.image is not None:
                 await self._attach(openid, message.image)
             if result.reason != OUTSIDE_WINDOW:
@@ -466,9 +503,11 @@ class WeChatChannel(Channel):
         if message.template is None:
             return SendResult("skipped", OUTSIDE_WINDOW)
         t = message.template
-        data = {name: {"value": value} for name, value in t.fields.items()}
-        return await self._request(lambda api: api.message.send_template(openid, t.template_id, data, url=t.url),
-                                   message.delivery_id)
+        notice = {"touser": openid, "template_id": t.template_id,
+                  "data": {name: {"value": value} for name, value in t.fields.items()}}
+        if t.url:
+            notice["url"] = t.url
+        return await self._request(notice, message.delivery_id, "message/template/send")
 
     async def _attach(self, openid: str, chart: Chart) -> None:
         """The message's image after its text. The text's result stands whatever happens here: a retry
@@ -481,20 +520,20 @@ class WeChatChannel(Channel):
     async def upload_image(self, png: bytes, filename: str = "chart.png") -> str:
         """Upload a temporary image (WeChat keeps it 3 days) for image messages; returns its media_id."""
         try:
-            result = await self._run(lambda api: api.media.upload("image", (filename, png, "image/png")))
-        except (WeChatClientException, _TokenError) as exc:
+            result = await self._api.call("media/upload", params={"type": "image"}, upload=(filename, png, "image/png"))
+        except _ApiError as exc:
             raise WeChatApiError(self._error_result(exc, None).reason or "wechat:error") from exc
         except _NotSent as exc:
-            raise WeChatApiError(f"network:{type(exc.cause).__name__}") from exc
-        except requests.RequestException as exc:
-            raise WeChatApiError(f"network:{type(exc).__name__}") from exc
+            raise WeChatApiError(f"network:{_network_name(exc.cause)}") from exc
+        except _NETWORK_ERRORS as exc:
+            raise WeChatApiError(f"network:{_network_name(exc)}") from exc
         if not isinstance(result, dict) or not result.get("media_id"):
             raise WeChatApiError("wechat:bad_response")
         return str(result["media_id"])
 
     async def send_image(self, openid: str, media_id: str) -> SendResult:
         """Customer-service image message (e.g. a report chart); the 48-hour window applies."""
-        return await self._request(lambda api: api.message.send_image(openid, media_id), None)
+        return await self._request({"touser": openid, "msgtype": "image", "image": {"media_id": media_id}}, None)
 
     def _in_window(self, message: OutboundMessage) -> bool:
         """Inside 48 hours of the person's last interaction (the core counts follows, QR scans and
@@ -502,35 +541,30 @@ class WeChatChannel(Channel):
         last = message.last_inbound_at
         return last is not None and self.service.clock.now() - last < REPLY_WINDOW
 
-    async def _run(self, fn: Callable[[_Api], T]) -> T:
-        if self._executor is None:
-            raise RuntimeError(f"wechat channel {self.account!r} is not started")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._api.call, fn)
-
-    async def _request(self, fn: Callable[[_Api], Any], delivery_id: int | None) -> SendResult:
-        """Run one sending call and turn WeChat's answer into a SendResult (never raises for WeChat)."""
+    async def _request(self, message: dict[str, Any], delivery_id: int | None,
+                       endpoint: str = "message/custom/send") -> SendResult:
+        """Send one message and turn WeChat's answer into a SendResult (never raises for WeChat)."""
         try:
-            result = await self._run(fn)
-        except (WeChatClientException, _TokenError) as exc:
+            result = await self._api.call(endpoint, message)
+        except _ApiError as exc:
             return self._error_result(exc, delivery_id)
         except _NotSent as exc:
-            return self._backoff(delivery_id, f"network:{type(exc.cause).__name__}")
-        except requests.RequestException as exc:
+            return self._backoff(delivery_id, f"network:{_network_name(exc.cause)}")
+        except _NETWORK_ERRORS as exc:
             if _never_connected(exc):
-                return self._backoff(delivery_id, f"network:{type(exc).__name__}")
+                return self._backoff(delivery_id, f"network:{_network_name(exc)}")
             log.warning("wechat %s: outcome of delivery %s unknown: %r", self.account, delivery_id, exc)
-            return self._finish(delivery_id, SendResult("failed", f"unknown_outcome:{type(exc).__name__}"))
+            return self._finish(delivery_id, SendResult("failed", f"unknown_outcome:{_network_name(exc)}"))
         self._forget_retries(delivery_id)
-        if not isinstance(result, dict):  # wechatpy hands back the raw response when it is not JSON
+        if not isinstance(result, dict):
             return SendResult("failed", "wechat:bad_response")
         msgid = result.get("msgid")
         return SendResult("sent", platform_msg_id=str(msgid) if msgid else None)
 
-    def _error_result(self, exc: WeChatClientException | _TokenError, delivery_id: int | None) -> SendResult:
+    def _error_result(self, exc: _ApiError, delivery_id: int | None) -> SendResult:
         code = exc.errcode
         if code is None:  # HTTP error status from the API gateway
-            status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
+            status = exc.status
             if status >= 500 or status == 429:
                 return self._backoff(delivery_id, f"http:{status}")
             return self._finish(delivery_id, SendResult("failed", f"http:{status}"))
