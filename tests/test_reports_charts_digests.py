@@ -103,9 +103,13 @@ async def test_digest_subscription_fires_through_the_scheduler(aiohttp_client, m
     path = Path(messages[0].rsplit("[chart: ", 1)[1].rstrip("]"))
     with Image.open(path) as img:
         assert (img.format, img.size) == ("PNG", (800, 500))
+    async def recorded() -> list[Touchpoint]:  # the send is recorded just after it returns
+        async with service.sessions() as s:
+            return list((await s.scalars(select(Touchpoint).where(Touchpoint.kind == "report_digest"))).all())
+
+    sent = await eventually(recorded)
+    assert [(t.actor, t.direction, t.payload["status"]) for t in sent] == [("staff:console:bob", "out", "sent")]
     async with service.sessions() as s:
-        sent = (await s.scalars(select(Touchpoint).where(Touchpoint.kind == "report_digest"))).all()
-        assert [(t.actor, t.direction, t.payload["status"]) for t in sent] == [("staff:console:bob", "out", "sent")]
         row = await s.scalar(select(ReportDigest))
         assert row.next_at == datetime(2026, 11, 29, 1, 0) and row.last_sent_at == clock.now()
 
