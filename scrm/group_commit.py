@@ -101,7 +101,10 @@ class GroupCommit(Generic[T, R]):
                 await self._commit([one])
             return
         if after is not None:
-            after()
+            try:
+                after()
+            except Exception:  # committed all the same: every caller still gets its result
+                log.exception("%s: what follows a commit failed", self.name)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # a caller may have cancelled its future; the commit stands
                 future.set_result(result)

@@ -67,3 +67,27 @@ async def test_writes_share_commits_and_a_bad_one_fails_alone(store: dict[str, A
     finally:
         await writer.stop()
         await engine.dispose()
+
+
+async def test_callers_get_their_results_when_what_follows_the_commit_fails(store: dict[str, Any], caplog):
+    engine = make_engine(store["url"], store.get("schema_name"))
+
+    def broken() -> None:
+        raise RuntimeError("a bug after the commit")
+
+    async def write(session: AsyncSession, labels: list[str]) -> Outcome[str]:
+        await session.execute(insert(NOTES), [{"label": label} for label in labels])
+        return labels, broken
+
+    writer: GroupCommit[str, str] = GroupCommit("notes", make_sessionmaker(engine), write)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(METADATA.create_all)
+        await writer.start()
+        assert await asyncio.wait_for(asyncio.gather(writer.submit("a"), writer.submit("b")), 10) == ["a", "b"]
+        assert any("what follows a commit failed" in r.getMessage() for r in caplog.records)
+        async with engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(NOTES)) == 2
+    finally:
+        await writer.stop()
+        await engine.dispose()
