@@ -116,8 +116,8 @@ class _NotSent(Exception):
         self.cause = cause
 
 
-#: What the network errors are called in delivery reasons (the names operators know from requests).
 def _network_name(exc: Exception) -> str:
+    """What a network error is called in delivery reasons (the names operators know from requests)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "ConnectTimeout"
     if isinstance(exc, aiohttp.ClientConnectorError):

@@ -75,9 +75,9 @@ _EVENT_FIELDS = fields(InboundEvent)
 class Chart:
     """A picture (a report chart) drawn when a channel sends it, not when the core decides on it.
 
-    Drawing takes 0.1 s warm and over half a second cold (matplotlib's import and fonts); a staff
-    command's answer is decided inside the ingest transaction, which holds SQLite's writer and its
-    batch mates' acknowledgements, so the drawing waits until the channel sends, after the commit.
+    Drawing takes 0.1 s warm and over half a second cold (matplotlib's import and fonts); what a chart
+    shows is read inside a transaction (a staff command's, a digest's), which must not last that long,
+    so the drawing waits until the channel sends, after the commit.
     """
 
     draw: Callable[[], bytes]
