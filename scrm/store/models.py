@@ -233,7 +233,11 @@ class Delivery(Base):
 
 
 class CampaignRun(Base):
-    """One scheduled run of a cron/date campaign: what makes misfires and double runs visible."""
+    """One scheduled run of a cron/date campaign: what makes misfires, failures and double runs visible.
+
+    Timed campaigns (inactivity, birthday, coupon expiry) plan on every clock tick and have no
+    occurrences; their row ``occurrence = 'clock'`` says how the last tick that changed something went.
+    """
 
     __tablename__ = "campaign_runs"
     __table_args__ = (UniqueConstraint("campaign", "occurrence"),)
@@ -241,11 +245,13 @@ class CampaignRun(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign: Mapped[str] = mapped_column(String(64))
     occurrence: Mapped[str] = mapped_column(String(64))
-    #: ran | skipped_misfire
+    #: ran | skipped_misfire | failed (retried while the misfire policy would still run it late)
     status: Mapped[str] = mapped_column(String(16))
     scheduled_at: Mapped[datetime]
     ran_at: Mapped[datetime]
     planned: Mapped[int] = mapped_column(Integer, default=0)
+    #: Why planning failed (exception type and message), for status 'failed'.
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Coupon(Base):
