@@ -149,6 +149,9 @@ class Touchpoint(Base):
     campaign: Mapped[str | None] = mapped_column(String(64))
     delivery_id: Mapped[int | None]
     created_at: Mapped[datetime]
+    #: On a reply: the ``platform_msg_id`` of the message it answers, so that the platform's retry of
+    #: that message (WeChat's, when the passive reply was lost) is answered with it again.
+    reply_to: Mapped[str | None] = mapped_column(String(128))
 
 
 class Campaign(Base):
@@ -227,6 +230,9 @@ class Delivery(Base):
     #: The instance sending it: a ``sending`` row whose instance stopped heartbeating is ``unknown``.
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None]
+    #: When a send of it first found the platform unreachable (nothing went out): it is tried again until
+    #: ``delivery.unreachable_retry_hours`` after this, and fails only then.
+    unreachable_since: Mapped[datetime | None]
     due_at: Mapped[datetime]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
@@ -338,6 +344,9 @@ Index("ix_deliveries_customer_finished", Delivery.customer_id, Delivery.finished
 # whose reply window counts from it (WeChat's 48 hours).
 Index("ix_touchpoints_staff", Touchpoint.actor, Touchpoint.created_at,
       sqlite_where=Touchpoint.actor.is_not(None), postgresql_where=Touchpoint.actor.is_not(None))
+# Replies to a platform message, by its id (retries answered again); other touchpoints are left out.
+Index("ix_touchpoints_reply_to", Touchpoint.channel, Touchpoint.account, Touchpoint.reply_to,
+      sqlite_where=Touchpoint.reply_to.is_not(None), postgresql_where=Touchpoint.reply_to.is_not(None))
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)
