@@ -2,18 +2,21 @@
 
 The fit test uses the CDNOW sample shipped inside the ``lifetimes`` package (the ``analytics``
 extra) and compares both the library's fit and the built-in scipy fit with the published
-parameters (Fader, Hardie & Lee 2005: r=0.243, alpha=4.414, a=0.793, b=2.426)."""
+parameters (Fader, Hardie & Lee 2005: r=0.243, alpha=4.414, a=0.793, b=2.426). The holdout test
+stores orders drawn from a BG/NBD with known parameters, in a history that ended years ago."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from scrm import segments
 from scrm.clock import ManualClock
@@ -21,7 +24,9 @@ from scrm.loyalty import churn, jobs, recommend
 from scrm.loyalty.history import ImportResult, import_batch, read_orders
 from scrm.profile import customer_view
 from scrm.service import Service
-from scrm.store.models import Customer, LoyaltyAccount
+from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.migrate import upgrade
+from scrm.store.models import Conversion, Customer, LoyaltyAccount
 from tests.conftest import cli_env
 from tests.test_loyalty import LOYALTY
 
@@ -168,3 +173,124 @@ def test_cli_conversions_import_and_analytics_fit(tmp_path, store):
         assert fit.returncode in (0, 1) and "Traceback" not in fit.stderr
     else:
         assert fit.returncode == 2 and "analytics extra" in fit.stderr
+
+
+# A BG/NBD with known parameters (alpha in days: a purchase every 80 days on average while alive),
+# 5000 customers whose first purchases fall in the first 12 weeks of 2019, 78 weeks of calibration
+# and the rest of 2020 as the holdout; the store's last order is over five years before any "today".
+BGNBD = {"r": 0.5, "alpha": 40.0, "a": 1.0, "b": 4.0}
+HISTORY_START, CALIBRATION_END, OBSERVED_UNTIL = datetime(2019, 1, 1), date(2020, 6, 30), datetime(2021, 1, 1)
+
+
+def bgnbd_orders(n: int, seed: int) -> list[tuple[int, datetime, float]]:
+    """Orders (customer, time, amount) drawn as the BG/NBD says: a Poisson purchase rate per customer
+    from Gamma(r, alpha), and after each repeat purchase the customer drops out with a p from Beta(a, b)."""
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(BGNBD["r"], 1 / BGNBD["alpha"], n)
+    drop = rng.beta(BGNBD["a"], BGNBD["b"], n)
+    span = (OBSERVED_UNTIL - HISTORY_START).days
+    orders = []
+    for c in range(n):
+        t = float(rng.integers(0, 84)) + float(rng.uniform(0.3, 0.7))  # first purchase, days from the start
+        times = [t]
+        while (t := t + float(rng.exponential(1 / rate[c]))) < span:
+            times.append(t)
+            if rng.random() < drop[c]:  # dropping out happens after a repeat purchase, never after the first
+                break
+        spend = float(rng.gamma(4.0, 50.0))
+        orders += [(c + 1, HISTORY_START + timedelta(days=t), round(float(rng.gamma(8.0, spend / 8)), 2))
+                   for t in times]
+    return orders
+
+
+def expected_table(orders: list[tuple[int, datetime, float]],
+                   holdout_end: date) -> list[tuple[str, int, float, float]]:
+    """The holdout table's actual column counted straight from the orders: purchase days per customer
+    before the calibration end and from it through the holdout end, grouped by repeat days (0..6+);
+    with each group's standard error, the noise a prediction is judged against."""
+    before: dict[int, set[date]] = {}
+    after: dict[int, set[date]] = {}
+    for customer, at, _ in orders:
+        day = at.date()
+        if day < CALIBRATION_END:
+            before.setdefault(customer, set()).add(day)
+        elif day <= holdout_end:
+            after.setdefault(customer, set()).add(day)
+    groups: dict[int, list[int]] = {}
+    for customer, days in before.items():
+        groups.setdefault(min(len(days) - 1, 6), []).append(len(after.get(customer, ())))
+    return [(f"{k}+" if k == 6 else str(k), len(groups[k]), float(np.mean(groups[k])),
+             float(np.std(groups[k], ddof=1) / np.sqrt(len(groups[k])))) for k in sorted(groups)]
+
+
+async def test_holdout_ends_at_the_last_order_and_checks_per_frequency(store, tmp_path):
+    pytest.importorskip("lifetimes")
+    orders = bgnbd_orders(5000, seed=21)
+    engine = make_engine(store["url"], store.get("schema_name"))
+    try:
+        await upgrade(engine)
+        async with make_sessionmaker(engine)() as s, s.begin():
+            seen = {c: at for c, at, _ in reversed(orders)}
+            await s.execute(insert(Customer), [{"id": c, "display_name": f"c{c}", "first_seen_at": at,
+                                                "last_seen_at": at, "attributes": {}} for c, at in seen.items()])
+            await s.execute(insert(Conversion), [{"customer_id": c, "kind": "order", "order_id": f"G{i}",
+                                                  "amount": amount, "created_at": at}
+                                                 for i, (c, at, amount) in enumerate(orders)])
+        async with make_sessionmaker(engine)() as s:
+            check = await churn.holdout(s, CALIBRATION_END)
+    finally:
+        await engine.dispose()
+
+    last = max(at for _, at, _ in orders).date()
+    assert last >= date(2020, 12, 25) and check.last_order == check.holdout_end == last
+    assert check.holdout_days == (last - CALIBRATION_END).days + 1 and 180 <= check.holdout_days <= 185
+    assert check.holdout_weeks == pytest.approx(check.holdout_days / 7)
+    # The parameters come back (a and b are the least determined: their standard errors here are ~10%).
+    for name, tolerance in (("r", 0.1), ("alpha", 0.1), ("a", 0.25), ("b", 0.25)):
+        assert check.fit.bgnbd[name] == pytest.approx(BGNBD[name], rel=tolerance), (name, check.fit.bgnbd)
+    # The actual column is what the orders say; the model's predictions are close to it in every group.
+    expected = expected_table(orders, last)
+    assert [r.repeat for r in check.rows] == ["0", "1", "2", "3", "4", "5", "6+"]
+    assert [(r.repeat, r.customers) for r in check.rows] == [(k, n) for k, n, _, _ in expected]
+    assert [r.actual for r in check.rows] == pytest.approx([mean for _, _, mean, _ in expected], abs=1e-9)
+    for r, (_, _, _, se) in zip(check.rows, expected):
+        assert abs(r.predicted - r.actual) < 3 * se, (r, se)
+    assert check.mae == pytest.approx(np.mean([abs(r.predicted - r.actual) for r in check.rows]))
+    assert check.mae < 0.1  # customers buy 0.16 (no repeat in calibration) to 2.1 (6+) times in the holdout
+
+    # The command prints the same check, in JSON and as text.
+    from click.testing import CliRunner
+
+    from scrm.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text("[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in store.items()), "utf-8")
+
+    async def scrm(*args: str) -> Any:  # the command runs its own event loop: in a thread
+        return await asyncio.to_thread(CliRunner().invoke, main, ["-c", str(config), "analytics", "fit", *args])
+
+    as_json = await scrm("--calibration-end", f"{CALIBRATION_END}", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    doc = json.loads(as_json.stdout)
+    assert doc["holdout_end"] == last.isoformat() and doc["holdout_days"] == check.holdout_days
+    assert doc["holdout_weeks"] == round(check.holdout_days / 7, 2) and doc["mae"] == round(check.mae, 4)
+    assert doc["bgnbd"] == pytest.approx(check.fit.bgnbd)
+    assert doc["table"] == [{"repeat": r.repeat, "customers": r.customers, "predicted": round(r.predicted, 4),
+                             "actual": round(r.actual, 4)} for r in check.rows]
+    text = await scrm("--calibration-end", f"{CALIBRATION_END}")
+    assert text.exit_code == 0, text.output
+    assert f"holdout {CALIBRATION_END} to {last}: {check.holdout_days} days ({check.holdout_weeks:.1f} weeks)" \
+        in text.stdout
+    six = check.rows[-1]
+    assert f"    6+ | {six.customers:>9} | {six.predicted:>9.3f} | {six.actual:>6.3f}" in text.stdout.splitlines()
+    assert f"mean absolute error {check.mae:.3f}" in text.stdout
+    # An explicit holdout end: a shorter holdout, fewer purchases; one past the data says so.
+    short = json.loads((await scrm("--calibration-end", f"{CALIBRATION_END}", "--holdout-end", "2020-09-29",
+                                   "--json")).stdout)
+    assert short["holdout_days"] == 92
+    assert [row["actual"] for row in short["table"]] == pytest.approx(
+        [mean for *_, mean, _ in expected_table(orders, date(2020, 9, 29))], abs=1e-4)
+    beyond = await scrm("--calibration-end", f"{CALIBRATION_END}", "--holdout-end", "2021-06-30")
+    assert beyond.exit_code == 0 and f"the last order is on {last}" in beyond.stdout
+    wrong = await scrm("--calibration-end", "2021-03-01", "--holdout-end", "2021-01-01")
+    assert wrong.exit_code == 2 and "no holdout days" in wrong.stderr

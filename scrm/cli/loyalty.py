@@ -99,38 +99,55 @@ def analytics() -> None:
 
 @analytics.command("fit")
 @click.option("--calibration-end", type=click.DateTime(["%Y-%m-%d"]), default=None,
-              help="Fit on purchases before this date and check predictions after it (default: 90 days ago).")
+              help="Fit on purchases before this date and check predictions from it on "
+                   "(default: the last 90 days are the holdout).")
+@click.option("--holdout-end", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="Last day of the holdout, inclusive (default: the day of the store's last order).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def analytics_fit(ctx: click.Context, calibration_end: datetime | None) -> None:
+def analytics_fit(ctx: click.Context, calibration_end: datetime | None, holdout_end: datetime | None,
+                  as_json: bool) -> None:
     """Fit the model on the store's orders, print its parameters and a holdout check."""
-    from scrm.clock import SystemClock
     from scrm.loyalty import churn
 
     if not (churn.HAS_LIFETIMES or churn.HAS_SCIPY):
         err.print("the model needs the analytics extra: pip install 'scrm-bot[analytics]'")
         sys.exit(EXIT_USAGE)
     config = load(ctx)
-    now = SystemClock().now()
-    end = calibration_end or now - timedelta(days=90)
 
     async def go() -> churn.HoldoutCheck:
         async with open_store(config) as sessions, sessions() as session:
-            return await churn.holdout(session, end, now)
+            return await churn.holdout(session, calibration_end.date() if calibration_end else None,
+                                       holdout_end.date() if holdout_end else None)
 
     try:
         check = run_async(go())
+    except churn.HoldoutError as exc:
+        err.print(f"no holdout check: {exc}", markup=False)
+        sys.exit(EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001  too few customers or purchases for the optimizer: say so plainly
         err.print(f"cannot fit the model: {type(exc).__name__}: {exc}", markup=False)
         sys.exit(EXIT_FAILED)
-    out.print(f"method {check.fit.method}; calibration until {end:%Y-%m-%d}, holdout {check.holdout_days} days",
-              highlight=False)
-    out.print("BG/NBD " + ", ".join(f"{k}={v:.3f}" for k, v in check.fit.bgnbd.items()), highlight=False)
+    if as_json:
+        out.print_json(json.dumps(check.as_dict(), ensure_ascii=False))
+        return
+
+    def say(line: str) -> None:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)  # one line each, whatever the width
+
+    say(f"method {check.fit.method}; calibration: orders before {check.calibration_end:%Y-%m-%d}")
+    say(f"holdout {check.calibration_end:%Y-%m-%d} to {check.holdout_end:%Y-%m-%d}: {check.holdout_days} days "
+        f"({check.holdout_weeks:.1f} weeks)")
+    if check.holdout_end > check.last_order:
+        say(f"the last order is on {check.last_order:%Y-%m-%d}: the days after it count as no purchases")
+    say("BG/NBD " + ", ".join(f"{k}={v:.3f}" for k, v in check.fit.bgnbd.items()))
     if check.fit.gamma_gamma:
-        out.print("Gamma-Gamma " + ", ".join(f"{k}={v:.3f}" for k, v in check.fit.gamma_gamma.items()), highlight=False)
-    out.print("repeat purchases in calibration | customers | predicted | actual (per customer, holdout)")
-    for g in check.groups:
-        out.print(f"{g['repeat']:>5} | {g['customers']:>9} | {g['predicted']:>9.3f} | {g['actual']:>6.3f}",
-                  highlight=False)
+        say("Gamma-Gamma " + ", ".join(f"{k}={v:.3f}" for k, v in check.fit.gamma_gamma.items()))
+    say("repeat purchases in the holdout per customer, by repeat purchases in calibration")
+    say("repeat | customers | predicted | actual")
+    for r in check.rows:
+        say(f"{r.repeat:>6} | {r.customers:>9} | {r.predicted:>9.3f} | {r.actual:>6.3f}")
+    say(f"mean absolute error {check.mae:.3f}")
 
 
 @main.group("loyalty")

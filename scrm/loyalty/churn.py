@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import distinct, func, literal, select, update
@@ -246,32 +246,88 @@ async def score(session: AsyncSession, now: datetime, method: str = "auto", min_
     return ScoreResult(n, int(np.sum(methods != "rules")), used, params)
 
 
+class HoldoutError(ValueError):
+    """The asked-for holdout cannot be checked (no orders, no days, no calibration customers): a usage
+    problem to state plainly, unlike a model that fails to fit."""
+
+
+@dataclass(frozen=True)
+class HoldoutRow:
+    """Customers with the same number of repeat purchase days in calibration (``repeat``: 0..5, 6+),
+    and their mean repeat purchase days in the holdout: the model's and the counted."""
+
+    repeat: str
+    customers: int
+    predicted: float
+    actual: float
+
+
 @dataclass(frozen=True)
 class HoldoutCheck:
+    """A fit on the purchases before ``calibration_end`` against the purchases from that day through
+    ``holdout_end`` (inclusive), per calibration-frequency group, as Fader, Hardie & Lee (2005) check
+    the BG/NBD on CDNOW; ``mae`` is the mean absolute error over the table's rows."""
+
     fit: Fit
-    groups: list[dict[str, Any]]
-    calibration_end: datetime
-    holdout_days: int
+    rows: list[HoldoutRow]
+    calibration_end: date
+    holdout_end: date
+    last_order: date
+    mae: float
+
+    @property
+    def holdout_days(self) -> int:
+        return (self.holdout_end - self.calibration_end).days + 1
+
+    @property
+    def holdout_weeks(self) -> float:
+        return self.holdout_days / 7
+
+    def as_dict(self) -> dict[str, Any]:
+        """The check for ``--json``: the same figures the text output prints."""
+        return {"method": self.fit.method, "calibration_end": self.calibration_end.isoformat(),
+                "holdout_end": self.holdout_end.isoformat(), "last_order": self.last_order.isoformat(),
+                "holdout_days": self.holdout_days, "holdout_weeks": round(self.holdout_weeks, 2),
+                "bgnbd": self.fit.bgnbd, "gamma_gamma": self.fit.gamma_gamma,
+                "table": [{"repeat": r.repeat, "customers": r.customers, "predicted": round(r.predicted, 4),
+                           "actual": round(r.actual, 4)} for r in self.rows],
+                "mae": round(self.mae, 4)}
 
 
-async def holdout(session: AsyncSession, calibration_end: datetime, now: datetime) -> HoldoutCheck:
-    """Fit on purchases before ``calibration_end``; compare predicted with actual purchases after it,
-    per group of customers with the same number of repeat purchases in calibration (0..6+)."""
+async def last_order_day(session: AsyncSession) -> date | None:
+    """The day of the store's latest order: where a holdout on an old history really ends."""
+    latest = await session.scalar(select(func.max(Conversion.created_at)).where(Conversion.kind == "order"))
+    return None if latest is None else _ts(latest).date()
+
+
+async def holdout(session: AsyncSession, calibration_end: date | None = None, holdout_end: date | None = None,
+                  default_days: int = 90) -> HoldoutCheck:
+    """Fit on purchases before ``calibration_end``; compare predicted with actual purchase days from
+    then through ``holdout_end`` (default: the last order's day, not today, so that a history that
+    ended long ago is not compared with years without data), per calibration-frequency group.
+    Without ``calibration_end`` the holdout is the last ``default_days`` days."""
     import numpy as np
 
-    cal = await summary(session, calibration_end)
-    days = max((now - calibration_end).days, 1)
+    last = await last_order_day(session)
+    if last is None:
+        raise HoldoutError("no orders in the store")
+    end = holdout_end or last
+    first = calibration_end or end - timedelta(days=default_days - 1)
+    if first > end:
+        raise HoldoutError(f"the calibration end {first} is after the holdout end {end}: no holdout days")
+    first_at = datetime.combine(first, time())
+    cal = await summary(session, first_at)
+    if not len(cal.customer_id):
+        raise HoldoutError(f"no orders before {first}: nothing to fit")
+    days = (end - first).days + 1
     fitted = fit(cal)
     predicted = bgnbd_expected(fitted.bgnbd, float(days), cal.frequency, cal.recency, cal.T)
-    after = await summary(session, now + timedelta(seconds=1), start=calibration_end)
+    after = await summary(session, datetime.combine(end + timedelta(days=1), time()), start=first_at)
     actual_by_id = dict(zip(after.customer_id.tolist(), (after.frequency + 1).tolist()))
     actual = np.array([actual_by_id.get(int(c), 0.0) for c in cal.customer_id])
     bucket = np.minimum(cal.frequency, 6).astype(int)
-    groups = []
-    for k in range(7):
-        mask = bucket == k
-        if mask.any():
-            groups.append({"repeat": f"{k}+" if k == 6 else str(k), "customers": int(mask.sum()),
-                           "predicted": round(float(predicted[mask].mean()), 3),
-                           "actual": round(float(actual[mask].mean()), 3)})
-    return HoldoutCheck(fitted, groups, calibration_end, days)
+    rows = [HoldoutRow(f"{k}+" if k == 6 else str(k), int(mask.sum()), float(predicted[mask].mean()),
+                       float(actual[mask].mean()))
+            for k in range(7) if (mask := bucket == k).any()]
+    mae = float(np.mean([abs(r.predicted - r.actual) for r in rows]))
+    return HoldoutCheck(fitted, rows, first, end, last, mae)
