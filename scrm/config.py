@@ -118,7 +118,7 @@ class _AnySegment(dict[str, str]):
         return True
 
     def __getitem__(self, key: str) -> str:
-        return "true"
+        return "True"
 
 
 _SEGMENT_NAMES_ONLY = _AnySegment()

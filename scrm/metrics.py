@@ -60,6 +60,10 @@ STORE_ERRORS = Counter("scrm_store_errors_total", "Store operations that failed,
 API_REQUESTS = Counter("scrm_api_requests_total", "Integration API requests, by route and status.",
                        ["route", "status"])
 IMPORTED = Counter("scrm_import_rows_total", "Customer import rows, by outcome.", ["outcome"])
+CAMPAIGN_PLAN_FAILURES = Counter("scrm_campaign_plan_failures_total",
+                                 "Campaign clock ticks in which a campaign failed to plan, by campaign.", ["campaign"])
+CAMPAIGNS_FAILING = Gauge("scrm_campaign_failing", "1 while a campaign's latest run failed to plan (read from the "
+                          "store at scrape time, so every instance tells the same).", ["campaign"])
 OUTBOX_DUE = Gauge("scrm_outbox_due", "Planned deliveries already due (waiting for the outbox worker).")
 OUTBOX_PLANNED = Gauge("scrm_outbox_planned", "Planned deliveries, due now or later.")
 OUTBOX_SENDING = Gauge("scrm_outbox_sending", "Deliveries claimed and being sent.")
@@ -150,6 +154,11 @@ async def refresh_outbox(session: AsyncSession, now: datetime) -> None:
     OUTBOX_AGE.set(max(0.0, (now - row[1]).total_seconds()) if row[1] is not None else 0.0)
     OUTBOX_PLANNED.set(row[2] or 0)
     OUTBOX_SENDING.set(row[3] or 0)
+
+
+def campaigns_failing(campaigns: Iterable[str], failing: set[str]) -> None:
+    for name in campaigns:
+        CAMPAIGNS_FAILING.labels(name).set(1 if name in failing else 0)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy import ColumnElement, Exists, and_, exists, false, func, not_, or_, select, true
 from sqlalchemy.orm import QueryableAttribute
 
 from scrm.messages import MESSAGE_KINDS
@@ -44,6 +44,17 @@ class ExpressionError(ValueError):
     """The expression cannot be compiled; the message says where and why."""
 
 
+def _about_customer(found: Exists) -> Exists:
+    """A subquery correlated to the outer customer only.
+
+    A segment is used inside other queries (the planner's INSERT ... SELECT joins the customer's
+    identity, the coupon-expiry planner joins coupon codes): SQLAlchemy's auto-correlation would
+    correlate *every* table the outer query shares, leaving e.g. ``channel``'s subquery with no FROM
+    at all, or counting only the outer row's coupon. So every subquery names what it correlates to.
+    """
+    return found.correlate(Customer)
+
+
 _STRING_FIELDS = {
     "stage": Customer.stage,
     "source": Customer.acquisition_source,
@@ -57,7 +68,7 @@ _AGE_FIELDS: dict[str, Callable[[], Any]] = {
 }
 
 def _loyalty(column: Any, default: Any = None) -> Any:
-    value = select(column).where(LoyaltyAccount.customer_id == Customer.id).scalar_subquery()
+    value = select(column).where(LoyaltyAccount.customer_id == Customer.id).correlate(Customer).scalar_subquery()
     return value if default is None else func.coalesce(value, default)
 
 
@@ -107,7 +118,7 @@ def _compare(op: ast.cmpop, left: Any, right: Any) -> ColumnElement[bool]:
 class Compiler:
     def __init__(self, now: datetime, segments: Mapping[str, str] | None = None) -> None:
         self.now = now
-        self.segments = segments or {}
+        self.segments = {} if segments is None else segments  # an empty mapping may answer "in" (config checks)
         self._stack: list[str] = []
 
     def compile(self, text: str) -> ColumnElement[bool]:
@@ -147,7 +158,8 @@ class Compiler:
             values = self._list(right)
             target = self._value(left)
             if isinstance(target, _Channel):
-                found = exists().where(Identity.customer_id == Customer.id, Identity.channel.in_(values))
+                found = _about_customer(exists().where(Identity.customer_id == Customer.id,
+                                                       Identity.channel.in_(values)))
             elif isinstance(target, _Age):
                 raise ExpressionError(f"{ast.unparse(left)} cannot be used with 'in'")
             else:
@@ -159,7 +171,7 @@ class Compiler:
         if isinstance(lhs, _Channel):
             if not isinstance(op, (ast.Eq, ast.NotEq)) or not isinstance(rhs, str):
                 raise ExpressionError("channel is compared with == or != to a channel name")
-            found = exists().where(Identity.customer_id == Customer.id, Identity.channel == rhs)
+            found = _about_customer(exists().where(Identity.customer_id == Customer.id, Identity.channel == rhs))
             return found if isinstance(op, ast.Eq) else not_(found)
         if isinstance(lhs, _Age):
             if not isinstance(rhs, (int, float)) or isinstance(op, (ast.Eq, ast.NotEq)):
@@ -222,10 +234,10 @@ class Compiler:
             args = self._args(node, (str,), 1)
             if len(args) != 1:
                 raise ExpressionError("tag() takes the tag name")
-            return exists().where(
+            return _about_customer(exists().where(
                 CustomerTag.customer_id == Customer.id, CustomerTag.tag_id == Tag.id, Tag.name == args[0],
                 or_(CustomerTag.expires_at.is_(None), CustomerTag.expires_at > self.now),
-            )
+            ))
         if name == "segment":
             args = self._args(node, (str,), 1)
             if len(args) != 1 or args[0] not in self.segments:
@@ -248,13 +260,13 @@ class Compiler:
                        Touchpoint.kind.in_(MESSAGE_KINDS),
                        Touchpoint.created_at > self.now - timedelta(days=end),
                        Touchpoint.created_at <= self.now - timedelta(days=start))
-                .scalar_subquery()
+                .correlate(Customer).scalar_subquery()
             )
         if name == "replied":
             self._args(node, (), 0)
             last_campaign = (select(func.max(Touchpoint.created_at))
                              .where(Touchpoint.customer_id == Customer.id, Touchpoint.kind == "campaign_message")
-                             .scalar_subquery())
+                             .correlate(Customer).scalar_subquery())
             return and_(last_campaign.is_not(None), Customer.last_inbound_at > last_campaign)
         #: name: (aggregate, owning customer's id column, time column, extra filter)
         aggregates: dict[str, tuple[ColumnElement[Any], QueryableAttribute[int | None],
@@ -273,7 +285,7 @@ class Compiler:
             query = select(agg).where(owner == Customer.id, only)
             if args:
                 query = query.where(when > self.now - timedelta(days=args[0]))
-            return query.scalar_subquery()
+            return query.correlate(Customer).scalar_subquery()
         raise ExpressionError(f"unknown function {name!r}")
 
 

@@ -142,12 +142,34 @@ class Service:
         return result
 
     async def run_campaign_clock(self) -> timed.ClockResult:
-        """Plan what scheduled and timed campaigns owe as of now (see scrm.campaigns.timed)."""
-        async with self.sessions() as session, session.begin():
+        """Plan what scheduled and timed campaigns owe as of now (see scrm.campaigns.timed).
+
+        A writing transaction: on SQLite each campaign's savepoint must sit inside a real transaction
+        (the driver begins none for reads), and planning statements may run long, so off the loop."""
+        async with writing(self.sessions) as session:
+            await statements_in_thread(session)
             result = await timed.run_due(self, session, self.clock.now())
         if result.planned:
             self.wake_outbox()
+        if result.newly_failed:
+            await self._campaigns_failed({name: result.failed[name] for name in sorted(result.newly_failed)})
         return result
+
+    async def _campaigns_failed(self, failed: dict[str, str]) -> None:
+        """Tell operators and admins in chat, once a failure streak, which campaigns did not plan."""
+        from scrm.loyalty.followups import send_to_staff
+
+        lines = [f"活动计划失败 Campaign {name} failed to plan: {reason}" for name, reason in failed.items()]
+        text = "\n".join([*lines, "其他活动照常 The other campaigns went out; `scrm campaigns list` shows the runs."])
+        now = self.clock.now()
+        for identity, role in sorted(self.config.staff.items()):
+            if role not in ("operator", "admin"):
+                continue
+            try:
+                async with self.sessions() as session, session.begin():
+                    await send_to_staff(self, session, identity, text, now, kind="staff_alert")
+            except Exception:  # noqa: BLE001 - the failure is recorded and counted; the alert is a courtesy
+                log.exception("could not tell %s that campaigns failed to plan", identity)
 
     async def reload_campaigns(self) -> bool:
         """Pick up edited campaign files without a restart; a broken edit keeps the running set."""

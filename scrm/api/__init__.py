@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from scrm import logs, metrics
+from scrm.campaigns import timed
 from scrm.api.framework import API_SERVICE, PREFIX, Endpoint, api_errors, openapi, serve
 from scrm.api.routes import ENDPOINTS
 from scrm.service import Service
@@ -65,6 +66,8 @@ async def scrape(request: web.Request) -> web.Response:
     try:
         async with service.sessions() as session:
             await metrics.refresh_outbox(session, service.clock.now())
+            runs = await timed.last_runs(session)
+            metrics.campaigns_failing(service.campaigns, {n for n, r in runs.items() if r.status == "failed"})
     except Exception:  # noqa: BLE001  (the scrape must still answer: the error counter is what tells the operator)
         metrics.store_error("metrics")
     body, content_type = metrics.exposition()

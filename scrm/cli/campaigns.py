@@ -49,26 +49,31 @@ def describe_trigger(d: CampaignDefinition) -> str:
 @click.pass_context
 @guard
 def campaigns_list(ctx: click.Context) -> None:
-    """List campaigns with their trigger, steps and state."""
+    """List campaigns with their trigger, steps, state and last run (a failed run says why)."""
     from sqlalchemy import select
 
-    from scrm.store.models import Campaign
+    from scrm.campaigns.timed import describe_run, last_runs
+    from scrm.store.models import Campaign, CampaignRun
 
     config = load(ctx)
     loaded = load_campaigns(config)
 
-    async def paused() -> set[str]:
+    async def state() -> tuple[set[str], dict[str, CampaignRun]]:
         async with open_store(config) as sessions, sessions() as session:
-            return set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
+            paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
+            return paused, await last_runs(session)
 
-    off = run_async(paused())
-    table = Table("name", "title", "kind", "trigger", "audience", "steps", "state", "file")
+    off, runs = run_async(state())
+    table = Table("name", "title", "kind", "trigger", "audience", "steps", "state", "last run", "file")
     for c in loaded:
         d = c.definition
         audience = "groups" if d.audience.groups else d.audience.segment or "the customer"
         table.add_row(d.name, d.title, d.kind, describe_trigger(d), audience, str(len(d.journey)),
-                      "paused" if d.name in off else "active", c.path.name)
+                      "paused" if d.name in off else "active", describe_run(runs.get(d.name)), c.path.name)
     out.print(table)
+    failed = sorted(name for name, run in runs.items() if run.status == "failed")
+    if failed:
+        err.print(f"{len(failed)} campaign(s) failed to plan: {', '.join(failed)}")
 
 
 def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:

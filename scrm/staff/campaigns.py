@@ -1,14 +1,29 @@
-"""Operators steer campaigns from chat: /pause, /resume, /preview."""
+"""Operators steer campaigns from chat: /campaigns, /pause, /resume, /preview."""
 
 from __future__ import annotations
 
 from scrm.campaigns.control import set_paused
 from scrm.campaigns.outbox import preview
+from scrm.campaigns.timed import describe_run, last_runs
 from scrm.config import Role
 from scrm.customers import find_by_ref
 from scrm.staff import StaffContext, command
 
 OPERATORS: set[Role] = {"operator", "admin"}
+ALL: set[Role] = {"manager", "operator", "admin"}
+
+
+@command("campaigns", ALL, "/campaigns", reads_only=True)
+async def campaigns(ctx: StaffContext, args: str) -> str:
+    """Each campaign's state and last run: a campaign that failed to plan shows here with its reason."""
+    runs = await last_runs(ctx.session)
+    lines = []
+    for name in sorted(ctx.service.campaigns):
+        state = "已暂停 paused" if name in ctx.service.paused else "active"
+        lines.append(f"{name} [{state}] {describe_run(runs.get(name))}")
+    failed = [name for name in sorted(ctx.service.campaigns) if (run := runs.get(name)) and run.status == "failed"]
+    head = f"活动 Campaigns ({len(failed)} 计划失败 failed to plan)" if failed else "活动 Campaigns"
+    return "\n".join([head, *lines])
 
 
 async def _switch(ctx: StaffContext, args: str, paused: bool) -> str:
