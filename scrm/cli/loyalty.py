@@ -123,7 +123,7 @@ def analytics_fit(ctx: click.Context, calibration_end: datetime | None, holdout_
     try:
         check = run_async(go())
     except churn.HoldoutError as exc:
-        err.print(f"no holdout check: {exc}", markup=False)
+        err.print(f"no holdout check: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001  too few customers or purchases for the optimizer: say so plainly
         err.print(f"cannot fit the model: {type(exc).__name__}: {exc}", markup=False)
