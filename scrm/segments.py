@@ -98,6 +98,17 @@ class _Channel:
     pass
 
 
+#: Longest window a segment may name: a century, well inside datetime's range for any "now".
+MAX_DAYS = 36_500
+
+
+def _days(value: float, where: str) -> timedelta:
+    """A number of days as a timedelta, or a clear error (not an OverflowError in the planner)."""
+    if not 0 <= value <= MAX_DAYS:
+        raise ExpressionError(f"{where}: days must be between 0 and {MAX_DAYS}, got {value!r}")
+    return timedelta(days=value)
+
+
 def _compare(op: ast.cmpop, left: Any, right: Any) -> ColumnElement[bool]:
     match op:
         case ast.Eq():
@@ -177,7 +188,7 @@ class Compiler:
             if not isinstance(rhs, (int, float)) or isinstance(op, (ast.Eq, ast.NotEq)):
                 raise ExpressionError("days_* fields are compared with <, <=, >, >= to a number of days")
             # "days since t >= N" is "t <= now - N days": compare timestamps, portable across stores.
-            threshold = self.now - timedelta(days=rhs)
+            threshold = self.now - _days(rhs, "days_* fields")
             return _compare(_FLIP[type(op)](), lhs.column, threshold)
         return _compare(op, lhs, rhs)
 
@@ -258,8 +269,8 @@ class Compiler:
                 select(func.count(Touchpoint.id))
                 .where(Touchpoint.customer_id == Customer.id, Touchpoint.direction == "in",
                        Touchpoint.kind.in_(MESSAGE_KINDS),
-                       Touchpoint.created_at > self.now - timedelta(days=end),
-                       Touchpoint.created_at <= self.now - timedelta(days=start))
+                       Touchpoint.created_at > self.now - _days(end, ast.unparse(node)),
+                       Touchpoint.created_at <= self.now - _days(start, ast.unparse(node)))
                 .correlate(Customer).scalar_subquery()
             )
         if name == "replied":
@@ -284,7 +295,7 @@ class Compiler:
             args = self._args(node, (int, float), 1)
             query = select(agg).where(owner == Customer.id, only)
             if args:
-                query = query.where(when > self.now - timedelta(days=args[0]))
+                query = query.where(when > self.now - _days(args[0], ast.unparse(node)))
             return query.correlate(Customer).scalar_subquery()
         raise ExpressionError(f"unknown function {name!r}")
 

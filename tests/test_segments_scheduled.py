@@ -355,3 +355,14 @@ async def test_a_failed_run_shows_in_campaigns_list_and_to_staff_in_chat(make_co
     assert listing.returncode == 0, listing.stderr
     assert "FAILED" in listing.stdout and "refused by the test" in listing.stdout
     assert "1 campaign(s) failed to plan: broken" in listing.stderr
+
+
+@pytest.mark.parametrize("expression", ["msgs(1e308) >= 1", "days_silent >= 1e12", "conversions(99999999) > 0",
+                                        "msgs(1, 40000) > 0"])
+def test_a_window_beyond_a_century_is_a_config_problem_not_a_crash(tmp_path, expression):
+    from scrm.config import ConfigError
+    from scrm.config_file import parse_config
+
+    with pytest.raises(ConfigError) as caught:  # was an OverflowError with a traceback
+        parse_config(deep_merge(example_config(), {"segments": {"huge": expression}}), tmp_path, environ={})
+    assert "segments.huge: " in str(caught.value) and "days must be between 0 and 36500" in str(caught.value)
