@@ -230,6 +230,9 @@ class Delivery(Base):
     #: The instance sending it: a ``sending`` row whose instance stopped heartbeating is ``unknown``.
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None]
+    #: When a send of it first found the platform unreachable (nothing went out): it is tried again until
+    #: ``delivery.unreachable_retry_hours`` after this, and fails only then.
+    unreachable_since: Mapped[datetime | None]
     due_at: Mapped[datetime]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
