@@ -55,6 +55,13 @@ TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
 QUOTA_ERRCODES = frozenset({45009, 45047})
 MAX_BACKOFF_SECONDS = 300.0
 _DECLARATION = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+#: WeChat waits this long for a callback's answer, and makes this many tries in all (PLATFORMS.md).
+ANSWER_WAIT = timedelta(seconds=5)
+TRIES = 3
+#: A message that comes again within this long of its first try is WeChat retrying it (the answer was
+#: lost or late) and gets the passive reply recorded the first time; after it, the same MsgId is no
+#: retry WeChat makes and is only acknowledged. WeChat's last try comes about 10 s after the first.
+RETRY_WINDOW = ANSWER_WAIT * TRIES
 
 
 class WeChatSettings(BaseModel):
@@ -420,8 +427,10 @@ class WeChatChannel(Channel):
                             payload={k: v for k, v in payload.items() if v is not None})
 
     async def _react(self, event: InboundEvent) -> Reaction | None:
-        """The core's reaction to answer now, or None for a duplicate or when the commit takes longer
-        than WeChat waits (the commit goes on and its reaction follows as customer-service messages)."""
+        """The core's reaction to answer now, or None when the commit takes longer than WeChat waits
+        (the commit goes on and its reaction follows as customer-service messages). A duplicate is
+        WeChat retrying: within its window it gets the replies recorded for the first try, whose
+        answer WeChat did not get; only the answer is given again, nothing is run twice."""
         committed = self.service.receive(event)
         await asyncio.wait((committed,), timeout=self.settings.reply_timeout_seconds)  # never cancels it
         if not committed.done():
@@ -430,7 +439,12 @@ class WeChatChannel(Channel):
             committed.add_done_callback(partial(self._late_reaction, event.external_id))
             return None
         reaction = committed.result()
-        return None if reaction.duplicate else reaction
+        if not reaction.duplicate:
+            return reaction
+        original = reaction.original
+        if original is None or not original.replies or self.service.clock.now() - original.received_at > RETRY_WINDOW:
+            return None
+        return Reaction(duplicate=True, replies=original.replies)
 
     def _late_reaction(self, openid: str, committed: asyncio.Future[Reaction]) -> None:
         """Replies and charts the passive answer missed go out as customer-service messages (the window

@@ -88,6 +88,14 @@ class Chart:
 
 
 @dataclass(frozen=True)
+class Original:
+    """A duplicate's first delivery: when it was received and the replies recorded for it."""
+
+    received_at: datetime
+    replies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Reaction:
     """What the core decided about an inbound event, returned once it is committed."""
 
@@ -96,6 +104,9 @@ class Reaction:
     customer_id: int | None = None
     #: Report charts to send after the replies, where the channel can show images.
     images: tuple[Chart, ...] = ()
+    #: For a duplicate: its original. A platform that retries because an answer was lost (WeChat's
+    #: passive replies) can be answered the same way again; nothing is run twice.
+    original: Original | None = None
 
 
 @dataclass(frozen=True)

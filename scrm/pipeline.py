@@ -27,7 +27,7 @@ from scrm.consent import record as record_consent
 from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
-from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Reaction
+from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Original, Reaction
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
 from scrm.store.sqlite_driver import statements_in_thread
@@ -38,12 +38,17 @@ if TYPE_CHECKING:
     from scrm.staff import StaffReply
 
 _Key = tuple[str, str, str]  # channel, account, external id
+_MsgKey = tuple[str, str, str | None]  # channel, account, platform message id
 
 # The batch's statements, built once: building one costs more than running it on a batch.
 _TP, _ID, _CU = Touchpoint.__table__, Identity.__table__, Customer.__table__
-_STORED = select(_TP.c.platform_msg_id).where(
+_STORED = select(_TP.c.platform_msg_id, _TP.c.created_at).where(
     _TP.c.channel == bindparam("channel"), _TP.c.account == bindparam("account"),
     _TP.c.platform_msg_id.in_(bindparam("ids", expanding=True)))
+#: The replies recorded for stored messages (ix_touchpoints_reply_to), in the order they were given.
+_REPLIES = select(_TP.c.reply_to, _TP.c.text).where(
+    _TP.c.channel == bindparam("channel"), _TP.c.account == bindparam("account"), _TP.c.reply_to.is_not(None),
+    _TP.c.reply_to.in_(bindparam("ids", expanding=True))).order_by(_TP.c.id)
 _IDENTIFIED = select(_ID.c.external_id, _ID.c.customer_id).where(
     _ID.c.channel == bindparam("channel"), _ID.c.account == bindparam("account"),
     _ID.c.external_id.in_(bindparam("ids", expanding=True)))
@@ -86,12 +91,17 @@ class _Batch:
 
     def touchpoint(self, event: InboundEvent, customer_id: int | None, direction: str, kind: str, *,
                    text: str | None = None, payload: dict[str, Any] | None = None,
-                   platform_msg_id: str | None = None, actor: str | None = None) -> None:
+                   platform_msg_id: str | None = None, actor: str | None = None, reply_to: str | None = None) -> None:
         self.touchpoints.append({
             "customer_id": customer_id, "actor": actor, "channel": event.channel, "account": event.account,
             "direction": direction, "kind": kind, "text": text, "payload": payload or {},
             "platform_msg_id": platform_msg_id, "campaign": None, "delivery_id": None, "created_at": self.now,
+            "reply_to": reply_to,
         })
+
+    def reply(self, event: InboundEvent, customer_id: int | None, text: str, actor: str | None = None) -> None:
+        """A reply to the event, found again by the event's platform id when the platform retries it."""
+        self.touchpoint(event, customer_id, "out", "reply", text=text, actor=actor, reply_to=event.platform_msg_id)
 
     def trigger(self, name: TriggerEvent, customer_id: int, event: InboundEvent, *, tag: str | None = None,
                 words: frozenset[str] | None = None) -> None:
@@ -136,36 +146,55 @@ async def handle_batch(service: Runtime, session: AsyncSession, items: list[tupl
     """``items``: each event with the answer already read for a staff report (or None)."""
     batch = _Batch(service, session, now)
     events = [event for event, _ in items]
-    fresh = await _fresh(session, events)
+    originals = await _stored(session, events)
+    fresh = _fresh(events, originals)
     roles = [staff.role_of(service, e) for e in events]
     customers = await _customers(session, [e for e, new, r in zip(events, fresh, roles) if new and r is None], now)
     reactions: list[Reaction] = []
     for (event, answer), new, role in zip(items, fresh, roles):
-        if not new:
-            reactions.append(Reaction(duplicate=True))
-        elif role is not None:
+        key = (event.channel, event.account, event.platform_msg_id)
+        if not new:  # a retry, of a stored event or of one earlier in this batch
+            reactions.append(Reaction(duplicate=True, original=originals[key]))
+            continue
+        if role is not None:
             await batch.flush()
-            reactions.append(await _handle_staff(batch, event, role, answer))
+            reaction = await _handle_staff(batch, event, role, answer)
         else:
             customer_id, created = customers[(event.channel, event.account, event.external_id)]
             reaction = await _handle_customer(batch, event, customer_id, created)
-            reactions.append(reaction)
             # later events of this identity: not a first contact, and the merged customer if it merged
             customers[(event.channel, event.account, event.external_id)] = (reaction.customer_id or customer_id, False)
+        reactions.append(reaction)
+        if event.platform_msg_id is not None:
+            originals[key] = Original(now, reaction.replies)
     await batch.flush()
     return BatchOutcome(reactions, batch.planned, {r.customer_id for r in reactions if r.customer_id is not None})
 
 
-async def _fresh(session: AsyncSession, events: list[InboundEvent]) -> list[bool]:
-    """False for retries of an event already stored (or earlier in this batch), by platform id."""
+async def _stored(session: AsyncSession, events: list[InboundEvent]) -> dict[_MsgKey, Original]:
+    """The events already stored, by platform id (the platform's retries), with when they came and the
+    replies recorded for them; the replies are read only when there are retries."""
     wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
     for e in events:
         if e.platform_msg_id is not None:
             wanted[(e.channel, e.account)].add(e.platform_msg_id)
-    seen: set[tuple[str, str, str | None]] = set()
+    originals: dict[_MsgKey, Original] = {}
     for (channel, account), msg_ids in wanted.items():
-        stored = await session.execute(_STORED, {"channel": channel, "account": account, "ids": list(msg_ids)})
-        seen |= {(channel, account, m) for m, in stored}
+        where = {"channel": channel, "account": account}
+        stored: dict[str, datetime] = {m: at for m, at in await session.execute(_STORED, {**where, "ids": list(msg_ids)})}
+        if not stored:
+            continue
+        replies: dict[str, list[str]] = defaultdict(list)
+        for reply_to, text in await session.execute(_REPLIES, {**where, "ids": list(stored)}):
+            if text is not None:  # redacted since (erasure, retention): nothing to give again
+                replies[reply_to].append(text)
+        originals |= {(channel, account, m): Original(at, tuple(replies[m])) for m, at in stored.items()}
+    return originals
+
+
+def _fresh(events: list[InboundEvent], stored: dict[_MsgKey, Original]) -> list[bool]:
+    """False for retries of an event already stored or earlier in this batch, by platform id."""
+    seen = set(stored)
     fresh = []
     for e in events:
         key = (e.channel, e.account, e.platform_msg_id)
@@ -213,7 +242,7 @@ async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role, answer: 
         await batch.flush()
         await statements_in_thread(batch.session)  # its reads may still take a while: not on the event loop
         answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
-    batch.touchpoint(event, None, "out", "reply", text=answer.text, actor=actor)
+    batch.reply(event, None, answer.text, actor=actor)
     return Reaction(replies=(answer.text,), images=answer.images)
 
 
@@ -259,7 +288,7 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
     if created:
         batch.trigger("first_message", customer_id, event)
     for reply in replies:
-        batch.touchpoint(event, customer_id, "out", "reply", text=reply)
+        batch.reply(event, customer_id, reply)
     return Reaction(replies=tuple(replies), customer_id=customer_id)
 
 

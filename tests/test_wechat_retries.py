@@ -1,0 +1,132 @@
+"""WeChat's retries and loose callback XML, through the real app against the fake WeChat API.
+
+WeChat retries a callback whose answer it did not get (5 s a try, 3 tries): a retry of a message that
+was answered with a passive reply gets that same reply again, from the store, without running anything
+twice; in plaintext and safe mode, within a batch, across batches and across instances. Callbacks
+with a repeated scalar field, an out-of-range MsgId or a non-integer CreateTime are refused (400) and
+write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import xmltodict
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from handlers.wechat import RETRY_WINDOW
+from scrm import commands
+from scrm.messages import InboundEvent
+from scrm.store.models import Consent, Customer, ReportDigest, Touchpoint
+from scrm.web import SERVICE, create_app
+from tests.conftest import POSTGRES_URL, eventually
+from tests.fakes.wechat import Callback, FakeWeChat, event_xml, open_reply, plaintext, safe_mode, text_xml
+from tests.test_wechat import AES_KEY, TOKEN, account, count, fake, inbound, post, start  # noqa: F401 - fake is a fixture
+
+
+def build(mode: str, fake: FakeWeChat) -> Callable[[str], Callback]:
+    """Signed callbacks in one mode; each call signs anew, as WeChat does for every try."""
+    if mode == "plaintext":
+        return lambda xml: plaintext(TOKEN, xml)
+    return lambda xml: safe_mode(TOKEN, AES_KEY, fake.app_id, xml)
+
+
+async def answer(resp: Any, mode: str, fake: FakeWeChat) -> dict[str, Any] | str:
+    """A passive reply's fields (decrypted and checked in safe mode), or the plain body (``success``)."""
+    assert resp.status == 200, await resp.text()
+    body = await resp.text()
+    if resp.content_type != "application/xml":
+        return body
+    if mode == "plaintext":
+        return dict(xmltodict.parse(body)["xml"])
+    return open_reply(TOKEN, AES_KEY, fake.app_id, body)
+
+
+def content(reply: dict[str, Any] | str) -> str:
+    assert isinstance(reply, dict), f"expected a passive reply, got {reply!r}"
+    return str(reply["Content"])
+
+
+# -- item: a retried message gets its recorded reply --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "safe"])
+async def test_retry_of_a_replied_message_gets_the_same_reply_and_runs_nothing_twice(
+        aiohttp_client, make_config, clock, fake, mode):
+    client, service = await start(aiohttp_client, make_config, clock, fake)
+    signed = build(mode, fake)
+    first = await answer(await post(client, signed(text_xml("o_una", "退订", 6200000000000000777))), mode, fake)
+    assert content(first) == commands.OPT_OUT_REPLY and first["ToUserName"] == "o_una"
+    # the answer was lost on the way: WeChat tries twice more within its window, same MsgId, new signatures
+    for seconds in (5, 5):
+        clock.advance(seconds)
+        again = await answer(await post(client, signed(text_xml("o_una", "退订", 6200000000000000777))), mode, fake)
+        assert content(again) == commands.OPT_OUT_REPLY
+        assert (again["ToUserName"], again["FromUserName"], again["MsgType"]) == (
+            "o_una", first["FromUserName"], "text")
+    assert [(t.kind, t.platform_msg_id) for t in await inbound(service)] == [("text", "6200000000000000777")]
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 1
+    assert await count(service, Consent) == 1  # the opt-out was recorded once
+    assert fake.custom_messages == []  # nothing went out as a customer-service message instead
+
+    # the same MsgId after WeChat's window is not a retry WeChat makes: acknowledged, nothing shown
+    clock.advance(RETRY_WINDOW)
+    late = await answer(await post(client, signed(text_xml("o_una", "退订", 6200000000000000777))), mode, fake)
+    assert late == "success"
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 1
+
+
+async def test_retry_of_a_message_without_reply_is_acknowledged(aiohttp_client, make_config, clock, fake):
+    client, service = await start(aiohttp_client, make_config, clock, fake)
+    for _ in range(3):
+        resp = await post(client, plaintext(TOKEN, text_xml("o_vic", "你好,有奶粉吗", 900)))
+        assert (resp.status, await resp.text()) == (200, "success")
+    for _ in range(3):  # events carry no MsgId: sender + CreateTime identify them
+        resp = await post(client, plaintext(TOKEN, event_xml("o_vic", "CLICK", "MENU_1", create_time=1700000200)))
+        assert (resp.status, await resp.text()) == (200, "success")
+    assert [(t.kind, t.platform_msg_id) for t in await inbound(service)] == [
+        ("text", "900"), ("menu_click", "o_vic:1700000200")]
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 0
+
+
+async def test_retry_of_a_staff_command_gets_its_answer_without_running_it_again(
+        aiohttp_client, make_config, clock, fake):
+    client, service = await start(aiohttp_client, make_config, clock, fake,
+                                  overrides={"staff": {"wechat:o_manager": "manager"}})
+    answers = []
+    for _ in range(2):
+        resp = await post(client, safe_mode(TOKEN, AES_KEY, fake.app_id, text_xml("o_manager", "/digest daily 09:00", 71)))
+        answers.append(content(await answer(resp, "safe", fake)))
+    assert answers[0] == answers[1] and "Digest daily 09:00" in answers[0]
+    assert await count(service, ReportDigest) == 1
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 1
+
+
+async def test_duplicates_in_one_batch_get_the_first_ones_replies(aiohttp_client, make_config, clock, fake):
+    """A retry committed in the same group commit as its original (submitted together, so the writer
+    takes them as one batch) carries the original's replies; the original alone has effects."""
+    _, service = await start(aiohttp_client, make_config, clock, fake)
+
+    def opt_out(msg_id: str) -> InboundEvent:
+        return InboundEvent("wechat", "brand", "o_wes", "text", text="TD", platform_msg_id=msg_id)
+
+    first, retry, other = await asyncio.gather(*(service.receive(e) for e in
+                                                 (opt_out("31"), opt_out("31"), opt_out("32"))))
+    assert (first.duplicate, first.replies) == (False, (commands.OPT_OUT_REPLY,))
+    assert retry.duplicate and retry.replies == () and retry.original is not None
+    assert (retry.original.replies, retry.original.received_at) == ((commands.OPT_OUT_REPLY,), clock.now())
+    assert not other.duplicate
+    assert await count(service, Touchpoint, Touchpoint.direction == "in") == 2
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 2
+    assert await count(service, Consent) == 2
+
+    # and in a later batch, from the store
+    clock.advance(3)
+    later = await service.receive(opt_out("31"))
+    assert later.duplicate and later.original is not None
+    assert (later.original.replies, later.original.received_at) == ((commands.OPT_OUT_REPLY,), clock.now() - timedelta(seconds=3))
