@@ -109,8 +109,11 @@ def clock() -> ManualClock:
     return ManualClock(SystemClock().now().replace(hour=3, minute=0, second=0, microsecond=0))
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll an async check until it returns something truthy; the scheduler runs for real."""
+async def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
+    """Poll an async check until it returns something truthy; the scheduler runs for real.
+
+    ``timeout`` only bounds a hang: a passing check returns as soon as it holds, and a slow machine
+    (a cold matplotlib font cache, a loaded CI runner) must not turn a correct outcome into a failure."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = await check()

@@ -216,7 +216,7 @@ async def test_store_outage_answers_503_writes_nothing_and_recovers(aiohttp_clie
     async def recovered() -> bool:
         return (await say(3)).status == 200
 
-    await eventually(recovered, timeout=20, interval=0.5)
+    await eventually(recovered, interval=0.5)
     assert (await client.get("/healthz")).status == 200
     async with service.sessions() as s:
         texts = (await s.scalars(select(Touchpoint.platform_msg_id).where(Touchpoint.direction == "in"))).all()

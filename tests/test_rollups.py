@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from scrm import personal, reports, rollups
 from scrm.clock import ManualClock
@@ -213,9 +213,20 @@ async def test_a_build_that_read_before_an_invalidation_committed_is_dropped(wor
     async with service.sessions() as s:
         await s.begin()
         await rollups.invalidate(s, [datetime(2026, 11, 20, 3, 0)])  # holds the counter until committed
-        build = asyncio.create_task(rollups.build_days(service.sessions, [day], TZ, NOW))
-        await asyncio.sleep(1)  # the build reads the store, then waits for the counter
-        await s.commit()
+        checking = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("UPDATE REPORT_ROLLUP_STATE"):
+                loop.call_soon_threadsafe(checking.set)  # the build has read; it now waits for the counter
+
+        event.listen(service.engine.sync_engine, "before_cursor_execute", before)
+        try:
+            build = asyncio.create_task(rollups.build_days(service.sessions, [day], TZ, NOW))
+            await asyncio.wait_for(checking.wait(), 60)
+            await s.commit()
+        finally:
+            event.remove(service.engine.sync_engine, "before_cursor_execute", before)
     assert await build == 0 and await built(service) == []
     assert await rollups.build_days(service.sessions, [day], TZ, NOW) == 1
     assert await built(service) == [day]

@@ -15,7 +15,7 @@ from sqlalchemy import event, func, select
 from scrm.config_file import parse_config
 from scrm.store.models import Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import ROOT, deep_merge, example_config
+from tests.conftest import ROOT, deep_merge, eventually, example_config
 
 
 def sqlite_config(tmp_path: Path):
@@ -42,13 +42,13 @@ async def test_ingest_waits_for_another_writer_without_stalling_the_loop(aiohttp
             client.post("/console/local/messages", json={"user": "bob", "text": "奶粉多少钱", "id": "b1"}))
         await asyncio.sleep(0.5)
         assert not pending.done()  # its transaction waits for the lock...
-        health = await asyncio.wait_for(client.get("/healthz"), 5)  # ...while the loop serves others
+        health = await asyncio.wait_for(client.get("/healthz"), 20)  # ...while the loop serves others (< busy 30 s)
         assert health.status == 200
         assert await stored_messages(service) == 1
     finally:
         other.execute("COMMIT")
         other.close()
-    assert (await asyncio.wait_for(pending, 10)).status == 200
+    assert (await asyncio.wait_for(pending, 60)).status == 200
     assert await stored_messages(service) == 2
 
 
@@ -102,13 +102,15 @@ async def test_a_staff_report_reads_while_another_writer_holds_the_lock(aiohttp_
         ran.clear()
         pending = asyncio.ensure_future(
             client.post("/console/local/messages", json={"user": "boss", "text": "/report 7d", "id": "r1"}))
-        await asyncio.sleep(0.5)
-        assert not pending.done()  # its answer waits for the lock to be recorded...
-        assert any(sql.startswith("SELECT") and "FROM customers" in sql for sql in ran)  # ...its reading did not
+        async def read() -> bool:  # its reading did not wait for the lock...
+            return any(sql.startswith("SELECT") and "FROM customers" in sql for sql in ran)
+
+        await eventually(read)
+        assert not pending.done()  # ...its answer does, to be recorded
         assert not any(sql.startswith("INSERT") for sql in ran)
     finally:
         other.execute("COMMIT")
         other.close()
-    answer = await (await asyncio.wait_for(pending, 10)).json()
+    answer = await (await asyncio.wait_for(pending, 60)).json()
     assert answer["replies"][0].startswith("报告") and len(answer["images"]) == 1
     assert await stored_messages(service) == 2

@@ -323,7 +323,7 @@ async def test_fan_out_stays_under_flood_limits(client, fake, updates, monkeypat
         return len(fake.sent) >= 60 and await count(client, Delivery, Delivery.campaign == "welcome",
                                                     Delivery.status == "sent") == 60
 
-    await eventually(all_sent, timeout=15)
+    await eventually(all_sent)
     assert fake.throttled == []  # the fake enforces 30/s overall and 1/s per chat: none was needed
     assert sorted(s.chat_id for s in fake.sent) == [p["id"] for p in people]  # one each, no duplicates
     # The pace itself: never 31 sends within a second. Arrival times at the fake also carry the delay
@@ -416,7 +416,7 @@ async def test_a_wake_while_the_outbox_runs_is_taken_by_the_running_tick(aiohttp
     async def both_welcomed() -> bool:
         return await count(client, Delivery, Delivery.campaign == "welcome", Delivery.status == "sent") == 2
 
-    await eventually(both_welcomed, timeout=10)
+    await eventually(both_welcomed)
     assert [s.chat_id for s in fake.sent] == [ALICE["id"], bob["id"]]
     assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
 
@@ -593,7 +593,7 @@ async def test_poll_cli_serves_the_bot_until_interrupted(tmp_path, fake, updates
             return bool(fake.texts_to(1001)) and not fake.pending_updates
 
         try:
-            await eventually(welcomed, timeout=30)
+            await eventually(welcomed)
         except AssertionError:
             raise AssertionError(err.read_text("utf-8")[-3000:]) from None
         assert fake.webhook is None and fake.texts_to(1001)[0].startswith("Alice Wang,欢迎")

@@ -57,6 +57,14 @@ class Call:
 
 
 @dataclass
+class Hold:
+    """One held answer: ``arrived`` is set when the call came in, the answer waits for ``released``."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class FakeWeChat:
     app_id: str = "wx0123456789abcdef"
     app_secret: str = "fake-app-secret"
@@ -75,6 +83,7 @@ class FakeWeChat:
     _expired: set[str] = field(default_factory=set)
     _queued: dict[str, deque[int]] = field(default_factory=lambda: defaultdict(deque))
     _stalls: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(deque))
+    _holds: dict[str, deque[Hold]] = field(default_factory=lambda: defaultdict(deque))
 
     # -- test controls -----------------------------------------------------------------------------
 
@@ -86,6 +95,13 @@ class FakeWeChat:
         """The next answer from ``endpoint`` comes this late, after WeChat acted on the call (a message
         is delivered, a token issued): the client's timeout then leaves it not knowing the outcome."""
         self._stalls[endpoint].append(seconds)
+
+    def hold_next(self, endpoint: str) -> Hold:
+        """The next call to ``endpoint`` is acted on (recorded) and then answered only once the test
+        releases it: a test waits for ``arrived`` instead of betting on how long the client takes."""
+        hold = Hold()
+        self._holds[endpoint].append(hold)
+        return hold
 
     def expire_tokens(self) -> None:
         """Every token issued so far now answers 42001, as after WeChat's 2-hour expiry."""
@@ -109,6 +125,10 @@ class FakeWeChat:
         self.calls.append(Call(endpoint, query, body, answer))
         if stalls := self._stalls[endpoint]:
             await asyncio.sleep(stalls.popleft())
+        if holds := self._holds[endpoint]:
+            hold = holds.popleft()
+            hold.arrived.set()
+            await hold.released.wait()
         return web.Response(text=json.dumps(answer, ensure_ascii=False), content_type="application/json",
                             charset="utf-8")
 
