@@ -37,12 +37,15 @@ class StoreUnavailable(Exception):
 class GroupCommit(Generic[T, R]):
     def __init__(self, name: str, sessions: async_sessionmaker[AsyncSession],
                  work: Callable[[AsyncSession, list[T]], Awaitable[Outcome[R]]], *, linger: float = 0.0,
-                 max_batch: int = 500) -> None:
+                 max_batch: int = 500, retry: Callable[[Exception], bool] | None = None) -> None:
         self.name = name
         self.sessions = sessions
         self.work = work
         self.linger = linger
         self.max_batch = max_batch
+        #: A lone item that fails with an error this accepts is run once more, in a new transaction
+        #: (ingest: another instance committed the same unique key first; the next try reads it).
+        self.retry = retry
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -85,11 +88,14 @@ class GroupCommit(Generic[T, R]):
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]], *, again: bool = False) -> None:
         try:
             async with writing(self.sessions) as session:
                 results, after = await self.work(session, [item for item, _ in batch])
-        except Exception:
+        except Exception as exc:
+            if len(batch) == 1 and not again and self.retry is not None and self.retry(exc):
+                await self._commit(batch, again=True)
+                return
             if len(batch) == 1:
                 metrics.store_error(self.name)
                 log.exception("could not commit %s", self.name)

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import metrics, pipeline
@@ -30,7 +31,8 @@ class Ingestor:
     def __init__(self, service: Runtime) -> None:
         self.service = service
         self._commits: GroupCommit[_Item, Reaction] = GroupCommit(
-            "ingest", service.sessions, self._process, linger=service.config.store.commit_linger_ms / 1000)
+            "ingest", service.sessions, self._process, linger=service.config.store.commit_linger_ms / 1000,
+            retry=_raced)
 
     async def start(self) -> None:
         await self._commits.start()
@@ -57,3 +59,11 @@ class Ingestor:
             svc.touch(outcome.customers)
 
         return outcome.reactions, committed
+
+
+def _raced(exc: Exception) -> bool:
+    """Another instance committed one of the event's unique keys while this one was writing it (PostgreSQL:
+    the platform retried the message on another instance, or two instances met a new identity at once).
+    Tried again, the event reads what the other committed: a retry is then a duplicate, answered with
+    its original's replies, instead of a store error the platform would have to retry once more."""
+    return isinstance(exc, IntegrityError)

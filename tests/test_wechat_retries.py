@@ -130,3 +130,57 @@ async def test_duplicates_in_one_batch_get_the_first_ones_replies(aiohttp_client
     later = await service.receive(opt_out("31"))
     assert later.duplicate and later.original is not None
     assert (later.original.replies, later.original.received_at) == ((commands.OPT_OUT_REPLY,), clock.now() - timedelta(seconds=3))
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs SCRM_TEST_POSTGRES_URL: on SQLite one writer at a time reads "
+                                              "what the previous one committed, so instances cannot race")
+@pytest.mark.parametrize("known", [False, True], ids=["new-customer", "known-customer"])
+async def test_retry_racing_its_original_on_another_instance_gets_its_reply(
+        aiohttp_client, make_config, clock, fake, store, monkeypatch, known):
+    """The retry reaches a second instance while the first still holds the original's uncommitted rows:
+    the second blocks on the unique key (the touchpoint's MsgId, or the new customer's identity), fails
+    once the first commits, and is tried again: a duplicate, answered with the reply the first recorded."""
+    if "schema_name" not in store:
+        pytest.skip("PostgreSQL variant only")
+    from scrm import pipeline
+
+    config = make_config({"channels": {"wechat": {"brand": account(fake)}}})
+    first = await aiohttp_client(create_app(config, clock))
+    second = await aiohttp_client(create_app(config, clock))
+    if known:
+        assert await (await post(first, plaintext(TOKEN, text_xml("o_xia", "你好", 40)))).text() == "success"
+    held, release = asyncio.Event(), asyncio.Event()
+    holder: list[int] = []
+    load_customer = pipeline._Batch.customer
+
+    async def hold_first(batch: Any, customer_id: int) -> Customer:
+        """The opt-out loads the customer after the batch's rows are written: the first caller waits there."""
+        customer = await load_customer(batch, customer_id)
+        if not holder:
+            holder.append(await batch.session.scalar(text("SELECT pg_backend_pid()")))
+            held.set()
+            await release.wait()
+        return customer
+
+    monkeypatch.setattr(pipeline._Batch, "customer", hold_first)
+    original = asyncio.ensure_future(post(first, plaintext(TOKEN, text_xml("o_xia", "TD", 41))))
+    await held.wait()
+    retry = asyncio.ensure_future(post(second, plaintext(TOKEN, text_xml("o_xia", "TD", 41))))
+    admin = create_async_engine(POSTGRES_URL)
+    try:
+        async def blocked() -> bool:
+            async with admin.connect() as conn:
+                waiting = await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                                            {"pid": holder[0]})
+                return bool(waiting)
+
+        await eventually(blocked)  # the retry waits on the first instance's uncommitted row
+    finally:
+        await admin.dispose()
+    release.set()
+    answers = [content(await answer(await resp, "plaintext", fake)) for resp in (original, retry)]
+    assert answers == [commands.OPT_OUT_REPLY, commands.OPT_OUT_REPLY]
+    service = first.app[SERVICE]
+    assert [t.platform_msg_id for t in await inbound(service)] == (["40"] if known else []) + ["41"]
+    assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 1
+    assert await count(service, Customer) == 1 and await count(service, Consent) == 1
