@@ -650,3 +650,62 @@ class ItemPair(Base):
     confidence: Mapped[float] = mapped_column(Float)
     lift: Mapped[float] = mapped_column(Float)
     computed_at: Mapped[datetime]
+
+
+class StaffAccount(Base):
+    """A console sign-in (``scrm staff add``): name, role, argon2id password hash, and the chat identity
+    that may ask for a sign-in link with ``/console``."""
+
+    __tablename__ = "staff_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: manager | operator | admin
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    #: ``<channel>:<external id>`` of the person in staff chat, if linked.
+    identity: Mapped[str | None] = mapped_column(String(160), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the cookie holds a random token, the store only its SHA-256."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("staff_accounts.id"), index=True)
+    #: The session's CSRF token, sent back with every state-changing request.
+    csrf: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+
+class SignInLink(Base):
+    """A single-use sign-in link sent in staff chat (``/console``); the store keeps the token's SHA-256."""
+
+    __tablename__ = "console_sign_in_links"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("staff_accounts.id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+
+
+class SignInFailure(Base):
+    """A failed console sign-in, counted per account name and per address for throttling (in the store,
+    so every instance of a cluster throttles alike)."""
+
+    __tablename__ = "console_sign_in_failures"
+    __table_args__ = (Index("ix_console_sign_in_failures_name_at", "name", "at"),
+                      Index("ix_console_sign_in_failures_address_at", "address", "at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime]
