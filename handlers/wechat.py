@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from wechatpy import messages as wx_messages
 from wechatpy import parse_message
 from wechatpy.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
+from wechatpy.fields import FloatField
 from wechatpy.replies import TextReply
 
 from scrm.channels import Channel, register
@@ -62,6 +64,12 @@ TRIES = 3
 #: lost or late) and gets the passive reply recorded the first time; after it, the same MsgId is no
 #: retry WeChat makes and is only acknowledged. WeChat's last try comes about 10 s after the first.
 RETRY_WINDOW = ANSWER_WAIT * TRIES
+#: Message kinds that carry a MsgId (events are told apart by sender and CreateTime).
+_MESSAGE_TYPES = frozenset({"text", "image", "voice", "video", "shortvideo", "location", "link"})
+#: WeChat's MsgId is a 64-bit number; CreateTime a count of seconds. Plain digits only: int() would also
+#: take signs, spaces and underscores, and give one message two ids.
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_UINT64_MAX = 2**64 - 1
 
 
 class WeChatSettings(BaseModel):
@@ -264,15 +272,56 @@ def _reject_declarations(body: bytes) -> None:
 def _parse(body: bytes | str) -> wx_messages.BaseMessage:
     try:
         message = parse_message(body)
-        if message is None or not isinstance(message.source, str) or not 0 < len(message.source) <= 128:
+        if message is None:
+            raise ValueError("empty")
+        _check_fields(message)
+        if not isinstance(message.source, str) or not 0 < len(message.source) <= 128:
             raise ValueError("no FromUserName")
-        if message.time is None:  # CreateTime (a number) identifies events for dedupe
-            raise ValueError("no CreateTime")
-        if message.type in ("text", "image", "voice", "video", "shortvideo", "location", "link"):
-            message.id  # noqa: B018 - MsgId, when present, must be a number too
         return message
     except Exception as exc:  # noqa: BLE001 - expat, a missing <xml> root or field, a non-numeric id: all malformed input
         raise web.HTTPBadRequest(text=f"malformed WeChat XML ({type(exc).__name__})") from None
+
+
+#: Per wechatpy message class: the XML elements the channel reads, and those it reads as floats.
+_FIELDS_READ: dict[object, tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _fields_read(message_type: Any) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The XML elements the channel reads of a message of this class (MsgId where messages carry it),
+    and those read as floats; worked out once per class."""
+    read = _FIELDS_READ.get(message_type)
+    if read is None:
+        fields = [f for f in message_type._fields.values()
+                  if message_type.type in _MESSAGE_TYPES or f.name != "MsgId"]
+        read = _FIELDS_READ[message_type] = (frozenset({"MsgType", "Event", *(f.name for f in fields)}),
+                                             tuple(f.name for f in fields if isinstance(f, FloatField)))
+    return read
+
+
+def _check_fields(message: wx_messages.BaseMessage) -> None:
+    """Raise ValueError unless every field the channel reads is one value of its kind.
+
+    xmltodict gives a repeated element as a list and one with children or attributes as a dict, and
+    wechatpy passes both through unconverted: two MsgIds would become the id "['1', '2']". MsgId is
+    a 64-bit number where messages carry it (events have none: sender and CreateTime identify them),
+    CreateTime a number of seconds, and floats (an event's coordinates) finite numbers.
+    """
+    data: Mapping[str, object] = message._data  # the <xml> element's children by name, as parsed
+    names, floats = _fields_read(type(message))
+    for name in names:
+        if not isinstance(data.get(name), str | None):
+            raise ValueError(f"{name} repeated or not text")
+    created = data.get("CreateTime")
+    if not isinstance(created, str) or not _DIGITS.fullmatch(created):
+        raise ValueError("CreateTime is not a number")
+    msg_id = data.get("MsgId")
+    if message.type in _MESSAGE_TYPES and msg_id is not None:  # absent: told apart by sender and time
+        if not (isinstance(msg_id, str) and _DIGITS.fullmatch(msg_id) and 0 < int(msg_id) <= _UINT64_MAX):
+            raise ValueError("MsgId is not a 64-bit id")
+    for name in floats:
+        value = data.get(name)
+        if isinstance(value, str) and not math.isfinite(float(value)):  # float() refuses what is no number
+            raise ValueError(f"{name} is not a finite number")
 
 
 def _float(value: object) -> float | None:
@@ -418,10 +467,8 @@ class WeChatChannel(Channel):
         else:
             log.debug("wechat %s: ignoring %r", self.account, m)
             return None
-        if not isinstance(text, str) or any(isinstance(v, dict | list) for v in payload.values()):
-            raise web.HTTPBadRequest(text="malformed WeChat XML (nested or repeated fields)")
         # WeChat retries an unanswered callback: messages carry MsgId, events only sender + time.
-        msg_id = str(m.id) if kind in ("text", "image", "voice", "video", "location", "link") and m.id else None
+        msg_id = str(m.id) if m.type in _MESSAGE_TYPES and m.id else None
         return InboundEvent(self.type_name, self.account, m.source, kind, text=text,
                             platform_msg_id=msg_id or f"{m.source}:{m.time}", source=source,
                             payload={k: v for k, v in payload.items() if v is not None})

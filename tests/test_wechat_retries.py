@@ -26,7 +26,8 @@ from scrm.store.models import Consent, Customer, ReportDigest, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import POSTGRES_URL, eventually
 from tests.fakes.wechat import Callback, FakeWeChat, event_xml, open_reply, plaintext, safe_mode, text_xml
-from tests.test_wechat import AES_KEY, TOKEN, account, count, fake, inbound, post, start  # noqa: F401 - fake is a fixture
+from tests.test_wechat import fake  # noqa: F401 - the fake WeChat API fixture
+from tests.test_wechat import AES_KEY, TOKEN, account, count, inbound, post, start
 
 
 def build(mode: str, fake: FakeWeChat) -> Callable[[str], Callback]:
@@ -100,7 +101,8 @@ async def test_retry_of_a_staff_command_gets_its_answer_without_running_it_again
                                   overrides={"staff": {"wechat:o_manager": "manager"}})
     answers = []
     for _ in range(2):
-        resp = await post(client, safe_mode(TOKEN, AES_KEY, fake.app_id, text_xml("o_manager", "/digest daily 09:00", 71)))
+        digest = text_xml("o_manager", "/digest daily 09:00", 71)
+        resp = await post(client, safe_mode(TOKEN, AES_KEY, fake.app_id, digest))
         answers.append(content(await answer(resp, "safe", fake)))
     assert answers[0] == answers[1] and "Digest daily 09:00" in answers[0]
     assert await count(service, ReportDigest) == 1
@@ -129,7 +131,8 @@ async def test_duplicates_in_one_batch_get_the_first_ones_replies(aiohttp_client
     clock.advance(3)
     later = await service.receive(opt_out("31"))
     assert later.duplicate and later.original is not None
-    assert (later.original.replies, later.original.received_at) == ((commands.OPT_OUT_REPLY,), clock.now() - timedelta(seconds=3))
+    assert later.original.replies == (commands.OPT_OUT_REPLY,)
+    assert later.original.received_at == clock.now() - timedelta(seconds=3)
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="needs SCRM_TEST_POSTGRES_URL: on SQLite one writer at a time reads "
@@ -170,8 +173,8 @@ async def test_retry_racing_its_original_on_another_instance_gets_its_reply(
     try:
         async def blocked() -> bool:
             async with admin.connect() as conn:
-                waiting = await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
-                                            {"pid": holder[0]})
+                query = "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+                waiting = await conn.scalar(text(query), {"pid": holder[0]})
                 return bool(waiting)
 
         await eventually(blocked)  # the retry waits on the first instance's uncommitted row
@@ -184,3 +187,65 @@ async def test_retry_racing_its_original_on_another_instance_gets_its_reply(
     assert [t.platform_msg_id for t in await inbound(service)] == (["40"] if known else []) + ["41"]
     assert await count(service, Touchpoint, Touchpoint.kind == "reply") == 1
     assert await count(service, Customer) == 1 and await count(service, Consent) == 1
+
+
+# -- item: loose callback XML is refused -------------------------------------------------------------
+
+
+def repeated(xml: str, tag: str) -> str:
+    """The callback with its first ``<tag>`` element given twice."""
+    start, end = xml.index(f"<{tag}>"), xml.index(f"</{tag}>") + len(f"</{tag}>")
+    assert start < end, tag
+    return xml[:end] + xml[start:end] + xml[end:]
+
+
+def with_value(xml: str, tag: str, value: str) -> str:
+    start, end = xml.index(f"<{tag}>") + len(f"<{tag}>"), xml.index(f"</{tag}>")
+    return xml[:start] + value + xml[end:]
+
+
+TEXT = text_xml("o_yan", "我想买奶粉", 6200000000000000123, create_time=1700000300)
+CLICK = event_xml("o_yan", "CLICK", "MENU_1", create_time=1700000301)
+LOCATION = event_xml("o_yan", "LOCATION", create_time=1700000302,
+                     extra={"Latitude": 23.137466, "Longitude": 113.352425, "Precision": 119.385040})
+MALFORMED = {
+    "two MsgIds": repeated(TEXT, "MsgId"),
+    "MsgId of 32 digits": with_value(TEXT, "MsgId", "9" * 32),
+    "MsgId 2**64": with_value(TEXT, "MsgId", str(2**64)),
+    "MsgId 0": with_value(TEXT, "MsgId", "0"),
+    "MsgId negative": with_value(TEXT, "MsgId", "-5"),
+    "MsgId signed": with_value(TEXT, "MsgId", "+5"),
+    "MsgId with underscore": with_value(TEXT, "MsgId", "1_000"),
+    **{f"two {tag}s": repeated(TEXT, tag)
+       for tag in ("FromUserName", "ToUserName", "CreateTime", "MsgType", "Content")},
+    **{f"event with two {tag}s": repeated(CLICK, tag) for tag in ("Event", "EventKey", "CreateTime", "FromUserName")},
+    "CreateTime 1.5": with_value(TEXT, "CreateTime", "1700000300.5"),
+    "CreateTime text": with_value(TEXT, "CreateTime", "soon"),
+    "CreateTime empty": with_value(CLICK, "CreateTime", ""),
+    "CreateTime signed": with_value(CLICK, "CreateTime", "-1700000301"),
+    "Content with children": with_value(TEXT, "Content", "<b>奶粉</b>"),
+    "Latitude text": with_value(LOCATION, "Latitude", "north"),
+    "Latitude not finite": with_value(LOCATION, "Latitude", "nan"),
+}
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "safe"])
+async def test_loose_xml_is_refused_and_writes_nothing(aiohttp_client, make_config, clock, fake, mode):
+    client, service = await start(aiohttp_client, make_config, clock, fake)
+    signed = build(mode, fake)
+    answers = {}
+    for case, xml in MALFORMED.items():
+        resp = await post(client, signed(xml))
+        answers[case] = (resp.status, await resp.text())
+    assert {case: status for case, (status, _) in answers.items()} == {case: 400 for case in MALFORMED}, answers
+    assert all(body.startswith("malformed WeChat XML") for _, body in answers.values()), answers
+    assert await count(service, Touchpoint) == 0 and await count(service, Customer) == 0
+
+    # well-formed neighbours are accepted: the largest 64-bit MsgId, an event without one, whitespace
+    # around a number (XML text, as WeChat's own parsers read it)
+    accepted = [with_value(TEXT, "MsgId", str(2**64 - 1)), CLICK, with_value(LOCATION, "CreateTime", " 1700000302 ")]
+    for xml in accepted:
+        resp = await post(client, signed(xml))
+        assert (resp.status, await resp.text()) == (200, "success")
+    assert [(t.kind, t.platform_msg_id) for t in await inbound(service)] == [
+        ("text", str(2**64 - 1)), ("menu_click", "o_yan:1700000301"), ("location_report", "o_yan:1700000302")]
