@@ -181,7 +181,8 @@ async def _stored(session: AsyncSession, events: list[InboundEvent]) -> dict[_Ms
     originals: dict[_MsgKey, Original] = {}
     for (channel, account), msg_ids in wanted.items():
         where = {"channel": channel, "account": account}
-        stored: dict[str, datetime] = {m: at for m, at in await session.execute(_STORED, {**where, "ids": list(msg_ids)})}
+        rows = await session.execute(_STORED, {**where, "ids": list(msg_ids)})
+        stored: dict[str, datetime] = {m: at for m, at in rows}
         if not stored:
             continue
         replies: dict[str, list[str]] = defaultdict(list)
