@@ -256,6 +256,25 @@ class ApiConfig(_Strict):
     keys: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")], ApiKey] = {}
 
 
+class ConsoleConfig(_Strict):
+    """The operators' browser console at ``/console/`` (accounts: ``scrm staff add``)."""
+
+    enabled: bool = True
+    #: Where people reach the service, for the sign-in links ``/console`` sends in chat
+    #: (default: ``http://<service.host>:<service.port>``).
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/.*)?$")
+    #: ``auto``: the Secure cookie flag when the request came over HTTPS (or ``X-Forwarded-Proto: https``).
+    secure_cookies: Literal["auto", "always", "never"] = "auto"
+    #: A session ends after this long without a request, and after ``absolute_hours`` in any case.
+    idle_minutes: float = Field(30, gt=0)
+    absolute_hours: float = Field(12, gt=0)
+    #: Sign-in is refused for 15 minutes after this many failures for one account, or from one address.
+    max_failures_per_account: int = Field(5, gt=0)
+    max_failures_per_address: int = Field(20, gt=0)
+    #: Rows per page in the customer list and message threads.
+    page_size: int = Field(50, gt=0, le=500)
+
+
 class LoggingConfig(_Strict):
     #: ``text`` is for people at a terminal; ``json`` (one object per line) for log collectors.
     format: Literal["text", "json"] = "text"
@@ -385,6 +404,7 @@ class Config(_Strict):
     #: Raw per-channel account settings, validated by each channel's own model (see handlers).
     channels: dict[str, dict[str, dict[str, Any]]] = {}
     api: ApiConfig = ApiConfig()
+    console: ConsoleConfig = ConsoleConfig()
     logging: LoggingConfig = LoggingConfig()
     #: Points, tiers, referrals, surveys and follow-ups; absent = off (see scrm.loyalty).
     loyalty: LoyaltyConfig | None = None

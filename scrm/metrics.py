@@ -64,6 +64,8 @@ CAMPAIGN_PLAN_FAILURES = Counter("scrm_campaign_plan_failures_total",
                                  "Campaign clock ticks in which a campaign failed to plan, by campaign.", ["campaign"])
 CAMPAIGNS_FAILING = Gauge("scrm_campaign_failing", "1 while a campaign's latest run failed to plan (read from the "
                           "store at scrape time, so every instance tells the same).", ["campaign"])
+CONSOLE_SIGN_INS = Counter("scrm_console_sign_ins_total", "Console sign-in attempts, by outcome (ok, invalid, "
+                           "throttled, link, link_invalid).", ["outcome"])
 OUTBOX_DUE = Gauge("scrm_outbox_due", "Planned deliveries already due (waiting for the outbox worker).")
 OUTBOX_PLANNED = Gauge("scrm_outbox_planned", "Planned deliveries, due now or later.")
 OUTBOX_SENDING = Gauge("scrm_outbox_sending", "Deliveries claimed and being sent.")

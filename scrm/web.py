@@ -8,7 +8,7 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from scrm import api
+from scrm import api, console
 from scrm.clock import Clock
 from scrm.config import Config
 from scrm.group_commit import StoreUnavailable
@@ -38,6 +38,8 @@ def create_app(config: Config, clock: Clock | None = None, role: Role = "all") -
         for channel in service.channels.values():
             app.router.add_routes(channel.routes())
     api.mount(app, service)  # /api/v1, /metrics, request ids
+    if config.console.enabled and role in ("web", "all"):
+        console.mount(app, service)  # /console/
     return app
 
 

@@ -129,5 +129,5 @@ async def dispatch(ctx: StaffContext) -> StaffReply:
     return answer if isinstance(answer, StaffReply) else StaffReply(answer)
 
 
-for _module in ("campaigns", "loyalty", "reports", "tags"):
+for _module in ("campaigns", "console", "loyalty", "reports", "tags"):
     importlib.import_module(f"scrm.staff.{_module}")
