@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm import metrics, personal, rollups, tagging
+from scrm.customers import BadCustomerRef, parse_ref
 from scrm.keyring import Keyring
 from scrm.store.dialect import dialect_name
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
@@ -220,20 +221,17 @@ class Importer:
         return row
 
     def _identity(self, text: str) -> tuple[str, str | None, str]:
-        parts = text.split(":")
-        if len(parts) < 2 or not all(parts):
+        """One identity of the column, read as every customer reference is (:func:`scrm.customers.parse_ref`)."""
+        try:
+            ref = parse_ref(text, self.config.channels)
+        except BadCustomerRef as exc:
+            raise ValueError(f"identity: {exc}") from None
+        if ref.channel is None or ref.external_id is None:
             raise ValueError(f"identity: {text[:80]!r} is not channel:id or channel:account:id")
-        channel = parts[0].lower()
-        if channel not in self.known_channels:
-            raise ValueError(f"identity: unknown channel {channel!r} (known: {', '.join(sorted(self.known_channels))})")
-        accounts = self.config.channels.get(channel, {})
-        if len(parts) >= 3 and parts[1] in accounts:
-            account, external_id = parts[1], ":".join(parts[2:])
-        else:
-            account, external_id = None, ":".join(parts[1:])
-        if len(external_id) > 128:
-            raise ValueError("identity: external id longer than 128 characters")
-        return channel, account, external_id
+        if ref.channel not in self.known_channels:
+            raise ValueError(f"identity: unknown channel {ref.channel!r} "
+                             f"(known: {', '.join(sorted(self.known_channels))})")
+        return ref.channel, ref.account, ref.external_id
 
     def _account(self, channel: str, account: str | None) -> str | None:
         if account is not None:

@@ -492,7 +492,7 @@ async def test_customer_card_for_staff(world):
     assert all(len(line) <= 60 for line in card.splitlines())
     by_identity = (await service.receive(staff_event("olga", f"/customer {c['channel']}:g{c['i']}"))).replies[0]
     assert by_identity.splitlines()[0] == card.splitlines()[0]
-    assert "No customer" in (await service.receive(staff_event("olga", "/customer #999999"))).replies[0]
+    assert (await service.receive(staff_event("olga", "/customer #999999"))).replies[0] == "没有找到客户 no customer #999999"
 
 
 NEW_COMMANDS = ["/report", "/report 30d", "/report 2026-11-01..2026-11-07", "/funnel spring", "/customer #1",

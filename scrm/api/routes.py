@@ -8,13 +8,22 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm import coupons, orders, personal
+from scrm import coupons, orders
 from scrm.api import models as m
 from scrm.api.framework import ApiError, Call, Endpoint
 from scrm.audit import audit
 from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import plan_many
-from scrm.customers import find_by_ref, find_customer, touchpoint
+from scrm.customers import (
+    BadCustomerRef,
+    CustomerRefError,
+    customer_of,
+    find_by_ref,
+    identity_ref,
+    parse_ref,
+    phone_ref,
+    touchpoint,
+)
 from scrm.profile import customer_view
 from scrm.staff.tags import change_tags
 from scrm.store.models import (
@@ -27,33 +36,35 @@ from scrm.store.models import (
     Tag,
 )
 
-_REF_PARAM = {"ref": "The store id (``42``) or a channel identity (``wechat:oAbC123``), URL-encoded."}
+_REF_PARAM = {"ref": "The store id (``42`` or ``#42``) or a channel identity (``wechat:oAbC123``, or "
+                        "``wechat:brand:oAbC123`` naming the account), URL-encoded."}
 
 
 async def _resolve(call: Call, session: AsyncSession, ref: m.CustomerRef, field: str = "customer") -> Customer:
-    if ref.id is not None:
-        customer = await session.get(Customer, ref.id)
-    elif ref.phone is not None:
-        try:
-            customer = await personal.find_by_phone(session, ref.phone, call.service.keyring)
-        except personal.PersonalDataError as exc:
-            raise ApiError(422, "validation_error", f"body.{field}.phone: {exc}",
-                           [{"field": f"body.{field}.phone", "problem": str(exc)}]) from None
-    else:
-        assert ref.channel is not None and ref.external_id is not None
-        customer = await find_customer(session, ref.channel, ref.external_id, ref.account)
-    if customer is None:
-        raise ApiError(404, "customer_not_found", "no customer matches body." + field)
-    return customer
+    """The customer a body's ``customer`` names, looked up like every other customer reference."""
+    channels = call.service.config.channels
+    try:
+        if ref.id is not None:
+            wanted = parse_ref(str(ref.id), channels)
+        elif ref.phone is not None:
+            wanted = phone_ref(ref.phone)
+        else:
+            assert ref.channel is not None and ref.external_id is not None
+            wanted = identity_ref(ref.channel, ref.external_id, ref.account, channels)
+    except BadCustomerRef as exc:
+        where = f"body.{field}" + (".phone" if ref.phone is not None else "")
+        raise ApiError(422, "validation_error", f"{where}: {exc}", [{"field": where, "problem": str(exc)}]) from None
+    try:
+        return await customer_of(session, wanted, call.service.keyring)
+    except CustomerRefError as exc:
+        raise ApiError(404, "customer_not_found", f"body.{field}: {exc}") from None
 
 
-async def _by_path(session: AsyncSession, ref: str) -> Customer:
-    digits = ref.strip().lstrip("#")
-    fits = len(ref) <= 160 and not (digits.isascii() and digits.isdigit() and int(digits) > m.MAX_ID)
-    customer = await find_by_ref(session, ref) if fits else None
-    if customer is None:
-        raise ApiError(404, "customer_not_found", f"no customer {ref[:160]!r} (use an id or channel:external_id)")
-    return customer
+async def _by_path(call: Call, session: AsyncSession) -> Customer:
+    try:
+        return await find_by_ref(session, call.params["ref"], call.service.config.channels)
+    except CustomerRefError as exc:
+        raise ApiError(404, "customer_not_found", str(exc)) from None
 
 
 async def record_order(call: Call) -> tuple[int, m.OrderOut]:
@@ -103,7 +114,7 @@ async def redeem_coupon(call: Call) -> m.RedeemOut:
 
 async def get_customer(call: Call) -> m.CustomerView:
     async with call.service.sessions() as session, session.begin():
-        return await _audited_view(call, session, await _by_path(session, call.params["ref"]))
+        return await _audited_view(call, session, await _by_path(call, session))
 
 
 async def lookup_customer(call: Call) -> m.CustomerView:
@@ -123,7 +134,7 @@ async def change_customer_tags(call: Call) -> m.TagsOut:
     svc = call.service
     changes = [(True, t) for t in body.add] + [(False, t) for t in body.remove]
     async with svc.sessions() as session, session.begin():
-        customer = await _by_path(session, call.params["ref"])
+        customer = await _by_path(call, session)
         done = await change_tags(svc, session, customer, changes, call.actor, svc.clock.now())
         tags = (await session.scalars(select(Tag.name).join(CustomerTag, CustomerTag.tag_id == Tag.id)
                                       .where(CustomerTag.customer_id == customer.id).order_by(Tag.name))).all()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -21,6 +21,7 @@ from scrm.config import Config, ConfigError
 from scrm.config_file import load_config
 
 if TYPE_CHECKING:
+    from scrm.customers import CustomerRefError
     from scrm.keyring import Keyring
 
 out = Console()
@@ -77,6 +78,16 @@ def cli_actor(by: str | None) -> str:
     except OSError:
         user = "unknown"
     return f"cli:{user}"
+
+
+def no_customer(exc: CustomerRefError) -> NoReturn:
+    """Say why a customer reference names no one, in the words chat and the API use too: exit 2 for
+    text that is no reference, 1 for one that names nobody (or several people)."""
+    from scrm.customers import BadCustomerRef
+
+    err.print(str(exc), markup=False, highlight=False)
+    sys.exit(EXIT_USAGE if isinstance(exc, BadCustomerRef) else EXIT_FAILED)
+
 
 def guard(fn: Callable[..., T]) -> Callable[..., T]:
     """Campaign file and privacy key problems are user errors: print them, no traceback."""

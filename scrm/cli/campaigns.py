@@ -15,6 +15,7 @@ from scrm.cli.base import (
     guard,
     load,
     main,
+    no_customer,
     open_store,
     out,
     run_async,
@@ -133,9 +134,10 @@ def campaigns_reload(ctx: click.Context) -> None:
 @click.pass_context
 @guard
 def campaigns_preview(ctx: click.Context, name: str, customer: str) -> None:
-    """Show every step of a campaign as CUSTOMER (#id or channel:id) would read it; nothing is sent."""
+    """Show every step of a campaign as CUSTOMER (#id, channel:id or channel:account:id) would read it
+    (on that channel; on the console for #id); nothing is sent."""
     from scrm.campaigns.outbox import preview
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, customer_of, parse_ref
 
     config = load(ctx)
     loaded = {c.definition.name: c for c in load_campaigns(config)}
@@ -143,19 +145,17 @@ def campaigns_preview(ctx: click.Context, name: str, customer: str) -> None:
         err.print(f"no campaign {name!r}")
         sys.exit(EXIT_FAILED)
 
-    async def go() -> list[str] | None:
+    async def go() -> list[str]:
         async with open_store(config) as sessions, sessions() as session:
-            found = await find_by_ref(session, customer)
-            if found is None:
-                return None
-            channel = customer.partition(":")[0] if ":" in customer else "console"
+            wanted = parse_ref(customer, config.channels)
+            found = await customer_of(session, wanted)
             values = {n: p.value for n, p in config.coupons.items()}
-            return await preview(session, loaded[name].definition, found, channel, values)
+            return await preview(session, loaded[name].definition, found, wanted.channel or "console", values)
 
-    texts = run_async(go())
-    if texts is None:
-        err.print(f"no customer {customer}")
-        sys.exit(EXIT_FAILED)
+    try:
+        texts = run_async(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     for i, text in enumerate(texts, 1):
         out.print(f"[bold]step {i}[/]", highlight=False)
         out.print(text, markup=False, highlight=False)

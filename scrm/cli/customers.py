@@ -14,6 +14,7 @@ from scrm.cli.base import (
     err,
     load,
     main,
+    no_customer,
     open_store,
     out,
     run_async,
@@ -26,32 +27,25 @@ def customers() -> None:
 
 
 @customers.command("show")
-@click.argument("identity", metavar="CHANNEL:EXTERNAL_ID")
+@click.argument("ref", metavar="CUSTOMER")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
+def customers_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """The 360° view: identities, tags and their sources, stage, coupons, last touchpoints.
-    IDENTITY may be phone:<number> (found by its keyed hash). Each view is written to the audit log."""
-    from scrm.customers import find_customer
+    CUSTOMER is #id, channel:id, channel:account:id or phone:<number> (found by its keyed hash).
+    Each view is written to the audit log."""
+    from scrm.customers import CustomerRefError, find_by_ref
     from scrm.profile import customer_view
 
-    channel, sep, external_id = identity.partition(":")
-    if not sep or not external_id:
-        raise click.BadParameter("use <channel>:<external id>, e.g. console:alice", param_hint="IDENTITY")
     config = load(ctx)
 
-    async def go() -> dict[str, Any] | None:
+    async def go() -> dict[str, Any]:
         from scrm.audit import audit
         from scrm.cli.base import cli_actor, open_private_store
-        from scrm.personal import find_by_phone, masked_phone
+        from scrm.personal import masked_phone
 
         async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():
-            if channel == "phone":
-                customer = await find_by_phone(session, external_id, keyring)
-            else:
-                customer = await find_customer(session, channel, external_id)
-            if customer is None:
-                return None
+            customer = await find_by_ref(session, ref, config.channels, keyring)
             view = await customer_view(session, customer)
             view.update(phone=masked_phone(customer), birthday_md=customer.birthday_md)
             await audit(session, cli_actor(None), "admin", customer.id, "view", "360° view (scrm customers show)",
@@ -59,17 +53,13 @@ def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
             return view
 
     from scrm.keyring import KeyringError
-    from scrm.personal import PersonalDataError
 
     try:
         view = run_async(go())
-    except PersonalDataError as exc:
-        raise click.BadParameter(str(exc), param_hint="IDENTITY") from None
+    except CustomerRefError as exc:
+        no_customer(exc)
     except KeyringError as exc:
         err.print(f"privacy keys: {exc}", markup=False)
-        sys.exit(EXIT_FAILED)
-    if view is None:
-        err.print(f"no customer with identity {identity}")
         sys.exit(EXIT_FAILED)
     if as_json:
         click.echo(json.dumps(view, ensure_ascii=False, indent=2))
@@ -83,9 +73,9 @@ def customers_show(ctx: click.Context, identity: str, as_json: bool) -> None:
 @click.option("--by", default="cli", show_default=True, help="Who is making the change (recorded).")
 @click.pass_context
 def customers_tag(ctx: click.Context, ref: str, changes: tuple[str, ...], by: str) -> None:
-    """Add (+vip) or remove (-vip) tags by hand; CUSTOMER is #id or channel:external_id."""
+    """Add (+vip) or remove (-vip) tags by hand; CUSTOMER is #id, channel:id or channel:account:id."""
     from scrm.clock import SystemClock
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, find_by_ref
     from scrm.service import Service
     from scrm.staff.tags import change_tags, tag_changes
 
@@ -94,22 +84,20 @@ def customers_tag(ctx: click.Context, ref: str, changes: tuple[str, ...], by: st
         raise click.BadParameter("each change is +tag or -tag", param_hint="CHANGES")
     config = load(ctx)
 
-    async def go() -> list[str] | None:
+    async def go() -> list[str]:
         service = Service(config)
         try:
             await service.start(scheduler=False)
             async with service.sessions() as session, session.begin():
-                customer = await find_by_ref(session, ref)
-                if customer is None:
-                    return None
+                customer = await find_by_ref(session, ref, config.channels)
                 return await change_tags(service, session, customer, parsed[1], f"operator:{by}", SystemClock().now())
         finally:
             await service.stop()
 
-    done = run_async(go())
-    if done is None:
-        err.print(f"no customer {ref}")
-        sys.exit(EXIT_FAILED)
+    try:
+        done = run_async(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     out.print(f"{ref}: {' '.join(done) or 'no change'}")
 
 
@@ -191,9 +179,10 @@ def segments_show(ctx: click.Context, name: str, limit: int, as_json: bool) -> N
 @click.option("--by", default="cli", show_default=True, help="Who merges (recorded on the merge touchpoint).")
 @click.pass_context
 def customers_merge(ctx: click.Context, keep_ref: str, dup_ref: str, by: str) -> None:
-    """Fold DUPLICATE into KEEP (#id or channel:id): identities, tags, touchpoints, coupons, orders move."""
+    """Fold DUPLICATE into KEEP (#id, channel:id or channel:account:id): identities, tags, touchpoints,
+    coupons, orders move."""
     from scrm.clock import SystemClock
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, find_by_ref
     from scrm.identity import merge_customers
     from scrm.service import Service
 
@@ -204,9 +193,8 @@ def customers_merge(ctx: click.Context, keep_ref: str, dup_ref: str, by: str) ->
         try:
             await service.start(scheduler=False)
             async with service.sessions() as session, session.begin():
-                keep, dup = await find_by_ref(session, keep_ref), await find_by_ref(session, dup_ref)
-                if keep is None or dup is None:
-                    return f"no customer {keep_ref if keep is None else dup_ref}"
+                keep = await find_by_ref(session, keep_ref, config.channels)
+                dup = await find_by_ref(session, dup_ref, config.channels)
                 if keep.id == dup.id:
                     return "both name the same customer"
                 await merge_customers(session, keep, dup, f"operator:{by}", SystemClock().now())
@@ -214,7 +202,10 @@ def customers_merge(ctx: click.Context, keep_ref: str, dup_ref: str, by: str) ->
         finally:
             await service.stop()
 
-    problem = run_async(go())
+    try:
+        problem = run_async(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     if problem:
         err.print(problem)
         sys.exit(EXIT_FAILED)

@@ -49,11 +49,11 @@ def conversions_import(ctx: click.Context, file: Path, batch: int) -> None:
                     pending.append(item)
                     if len(pending) >= batch:
                         async with sessions() as session, session.begin():
-                            await import_batch(session, pending, now, result)
+                            await import_batch(session, pending, now, result, config.channels)
                         pending = []
                 if pending:
                     async with sessions() as session, session.begin():
-                        await import_batch(session, pending, now, result)
+                        await import_batch(session, pending, now, result, config.channels)
 
     run_async(go())
     out.print(f"imported {result.orders} orders ({result.items} items), {result.skipped} already present, "

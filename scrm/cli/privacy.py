@@ -27,6 +27,7 @@ from scrm.cli.base import (
     err,
     load,
     main,
+    no_customer,
     open_private_store,
     open_store,
     out,
@@ -50,13 +51,6 @@ def _run_private(coro: Coroutine[Any, Any, T]) -> T:
     except KeyringError as exc:
         _fail(f"privacy keys: {exc}")
         raise  # unreachable: _fail exits
-
-
-def _found(result: T | None, ref: str) -> T:
-    if result is None:
-        _fail(f"no customer {ref}")
-    assert result is not None
-    return result
 
 
 @main.group()
@@ -153,7 +147,8 @@ def _parse_since(value: str | None) -> datetime | None:
 
 
 @main.command("audit")
-@click.option("--customer", "ref", metavar="CUSTOMER", help="Only this customer (#id or channel:external_id).")
+@click.option("--customer", "ref", metavar="CUSTOMER",
+              help="Only this customer (#id, channel:id or channel:account:id).")
 @click.option("--since", help="Only entries at or after this date/time (UTC).")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True, help="Newest entries shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -161,30 +156,26 @@ def _parse_since(value: str | None) -> datetime | None:
 def audit_cmd(ctx: click.Context, ref: str | None, since: str | None, limit: int, as_json: bool) -> None:
     """Who read or changed customers' personal data (append-only)."""
     from scrm import audit
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, customer_of, parse_ref
 
     since_at = _parse_since(since)
     config = load(ctx)
 
-    async def go() -> list[dict[str, Any]] | None:
+    async def go() -> list[dict[str, Any]]:
         async with open_store(config) as sessions, sessions() as session:
             customer_id = None
             if ref is not None:
-                found = await find_by_ref(session, ref)
-                if found is None:
-                    if not ref.lstrip("#").isdecimal():
-                        return None
-                    customer_id = int(ref.lstrip("#"))  # an erased customer's id still finds its entries
-                else:
-                    customer_id = found.id
+                wanted = parse_ref(ref, config.channels)
+                # An id needs no customer: an erased or merged-away customer's entries stay in the log.
+                customer_id = wanted.id if wanted.id is not None else (await customer_of(session, wanted)).id
             rows = await audit.entries(session, customer_id, since_at, limit)
             return [{"at": e.at.isoformat(timespec="seconds"), "actor": e.actor, "role": e.role, "via": e.via,
                      "customer": e.customer_id, "action": e.action, "detail": e.detail} for e in rows]
 
-    rows = run_async(go())
-    if rows is None:
-        _fail(f"no customer {ref}")
-    assert rows is not None
+    try:
+        rows = run_async(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -212,24 +203,25 @@ def customers_export(ctx: click.Context, ref: str, out_path: Path | None, by: st
     """Write everything stored about one person (decrypted) to a readable JSON file; audited."""
     from scrm.audit import audit
     from scrm.clock import SystemClock
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, find_by_ref
     from scrm.personal import export_data
 
     config = load(ctx)
     actor = cli_actor(by)
 
-    async def go() -> tuple[int, dict[str, Any], Path] | None:
+    async def go() -> tuple[int, dict[str, Any], Path]:
         async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():
-            customer = await find_by_ref(session, ref)
-            if customer is None:
-                return None
+            customer = await find_by_ref(session, ref, config.channels, keyring)
             data = await export_data(session, customer, keyring)
             target = out_path or Path(f"customer-{customer.id}.json")
             await audit(session, actor, "admin", customer.id, "export", f"to {target.name}", via="cli",
                         at=SystemClock().now())
             return customer.id, data, target
 
-    customer_id, data, target = _found(_run_private(go()), ref)
+    try:
+        customer_id, data, target = _run_private(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     text = json.dumps(data, ensure_ascii=False, indent=2, default=_json_default)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -250,7 +242,7 @@ def customers_erase(ctx: click.Context, ref: str, yes: bool, by: str | None) -> 
     orders and campaign results stay, anonymous, so reports do not change. Audited; cannot be undone."""
     from scrm.audit import audit
     from scrm.clock import SystemClock
-    from scrm.customers import find_by_ref
+    from scrm.customers import CustomerRefError, find_by_ref
     from scrm.personal import erase
 
     config = load(ctx)
@@ -258,18 +250,19 @@ def customers_erase(ctx: click.Context, ref: str, yes: bool, by: str | None) -> 
     if not yes:
         click.confirm(f"Erase the personal data of customer {ref}? This cannot be undone", abort=True)
 
-    async def go() -> tuple[int, dict[str, int]] | None:
+    async def go() -> tuple[int, dict[str, int]]:
         now = SystemClock().now()
-        async with open_private_store(config) as (sessions, _keyring), sessions() as session, session.begin():
-            customer = await find_by_ref(session, ref)
-            if customer is None:
-                return None
+        async with open_private_store(config) as (sessions, keyring), sessions() as session, session.begin():
+            customer = await find_by_ref(session, ref, config.channels, keyring)
             counts = await erase(session, customer, now)
             await audit(session, actor, "admin", customer.id, "erase",
                         ", ".join(f"{k}={v}" for k, v in counts.items()), via="cli", at=now)
             return customer.id, counts
 
-    customer_id, counts = _found(_run_private(go()), ref)
+    try:
+        customer_id, counts = _run_private(go())
+    except CustomerRefError as exc:
+        no_customer(exc)
     out.print(f"erased customer #{customer_id}: {counts['texts']} message text(s), {counts['identities']} "
               f"channel identit(y/ies), {counts['cancelled']} planned message(s) cancelled")
 

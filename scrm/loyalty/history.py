@@ -3,7 +3,8 @@
 Input is JSON Lines (one order per line: ``{"order_id", "customer", "date", "amount", "currency",
 "items": [{"sku", "name", "quantity", "price"}]}``) or CSV with one row per line item (columns
 order_id, customer, date, amount, currency, sku, name, quantity, price; the order's columns repeat).
-``customer`` is ``#<id>`` or ``<channel>:<external id>``. Orders already stored (same order id) are
+``customer`` is a customer reference as everywhere else (``#<id>``, ``<channel>:<id>`` or
+``<channel>:<account>:<id>``, see :func:`scrm.customers.parse_ref`). Orders already stored (same order id) are
 skipped; imported history is marked as seen by the loyalty sweep, so it earns no points, pays no
 referral and asks no survey (it happened before the programme), but it feeds tiers, recommendations
 and churn scores.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scrm.customers import find_by_ref
+from scrm.customers import CustomerRefError, find_by_ref
 from scrm.loyalty.recommend import item_rows
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import Conversion, ConversionItem, LoyaltySeenConversion
@@ -89,7 +90,7 @@ def _parse(order: dict[str, Any]) -> tuple[str, str, datetime, float, str, list[
 
 
 async def import_batch(session: AsyncSession, batch: list[tuple[int, dict[str, Any] | str]], now: datetime,
-                       result: ImportResult) -> None:
+                       result: ImportResult, channels: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """One transaction's worth of orders: new order ids become conversions with items, marked seen."""
     for line_no, order in batch:
         parsed = order if isinstance(order, str) else _parse(order)
@@ -100,9 +101,10 @@ async def import_batch(session: AsyncSession, batch: list[tuple[int, dict[str, A
         if await session.scalar(select(Conversion.id).where(Conversion.order_id == order_id)) is not None:
             result.skipped += 1
             continue
-        customer = await find_by_ref(session, ref)
-        if customer is None:
-            result.rejected.append(f"line {line_no}: unknown customer {ref!r}")
+        try:
+            customer = await find_by_ref(session, ref, channels or {})
+        except CustomerRefError as exc:
+            result.rejected.append(f"line {line_no}: {exc}")
             continue
         conversion = Conversion(customer_id=customer.id, kind="order", order_id=order_id, amount=amount,
                                 currency=currency, created_at=when)

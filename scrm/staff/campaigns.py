@@ -6,7 +6,7 @@ from scrm.campaigns.control import set_paused
 from scrm.campaigns.outbox import preview
 from scrm.campaigns.timed import describe_run, last_runs
 from scrm.config import Role
-from scrm.customers import find_by_ref
+from scrm.customers import customer_of, parse_ref
 from scrm.staff import StaffContext, command
 
 OPERATORS: set[Role] = {"operator", "admin"}
@@ -53,10 +53,8 @@ async def preview_command(ctx: StaffContext, args: str) -> str:
     loaded = ctx.service.campaigns.get(parts[0])
     if loaded is None:
         return f"没有这个活动 No campaign {parts[0]!r}"
-    customer = await find_by_ref(ctx.session, parts[1])
-    if customer is None:
-        return f"没有找到客户 No customer {parts[1]}"
-    channel = parts[1].partition(":")[0] if ":" in parts[1] else "console"
+    wanted = parse_ref(parts[1], ctx.service.config.channels)
+    customer = await customer_of(ctx.session, wanted)
     values = {name: pool.value for name, pool in ctx.service.config.coupons.items()}
-    texts = await preview(ctx.session, loaded.definition, customer, channel, values)
+    texts = await preview(ctx.session, loaded.definition, customer, wanted.channel or "console", values)
     return "\n---\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))

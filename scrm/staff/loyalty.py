@@ -7,9 +7,8 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from scrm.config import Role
-from scrm.customers import find_by_ref
 from scrm.loyalty import followups, referrals, surveys
-from scrm.staff import StaffContext, command
+from scrm.staff import StaffContext, command, customer_arg
 from scrm.store.models import FollowupTask
 
 ALL_STAFF: set[Role] = {"operator", "manager", "admin"}
@@ -60,9 +59,7 @@ async def assign(ctx: StaffContext, args: str) -> str:
     parts = args.split()
     if len(parts) != 2 or ":" not in parts[1]:
         return "用法 Usage: /assign <customer> <channel:staff id>"
-    customer = await find_by_ref(ctx.session, parts[0])
-    if customer is None:
-        return f"没有找到客户 No customer {parts[0]}"
+    customer = await customer_arg(ctx, parts[0])
     await followups.assign(ctx.service, ctx.session, customer.id, parts[1], ctx.now, ctx.actor)
     return f"#{customer.id} 负责人 owner: {parts[1]}"
 
@@ -74,9 +71,7 @@ async def followup(ctx: StaffContext, args: str) -> str:
     parts = args.split(maxsplit=2)
     if len(parts) < 2:
         return "用法 Usage: /followup <customer> <when> <note>"
-    customer = await find_by_ref(ctx.session, parts[0])
-    if customer is None:
-        return f"没有找到客户 No customer {parts[0]}"
+    customer = await customer_arg(ctx, parts[0])
     rest = parts[1] + (" " + parts[2] if len(parts) > 2 else "")
     zone = followups.staff_zone(ctx.service, _me(ctx))
     # "2026-12-01 15:00 note": a date may carry a time as a second word.
@@ -102,9 +97,9 @@ async def followup(ctx: StaffContext, args: str) -> str:
 async def survey(ctx: StaffContext, args: str) -> str:
     if not _configured(ctx):
         return _OFF
-    customer = await find_by_ref(ctx.session, args.strip()) if args.strip() else None
-    if customer is None:
+    if not args.strip():
         return "用法 Usage: /survey <customer>"
+    customer = await customer_arg(ctx, args.strip())
     ref = f"{_me(ctx)}@{ctx.now.isoformat(timespec='minutes')}"
     planned = await surveys.plan(ctx.service, ctx.session, customer.id, "staff", ref[:64], ctx.now, ctx.now)
     return f"#{customer.id} 满意度调查已安排 survey planned" if planned else "已安排过 Already planned."

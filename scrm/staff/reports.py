@@ -11,10 +11,9 @@ import re
 from scrm import charts, digests, reports
 from scrm.audit import audit
 from scrm.config import Role
-from scrm.customers import find_by_ref
 from scrm.loyalty.report import care_figures, format_care
 from scrm.profile import customer_view
-from scrm.staff import StaffContext, StaffReply, command
+from scrm.staff import StaffContext, StaffReply, command, customer_arg
 
 ALL: set[Role] = {"manager", "admin", "operator"}
 REPORT_USAGE = "/report [7d|30d|YYYY-MM-DD..YYYY-MM-DD]"
@@ -76,13 +75,11 @@ async def top(ctx: StaffContext, args: str) -> str:
     return reports.format_top_tags(await reports.top_tags(ctx.session, ctx.now), _lang(ctx))
 
 
-@command("customer", ALL, "/customer <#id|channel:id>")
+@command("customer", ALL, "/customer <#id|channel:id|channel:account:id>")
 async def customer(ctx: StaffContext, args: str) -> str:
     if not args.strip():
-        return "用法 Usage: /customer <#id|channel:id>"
-    found = await find_by_ref(ctx.session, args.strip())
-    if found is None:
-        return f"没有找到客户 No customer {args.strip()}"
+        return "用法 Usage: /customer <#id|channel:id|channel:account:id>"
+    found = await customer_arg(ctx, args.strip())
     await audit(ctx.session, ctx.actor, ctx.role, found.id, "view", "/customer", at=ctx.now)
     return reports.format_customer(await customer_view(ctx.session, found), _lang(ctx))
 

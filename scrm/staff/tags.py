@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.campaigns.planner import plan_triggered
-from scrm.customers import find_by_ref, touchpoint
-from scrm.staff import StaffContext, command
+from scrm.customers import touchpoint
+from scrm.staff import StaffContext, command, customer_arg
 from scrm.store.models import Customer
 from scrm.tagging import add_tag, remove_tag
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from scrm.runtime import Runtime
 
 _TAG_CHANGE = re.compile(r"^([+-])(\S{1,64})$")
-USAGE = "/tag <customer> +tag -tag   (customer: #id or channel:id)"
+USAGE = "/tag <customer> +tag -tag   (customer: #id, channel:id or channel:account:id)"
 
 
 def tag_changes(args: str) -> tuple[str, list[tuple[bool, str]]] | None:
@@ -58,8 +58,6 @@ async def tag(ctx: StaffContext, args: str) -> str:
     if parsed is None:
         return f"用法 Usage: {USAGE}"
     ref, changes = parsed
-    customer = await find_by_ref(ctx.session, ref)
-    if customer is None:
-        return f"没有找到客户 No customer {ref}"
+    customer = await customer_arg(ctx, ref)
     done = await change_tags(ctx.service, ctx.session, customer, changes, ctx.actor, ctx.now)
     return f"{ref}: {' '.join(done) if done else '没有变化 no change'}"
