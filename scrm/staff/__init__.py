@@ -24,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import metrics
 from scrm.config import Role
-from scrm.customers import staff_actor
+from scrm.customers import CustomerRefError, find_by_ref, staff_actor
 from scrm.messages import Chart, InboundEvent
 from scrm.store.engine import reading
+from scrm.store.models import Customer
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -55,6 +56,12 @@ class StaffReply:
 
     text: str
     images: tuple[Chart, ...] = ()
+
+
+async def customer_arg(ctx: StaffContext, text: str) -> Customer:
+    """The customer a command's argument names, read like the CLI and the API read it; a reference
+    that names no one raises CustomerRefError, which :func:`dispatch` answers with its message."""
+    return await find_by_ref(ctx.session, text, ctx.service.config.channels)
 
 
 Handler = Callable[[StaffContext, str], Awaitable[str | StaffReply]]
@@ -125,7 +132,10 @@ async def dispatch(ctx: StaffContext) -> StaffReply:
     spec = _COMMANDS[parsed[0]]
     if ctx.role not in spec.roles:
         return StaffReply(REFUSAL_REPLY)
-    answer = await spec.handler(ctx, parsed[1])
+    try:
+        answer = await spec.handler(ctx, parsed[1])
+    except CustomerRefError as exc:
+        return StaffReply(f"没有找到客户 {exc}")
     return answer if isinstance(answer, StaffReply) else StaffReply(answer)
 
 
