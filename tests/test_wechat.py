@@ -158,7 +158,7 @@ async def test_wechat_retries_make_one_touchpoint_and_one_reaction(aiohttp_clien
     assert "仅限员工" in await first.text()
     for _ in range(2):  # WeChat tries 3 times in all; retries carry new signatures, same MsgId
         again = await post(client, plaintext(TOKEN, text_xml("o_dora", "/report", 777)))
-        assert (again.status, await again.text()) == (200, "success")
+        assert again.status == 200 and "仅限员工" in await again.text()  # the recorded answer, given again
     event = event_xml("o_dora", "CLICK", "MENU_COUPONS", create_time=1700000123)
     for _ in range(3):
         assert await (await post(client, plaintext(TOKEN, event))).text() == "success"
