@@ -10,7 +10,9 @@ offset only moves past an update once it is committed.
 Outbound: PTB's ``ExtBot`` with a rate limiter built on PTB's ``AIORateLimiter`` that spaces sends
 evenly (no bursts) under Telegram's limits: ~30 messages/s overall, 1/s per private chat, 20/min per
 group. Platform errors become :class:`SendResult` values: 429 -> retry after ``retry_after``, blocked
--> skipped (and the customer opted out), other 400s -> failed.
+-> skipped (and the customer opted out), other 400s -> failed; Telegram unreachable (refused, DNS,
+connect timeout) -> retry, marked ``unreachable``; an answer lost after the request went out -> failed,
+never resent.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ POLL_TIMEOUT = 30
 NETWORK_RETRY_SECONDS = 5.0
 #: httpx errors raised before a request was (completely) sent: retrying cannot send twice.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout, httpx.WriteError)
+#: Of those, the ones that say Telegram cannot be reached at all (refused, DNS failure, connect timeout).
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 _TOKEN = re.compile(r"\d{1,20}:[A-Za-z0-9_-]{20,}")
 
 
@@ -342,7 +346,8 @@ def result_for(exc: TelegramError) -> SendResult:
         cause = exc.__cause__
         if cause is None or isinstance(cause, _NOT_SENT):
             # Telegram answered with a server error, or the request never left: safe to send again.
-            return SendResult("retry", f"network: {exc.message}", retry_after=NETWORK_RETRY_SECONDS)
+            return SendResult("retry", f"network: {exc.message}", retry_after=NETWORK_RETRY_SECONDS,
+                              unreachable=isinstance(cause, _UNREACHABLE))
         # The request went out and the answer was lost: it may have been delivered; never send twice.
         return SendResult("failed", f"unknown_outcome: {exc.message}")
     return SendResult("failed", f"telegram: {exc.message}")

@@ -151,6 +151,12 @@ def _never_connected(exc: Exception) -> bool:
     return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
+def _unwritten(exc: Exception) -> bool:
+    """True when aiohttp could not write the request (typically a kept-alive connection the server had
+    closed, as at the start of an outage): WeChat got no complete request, so it cannot have acted on it."""
+    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror).startswith("Can not write request body")
+
+
 _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
@@ -610,10 +616,10 @@ class WeChatChannel(Channel):
         except _ApiError as exc:
             return self._error_result(exc, delivery_id)
         except _NotSent as exc:
-            return self._backoff(delivery_id, f"network:{_network_name(exc.cause)}")
+            return self._backoff(delivery_id, f"network:{_network_name(exc.cause)}", _never_connected(exc.cause))
         except _NETWORK_ERRORS as exc:
-            if _never_connected(exc):
-                return self._backoff(delivery_id, f"network:{_network_name(exc)}")
+            if _never_connected(exc) or _unwritten(exc):
+                return self._backoff(delivery_id, f"network:{_network_name(exc)}", _never_connected(exc))
             log.warning("wechat %s: outcome of delivery %s unknown: %r", self.account, delivery_id, exc)
             return self._finish(delivery_id, SendResult("failed", f"unknown_outcome:{_network_name(exc)}"))
         self._forget_retries(delivery_id)
@@ -640,7 +646,7 @@ class WeChatChannel(Channel):
             return self._backoff(delivery_id, f"{prefix}{code}")
         return self._finish(delivery_id, SendResult("failed", f"{prefix}{code}"))
 
-    def _backoff(self, delivery_id: int | None, reason: str) -> SendResult:
+    def _backoff(self, delivery_id: int | None, reason: str, unreachable: bool = False) -> SendResult:
         tries = 1
         if delivery_id is not None:
             tries = self._retries.pop(delivery_id, 0) + 1
@@ -648,7 +654,7 @@ class WeChatChannel(Channel):
             while len(self._retries) > 10_000:
                 self._retries.popitem(last=False)
         wait = min(self.settings.retry_backoff_seconds * 2 ** (tries - 1), MAX_BACKOFF_SECONDS)
-        return SendResult("retry", reason, retry_after=wait)
+        return SendResult("retry", reason, retry_after=wait, unreachable=unreachable)
 
     def _finish(self, delivery_id: int | None, result: SendResult) -> SendResult:
         self._forget_retries(delivery_id)

@@ -118,12 +118,18 @@ class WeComSettings(BaseModel):
 
 
 class WeComError(Exception):
-    """A WeCom API error (``errcode``), or no usable answer at all (``errcode`` None)."""
+    """A WeCom API error (``errcode``), or no usable answer at all (``errcode`` None).
 
-    def __init__(self, errcode: int | None, errmsg: str) -> None:
+    Without an answer, ``unreachable`` says the request never reached WeCom (refused, DNS failure,
+    connect timeout: nothing happened there) and ``lost`` that it went out and its answer did not come
+    back (WeCom may have acted on it: a mass-send task may exist)."""
+
+    def __init__(self, errcode: int | None, errmsg: str, *, unreachable: bool = False, lost: bool = False) -> None:
         super().__init__(f"{errcode}: {errmsg}")
         self.errcode = errcode
         self.errmsg = errmsg
+        self.unreachable = unreachable
+        self.lost = lost
 
     @property
     def reason(self) -> str:
@@ -197,7 +203,9 @@ class WeComChannel(Channel):
         return [("mass_send_results", self._poll_job, self.settings.result_poll_seconds)]
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds))
+        # Connecting has its own (shorter) limit, so that a connect timeout is told apart from a lost answer.
+        timeout = self.settings.timeout_seconds
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout / 2))
         for state, rule in self.settings.welcome.items():
             if rule.coupon_pool and rule.coupon_pool not in self.service.config.coupons:
                 log.error("channels.wecom.%s.welcome.%s.coupon_pool: no pool %r under [coupons]; "
@@ -437,7 +445,15 @@ class WeComChannel(Channel):
                 if response.status != 200:
                     raise WeComError(None, f"HTTP {response.status}")
                 data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise WeComError(None, f"{type(exc).__name__}: {exc}", unreachable=True) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # A request that could not be written (a kept-alive connection the server had closed) never
+            # arrived whole; any other failure may have come after WeCom acted on it.
+            unwritten = isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror).startswith(
+                "Can not write request body")
+            raise WeComError(None, f"{type(exc).__name__}: {exc}", lost=not unwritten) from exc
+        except ValueError as exc:
             raise WeComError(None, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(data, dict):
             raise WeComError(None, "answer is not a JSON object")
@@ -462,7 +478,13 @@ class WeComChannel(Channel):
     async def _api(self, path: str, body: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
         """Call an API with the cached access token, refreshing it once when WeCom says it is stale."""
         for attempt in range(2):
-            token = await self._access_token()
+            try:
+                token = await self._access_token()
+            except WeComError as exc:
+                if not exc.lost:
+                    raise
+                # A lost token answer: the call itself never went out, so it is safe to make again.
+                raise WeComError(exc.errcode, exc.errmsg) from exc
             try:
                 return await self._request(path, {**params, "access_token": token}, body)
             except WeComError as exc:
@@ -656,8 +678,13 @@ class WeComChannel(Channel):
     # ------------------------------------------------------------------ mass sending
 
     def _failure(self, exc: WeComError) -> SendResult:
+        """Retry what WeCom refused for now or never received; a task whose answer was lost may exist:
+        creating it again could reach the customer twice, so it is reported, not retried."""
+        if exc.lost:
+            return SendResult("failed", f"unknown_outcome:{exc.errmsg.split(':', 1)[0]}")
         if exc.errcode is None or exc.errcode in RETRY_ERRORS:
-            return SendResult("retry", exc.reason, retry_after=self.settings.retry_after_seconds)
+            return SendResult("retry", exc.reason, retry_after=self.settings.retry_after_seconds,
+                              unreachable=exc.unreachable)
         return SendResult("failed", exc.reason)
 
     async def send(self, message: OutboundMessage) -> SendResult:
@@ -689,6 +716,9 @@ class WeComChannel(Channel):
         """A mass-send task to one customer group, sent by the group's owner (looked up when not given)."""
         try:
             owner = sender or await self._group_owner(chat_id)
+        except WeComError as exc:  # only a lookup: nothing was sent, so a lost answer is retried too
+            return self._failure(WeComError(exc.errcode, exc.errmsg, unreachable=exc.unreachable))
+        try:
             data = await self._api("externalcontact/add_msg_template", {
                 "chat_type": "group", "sender": owner, "chat_id_list": [chat_id], "text": {"content": text}})
         except WeComError as exc:

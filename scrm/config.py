@@ -88,6 +88,9 @@ class DeliveryConfig(_Strict):
     rate_limits: dict[str, float] = {}
     #: Outbound platform calls in flight at once per tick.
     concurrency: int = Field(8, gt=0)
+    #: A send that never reached the platform (refused, DNS failure, connect timeout) is tried again,
+    #: backing off, until this long after its first such try; only then does it fail.
+    unreachable_retry_hours: float = Field(6.0, gt=0)
 
 
 class ClusterConfig(_Strict):

@@ -163,3 +163,8 @@ class SendResult:
     platform_msg_id: str | None = None
     #: For ``retry``: seconds to wait before the next try (platform throttling).
     retry_after: float = 0.0
+    #: For ``retry``: the request never reached the platform (connection refused, DNS failure, connect
+    #: timeout), so nothing can have been delivered: the outbox keeps trying, backing off, for up to
+    #: ``delivery.unreachable_retry_hours`` and reports the account degraded meanwhile. Never set after
+    #: the request went out: a lost answer may hide a delivered message.
+    unreachable: bool = False

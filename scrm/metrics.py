@@ -70,6 +70,9 @@ OUTBOX_DUE = Gauge("scrm_outbox_due", "Planned deliveries already due (waiting f
 OUTBOX_PLANNED = Gauge("scrm_outbox_planned", "Planned deliveries, due now or later.")
 OUTBOX_SENDING = Gauge("scrm_outbox_sending", "Deliveries claimed and being sent.")
 OUTBOX_AGE = Gauge("scrm_outbox_oldest_due_seconds", "How long the oldest due delivery has waited past its due time.")
+CHANNEL_DEGRADED = Gauge("scrm_channel_degraded", "1 while sends through a channel account cannot reach its "
+                         "platform (they are retried later), 0 again after its next successful send.",
+                         ["channel", "account"])
 
 _REASON = re.compile(r"[^a-z0-9_]+")
 
@@ -93,6 +96,11 @@ def received(event: InboundEvent, reaction: Reaction) -> None:
 def delivery_finished(channel: str, status: str, reason: str | None = None) -> None:
     """Call once per delivery when the outbox records its outcome (sent, skipped, failed, unknown)."""
     DELIVERIES.labels(channel, _label(status, "unknown", 16), _label(reason)).inc()
+
+
+def channel_degraded(channel: str, account: str, degraded: bool) -> None:
+    """The outbox found a channel account's platform unreachable (True), or sent through it again (False)."""
+    CHANNEL_DEGRADED.labels(channel, account).set(1 if degraded else 0)
 
 
 def store_error(where: str) -> None:

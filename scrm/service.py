@@ -248,6 +248,9 @@ class Service:
             status["store"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to an operator
             status["store"] = f"unreachable: {type(exc).__name__}"
+        # A platform that is down is no reason to take this instance out of service: named, not failed.
+        for (kind, account), since in sorted(self.outbox.degraded.items()):
+            status[f"channel:{kind}:{account}"] = f"degraded: platform unreachable since {since.isoformat()}Z"
         return status
 
     async def _sync_campaigns(self) -> None:

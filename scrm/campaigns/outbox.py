@@ -7,6 +7,12 @@ in a commit right before its platform call, and its outcome is committed as soon
 crash only the sends actually in flight (at most ``delivery.concurrency`` per instance) are in doubt:
 a ``sending`` row of a stopped instance becomes ``unknown``, never resent, while its ``claimed`` rows,
 never handed to the platform, go back to ``planned`` (scrm.cluster).
+
+A send that never reached the platform (``SendResult.unreachable``: refused, DNS failure, connect timeout)
+delivered nothing, so it is planned again, backing off, until ``delivery.unreachable_retry_hours`` after
+its first such try: an outage of the platform delays messages instead of losing them (and the coupons
+they carry stay reserved). Meanwhile the channel account is reported degraded (``/healthz``, the
+``scrm_channel_degraded`` gauge) until a send through it succeeds again.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+#: The longest wait between two tries of a send whose platform could not be reached.
+UNREACHABLE_MAX_WAIT = 300.0
 #: Skip reasons after which the customer's journey goes no further.
 JOURNEY_ENDS = frozenset({"opted_out", "exited", "campaign_removed", "step_removed", "not_in_segment", "blocked",
                           "consent_withdrawn", "no_consent"})
@@ -116,6 +124,10 @@ class Outbox:
         self._marks: GroupCommit[int, bool] = GroupCommit("outbox", service.sessions, self._mark_sending)
         self._outcomes: GroupCommit[tuple[_Prepared, SendResult], None] = GroupCommit(
             "outbox", service.sessions, self._record_outcomes)
+        #: Channel accounts whose platform this instance's sends cannot reach, and since when.
+        self.degraded: dict[tuple[str, str], datetime] = {}
+        for kind, account in service.channels:
+            metrics.channel_degraded(kind, account, False)
 
     async def start(self) -> None:
         await self._marks.start()
@@ -277,6 +289,7 @@ class Outbox:
                 return _Prepared(d.id, None, "frequency_cap")
             if (resume := self._quiet_until(customer, now)) is not None:
                 d.status, d.reason, d.due_at = "planned", "deferred:quiet_hours", resume
+                d.unreachable_since = None  # the night is no try: an unreachable platform gets its hours after it
                 return None
 
         context["customer"] = customer_context(customer, d.channel, extras)
@@ -383,9 +396,24 @@ class Outbox:
             except Exception as exc:  # a channel bug must not leave the delivery in limbo
                 log.exception("channel %s failed to send delivery %s", p.message.channel, p.delivery_id)
                 result = SendResult("failed", f"error:{type(exc).__name__}")
+            self._note_reach(p.message.channel, p.message.account, result)
             await self._outcomes.submit((p, result))
         finally:
             self._in_flight.discard(p.delivery_id)
+
+    def _note_reach(self, channel: str, account: str, result: SendResult) -> None:
+        """Mark the account degraded when its platform could not be reached; its next successful send
+        clears the mark (other answers say nothing of whether a message can get through)."""
+        key = (channel, account)
+        if result.status == "retry" and result.unreachable:
+            if key not in self.degraded:
+                self.degraded[key] = self.service.clock.now()
+                metrics.channel_degraded(channel, account, True)
+                log.warning("%s:%s: platform unreachable (%s); sends are retried later", channel, account,
+                            result.reason)
+        elif result.status == "sent" and self.degraded.pop(key, None) is not None:
+            metrics.channel_degraded(channel, account, False)
+            log.info("%s:%s: platform reachable again", channel, account)
 
     async def _mark_sending(self, session: AsyncSession, ids: list[int]) -> Outcome[bool]:
         """claimed -> sending, only while this instance still holds the claim (a stalled instance's
@@ -406,10 +434,12 @@ class Outbox:
             d = rows.get(p.delivery_id)
             if d is None or d.claimed_by != self.service.instance_id:
                 continue  # handed back to planned while this instance stalled; another one owns it now
-            if result.status == "retry" and d.attempts < MAX_ATTEMPTS:
-                d.status, d.reason = "planned", result.reason or "retry"
-                d.due_at = now + timedelta(seconds=max(result.retry_after, 1.0))
-                continue
+            if result.status == "retry":
+                if (due := self._retry_at(d, result, now)) is not None:
+                    d.status, d.reason, d.due_at = "planned", result.reason or "retry", due
+                    continue
+                if result.unreachable:
+                    result = SendResult("failed", f"unreachable: {result.reason}")
             d.status = "failed" if result.status == "retry" else result.status
             d.reason, d.finished_at = result.reason, now
             finished.append((d.channel, d.status, d.reason))
@@ -443,6 +473,27 @@ class Outbox:
                 metrics.delivery_finished(channel, status, reason)
 
         return [None] * len(outcomes), committed
+
+    def _retry_at(self, d: Delivery, result: SendResult, now: datetime) -> datetime | None:
+        """When to try a ``retry`` outcome again, or None once it has had its tries.
+
+        An unreachable platform delivered nothing, so trying again cannot send twice: the delivery is
+        tried until ``unreachable_retry_hours`` after its first unreachable try, each wait as long as it
+        has been unreachable so far (doubling, from the channel's own wait up to UNREACHABLE_MAX_WAIT).
+        Throttling and busy answers get MAX_ATTEMPTS tries, or that same horizon once the delivery has
+        been through an outage (the tries it spent waiting for the platform are not theirs to lose).
+        """
+        if result.unreachable and d.unreachable_since is None:
+            d.unreachable_since = now
+        wait = max(result.retry_after, 1.0)
+        if d.unreachable_since is None:
+            return now + timedelta(seconds=wait) if d.attempts < MAX_ATTEMPTS else None
+        end = d.unreachable_since + timedelta(hours=self.service.config.delivery.unreachable_retry_hours)
+        if now >= end:
+            return None
+        if result.unreachable:
+            wait = min(max(wait, (now - d.unreachable_since).total_seconds()), UNREACHABLE_MAX_WAIT)
+        return min(now + timedelta(seconds=wait), end)
 
     async def _plan_next(self, session: AsyncSession, d: Delivery, now: datetime) -> None:
         loaded = self.service.campaigns.get(d.campaign)
