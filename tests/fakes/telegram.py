@@ -9,7 +9,9 @@ multipart, JSON), and ENFORCES the flood limits from the Bot FAQ on message send
 a client's pacing and our arrival times). Every delivered message is recorded with its arrival time.
 ``send_delay`` holds each successful send's answer back that long after the message is recorded (a slow
 platform: the message is out, the client does not know yet); ``hold_answers`` holds them back until
-``release_answers`` (the sends a client has in flight at once become countable).
+``release_answers`` (the sends a client has in flight at once become countable). ``serve`` listens on
+a port of its own instead of a test server fixture's, so that ``go_down`` can make it refuse every
+connection (an outage) and ``come_back`` serve again on the same port.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_request import FileField
+
+from tests.fakes.loopback import LoopbackServer
 
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _GETUPDATES_CONFLICT = "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"
@@ -96,6 +100,7 @@ class FakeTelegram:
         self._update_arrived = asyncio.Event()
         self._answering = asyncio.Event()
         self._answering.set()
+        self._server = LoopbackServer(self.app)
 
     # controls for tests
 
@@ -103,6 +108,23 @@ class FakeTelegram:
         app = web.Application(client_max_size=60 * 1024 * 1024)
         app.router.add_route("*", "/bot{token}/{method}", self._dispatch)
         return app
+
+    async def serve(self) -> None:
+        """Listen on a loopback port of its own and set ``base_url``."""
+        await self._server.start()
+        self.base_url = self._server.url("/bot")
+
+    async def go_down(self) -> None:
+        """Telegram unreachable: the port stops listening and open connections close, so every request
+        is refused before it is sent, until :meth:`come_back`."""
+        await self._server.stop()
+        assert await self._server.refuses()
+
+    async def come_back(self) -> None:
+        await self._server.start()
+
+    async def close(self) -> None:
+        await self._server.stop()
 
     def inject_flood(self, retry_after: int = 1, times: int = 1) -> None:
         """The next ``times`` sends get 429 whatever the pace (Telegram's limits are not only ours)."""
