@@ -312,7 +312,8 @@ async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, t
         if result.status == "redeemed":
             batch.touchpoint(event, customer_id, "internal", "coupon_redeemed", payload={"code": result.code})
         return [result.reply]
-    if service.config.loyalty is not None:  # 签到, 积分, 积分兑换, /invite, survey answers (scrm.loyalty.commands)
+    loyalty = service.config.loyalty
+    if loyalty is not None and loyalty_commands.concerns(loyalty, text):  # 签到, 积分, 积分兑换, /invite, survey answers
         answers = await loyalty_commands.dispatch(service, session, await batch.customer(customer_id), event, text, now)
         if answers is not None:
             return answers

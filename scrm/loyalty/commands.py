@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypedDict
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.config import LoyaltyConfig
 from scrm.customers import touchpoint
 from scrm.loyalty import points, referrals, surveys, tiers
 from scrm.messages import InboundEvent
@@ -56,6 +57,13 @@ def command(name: str, pattern: str) -> Callable[[Handler], Handler]:
         return handler
 
     return register
+
+
+def concerns(config: LoyaltyConfig, text: str) -> bool:
+    """Whether :func:`dispatch` has anything to do with ``text``: a command, or a buying-intent word.
+    Other text needs neither the customer's row nor a query, so the pipeline keeps it set-based."""
+    return (any(spec.pattern.match(text) for spec in _COMMANDS)
+            or any(word in text for word in config.followups.intent_keywords))
 
 
 async def dispatch(service: Runtime, session: AsyncSession, customer: Customer, event: InboundEvent, text: str,
