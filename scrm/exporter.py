@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm import personal
@@ -33,7 +33,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-class _Writer:
+class Writer:
+    """CSV (a header row, lists joined by ``;``) or JSON lines, to a text stream."""
+
     def __init__(self, out: TextIO, fmt: Format, columns: list[str]) -> None:
         self.out, self.fmt, self.columns = out, fmt, columns
         self.csv = csv.writer(out) if fmt == "csv" else None
@@ -57,14 +59,9 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-async def export_customers(sessions: async_sessionmaker[AsyncSession], config: Config, out: TextIO,
-                           fmt: Format = "csv", segment: str | None = None, now: datetime | None = None,
-                           keyring: Keyring | None = None,
-                           progress: Callable[[int], None] = lambda n: None) -> int:
-    """Write every customer (of ``segment`` when given); with a ``keyring``, decrypted phone and birthday.
-
-    The CSV columns are the importer's, so an export (with personal data) can be imported elsewhere.
-    """
+def customers_query(where: ColumnElement[bool] | None = None) -> Select[Any]:
+    """Customers' rows (the table's columns) with their identities and tags aggregated by the database,
+    in id order; only those matching ``where`` when given."""
     identity = Identity.channel + ":" + Identity.account + ":" + Identity.external_id
     identities = (select(func.aggregate_strings(identity, ";")).where(Identity.customer_id == Customer.id)
                   .correlate(Customer).scalar_subquery())
@@ -73,34 +70,53 @@ async def export_customers(sessions: async_sessionmaker[AsyncSession], config: C
     # Plain rows, not ORM objects: nothing accumulates in a session's identity map while streaming.
     query = select(*Customer.__table__.c, identities.label("identity_list"), tags.label("tag_list")) \
         .order_by(Customer.id)
+    return query if where is None else query.where(where)
+
+
+def customer_columns(with_personal: bool) -> list[str]:
+    """The export's columns: the importer's, so an export (with personal data) can be imported elsewhere."""
+    phone_cols = ["phone", "birthday"] if with_personal else ["phone_last4", "birthday_md"]
+    return ["id", "name", *phone_cols, "identity", "tags", "stage", "opted_out", "acquisition_source",
+            "first_seen_at", "last_seen_at", "attributes"]
+
+
+def customer_record(customer: Any, keyring: Keyring | None = None) -> dict[str, Any]:
+    """One row of :func:`customers_query` as an export record; with a ``keyring``, phone and birthday
+    decrypted, else what staff screens show (last four digits, birthday MM-DD)."""
+    ids, tag_names = customer.identity_list, customer.tag_list
+    record: dict[str, Any] = {"id": customer.id, "name": customer.display_name}
+    if keyring is not None:
+        values = personal.reveal(customer, keyring)
+        record["phone"] = values["phone"]
+        record["birthday"] = values["birthday"].isoformat() if values["birthday"] else None
+    else:
+        record["phone_last4"], record["birthday_md"] = customer.phone_last4, customer.birthday_md
+    record.update(
+        identity=sorted(ids.split(";")) if ids else [], tags=sorted(tag_names.split(";")) if tag_names else [],
+        stage=customer.stage, opted_out=customer.opted_out, acquisition_source=customer.acquisition_source,
+        first_seen_at=_iso(customer.first_seen_at), last_seen_at=_iso(customer.last_seen_at),
+        attributes=customer.attributes or {})
+    return record
+
+
+async def export_customers(sessions: async_sessionmaker[AsyncSession], config: Config, out: TextIO,
+                           fmt: Format = "csv", segment: str | None = None, now: datetime | None = None,
+                           keyring: Keyring | None = None,
+                           progress: Callable[[int], None] = lambda n: None) -> int:
+    """Write every customer (of ``segment`` when given); with a ``keyring``, decrypted phone and birthday."""
+    where = None
     if segment is not None:
         from scrm import segments
         from scrm.clock import SystemClock
 
-        query = query.where(segments.condition(config.segments[segment], now or SystemClock().now(),
-                                               config.segments))
-    phone_cols = ["phone", "birthday"] if keyring else ["phone_last4", "birthday_md"]
-    writer = _Writer(out, fmt, ["id", "name", *phone_cols, "identity", "tags", "stage", "opted_out",
-                                "acquisition_source", "first_seen_at", "last_seen_at", "attributes"])
+        where = segments.condition(config.segments[segment], now or SystemClock().now(), config.segments)
+    writer = Writer(out, fmt, customer_columns(keyring is not None))
     written = 0
     async with sessions() as session:
-        result = await session.stream(query.execution_options(yield_per=CHUNK))
+        result = await session.stream(customers_query(where).execution_options(yield_per=CHUNK))
         async for partition in result.partitions():
             for customer in partition:
-                ids, tag_names = customer.identity_list, customer.tag_list
-                record: dict[str, Any] = {"id": customer.id, "name": customer.display_name}
-                if keyring is not None:
-                    values = personal.reveal(customer, keyring)
-                    record["phone"] = values["phone"]
-                    record["birthday"] = values["birthday"].isoformat() if values["birthday"] else None
-                else:
-                    record["phone_last4"], record["birthday_md"] = customer.phone_last4, customer.birthday_md
-                record.update(
-                    identity=sorted(ids.split(";")) if ids else [], tags=sorted(tag_names.split(";")) if tag_names else [],
-                    stage=customer.stage, opted_out=customer.opted_out, acquisition_source=customer.acquisition_source,
-                    first_seen_at=_iso(customer.first_seen_at), last_seen_at=_iso(customer.last_seen_at),
-                    attributes=customer.attributes or {})
-                writer.write(record)
+                writer.write(customer_record(customer, keyring))
             written += len(partition)
             progress(written)
     return written
@@ -119,7 +135,7 @@ async def export_touchpoints(sessions: async_sessionmaker[AsyncSession], out: Te
     query = select(*cols).where(Touchpoint.created_at >= since).order_by(Touchpoint.id)
     if until is not None:
         query = query.where(Touchpoint.created_at < until)
-    writer = _Writer(out, fmt, columns)
+    writer = Writer(out, fmt, columns)
     written = 0
     async with sessions() as session:
         result = await session.stream(query.execution_options(yield_per=CHUNK))

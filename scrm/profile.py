@@ -1,4 +1,5 @@
-"""The 360° view of one customer: identities, tags with their sources, coupons, recent touchpoints."""
+"""The 360° view of one customer: identities, tags with their sources, stage history, coupons, orders,
+deliveries, loyalty, recent touchpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.loyalty.view import loyalty_section
 from scrm.store.models import (
+    Conversion,
     Coupon,
     CouponCode,
     Customer,
@@ -39,6 +41,12 @@ async def customer_view(session: AsyncSession, customer: Customer, touchpoints: 
         select(Touchpoint).where(Touchpoint.customer_id == cid).order_by(Touchpoint.id.desc()).limit(touchpoints)
     )).all()
     deliveries = (await session.scalars(select(Delivery).where(Delivery.customer_id == cid).order_by(Delivery.id))).all()
+    moves = (await session.execute(
+        select(Touchpoint.created_at, Touchpoint.payload)
+        .where(Touchpoint.customer_id == cid, Touchpoint.kind == "stage_changed").order_by(Touchpoint.id)
+    )).all()
+    orders = (await session.scalars(
+        select(Conversion).where(Conversion.customer_id == cid).order_by(Conversion.id))).all()
     return {
         "id": cid,
         "display_name": customer.display_name,
@@ -54,6 +62,8 @@ async def customer_view(session: AsyncSession, customer: Customer, touchpoints: 
              "added_at": _iso(ct.added_at), "expires_at": _iso(ct.expires_at)}
             for name, ct in tags
         ],
+        "stage_history": [{"at": _iso(at), "from": payload.get("from"), "to": payload.get("to")}
+                          for at, payload in moves],
         "coupons": [
             {"code": c.code, "pool": pool, "granted_at": _iso(c.granted_at), "expires_at": _iso(c.expires_at),
              "redeemed_at": _iso(c.redeemed_at)}
@@ -63,6 +73,11 @@ async def customer_view(session: AsyncSession, customer: Customer, touchpoints: 
             {"campaign": d.campaign, "step": d.step, "status": d.status, "reason": d.reason, "due_at": _iso(d.due_at),
              "finished_at": _iso(d.finished_at)}
             for d in deliveries
+        ],
+        "orders": [
+            {"order_id": o.order_id, "kind": o.kind, "amount": o.amount, "currency": o.currency,
+             "coupon_code": o.coupon_code, "campaign": o.campaign, "at": _iso(o.created_at)}
+            for o in orders
         ],
         "loyalty": await loyalty_section(session, cid),
         "touchpoints": [

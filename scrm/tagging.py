@@ -17,17 +17,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import rjieba
 from sqlalchemy import (
+    JSON,
+    ColumnElement,
     Connection,
     Engine,
+    and_,
     bindparam,
+    case,
     delete,
+    func,
+    insert,
     literal,
     null,
+    or_,
     select,
     union_all,
 )
@@ -35,7 +42,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import KeywordRule
 from scrm.store.dialect import dialect_of, rowcount, upsert
-from scrm.store.models import CustomerTag, Tag, TagScore
+from scrm.store.models import Customer, CustomerTag, Tag, TagScore, Touchpoint
+
+if TYPE_CHECKING:
+    from scrm.runtime import Runtime
 
 _segmenter_lock = threading.Lock()
 _segmenter: rjieba.Jieba | None = None
@@ -197,6 +207,87 @@ async def remove_tag(session: AsyncSession, customer_id: int, name: str) -> bool
         delete(CustomerTag).where(CustomerTag.customer_id == customer_id, CustomerTag.tag_id == tid)
     )
     return bool(rowcount(result))
+
+
+#: One operator tag change as typed: ``+vip`` or ``-old`` (a tag name is 1 to 64 characters, no spaces).
+_TAG_CHANGE = re.compile(r"^([+-])(\S{1,64})$")
+#: A tag name an operator may give (the tags table holds 64 characters).
+TAG_NAME = re.compile(r"^\S{1,64}$")
+
+
+def tag_changes(args: str) -> tuple[str, list[tuple[bool, str]]] | None:
+    """``console:alice +vip -old`` -> ("console:alice", [(True, "vip"), (False, "old")])."""
+    parts = args.split()
+    if len(parts) < 2:
+        return None
+    changes = []
+    for part in parts[1:]:
+        match = _TAG_CHANGE.match(part)
+        if not match:
+            return None
+        changes.append((match.group(1) == "+", match.group(2)))
+    return parts[0], changes
+
+
+async def change_tags(service: Runtime, session: AsyncSession, customer: Customer, changes: list[tuple[bool, str]],
+                      actor: str, now: datetime) -> list[str]:
+    """Operator tag edits on one customer (staff chat, CLI, API, console); returns what changed
+    (``+vip``, ``-old``). Each goes through :func:`tag_where`, so one customer and a whole search
+    result are tagged, recorded and planned for alike."""
+    done = []
+    for add, name in changes:
+        if await tag_where(service, session, Customer.id == customer.id, name, add, actor, now):
+            done.append(("+" if add else "-") + name)
+    return done
+
+
+async def tag_where(service: Runtime, session: AsyncSession, where: ColumnElement[bool], name: str, add: bool,
+                    actor: str, now: datetime) -> int:
+    """Add (or remove) tag ``name`` by hand for every customer matching ``where`` (a condition on
+    customers, e.g. a segment's), in a few set-based statements whatever their number: the tag rows
+    by INSERT ... SELECT (or one DELETE), a ``tag_added`` / ``tag_removed`` touchpoint for each customer
+    that changed by INSERT ... SELECT, and the campaigns the tag triggers planned for those who gained it
+    (:func:`scrm.campaigns.planner.plan_where`). A customer who held the tag keeps it, made permanent
+    (an expiring keyword tag an operator confirms no longer expires). Returns customers changed."""
+    from scrm.campaigns.planner import plan_where
+
+    payload = literal({"tag": name, "by": actor}, JSON)
+    columns = ["customer_id", "actor", "channel", "account", "direction", "kind", "payload", "created_at"]
+
+    def recorded(kind: str) -> list[Any]:
+        return [CustomerTag.customer_id, literal(actor), literal("system"), literal("-"), literal("internal"),
+                literal(kind), payload, literal(now)]
+
+    if not add:
+        tid = await session.scalar(select(Tag.id).where(Tag.name == name))
+        if tid is None:
+            return 0
+        held = and_(CustomerTag.tag_id == tid, CustomerTag.customer_id.in_(select(Customer.id).where(where)))
+        removed = rowcount(await session.execute(
+            insert(Touchpoint).from_select(columns, select(*recorded("tag_removed")).where(held))))
+        if removed:
+            await session.execute(delete(CustomerTag).where(held).execution_options(synchronize_session=False))
+        return removed
+    tid = await tag_id(session, name)
+    before = await session.scalar(select(func.max(CustomerTag.id))) or 0
+    statement = dialect_of(session).insert(CustomerTag.__table__)
+    ct = CustomerTag.__table__.c
+    await session.execute(statement.from_select(
+        ["customer_id", "tag_id", "source", "source_detail", "score", "added_at"],
+        select(Customer.id, literal(tid), literal("operator"), literal(actor), literal(1.0), literal(now)).where(where),
+    ).on_conflict_do_update(
+        index_elements=["customer_id", "tag_id"],
+        set_={"expires_at": None, "score": case((ct.score < 1.0, 1.0), else_=ct.score)},
+        where=or_(ct.expires_at.is_not(None), ct.score < 1.0)))
+    # The rows this statement inserted: after the id read above, stamped with this actor and moment.
+    gained = and_(CustomerTag.tag_id == tid, CustomerTag.id > before, CustomerTag.added_at == now,
+                  CustomerTag.source == "operator", CustomerTag.source_detail == actor)
+    added = rowcount(await session.execute(
+        insert(Touchpoint).from_select(columns, select(*recorded("tag_added")).where(gained))))
+    if added:
+        await plan_where(service, session, "tag_added", Customer.id.in_(select(CustomerTag.customer_id).where(gained)),
+                         now, tag=name)
+    return added
 
 
 async def apply_hits(session: AsyncSession, hits: Sequence[tuple[int, TagHit]], now: datetime) -> list[tuple[int, TagHit]]:

@@ -25,7 +25,6 @@ from scrm.customers import (
     touchpoint,
 )
 from scrm.profile import customer_view
-from scrm.staff.tags import change_tags
 from scrm.store.models import (
     Campaign,
     Conversion,
@@ -35,6 +34,7 @@ from scrm.store.models import (
     Delivery,
     Tag,
 )
+from scrm.tagging import change_tags
 
 _REF_PARAM = {"ref": "The store id (``42`` or ``#42``) or a channel identity (``wechat:oAbC123``, or "
                         "``wechat:brand:oAbC123`` naming the account), URL-encoded."}

@@ -97,8 +97,15 @@ async def plan_many(
 async def plan_triggered(service: Runtime, session: AsyncSession, event: TriggerEvent, ids: Sequence[int],
                          now: datetime, tag: str | None = None, stage: str | None = None) -> int:
     """Plan the campaigns an event starts for many customers at once (behaviour tags, stage moves)."""
+    return await plan_where(service, session, event, Customer.id.in_(ids), now, tag=tag, stage=stage)
+
+
+async def plan_where(service: Runtime, session: AsyncSession, event: TriggerEvent, where: ColumnElement[bool],
+                     now: datetime, tag: str | None = None, stage: str | None = None) -> int:
+    """:func:`plan_triggered` for the customers matching a condition (a tag given to a whole search
+    result), one INSERT ... SELECT per campaign the event starts."""
     planned = 0
     for loaded in triggered(list(service.campaigns.values()), service.paused, event, tag=tag, stage=stage):
         d = loaded.definition
-        planned += await plan_many(session, d.name, 0, Customer.id.in_(ids), now + d.delay, now)
+        planned += await plan_many(session, d.name, 0, where, now + d.delay, now)
     return planned

@@ -77,7 +77,7 @@ def customers_tag(ctx: click.Context, ref: str, changes: tuple[str, ...], by: st
     from scrm.clock import SystemClock
     from scrm.customers import CustomerRefError, find_by_ref
     from scrm.service import Service
-    from scrm.staff.tags import change_tags, tag_changes
+    from scrm.tagging import change_tags, tag_changes
 
     parsed = tag_changes(" ".join((ref, *changes)))
     if parsed is None:

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 def page_modules() -> list[Pages]:
     """Every page module's routes (add a new page module here)."""
-    from scrm.console import auth, dashboard
+    from scrm.console import auth, customer, customers, dashboard
 
-    return [auth.pages, dashboard.pages]
+    return [auth.pages, dashboard.pages, customers.pages, customer.pages]
 
 
 def mount(app: web.Application, service: Service) -> None:

@@ -75,9 +75,11 @@ async def capture_owners(service: Runtime, session: AsyncSession, now: datetime,
 
 async def create_task(service: Runtime, session: AsyncSession, customer_id: int, kind: str, note: str,
                       due_at: datetime, now: datetime, rule_key: str | None = None,
-                      created_by: str | None = None) -> int | None:
-    """A task for the customer's owner; rule tasks (with ``rule_key``) are made once. Returns its id."""
-    owner = await owner_of(service, session, customer_id)
+                      created_by: str | None = None, author: str | None = None) -> int | None:
+    """A task for the customer's owner; rule tasks (with ``rule_key``) are made once. Returns its id.
+    A customer without an owner: the task is its ``author``'s (a staff identity ``<channel>:<id>``,
+    given by staff who write one by hand), who then sees it in ``/tasks`` and the digest."""
+    owner = await owner_of(service, session, customer_id) or author
     inserted = await insert_ignore(session, FollowupTask.__table__, {
         "customer_id": customer_id, "owner": owner, "kind": kind, "note": note, "rule_key": rule_key,
         "due_at": due_at, "created_at": now, "created_by": created_by})

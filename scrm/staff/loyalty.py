@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import update
-
 from scrm.config import Role
 from scrm.loyalty import followups, referrals, surveys
 from scrm.staff import StaffContext, command, customer_arg
-from scrm.store.models import FollowupTask
 
 ALL_STAFF: set[Role] = {"operator", "manager", "admin"}
 
@@ -86,10 +83,7 @@ async def followup(ctx: StaffContext, args: str) -> str:
     if due is None:
         return f"看不懂时间 Cannot read when: {words[0]!r} (2h, 3d, 明天, 2026-12-01 15:00)"
     task_id = await followups.create_task(ctx.service, ctx.session, customer.id, "manual", note or "跟进", due,
-                                          ctx.now, created_by=ctx.actor)
-    if await followups.owner_of(ctx.service, ctx.session, customer.id) is None:
-        # No owner yet: the task is the author's (the owner otherwise sees it in /tasks and the digest).
-        await ctx.session.execute(update(FollowupTask).where(FollowupTask.id == task_id).values(owner=_me(ctx)))
+                                          ctx.now, created_by=ctx.actor, author=_me(ctx))
     return f"已创建跟进 Task [{task_id}] #{customer.id} {note or '跟进'}"
 
 
