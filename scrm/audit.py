@@ -7,15 +7,22 @@ statement cannot rewrite history.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.customers import customer_of, parse_ref
 from scrm.store.models import AuditEntry
 
-#: What staff did: ``view`` (360° card / ``/customer``), ``reveal`` (decrypted values), ``export``, ``erase``.
-ACTIONS = frozenset({"view", "reveal", "export", "erase", "consent", "merge", "import"})
+if TYPE_CHECKING:
+    from scrm.keyring import Keyring
+
+#: What staff did: ``view`` (360° card / ``/customer``), ``reveal`` (decrypted values), ``export``, ``erase``;
+#: ``campaign_edit``: a campaign file changed or added from the console (no customer; the detail holds the diff).
+ACTIONS = frozenset({"view", "reveal", "export", "erase", "consent", "merge", "import", "campaign_edit"})
 
 
 async def audit(session: AsyncSession, actor: str, role: str | None, customer_id: int | None, action: str,
@@ -44,13 +51,40 @@ async def audit(session: AsyncSession, actor: str, role: str | None, customer_id
 
 
 async def entries(session: AsyncSession, customer_id: int | None = None, since: datetime | None = None,
-                  limit: int | None = None) -> list[AuditEntry]:
+                  limit: int | None = None, *, actor: str | None = None, until: datetime | None = None,
+                  before: int | None = None) -> list[AuditEntry]:
+    """Entries oldest first, filtered by customer, ``actor``, time (``since`` <= at < ``until``) and
+    id (below ``before``, the cursor of a page); with ``limit``, the newest ``limit`` of them.
+
+    ``actor`` matches the whole actor or its last parts: ``olive`` finds ``console:olive`` and
+    ``staff:console:olive``, ``console:olive`` the latter too (what the CLI's ``--actor`` and the
+    console's staff filter mean)."""
     query = select(AuditEntry).order_by(AuditEntry.id)
     if customer_id is not None:
         query = query.where(AuditEntry.customer_id == customer_id)
+    if actor is not None:
+        query = query.where(or_(AuditEntry.actor == actor, AuditEntry.actor.endswith(f":{actor}", autoescape=True)))
     if since is not None:
         query = query.where(AuditEntry.at >= since)
+    if until is not None:
+        query = query.where(AuditEntry.at < until)
+    if before is not None:
+        query = query.where(AuditEntry.id < before)
     if limit is not None:
         query = query.order_by(None).order_by(AuditEntry.id.desc()).limit(limit)
         return list(reversed((await session.scalars(query)).all()))
     return list((await session.scalars(query)).all())
+
+
+async def actors(session: AsyncSession) -> list[str]:
+    """Everyone the log names, for a filter's suggestions."""
+    return list((await session.scalars(select(AuditEntry.actor).distinct().order_by(AuditEntry.actor))).all())
+
+
+async def customer_filter(session: AsyncSession, text: str, channels: Mapping[str, Mapping[str, Any]],
+                          keyring: Keyring | None = None) -> int:
+    """The customer id an audit query filters by: ``#id`` as given, as an erased or merged-away
+    customer's entries stay in the log; otherwise the customer the reference names (raises
+    :class:`~scrm.customers.CustomerRefError`)."""
+    wanted = parse_ref(text, channels)
+    return wanted.id if wanted.id is not None else (await customer_of(session, wanted, keyring)).id

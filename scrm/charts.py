@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from scrm.messages import Chart
 
@@ -103,11 +103,14 @@ def text_png(text: str, font: Path | None = None, size: tuple[float, float] = (3
         return _png(fig)
 
 
-def funnel_png(f: Funnel, lang: Lang = "both", font: Path | None = None) -> bytes:
-    """Horizontal funnel of the campaign's steps, one bar group per A/B variant when there are several."""
+def funnel_png(f: Funnel, lang: Lang = "both", font: Path | None = None,
+               by: Literal["variant", "channel"] = "variant") -> bytes:
+    """Horizontal funnel of the campaign's steps, one bar group per A/B variant (or per channel, ``by``)
+    when there are several."""
     from scrm.reports import STEPS, label
 
-    groups = f.by_variant if len(f.by_variant) > 1 else {"": f.total}
+    split = f.by_variant if by == "variant" else f.by_channel
+    groups = split if len(split) > 1 else {"": f.total}
     with _style(font):
         fig = _figure()
         ax = fig.add_subplot()
@@ -127,7 +130,7 @@ def funnel_png(f: Funnel, lang: Lang = "both", font: Path | None = None) -> byte
         ax.margins(x=0.25)
         ax.set_title(f"{label('funnel', lang)}: {f.campaign}")
         if len(groups) > 1:
-            ax.legend(title=label("variant", lang), loc="lower right")
+            ax.legend(title=label(by, lang), loc="lower right")
         return _png(fig)
 
 

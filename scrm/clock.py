@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 
 class Clock(Protocol):
@@ -32,3 +33,9 @@ class ManualClock:
 
     def set(self, when: datetime) -> None:
         self._now = when
+
+
+def local_midnight(day: date, zone: str | ZoneInfo) -> datetime:
+    """When ``day`` begins in the time zone ``zone``, as naive UTC (the store's convention)."""
+    tz = ZoneInfo(zone) if isinstance(zone, str) else zone
+    return datetime.combine(day, time(), tz).astimezone(UTC).replace(tzinfo=None)

@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     return parse_config(data, path.resolve().parent, environ)
+
+
+def demo_file(name: str) -> Path:
+    """A file of the demo set (``config.example.toml``, ``campaigns``): inside the installed package, or
+    the source checkout. ``scrm init`` copies them; the console offers the demo campaigns as templates."""
+    packaged = Path(str(resources.files("scrm"))) / "demo" / name
+    return packaged if packaged.exists() else Path(__file__).resolve().parents[1] / name

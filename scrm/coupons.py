@@ -1,17 +1,25 @@
-"""Coupon pools, unique codes, grants and redemptions (a redemption is a conversion)."""
+"""Coupon pools, unique codes, grants and redemptions (a redemption is a conversion).
+
+Also what the till and the supplier's files need, for every face (``scrm coupons``, the API, the
+console): reading a file of codes, importing it, redeeming a code at the till and each pool's counts.
+"""
 
 from __future__ import annotations
 
+import csv
+import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.clock import local_midnight
 from scrm.config import CouponPool
+from scrm.customers import touchpoint
 from scrm.store.dialect import dialect_of, insert_ignore, rowcount
 from scrm.store.models import Conversion, Coupon, CouponCode, Delivery, Redemption
 
@@ -118,13 +126,119 @@ async def revoke_for_delivery(session: AsyncSession, delivery_id: int) -> list[s
     return [row.code for row in rows]
 
 
+#: What a code may be: what the till reads out and the API accepts (``RedeemIn.code``), and no longer
+#: than a conversion's ``coupon_code`` column, so every imported code can be redeemed.
+CODE = re.compile(r"^[A-Z0-9-]{1,32}$")
+#: First cells that make a file's first row a header rather than a code.
+_HEADERS = frozenset({"code", "codes", "coupon", "coupon_code", "券码", "优惠券", "兑换码"})
+#: Codes per INSERT: a supplier's file of 100,000 codes is a hundred statements in one transaction.
+_IMPORT_CHUNK = 1000
+
+
+class CodeFileError(ValueError):
+    """A file of codes that cannot be imported as a whole; the message says which lines and why."""
+
+
+def parse_codes(data: bytes | str) -> list[str]:
+    """The codes in a supplier's file: one per line, or the first column of a CSV (a header row such as
+    ``code,expires`` is skipped), upper-cased. UTF-8 (with or without a BOM) or GB18030, as Chinese
+    spreadsheets save it. Raises :class:`CodeFileError` for a file with no codes or with lines that are
+    not codes (A-Z, 0-9 and ``-``, up to 32): a file is imported whole or not at all."""
+    text = data if isinstance(data, str) else _decode(data)
+    codes: list[str] = []
+    bad: list[str] = []
+    rows = ((n, row) for n, row in enumerate(csv.reader(text.lstrip("\ufeff").splitlines()), 1) if row)
+    for n, row in rows:
+        cell = row[0].strip().upper()
+        if not cell or (not codes and not bad and cell.lower() in _HEADERS):
+            continue
+        if CODE.match(cell):
+            codes.append(cell)
+        else:
+            bad.append(f"line {n}: {cell[:40]!r}")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CodeFileError(f"not a code (A-Z, 0-9 and '-', up to 32 characters): {'; '.join(bad[:3])}{more}")
+    if not codes:
+        raise CodeFileError("the file holds no codes (one per line, or the first column of a CSV)")
+    return codes
+
+
+def _decode(data: bytes) -> str:
+    for encoding in ("utf-8-sig", "gb18030"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise CodeFileError("the file is not text (UTF-8 or GB18030)")
+
+
+def expiry_of(day: date, timezone: str) -> datetime:
+    """A printed expiry date as the moment it ends: the next local midnight (naive UTC), so a code
+    "valid until 2026-12-31" redeems all of that day in the brand's time zone."""
+    return local_midnight(day + timedelta(days=1), timezone)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    pool: str
+    #: New codes now waiting in the pool.
+    imported: int
+    #: Codes the store knew already, or that the file gave more than once.
+    duplicates: int
+
+    @property
+    def text(self) -> str:
+        """What ``scrm coupons import`` prints and the console shows."""
+        return f"{self.imported} new code(s) in pool {self.pool} ({self.duplicates} duplicate(s) skipped)"
+
+
 async def import_codes(session: AsyncSession, name: str, pool: CouponPool, codes: list[str],
-                       expires_at: datetime | None = None) -> int:
-    """Add codes to a pool (from a supplier's file); codes already known are ignored."""
+                       expires_at: datetime | None = None) -> ImportResult:
+    """Add codes (from :func:`parse_codes`) to a pool; codes already known are skipped. Grants hand
+    imported codes out first, oldest first."""
     coupon = await pool_row(session, name, pool)
     _empty_pools(session).discard(coupon.id)
     rows = [{"coupon_id": coupon.id, "code": c.strip().upper(), "expires_at": expires_at} for c in codes if c.strip()]
-    return await insert_ignore(session, CouponCode.__table__, rows) if rows else 0
+    added = 0
+    for i in range(0, len(rows), _IMPORT_CHUNK):
+        added += await insert_ignore(session, CouponCode.__table__, rows[i:i + _IMPORT_CHUNK])
+    return ImportResult(name, added, len(rows) - added)
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """One pool's codes: ``issued`` to customers (ever), of those ``redeemed``; ``expired``: past their
+    expiry unredeemed (issued or not); ``free``: waiting to be given out (imported or returned) and
+    not expired. A pool that ``generate``s makes new codes when no free one is left."""
+
+    name: str
+    value: float
+    issued: int = 0
+    redeemed: int = 0
+    expired: int = 0
+    free: int = 0
+    #: Whether ``[coupons.<name>]`` is still in the config (a removed pool keeps its codes).
+    configured: bool = True
+    generate: bool = False
+
+
+async def pool_counts(session: AsyncSession, pools: Mapping[str, CouponPool], now: datetime) -> list[PoolCounts]:
+    """Every configured pool (and any the store still has codes of), counted in one grouped query."""
+    c = CouponCode
+    current = c.expires_at.is_(None) | (c.expires_at >= now)
+    rows = (await session.execute(
+        select(Coupon.name, Coupon.value, func.count(c.id).filter(c.customer_id.is_not(None)),
+               func.count(c.id).filter(c.redeemed_at.is_not(None)),
+               func.count(c.id).filter(c.redeemed_at.is_(None), c.expires_at < now),
+               func.count(c.id).filter(c.customer_id.is_(None), current))
+        .outerjoin(c, c.coupon_id == Coupon.id).group_by(Coupon.id, Coupon.name, Coupon.value))).all()
+    found = {str(name): PoolCounts(str(name), float(value), int(issued), int(redeemed), int(expired), int(free),
+                                   name in pools, pools[name].generate if name in pools else False)
+             for name, value, issued, redeemed, expired, free in rows}
+    for name, pool in pools.items():
+        found.setdefault(name, PoolCounts(name, pool.value, generate=pool.generate))
+    return sorted(found.values(), key=lambda p: (not p.configured, p.name))
 
 
 RedeemStatus = Literal["redeemed", "unknown", "expired", "used", "not_yours"]
@@ -181,3 +295,15 @@ async def _granting_campaign(session: AsyncSession, row: CouponCode) -> str | No
     if row.delivery_id is None:
         return None
     return await session.scalar(select(Delivery.campaign).where(Delivery.id == row.delivery_id))
+
+
+async def redeem_at_till(session: AsyncSession, code: str, now: datetime, via: str, account: str = "-",
+                         actor: str | None = None, customer_id: int | None = None) -> RedeemOutcome:
+    """A redemption staff record at the till (``scrm coupons redeem``, the API, the console): any
+    customer's valid code, or only ``customer_id``'s when given; a ``coupon_redeemed`` touchpoint on the
+    customer's timeline says where (``via``, ``account``) and who (``actor``)."""
+    outcome = await redeem(session, code, now, via=via, customer_id=customer_id)
+    if outcome.status == "redeemed":
+        touchpoint(session, customer_id=outcome.customer_id, channel=via, account=account, direction="internal",
+                   kind="coupon_redeemed", now=now, actor=actor, payload={"code": outcome.code})
+    return outcome

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.messages import OutboundMessage, SendResult
+from scrm.store.dialect import json_values
 from scrm.store.models import Customer, Identity, Touchpoint
 
 if TYPE_CHECKING:
     from scrm.keyring import Keyring
-
-T = TypeVar("T")
 
 #: Store ids are 32-bit integers on PostgreSQL: a larger number names no customer.
 MAX_ID = 2**31 - 1
@@ -25,7 +25,6 @@ MAX_ID = 2**31 - 1
 MAX_CHANNEL, MAX_EXTERNAL_ID = 16, 128
 REF_FORMS = "#id, channel:id or channel:account:id"
 _SHOWN = 160  # characters of a reference quoted back in an error
-_CHUNK = 1000  # values per IN list: well inside both stores' limits on bound parameters
 
 
 async def find_customer(session: AsyncSession, channel: str, external_id: str, account: str | None = None) -> Customer | None:
@@ -133,8 +132,9 @@ async def resolve_refs(session: AsyncSession, refs: Collection[CustomerRef],
     by_id = [r for r in refs if r.id is not None]
     wanted_ids = sorted({r.id for r in by_id if r.id is not None and r.id <= MAX_ID})
     existing: set[int] = set()
-    for id_chunk in _chunks(wanted_ids):
-        existing.update((await session.scalars(select(Customer.id).where(Customer.id.in_(id_chunk)))).all())
+    if wanted_ids:
+        existing.update((await session.scalars(select(Customer.id).where(
+            Customer.id.in_(json_values(session, "ids", integers=True))), {"ids": json.dumps(wanted_ids)})).all())
     for r in by_id:
         out[r] = r.id if r.id in existing else UnknownCustomer(f"no customer {r.text}")
     await _resolve_phones(session, [r for r in refs if r.phone is not None], keyring, out)
@@ -149,13 +149,12 @@ async def resolve_refs(session: AsyncSession, refs: Collection[CustomerRef],
         else:
             exact[(r.channel, account)][r.external_id].append(r)
     for (channel, account), named in exact.items():
-        for chunk in _chunks(sorted(named)):
-            for external_id, customer_id in (await session.execute(
-                    select(Identity.external_id, Identity.customer_id).where(
-                        Identity.channel == channel, Identity.account == account,
-                        Identity.external_id.in_(chunk)))).all():
-                for r in named[external_id]:
-                    out[r] = customer_id
+        for external_id, customer_id in (await session.execute(
+                select(Identity.external_id, Identity.customer_id).where(
+                    Identity.channel == channel, Identity.account == account,
+                    Identity.external_id.in_(json_values(session, "ids"))), {"ids": json.dumps(list(named))})).all():
+            for r in named[external_id]:
+                out[r] = customer_id
         for group in named.values():
             for r in group:
                 if r not in out:
@@ -180,12 +179,11 @@ async def _resolve_phones(session: AsyncSession, refs: list[CustomerRef], keyrin
 
     hashed = {r: phone_hash(r.phone, keyring) for r in refs if r.phone is not None}
     first: dict[str, int] = {}
-    for chunk in _chunks(sorted(set(hashed.values()))):
-        for digest, customer_id in (await session.execute(
-                select(Customer.phone_hash, Customer.id).where(Customer.phone_hash.in_(chunk))
-                .order_by(Customer.id))).all():
-            if digest is not None:
-                first.setdefault(digest, customer_id)
+    for digest, customer_id in (await session.execute(
+            select(Customer.phone_hash, Customer.id).where(Customer.phone_hash.in_(json_values(session, "hashes")))
+            .order_by(Customer.id), {"hashes": json.dumps(sorted(set(hashed.values())))})).all():
+        if digest is not None:
+            first.setdefault(digest, customer_id)
     for r, digest in hashed.items():
         out[r] = first[digest] if digest in first else UnknownCustomer(f"no customer {r.text}")
 
@@ -198,11 +196,11 @@ async def _resolve_any_account(session: AsyncSession, refs: list[CustomerRef],
         by_channel[r.channel].add(r.external_id)
     owners: dict[tuple[str, str], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for channel, external_ids in by_channel.items():
-        for chunk in _chunks(sorted(external_ids)):
-            for external_id, account, customer_id in (await session.execute(
-                    select(Identity.external_id, Identity.account, Identity.customer_id)
-                    .where(Identity.channel == channel, Identity.external_id.in_(chunk)))).all():
-                owners[(channel, external_id)][customer_id].append(account)
+        for external_id, account, customer_id in (await session.execute(
+                select(Identity.external_id, Identity.account, Identity.customer_id)
+                .where(Identity.channel == channel, Identity.external_id.in_(json_values(session, "ids"))),
+                {"ids": json.dumps(sorted(external_ids))})).all():
+            owners[(channel, external_id)][customer_id].append(account)
     for r in refs:
         assert r.channel is not None and r.external_id is not None
         found = owners.get((r.channel, r.external_id), {})
@@ -230,11 +228,6 @@ async def find_by_ref(session: AsyncSession, text: str, channels: Mapping[str, M
                       keyring: Keyring | None = None) -> Customer:
     """:func:`parse_ref` then :func:`customer_of`: the customer an operator named, or CustomerRefError."""
     return await customer_of(session, parse_ref(text, channels), keyring)
-
-
-def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start:start + _CHUNK]
 
 
 def touchpoint(

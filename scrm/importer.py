@@ -81,8 +81,9 @@ class Summary:
         return self.merged - self.updated
 
 
-class _Progress(io.RawIOBase):
-    """Counts bytes as the CSV reader pulls them, for a progress bar that needs no second pass."""
+class CountingReader(io.RawIOBase):
+    """Counts bytes as a reader pulls them, for a progress bar that needs no second pass over the file
+    (the customer and the order history imports)."""
 
     def __init__(self, raw: io.BufferedReader, report: Callable[[int], None]) -> None:
         self.raw, self.report, self.done = raw, report, 0
@@ -112,7 +113,7 @@ class Importer:
         rejects_path = path.with_name(path.stem + ".rejects.csv")
         rejects: tuple[Any, Any] | None = None  # (file, csv writer: the csv module has no public writer type)
         with path.open("rb") as raw_file:
-            text = io.TextIOWrapper(io.BufferedReader(_Progress(raw_file, progress)), encoding="utf-8-sig",
+            text = io.TextIOWrapper(io.BufferedReader(CountingReader(raw_file, progress)), encoding="utf-8-sig",
                                     newline="")
             reader = csv.DictReader(text)
             header = self._header(reader.fieldnames)

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -22,6 +22,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from scrm import rollups
+from scrm.clock import local_midnight
 from scrm.messages import MESSAGE_KINDS
 from scrm.store.dialect import dialect_name
 from scrm.store.models import (
@@ -133,13 +134,8 @@ def date_range(start: date, end: date, timezone: str) -> Period:
 
     Moving both bounds back one microsecond turns ``(since, until]`` into ``[midnight, midnight)``.
     """
-    zone = ZoneInfo(timezone)
-
-    def utc_midnight(day: date) -> datetime:
-        local = datetime.combine(day, time(), zone)
-        return local.astimezone(ZoneInfo("UTC")).replace(tzinfo=None)
-
-    return Period(utc_midnight(start) - _TICK, utc_midnight(end + timedelta(days=1)) - _TICK, f"{start}..{end}")
+    return Period(local_midnight(start, timezone) - _TICK, local_midnight(end + timedelta(days=1), timezone) - _TICK,
+                  f"{start}..{end}")
 
 
 def parse_period(text: str, now: datetime, timezone: str) -> Period | None:
@@ -567,7 +563,7 @@ def _day_buckets(period: Period, timezone: str) -> list[datetime]:
     first = (period.since + _TICK).replace(tzinfo=utc).astimezone(zone).date()
     last = period.until.replace(tzinfo=utc).astimezone(zone).date()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
-    return [datetime.combine(d, time(), zone).astimezone(utc).replace(tzinfo=None) for d in days]
+    return [local_midnight(d, zone) for d in days]
 
 
 def _bucket(column: Any, starts: list[datetime]) -> Any:
@@ -624,7 +620,7 @@ def week_starts(now: datetime, weeks: int, timezone: str) -> list[datetime]:
     today = now.replace(tzinfo=utc).astimezone(zone).date()
     monday = today - timedelta(days=today.weekday())
     days = [monday - timedelta(weeks=weeks - 1 - i) for i in range(weeks + 1)]
-    return [datetime.combine(d, time(), zone).astimezone(utc).replace(tzinfo=None) for d in days]
+    return [local_midnight(d, zone) for d in days]
 
 
 async def cohorts(session: AsyncSession, now: datetime, timezone: str, weeks: int = 6) -> Cohorts:

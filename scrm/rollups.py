@@ -30,7 +30,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -38,6 +38,7 @@ from sqlalchemy import and_, case, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
+from scrm.clock import local_midnight
 from scrm.commands import OPT_OUT_REPLY
 from scrm.messages import MESSAGE_KINDS
 from scrm.store.dialect import rowcount
@@ -214,10 +215,6 @@ async def tally(session: AsyncSession, since: datetime, until: datetime) -> Tall
 
 # --- building ----------------------------------------------------------------------------------
 
-def _midnight(day: date, zone: ZoneInfo) -> datetime:
-    return datetime.combine(day, time(), zone).astimezone(ZoneInfo("UTC")).replace(tzinfo=None)
-
-
 def _local_date(moment: datetime, zone: ZoneInfo) -> date:
     return moment.replace(tzinfo=ZoneInfo("UTC")).astimezone(zone).date()
 
@@ -226,7 +223,7 @@ async def build_days(sessions: async_sessionmaker[AsyncSession], days: list[date
                      now: datetime) -> int:
     """Sum local days and store them; none when an invalidation committed while they were read."""
     zone = ZoneInfo(timezone)
-    bounds = [(_midnight(day, zone), _midnight(day + timedelta(days=1), zone)) for day in days]
+    bounds = [(local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone)) for day in days]
     async with sessions() as session, session.begin():
         generation = await session.scalar(select(ReportRollupState.generation))
         tallies = await _tallies(session, [(start - TICK, end - TICK) for start, end in bounds])

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Exists, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 
 from scrm.messages import MESSAGE_KINDS
@@ -42,6 +43,13 @@ from scrm.store.models import (
 
 class ExpressionError(ValueError):
     """The expression cannot be compiled; the message says where and why."""
+
+
+#: The longest expression accepted from a person (the console's box); config files may hold longer ones.
+MAX_TYPED = 2000
+#: The deepest syntax tree compiled (``tag('a') and not (x or y)`` is 6): SQLAlchemy compiles recursively.
+MAX_DEPTH = 60
+_TOO_DEEP = f"the expression is nested too deeply (at most {MAX_DEPTH} levels)"
 
 
 def _about_customer(found: Exists) -> Exists:
@@ -137,6 +145,10 @@ class Compiler:
             tree = ast.parse(text.strip(), mode="eval")
         except SyntaxError as exc:
             raise ExpressionError(f"syntax error at column {exc.offset}: {text!r}") from None
+        except (RecursionError, MemoryError):  # the parser's own limits, e.g. thousands of nested "not"
+            raise ExpressionError(_TOO_DEEP) from None
+        if _depth(tree) > MAX_DEPTH:  # compiling it to SQL would exhaust the stack
+            raise ExpressionError(_TOO_DEEP)
         return self._bool(tree.body)
 
     # -- boolean level
@@ -300,6 +312,16 @@ class Compiler:
         raise ExpressionError(f"unknown function {name!r}")
 
 
+def _depth(tree: ast.AST) -> int:
+    """How deeply the syntax tree nests, walked without recursion."""
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def check(text: str, segments: Mapping[str, str] | None = None) -> str | None:
     """The problem with an expression, or None (used when validating config)."""
     try:
@@ -311,3 +333,42 @@ def check(text: str, segments: Mapping[str, str] | None = None) -> str | None:
 
 def condition(text: str, now: datetime, segments: Mapping[str, str] | None = None) -> ColumnElement[bool]:
     return Compiler(now, segments).compile(text)
+
+
+def typed(text: str, now: datetime, segments: Mapping[str, str] | None = None) -> ColumnElement[bool]:
+    """:func:`condition` for an expression a person typed (the console's box): empty or over
+    :data:`MAX_TYPED` characters is an :class:`ExpressionError` too."""
+    if not text.strip():
+        raise ExpressionError("enter an expression, e.g. tag('奶粉') and days_silent >= 30")
+    if len(text) > MAX_TYPED:
+        raise ExpressionError(f"at most {MAX_TYPED} characters, got {len(text)}")
+    return condition(text, now, segments)
+
+
+async def counts(session: AsyncSession, conditions: Mapping[str, ColumnElement[bool]]) -> dict[str, int]:
+    """Customers in each segment, counted in one pass over the customers (``COUNT(*) FILTER``)."""
+    if not conditions:
+        return {}
+    row = (await session.execute(select(*(func.count().filter(c) for c in conditions.values()))
+                                 .select_from(Customer))).one()
+    return {name: int(n) for name, n in zip(conditions, row, strict=True)}
+
+
+@dataclass(frozen=True)
+class Member:
+    """A customer as a segment preview lists them: no personal field beyond the display name."""
+
+    id: int
+    name: str | None
+    stage: str
+    last_seen_at: datetime
+
+
+async def preview(session: AsyncSession, where: ColumnElement[bool], limit: int = 20) -> tuple[int, list[Member]]:
+    """How many customers match and the first ``limit`` of them by id (``scrm segments show``, the
+    console): one count and one page, both in SQL."""
+    total = await session.scalar(select(func.count()).select_from(Customer).where(where))
+    rows = (await session.execute(
+        select(Customer.id, Customer.display_name, Customer.stage, Customer.last_seen_at)
+        .where(where).order_by(Customer.id).limit(limit))).all()
+    return int(total or 0), [Member(r.id, r.display_name, r.stage, r.last_seen_at) for r in rows]

@@ -16,7 +16,7 @@ from scrm.messages import InboundEvent
 from scrm.store.engine import writing
 from scrm.store.models import ConsoleSession, SignInFailure, StaffAccount
 from scrm.web import SERVICE, create_app
-from tests.console_support import PASSWORD, Console, console, page, screenshot, sign_in  # noqa: F401 (fixtures)
+from tests.console_support import PASSWORD, Console, console, page, sign_in  # noqa: F401 (fixtures)
 
 
 async def test_sign_in_cookie_and_sign_out(console: Console, page: Page) -> None:
@@ -35,7 +35,6 @@ async def test_sign_in_cookie_and_sign_out(console: Console, page: Page) -> None
     assert len(ids := list(ids)) == 1 and cookie["value"] not in ids  # the store keeps only a hash
     hashed = await console.read(lambda s: s.scalar(select(StaffAccount.password_hash)))
     assert hashed is not None and hashed.startswith("$argon2id$")
-    await screenshot(page, "dashboard")
     await page.click("text=Sign out 退出")
     await page.wait_for_url(f"{console.url}/console/login")
     await page.goto(f"{console.url}/console/")

@@ -83,6 +83,9 @@ async def test_operator_privacy_session(tmp_path, store):
     assert [e["actor"] for e in log][1:] == ["cli:dpo", "cli:dpo"]
     assert json.loads(scrm(tmp_path, store, "audit", "--since", "2999-01-01", "--json").stdout) == []
     assert scrm(tmp_path, store, "audit", "--since", "last week").returncode == 2
+    by_dpo = json.loads(scrm(tmp_path, store, "audit", "--actor", "dpo", "--json").stdout)
+    assert [e["action"] for e in by_dpo] == ["export", "erase"]
+    assert json.loads(scrm(tmp_path, store, "audit", "--until", "2000-01-01", "--json").stdout) == []
 
     good = key_file.read_text()
     key_file.write_text("\n".join([ln for ln in good.splitlines() if ln.startswith("lookup:")]

@@ -98,13 +98,12 @@ async def redeem_coupon(call: Call) -> m.RedeemOut:
     async with svc.sessions() as session, session.begin():
         owner = await _resolve(call, session, body.customer) if body.customer else None
         now = svc.clock.now()
-        outcome = await coupons.redeem(session, body.code, now, via="api", customer_id=owner.id if owner else None)
+        outcome = await coupons.redeem_at_till(session, body.code, now, via="api", account=call.key_name,
+                                               actor=call.actor, customer_id=owner.id if owner else None)
         if outcome.status != "redeemed":
             status, code = _REDEEM_ERRORS[outcome.status]
             raise ApiError(status, code, f"coupon {outcome.code}: {outcome.status.replace('_', ' ')}")
         assert outcome.customer_id is not None
-        touchpoint(session, customer_id=outcome.customer_id, channel="api", account=call.key_name,
-                   direction="internal", kind="coupon_redeemed", now=now, payload={"code": outcome.code})
         campaign = await session.scalar(select(Delivery.campaign).join(CouponCode, CouponCode.delivery_id == Delivery.id)
                                         .where(CouponCode.code == outcome.code))
     svc.touch({outcome.customer_id})

@@ -6,8 +6,12 @@ single step; ``[[steps]]`` make a journey with waits, conditions and an exit con
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -174,8 +178,12 @@ class CouponSpec(_Strict):
     pool: str
 
 
+#: A campaign's name; it names its file in the campaigns folder too (``<name>.toml``).
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
 class CampaignDefinition(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     title: str = ""
     #: ``lifecycle`` messages answer what the customer did; ``marketing`` ones respect frequency
     #: caps, quiet hours and (when configured) marketing consent.
@@ -227,12 +235,26 @@ class CampaignError(Exception):
         self.problems = problems
 
 
-def _check(definition: CampaignDefinition, config: Config) -> list[str]:
-    problems: list[str] = []
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a campaign file: the file, the key (a dotted path such as ``trigger.days``;
+    empty for the file as a whole, e.g. broken TOML) and what is wrong, in words an operator can act on."""
+
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.file, self.key, self.message) if part)
+
+
+def _check(definition: CampaignDefinition, config: Config) -> list[tuple[str, str]]:
+    """What the config must agree with (segments, coupon pools, template variables), as (key, problem)."""
+    problems: list[tuple[str, str]] = []
     segment = definition.audience.segment
     if segment is not None and segment not in config.segments:
         known = ", ".join(sorted(config.segments)) or "none configured"
-        problems.append(f"audience.segment: unknown segment {segment!r} (known: {known})")
+        problems.append(("audience.segment", f"unknown segment {segment!r} (known: {known})"))
     where = "message" if definition.message is not None else "steps"
     for i, step in enumerate(definition.journey):
         at = "message" if where == "message" else f"steps.{i}"
@@ -244,7 +266,7 @@ def _check(definition: CampaignDefinition, config: Config) -> list[str]:
         if step.coupon and step.coupon not in config.coupons:
             known = ", ".join(sorted(config.coupons)) or "none configured"
             key = "coupon.pool" if where == "message" else f"{at}.coupon"
-            problems.append(f"{key}: unknown pool {step.coupon!r} (known: {known})")
+            problems.append((key, f"unknown pool {step.coupon!r} (known: {known})"))
         sources = {f"{at}.text": step.text}
         sources |= {f"{at}.channel_text.{k}": v for k, v in step.channel_text.items()}
         sources |= {f"{at}.variants.{j}.text": v.text for j, v in enumerate(step.variants)}
@@ -254,46 +276,125 @@ def _check(definition: CampaignDefinition, config: Config) -> list[str]:
             sources |= {f"{at}.article.title": step.article.title, f"{at}.article.description": step.article.description}
         for key, source in sources.items():
             if problem := templates.check(source, available):
-                problems.append(f"{key}: {problem}")
+                problems.append((key, problem))
     return problems
 
 
-def parse_campaign(path: Path, raw: bytes, config: Config) -> tuple[LoadedCampaign | None, list[str]]:
+def parse_campaign(path: Path, raw: bytes, config: Config) -> tuple[LoadedCampaign | None, list[Problem]]:
+    """One file's text on its own: its problems, and the campaign unless it could not be read at all."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
         definition = CampaignDefinition.model_validate(data)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        return None, [f"{path.name}: invalid TOML: {exc}"]
+        return None, [Problem(path.name, "", f"invalid TOML: {exc}")]
     except ValidationError as exc:
         problems = []
         for e in exc.errors():
             loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
             msg = ("missing" if e["type"] == "missing" else "unknown key" if e["type"] == "extra_forbidden"
                    else e["msg"].removeprefix("Value error, "))
-            problems.append(f"{path.name}: {loc}: {msg}")
+            problems.append(Problem(path.name, loc, msg))
         return None, problems
-    problems = [f"{path.name}: {p}" for p in _check(definition, config)]
+    problems = [Problem(path.name, key, problem) for key, problem in _check(definition, config)]
     return LoadedCampaign(definition, path, hashlib.sha256(raw).hexdigest()), problems
+
+
+def campaigns_folder(config: Config) -> Path:
+    return config.resolve(config.campaigns.path)
+
+
+def _campaign_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.toml"))
 
 
 def load_campaigns(config: Config) -> list[LoadedCampaign]:
     """Every ``*.toml`` in the campaigns folder, or :class:`CampaignError` listing all problems."""
-    folder = config.resolve(config.campaigns.path)
+    folder = campaigns_folder(config)
     if not folder.is_dir():
         raise CampaignError([f"{folder}: campaigns folder not found (campaigns.path in the config)"])
     loaded: list[LoadedCampaign] = []
-    problems: list[str] = []
+    problems: list[Problem] = []
     seen: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.toml")):
+    for path in _campaign_files(folder):
         campaign, found = parse_campaign(path, path.read_bytes(), config)
         problems += found
         if campaign is None:
             continue
         name = campaign.definition.name
         if name in seen:
-            problems.append(f"{path.name}: name: {name!r} is already used by {seen[name].name}")
+            problems.append(Problem(path.name, "name", f"{name!r} is already used by {seen[name].name}"))
         seen[name] = path
         loaded.append(campaign)
     if problems:
-        raise CampaignError(problems)
+        raise CampaignError([str(p) for p in problems])
     return loaded
+
+
+def check_file(config: Config, path: Path, raw: bytes) -> tuple[LoadedCampaign | None, list[Problem]]:
+    """One campaign file's text, checked as :func:`load_campaigns` would check it at ``path`` in the
+    campaigns folder, before it is written there: its own problems, and its name against the other
+    files of the folder (the folder refuses a name two files use). A face that writes campaign files
+    (the console's editor) saves only text with no problems; ``scrm campaigns validate FILE`` says the same.
+    """
+    campaign, problems = parse_campaign(path, raw, config)
+    if campaign is None:
+        return None, problems
+    name = campaign.definition.name
+    for other in _campaign_files(path.parent) if path.parent.is_dir() else []:
+        if other.name == path.name:
+            continue
+        found, _ = parse_campaign(other, other.read_bytes(), config)
+        if found is not None and found.definition.name == name:
+            problems.append(Problem(path.name, "name", f"{name!r} is already used by {other.name}"))
+    return campaign, problems
+
+
+def check_new_file(config: Config, raw: bytes) -> tuple[Path, LoadedCampaign | None, list[Problem]]:
+    """A new campaign file's text: the file is named after the campaign (``<name>.toml`` in the
+    campaigns folder) and must not be there yet; then :func:`check_file`. Returns where it would go."""
+    folder = campaigns_folder(config)
+    try:
+        declared = tomllib.loads(raw.decode("utf-8")).get("name")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        declared = None
+    valid = isinstance(declared, str) and re.fullmatch(NAME_PATTERN, declared) is not None
+    path = folder / (f"{declared}.toml" if valid else "new.toml")
+    campaign, problems = check_file(config, path, raw)
+    if valid and path.exists():
+        problems.append(Problem(path.name, "name", f"there is already a file {path.name} in {folder.name}/: "
+                                                   "a new campaign needs a name of its own"))
+    return path, campaign, problems
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace (or create) a campaign file whole: the text goes to a temporary file beside it, which is
+    then renamed over it, so the reload job (and anyone reading) sees the old text or the new, never part
+    of it. The temporary name does not end in ``.toml``: the folder's glob never loads it."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
+
+
+def describe_trigger(d: CampaignDefinition) -> str:
+    """The trigger in a few words (``cron 0 10 * * mon``, ``tag_added:奶粉 +1h``), for lists."""
+    t = d.trigger
+    if t.cron:
+        return f"cron {t.cron}"
+    if t.at:
+        return f"at {t.at:%Y-%m-%d %H:%M}"
+    detail = t.tag or t.stage or (",".join(t.keywords) if t.keywords else "") or (f"{t.days}d" if t.days else "")
+    return f"{t.event}{':' + detail if detail else ''}" + (f" +{t.delay}" if t.delay != "0s" else "")

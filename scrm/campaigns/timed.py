@@ -117,6 +117,13 @@ async def last_runs(session: AsyncSession) -> dict[str, CampaignRun]:
     return {run.campaign: run for run in rows}
 
 
+async def recent_runs(session: AsyncSession, campaign: str, limit: int = 10) -> list[CampaignRun]:
+    """A campaign's latest runs, newest first (the console's campaign page shows them, failures with their reason)."""
+    return list((await session.scalars(select(CampaignRun).where(CampaignRun.campaign == campaign)
+                                       .order_by(CampaignRun.ran_at.desc(), CampaignRun.id.desc())
+                                       .limit(limit))).all())
+
+
 def describe_run(run: CampaignRun | None) -> str:
     """A run in a few words, for operators (the CLI's list and staff's /campaigns)."""
     if run is None:

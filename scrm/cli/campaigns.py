@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
-from scrm.campaigns.definitions import CampaignDefinition, load_campaigns
+from scrm.campaigns.definitions import (
+    CampaignError,
+    campaigns_folder,
+    check_file,
+    describe_trigger,
+    load_campaigns,
+)
 from scrm.cli.base import (
     EXIT_FAILED,
+    cli_actor,
     err,
     guard,
     load,
@@ -28,22 +37,21 @@ def campaigns() -> None:
 
 
 @campaigns.command("validate")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
 @guard
-def campaigns_validate(ctx: click.Context) -> None:
-    """Check every campaign file; errors name the file, key and problem."""
-    loaded = load_campaigns(load(ctx))
-    out.print(f"{len(loaded)} campaign(s) valid")
-
-
-def describe_trigger(d: CampaignDefinition) -> str:
-    t = d.trigger
-    if t.cron:
-        return f"cron {t.cron}"
-    if t.at:
-        return f"at {t.at:%Y-%m-%d %H:%M}"
-    detail = t.tag or t.stage or (",".join(t.keywords) if t.keywords else "") or (f"{t.days}d" if t.days else "")
-    return f"{t.event}{':' + detail if detail else ''}" + (f" +{t.delay}" if t.delay != "0s" else "")
+def campaigns_validate(ctx: click.Context, files: tuple[Path, ...]) -> None:
+    """Check every campaign file, or only FILES, each as it would load under its name in the campaigns
+    folder (a new file beside the others, or a new version of one); errors name the file, key and problem."""
+    config = load(ctx)
+    if not files:
+        out.print(f"{len(load_campaigns(config))} campaign(s) valid")
+        return
+    folder = campaigns_folder(config)
+    problems = [str(p) for file in files for p in check_file(config, folder / file.name, file.read_bytes())[1]]
+    if problems:
+        raise CampaignError(problems)
+    out.print(f"{len(files)} campaign file(s) valid")
 
 
 @campaigns.command("list")
@@ -166,6 +174,34 @@ def coupons() -> None:
     """Coupon codes."""
 
 
+@coupons.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def coupons_list(ctx: click.Context, as_json: bool) -> None:
+    """Each pool's codes: issued, redeemed, expired and free (waiting to be given out)."""
+    from dataclasses import asdict
+
+    from scrm import coupons as coupon_ops
+    from scrm.clock import SystemClock
+
+    config = load(ctx)
+
+    async def go() -> list[coupon_ops.PoolCounts]:
+        async with open_store(config) as sessions, sessions() as session:
+            return await coupon_ops.pool_counts(session, config.coupons, SystemClock().now())
+
+    pools = run_async(go())
+    if as_json:
+        click.echo(json.dumps([asdict(p) for p in pools], ensure_ascii=False, indent=2))
+        return
+    table = Table("pool", "value", "issued", "redeemed", "expired", "free")
+    for p in pools:
+        free = f"{p.free}" + (" (+ generated)" if p.generate else "")
+        table.add_row(p.name + ("" if p.configured else " (not in config)"), f"{p.value:g}", str(p.issued),
+                      str(p.redeemed), str(p.expired), free)
+    out.print(table)
+
+
 @coupons.command("redeem")
 @click.argument("code")
 @click.pass_context
@@ -173,47 +209,42 @@ def coupons_redeem(ctx: click.Context, code: str) -> None:
     """Record a redemption at the till (any customer's valid code)."""
     from scrm import coupons as coupon_ops
     from scrm.clock import SystemClock
-    from scrm.customers import touchpoint
 
     config = load(ctx)
 
     async def go() -> coupon_ops.RedeemOutcome:
         async with open_store(config) as sessions, sessions() as session, session.begin():
-            now = SystemClock().now()
-            result = await coupon_ops.redeem(session, code, now, via="cli")
-            if result.status == "redeemed":
-                touchpoint(session, customer_id=result.customer_id, channel="cli", account="-", direction="internal",
-                           kind="coupon_redeemed", now=now, payload={"code": result.code})
-            return result
+            return await coupon_ops.redeem_at_till(session, code, SystemClock().now(), via="cli", actor=cli_actor(None))
 
     result = run_async(go())
     (out if result.status == "redeemed" else err).print(result.reply)
     sys.exit(0 if result.status == "redeemed" else EXIT_FAILED)
 
 
-
-
 @coupons.command("import")
 @click.argument("pool")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
-@click.option("--expires", type=click.DateTime(["%Y-%m-%d"]), help="Expiry printed on the codes (else valid_days).")
+@click.argument("file", type=click.File("rb"))
+@click.option("--expires", type=click.DateTime(["%Y-%m-%d"]),
+              help="Expiry printed on the codes, valid through that day (else valid_days from the grant).")
 @click.pass_context
 def coupons_import(ctx: click.Context, pool: str, file: Any, expires: Any) -> None:
-    """Load a supplier's codes (one per line, or the first CSV column) into POOL; grants use them first."""
+    """Load a supplier's codes (one per line, or the first CSV column) into POOL; grants use them first.
+    A file with a line that is not a code is refused whole."""
     from scrm import coupons as coupon_ops
 
     config = load(ctx)
     if pool not in config.coupons:
         err.print(f"no coupon pool {pool!r} in the config (known: {', '.join(sorted(config.coupons)) or 'none'})")
         sys.exit(EXIT_FAILED)
-    codes = [line.split(",")[0] for line in file if line.strip() and not line.lower().startswith("code")]
+    try:
+        codes = coupon_ops.parse_codes(file.read())
+    except coupon_ops.CodeFileError as exc:
+        err.print(f"{file.name}: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(EXIT_FAILED)
+    expires_at = coupon_ops.expiry_of(expires.date(), config.service.timezone) if expires else None
 
-    async def go() -> int:
+    async def go() -> coupon_ops.ImportResult:
         async with open_store(config) as sessions, sessions() as session, session.begin():
-            added = 0
-            for i in range(0, len(codes), 1000):
-                added += await coupon_ops.import_codes(session, pool, config.coupons[pool], codes[i:i + 1000], expires)
-            return added
+            return await coupon_ops.import_codes(session, pool, config.coupons[pool], codes, expires_at)
 
-    added = run_async(go())
-    out.print(f"{added} new code(s) in pool {pool} ({len(codes) - added} already known)")
+    out.print(run_async(go()).text, highlight=False)

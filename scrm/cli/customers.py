@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from scrm.cli.base import (
     EXIT_FAILED,
@@ -130,6 +131,33 @@ def segments() -> None:
     """Named segments from the config."""
 
 
+@segments.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def segments_list(ctx: click.Context, as_json: bool) -> None:
+    """Every configured segment with its count (one pass over the customers for all of them)."""
+    from scrm import segments as seg
+    from scrm.clock import SystemClock
+
+    config = load(ctx)
+
+    async def go() -> dict[str, int]:
+        now = SystemClock().now()
+        conditions = {name: seg.condition(text, now, config.segments) for name, text in config.segments.items()}
+        async with open_store(config) as sessions, sessions() as session:
+            return await seg.counts(session, conditions)
+
+    found = run_async(go())
+    if as_json:
+        click.echo(json.dumps([{"segment": name, "expression": config.segments[name], "count": n}
+                               for name, n in found.items()], ensure_ascii=False, indent=2))
+        return
+    table = Table("segment", "customers", "expression")
+    for name, n in found.items():
+        table.add_row(name, str(n), Text(config.segments[name]))
+    out.print(table)
+
+
 @segments.command("show")
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True, help="Customers to preview.")
@@ -137,37 +165,30 @@ def segments() -> None:
 @click.pass_context
 def segments_show(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
     """Count a segment's customers and preview some (one SQL query each)."""
-    from sqlalchemy import func, select
-
     from scrm import segments as seg
     from scrm.clock import SystemClock
-    from scrm.store.models import Customer
 
     config = load(ctx)
     if name not in config.segments:
         err.print(f"no segment {name!r} (configured: {', '.join(sorted(config.segments)) or 'none'})")
         sys.exit(EXIT_FAILED)
 
-    async def go() -> tuple[int, list[Any]]:
+    async def go() -> tuple[int, list[seg.Member]]:
         condition = seg.condition(config.segments[name], SystemClock().now(), config.segments)
         async with open_store(config) as sessions, sessions() as session:
-            total = await session.scalar(select(func.count()).select_from(Customer).where(condition))
-            rows = (await session.execute(
-                select(Customer.id, Customer.display_name, Customer.stage, Customer.last_seen_at)
-                .where(condition).order_by(Customer.id).limit(limit))).all()
-            return int(total or 0), list(rows)
+            return await seg.preview(session, condition, limit)
 
-    total, rows = run_async(go())
-    preview = [{"id": r.id, "name": r.display_name, "stage": r.stage, "last_seen_at": r.last_seen_at.isoformat()}
-               for r in rows]
+    total, members = run_async(go())
     if as_json:
+        preview = [{"id": m.id, "name": m.name, "stage": m.stage, "last_seen_at": m.last_seen_at.isoformat()}
+                   for m in members]
         click.echo(json.dumps({"segment": name, "expression": config.segments[name], "count": total,
                                "preview": preview}, ensure_ascii=False, indent=2))
         return
     out.print(f"[bold]{name}[/]: {total} customer(s)  ({config.segments[name]})", highlight=False)
     table = Table("id", "name", "stage", "last seen")
-    for p in preview:
-        table.add_row(str(p["id"]), p["name"] or "", p["stage"], p["last_seen_at"])
+    for m in members:
+        table.add_row(str(m.id), m.name or "", m.stage, m.last_seen_at.isoformat())
     out.print(table)
 
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from scrm.exporter import Format
 
 
-def _progress(total: int | None, unit: str) -> Any:
+def progress_bar(total: int | None, unit: str) -> Any:
+    """A rich progress bar on stderr: bytes (speed, time left) or a count of ``total``; the imports' bar."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -66,7 +67,7 @@ def customers_import(ctx: click.Context, file: Path, batch: int) -> None:
         async with open_store(config) as sessions:
             keyring = await personal.open_keyring(config, sessions, now)
             importer = Importer(sessions, config, keyring, now, batch_size=batch)
-            with _progress(file.stat().st_size, "bytes") as bar:
+            with progress_bar(file.stat().st_size, "bytes") as bar:
                 task = bar.add_task(f"importing {file.name}", total=file.stat().st_size)
                 return await importer.run(file, lambda done: bar.update(task, completed=done))
 

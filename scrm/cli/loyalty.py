@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from datetime import datetime, timedelta
@@ -29,38 +30,42 @@ def conversions() -> None:
 
 @conversions.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--batch", type=click.IntRange(1, 50_000), default=1000, show_default=True, help="Orders per transaction.")
+@click.option("--batch", type=click.IntRange(1, 1_000_000), default=50_000, show_default=True,
+              help="Orders per transaction (on SQLite the service's writers wait for each: ~2-3 s at the default).")
 @click.pass_context
 def conversions_import(ctx: click.Context, file: Path, batch: int) -> None:
-    """Import order history from JSON Lines or CSV (see scrm.loyalty.history), streamed in batches;
-    order ids already stored are skipped, so running it again changes nothing."""
+    """Import order history from JSON Lines or CSV (see scrm.loyalty.history), streamed in batches with a
+    progress bar; order ids already stored are skipped, so running it again changes nothing."""
+    from scrm.cli.io import progress_bar
     from scrm.clock import SystemClock
-    from scrm.loyalty.history import ImportResult, import_batch, read_orders
+    from scrm.loyalty.history import ImportResult, import_file
 
     config = load(ctx)
-    result = ImportResult()
 
-    async def go() -> None:
-        now = SystemClock().now()
+    async def go() -> ImportResult:
+        size = file.stat().st_size
         async with open_store(config) as sessions:
-            with file.open(encoding="utf-8-sig", newline="") as handle:
-                pending: list = []
-                for item in read_orders(file, handle):
-                    pending.append(item)
-                    if len(pending) >= batch:
-                        async with sessions() as session, session.begin():
-                            await import_batch(session, pending, now, result, config.channels)
-                        pending = []
-                if pending:
-                    async with sessions() as session, session.begin():
-                        await import_batch(session, pending, now, result, config.channels)
+            # Millions of short-lived rows: what start-up built is left out of collection, which runs
+            # every 50,000 allocations instead of 700 (as in `scrm run`): ~15% of the import's CPU otherwise.
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 100)
+            with progress_bar(size, "bytes") as bar:
+                task = bar.add_task(f"importing {file.name}", total=size)
+                return await import_file(sessions, file, SystemClock().now(), config.channels, batch,
+                                         lambda done: bar.update(task, completed=done))
 
-    run_async(go())
+    try:
+        result = run_async(go())
+    except UnicodeDecodeError:
+        err.print(f"{file}: not UTF-8 text (save it as UTF-8)", markup=False, highlight=False)
+        sys.exit(EXIT_USAGE)
     out.print(f"imported {result.orders} orders ({result.items} items), {result.skipped} already present, "
-              f"{len(result.rejected)} rejected", highlight=False)
+              f"{result.rejected_count} rejected", highlight=False)
     for line in result.rejected[:50]:
         err.print(f"  {line}", markup=False, highlight=False)
-    if result.rejected:
+    if result.rejected_count > 50:
+        err.print(f"  ... and {result.rejected_count - 50} more", highlight=False)
+    if result.rejected_count:
         sys.exit(EXIT_FAILED)
 
 

@@ -136,39 +136,38 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
               f" ({total - done} changed meanwhile and were written with the current key already)"))
 
 
-def _parse_since(value: str | None) -> datetime | None:
+def _parse_moment(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
     try:
         return datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter("use a date (2026-01-31) or date and time (2026-01-31T09:00)",
-                                 param_hint="--since") from None
+                                 param_hint=option) from None
 
 
 @main.command("audit")
 @click.option("--customer", "ref", metavar="CUSTOMER",
               help="Only this customer (#id, channel:id or channel:account:id).")
+@click.option("--actor", help="Only this staff member, CLI user or API key (olive, console:olive, api:pos).")
 @click.option("--since", help="Only entries at or after this date/time (UTC).")
+@click.option("--until", help="Only entries before this date/time (UTC).")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True, help="Newest entries shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def audit_cmd(ctx: click.Context, ref: str | None, since: str | None, limit: int, as_json: bool) -> None:
+def audit_cmd(ctx: click.Context, ref: str | None, actor: str | None, since: str | None, until: str | None,
+              limit: int, as_json: bool) -> None:
     """Who read or changed customers' personal data (append-only)."""
     from scrm import audit
-    from scrm.customers import CustomerRefError, customer_of, parse_ref
+    from scrm.customers import CustomerRefError
 
-    since_at = _parse_since(since)
+    since_at, until_at = _parse_moment(since, "--since"), _parse_moment(until, "--until")
     config = load(ctx)
 
     async def go() -> list[dict[str, Any]]:
         async with open_store(config) as sessions, sessions() as session:
-            customer_id = None
-            if ref is not None:
-                wanted = parse_ref(ref, config.channels)
-                # An id needs no customer: an erased or merged-away customer's entries stay in the log.
-                customer_id = wanted.id if wanted.id is not None else (await customer_of(session, wanted)).id
-            rows = await audit.entries(session, customer_id, since_at, limit)
+            customer_id = None if ref is None else await audit.customer_filter(session, ref, config.channels)
+            rows = await audit.entries(session, customer_id, since_at, limit, actor=actor, until=until_at)
             return [{"at": e.at.isoformat(timespec="seconds"), "actor": e.actor, "role": e.role, "via": e.via,
                      "customer": e.customer_id, "action": e.action, "detail": e.detail} for e in rows]
 

@@ -6,7 +6,6 @@ import gc
 import logging
 import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,15 +21,10 @@ from scrm.cli.base import (
     out,
     run_async,
 )
+from scrm.config_file import demo_file
 
 if TYPE_CHECKING:
     from scrm.web import Role
-
-
-def demo_file(name: str) -> Path:
-    """A file shipped with the demo set: inside the installed package, or the source checkout."""
-    packaged = Path(str(resources.files("scrm"))) / "demo" / name
-    return packaged if packaged.exists() else Path(__file__).resolve().parents[2] / name
 
 
 @main.command()

@@ -1,31 +1,93 @@
-"""Dashboard: the manager's ``/report`` figures for a period against the one before, from the same
-report functions the chat command and ``scrm report`` use."""
+"""Dashboard: the manager's ``/report`` for a period against the one before (figures, stages and their
+moves, CSAT/NPS and follow-up completion), the daily trend chart, top tags and the open follow-up
+tasks, from the same core functions the chat command and ``scrm report`` use.
+
+The trend chart is its own route: the page reads its figures in one snapshot and answers at once,
+and the browser fetches the PNG, which is drawn in a worker thread (:meth:`scrm.messages.Chart.png`)
+so a cold matplotlib never holds up the event loop.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
-from scrm import reports
+from scrm import charts, reports
 from scrm.console.app import Pages, service
+from scrm.loyalty import followups
+from scrm.loyalty.report import care_figures
 from scrm.store.engine import reading
 
 pages = Pages()
+#: Open follow-up tasks listed on the dashboard (the count covers them all).
+TASKS_SHOWN = 20
+#: Figures in the dashboard's grid, in order; each with the period before.
+FIGURES = ("new_customers", "active_customers", "messages_in", "messages_out", "opt_outs", "campaign_sends",
+           "coupons_granted", "coupon_redemptions", "conversions", "attributed_conversions")
+PERIOD_HINT = "7d, 30d or YYYY-MM-DD..YYYY-MM-DD"
+
+
+def _period(request: web.Request) -> tuple[str, reports.Period, str | None]:
+    """The asked period (``?period=``), or the last 7 days and what was wrong with the asked one."""
+    svc = service(request)
+    arg = request.query.get("period", "7d")
+    period = reports.parse_period(arg, svc.clock.now(), svc.config.service.timezone)
+    if period is not None:
+        return arg, period, None
+    fallback = reports.parse_period("7d", svc.clock.now(), svc.config.service.timezone)
+    assert fallback is not None
+    return "7d", fallback, f"Not a period: {arg[:80]!r} ({PERIOD_HINT})"
+
+
+def _rows(now: dict[str, int], before: dict[str, int]) -> list[tuple[str, int, int]]:
+    """(key, now, before) for every key of either, most now first."""
+    keys = sorted(set(now) | set(before), key=lambda k: (-now.get(k, 0), k))
+    return [(k, now.get(k, 0), before.get(k, 0)) for k in keys]
+
+
+def _care(figures: dict[str, Any]) -> dict[str, Any]:
+    """CSAT/NPS totals and follow-up completion from :func:`care_figures`, for the template."""
+    surveys = {kind: section["total"] for kind, section in figures["surveys"].items()}
+    rows = figures["followups"]
+    return {"surveys": surveys, "tasks": sum(r["tasks"] for r in rows), "done": sum(r["done"] for r in rows),
+            "on_time": sum(r["on_time"] for r in rows)}
 
 
 @pages.get("/", "manager")
 async def dashboard(request: web.Request) -> web.StreamResponse:
     svc = service(request)
     config = svc.config
-    arg = request.query.get("period", "7d")
-    period = reports.parse_period(arg, svc.clock.now(), config.service.timezone)
-    error = None
-    if period is None:
-        error, arg = f"Not a period: {arg!r} (7d, 30d or YYYY-MM-DD..YYYY-MM-DD)", "7d"
-        period = reports.parse_period(arg, svc.clock.now(), config.service.timezone)
-        assert period is not None
+    arg, period, error = _period(request)
+    now = svc.clock.now()
     async with reading(svc.sessions) as session:
         summary = await reports.summary(session, period, attribution_days=config.reports.attribution_days)
+        care = _care(await care_figures(session, period))
+        care_before = _care(await care_figures(session, period.previous()))
+        tags = await reports.top_tags(session, now)
+        tasks = await followups.open_tasks(session, None, TASKS_SHOWN)
+        open_count, overdue = await followups.open_task_counts(session, now)
+    cur, prev = summary.current, summary.previous
     return aiohttp_jinja2.render_template("dashboard.html", request, {
-        "summary": summary, "period": arg, "period_error": error, "current": summary.current,
-        "previous": summary.previous})
+        "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT,
+        "current": cur, "previous": prev, "figures": FIGURES, "label": reports.label,
+        "stages": _rows(cur.stages, prev.stages), "moves": _rows(cur.stage_moves, prev.stage_moves),
+        "by_channel": _rows(cur.new_by_channel, prev.new_by_channel),
+        "care": care, "care_before": care_before, "top_tags": tags,
+        "tasks": followups.task_rows(tasks, now, config.service.timezone), "open_tasks": open_count,
+        "overdue_tasks": overdue, "timezone": config.service.timezone,
+        "attribution": reports.attribution_rule(summary.attribution_days, "both")})
+
+
+@pages.get("/charts/trend.png", "manager")
+async def trend_chart(request: web.Request) -> web.StreamResponse:
+    """The ``/report`` trend chart (new customers, messages in, conversions per local day) as a PNG."""
+    svc = service(request)
+    _arg, period, error = _period(request)
+    if error:
+        raise web.HTTPBadRequest(text=error)
+    async with reading(svc.sessions) as session:
+        trend = await reports.daily_trend(session, period, svc.config.service.timezone)
+    png = await charts.chart(charts.trend_png, trend, "both").png()
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, max-age=60"})

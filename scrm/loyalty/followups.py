@@ -10,6 +10,7 @@ crash can lose one but never send one twice.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -106,22 +107,47 @@ async def complete(session: AsyncSession, task_id: int, by: str, now: datetime) 
     return task
 
 
-async def open_tasks(session: AsyncSession, owner: str | None) -> list[tuple[FollowupTask, str | None]]:
+async def open_tasks(session: AsyncSession, owner: str | None,
+                     limit: int | None = None) -> list[tuple[FollowupTask, str | None]]:
+    """Open tasks (``owner``'s, or everyone's for None), soonest due first, with the customer's name."""
     query = (select(FollowupTask, Customer.display_name).join(Customer, Customer.id == FollowupTask.customer_id)
-             .where(FollowupTask.done_at.is_(None)).order_by(FollowupTask.due_at, FollowupTask.id))
+             .where(FollowupTask.done_at.is_(None)).order_by(FollowupTask.due_at, FollowupTask.id).limit(limit))
     if owner is not None:
         query = query.where(FollowupTask.owner == owner)
     return [(t, n) for t, n in (await session.execute(query)).all()]
 
 
-def task_lines(tasks: list[tuple[FollowupTask, str | None]], now: datetime, zone: str) -> list[str]:
+async def open_task_counts(session: AsyncSession, now: datetime) -> tuple[int, int]:
+    """Open tasks, and of those overdue, in one query (the console's dashboard)."""
+    row = (await session.execute(select(func.count(), func.count().filter(FollowupTask.due_at < now))
+                                 .where(FollowupTask.done_at.is_(None)))).one()
+    return int(row[0]), int(row[1])
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One open task as staff read it: due in their time zone, and whether it is overdue or due today."""
+
+    id: int
+    due: str
+    flag: str
+    customer_id: int
+    name: str | None
+    kind: str
+    note: str | None
+    owner: str | None
+
+
+def task_rows(tasks: list[tuple[FollowupTask, str | None]], now: datetime, zone: str) -> list[TaskRow]:
     tz = ZoneInfo(zone)
-    lines = []
-    for task, name in tasks:
-        due = task.due_at.replace(tzinfo=UTC).astimezone(tz).strftime("%m-%d %H:%M")
-        flag = "逾期 overdue" if task.due_at < now else ("今天 due" if task.due_at < now + timedelta(days=1) else "")
-        lines.append(f"[{task.id}] {due} {flag} #{task.customer_id} {name or ''} {task.kind}: {task.note or ''}".rstrip())
-    return lines
+    return [TaskRow(task.id, task.due_at.replace(tzinfo=UTC).astimezone(tz).strftime("%m-%d %H:%M"),
+                    "逾期 overdue" if task.due_at < now else ("今天 due" if task.due_at < now + timedelta(days=1) else ""),
+                    task.customer_id, name, task.kind, task.note, task.owner) for task, name in tasks]
+
+
+def task_lines(tasks: list[tuple[FollowupTask, str | None]], now: datetime, zone: str) -> list[str]:
+    return [f"[{r.id}] {r.due} {r.flag} #{r.customer_id} {r.name or ''} {r.kind}: {r.note or ''}".rstrip()
+            for r in task_rows(tasks, now, zone)]
 
 
 def staff_zone(service: Runtime, staff: str) -> str:

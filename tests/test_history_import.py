@@ -1,0 +1,181 @@
+"""The order history import, set-based per batch (issue 21, item 4), on SQLite and PostgreSQL: the same
+outcome as one order at a time, whatever the batch size — file order decides repeats, stored ids are
+skipped before their customer is looked at, rejects keep their line numbers — and the same rows:
+conversions with their dates, loyalty marks (so the sweep pays nothing for history) and line items."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from scrm.clock import ManualClock
+from scrm.customers import CustomerRef
+from scrm.loyalty import jobs
+from scrm.loyalty.history import MAX_REJECTED_LINES, ImportResult, import_batch, import_file, read_orders
+from scrm.service import Service
+from scrm.store.models import (
+    Conversion,
+    ConversionItem,
+    Customer,
+    Identity,
+    LoyaltySeenConversion,
+    Touchpoint,
+)
+from tests.test_loyalty import LOYALTY
+
+NOW = datetime(2026, 11, 27, 3, 0)
+CHANNELS = {"console": {"local": {}}}
+
+
+@pytest.fixture
+async def svc(make_config):
+    service = Service(make_config(LOYALTY), ManualClock(NOW))
+    await service.start(scheduler=False)
+    async with service.sessions() as s, s.begin():
+        for c in (1, 2, 3):
+            s.add(Customer(id=c, display_name=f"c{c}", first_seen_at=NOW - timedelta(days=500), last_seen_at=NOW,
+                           attributes={}))
+        await s.flush()
+        s.add(Identity(customer_id=2, channel="console", account="local", external_id="bo", created_at=NOW))
+    yield service
+    await service.stop()
+
+
+def order(order_id: str, customer: str, date: str = "2026-03-01T10:00:00", amount: Any = 10,
+          items: list[dict[str, Any]] | None = None, **extra: Any) -> str:
+    return json.dumps({"order_id": order_id, "customer": customer, "date": date, "amount": amount,
+                       "items": items or [], **extra}, ensure_ascii=False)
+
+
+LINES = [
+    order("A1", "#1", "2026-03-01T18:30:00+08:00", 120.5, [
+        {"sku": "A", "name": "奶粉", "quantity": 1, "price": 100},
+        {"sku": "A", "name": "奶粉 again", "quantity": 2, "price": 50},  # one row per SKU: the last one
+        {"sku": " ", "name": "no SKU"}, {"sku": "B", "name": "奶瓶", "quantity": "2", "price": "10.25"}],
+        currency="USD"),
+    order("A2", "console:local:bo", items=[{"sku": "C", "name": "辅食"}]),
+    order("A1", "#2"),                       # repeat of line 1's id: skipped, whoever it names
+    order("A3", "console:nobody"),           # no one: rejected, and its id stays free ...
+    order("A3", "console:bo"),               # ... for this later line
+    "not json",
+    "[1, 2]",
+    order("A4", "#3", amount="NaN"),
+    order("", "#3"),
+    order("A5", "#3", date="yesterday"),
+    order("A6", "#3", items=[{"sku": "D", "quantity": "lots"}]),
+    order("A7", "#999"),
+    order("A8", "#3", "2026-04-02"),
+]
+REJECTED = ["line 4: no customer console:nobody", "line 6: invalid JSON: Expecting value",
+            "line 7: not a JSON object", "line 8: amount 'NaN' is not a number",
+            "line 9: order_id missing or longer than 64", "line 10: date 'yesterday' is not ISO 8601",
+            "line 11: items: a quantity or price is not a number", "line 12: no customer #999"]
+
+
+async def stored(service: Any) -> dict[str, Any]:
+    async with service.sessions() as s:
+        conversions = {c.order_id: (c.customer_id, c.kind, c.amount, c.currency, c.created_at, c.campaign,
+                                    c.coupon_code)
+                       for c in (await s.scalars(select(Conversion))).all()}
+        seen = {(r.conversion_id, r.customer_id, r.seen_at) for r in (await s.scalars(select(LoyaltySeenConversion))).all()}
+        ids = {c.id: c.order_id for c in (await s.scalars(select(Conversion))).all()}
+        items = sorted((ids[i.conversion_id], i.customer_id, i.sku, i.name, i.quantity, i.price, i.created_at)
+                       for i in (await s.scalars(select(ConversionItem))).all())
+        touchpoints = await s.scalar(select(func.count()).select_from(Touchpoint))
+    return {"conversions": conversions, "seen": {(ids[c], cid, at) for c, cid, at in seen}, "items": items,
+            "touchpoints": touchpoints}
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 1000])
+async def test_any_batch_size_imports_as_one_order_at_a_time(svc, tmp_path, batch_size):
+    path = tmp_path / "orders.jsonl"
+    path.write_text("\n".join(LINES) + "\n", "utf-8")
+    read: list[int] = []
+    result = await import_file(svc.sessions, path, NOW, CHANNELS, batch_size, read.append)
+    assert (result.orders, result.skipped, result.items) == (4, 1, 3)
+    assert result.rejected == REJECTED and result.rejected_count == len(REJECTED)
+    assert read[-1] == path.stat().st_size  # the progress bar ends full
+    first = await stored(svc)
+    assert first["conversions"] == {
+        "A1": (1, "order", 120.5, "USD", datetime(2026, 3, 1, 10, 30), None, None),  # +08:00 stored as UTC
+        "A2": (2, "order", 10.0, "CNY", datetime(2026, 3, 1, 10, 0), None, None),
+        "A3": (2, "order", 10.0, "CNY", datetime(2026, 3, 1, 10, 0), None, None),
+        "A8": (3, "order", 10.0, "CNY", datetime(2026, 4, 2), None, None)}
+    assert first["seen"] == {("A1", 1, NOW), ("A2", 2, NOW), ("A3", 2, NOW), ("A8", 3, NOW)}
+    at = datetime(2026, 3, 1, 10, 30)
+    assert first["items"] == [("A1", 1, "A", "奶粉 again", 2.0, 50.0, at), ("A1", 1, "B", "奶瓶", 2.0, 10.25, at),
+                              ("A2", 2, "C", "辅食", 1.0, 0.0, datetime(2026, 3, 1, 10, 0))]
+    assert first["touchpoints"] == 0
+    assert (await jobs.sweep(svc)).conversions == 0  # history earns no points, pays no referral, asks nothing
+
+    again = await import_file(svc.sessions, path, NOW + timedelta(days=1), CHANNELS, batch_size)
+    assert (again.orders, again.skipped, again.items) == (0, 6, 0)  # A1 twice, A2, A3 twice, A8
+    assert again.rejected == [r for r in REJECTED if "line 4" not in r]  # A3 is stored now: line 4 is skipped
+    assert await stored(svc) == first
+
+
+async def test_import_batch_takes_read_lines(svc, tmp_path):
+    """The batch function the CLI's predecessor and other callers use: lines as read_orders gives them."""
+    path = tmp_path / "orders.csv"
+    path.write_text("order_id,customer,date,amount,sku,name,quantity,price\n"
+                    "C1,console:local:bo,2026-01-05,120,A,奶粉,1,100\n"
+                    "C1,console:local:bo,2026-01-05,120,B,奶瓶,1,20\n"
+                    "C2,#1,2026-03-01,80,,,,\n", "utf-8")
+    result = ImportResult()
+    with path.open(encoding="utf-8", newline="") as handle:
+        lines = list(read_orders(path, handle))
+    async with svc.sessions() as s, s.begin():
+        await import_batch(s, lines, NOW, result, CHANNELS)
+    assert (result.orders, result.items, result.rejected) == (2, 2, [])
+    assert [i[2] for i in (await stored(svc))["items"]] == ["A", "B"]
+
+
+async def test_rejected_lines_kept_are_bounded(svc, tmp_path):
+    path = tmp_path / "orders.jsonl"
+    path.write_text("not json\n" * (MAX_REJECTED_LINES + 5), "utf-8")
+    result = await import_file(svc.sessions, path, NOW, CHANNELS, 300)
+    assert len(result.rejected) == MAX_REJECTED_LINES and result.rejected_count == MAX_REJECTED_LINES + 5
+    assert result.rejected[-1] == f"line {MAX_REJECTED_LINES}: invalid JSON: Expecting value"
+
+
+async def test_a_failing_batch_keeps_the_ones_before(svc, tmp_path, monkeypatch):
+    """Each batch is its own transaction: a store error stops the import, what was written stays, and
+    running it again imports the rest (and the file is closed after the reader thread is done)."""
+    from scrm.loyalty import history
+
+    path = tmp_path / "orders.jsonl"
+    path.write_text("\n".join(order(f"F{n}", "#1") for n in range(10)) + "\n", "utf-8")
+    real = history.insert_orders
+    calls = 0
+
+    async def fail_third(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("store gone")
+        await real(*args)
+
+    monkeypatch.setattr(history, "insert_orders", fail_third)
+    with pytest.raises(RuntimeError, match="store gone"):
+        await import_file(svc.sessions, path, NOW, CHANNELS, 2)
+    assert sorted((await stored(svc))["conversions"]) == ["F0", "F1", "F2", "F3"]
+    monkeypatch.setattr(history, "insert_orders", real)
+    result = await import_file(svc.sessions, path, NOW, CHANNELS, 2)
+    assert (result.orders, result.skipped) == (6, 4)
+
+
+def test_parse_is_pure(tmp_path: Path):
+    """What runs in the reader thread needs no store."""
+    from scrm.loyalty.history import parse_batch
+
+    batch = parse_batch([(1, json.loads(LINES[0])), (2, "invalid JSON: x")], CHANNELS)
+    assert [o.order_id for o in batch.orders] == ["A1"] and batch.rejected == [(2, "invalid JSON: x")]
+    first = batch.orders[0]
+    assert isinstance(first.customer, CustomerRef) and first.customer.id == 1
+    assert json.loads(f"[7,{first.row}") == [7, "order", "A1", 120.5, "USD", "2026-03-01 10:30:00.000000"]
+    assert json.loads(f"[9,1,{first.items[0]}") == [9, 1, "A", "奶粉 again", 2.0, 50.0, "2026-03-01 10:30:00.000000"]
