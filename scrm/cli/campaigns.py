@@ -73,7 +73,9 @@ def campaigns_list(ctx: click.Context) -> None:
             return paused, await last_runs(session)
 
     off, runs = run_async(state())
-    table = Table("name", "title", "kind", "trigger", "audience", "steps", "state", "last run", "file")
+    table = Table("title", "kind", "trigger", "audience", "steps", "state", "last run", "file")
+    table.add_column("name", no_wrap=True)  # what operators type next (pause, preview): never wrapped
+    table.columns.insert(0, table.columns.pop())
     for c in loaded:
         d = c.definition
         audience = "groups" if d.audience.groups else d.audience.segment or "the customer"
