@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import Config, Role
 from scrm.console import accounts
+from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.engine import writing
 from scrm.web import SERVICE, create_app
@@ -47,6 +48,23 @@ class Console:
 
     url: str
     service: Service
+    sent: int = 0
+
+    async def say(self, user: str, text: str, kind: str = "text", name: str | None = None,
+                  **payload: Any) -> int | None:
+        """A customer (or staff member) writes through the console channel; their customer id."""
+        self.sent += 1
+        reaction = await self.service.receive(InboundEvent(
+            "console", "local", user, kind, text=text, payload=payload, display_name=name,
+            platform_msg_id=f"{user}-{self.sent}"))
+        return reaction.customer_id
+
+    async def settle(self) -> None:
+        """The outbox until quiet (welcomes with their coupons), then the profile refresh (stages) the
+        scheduler runs every few seconds."""
+        while await self.service.outbox.tick():
+            pass
+        await self.service.refresh_touched()
 
     async def add_staff(self, name: str, role: Role, identity: str | None = None) -> None:
         async with writing(self.service.sessions) as session:

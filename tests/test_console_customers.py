@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 from scrm import orders, segments
 from scrm.console.customers import search
 from scrm.loyalty import jobs
-from scrm.messages import InboundEvent
 from scrm.store.engine import reading, writing
 from scrm.store.models import (
     AuditEntry,
@@ -44,21 +43,14 @@ class Shop:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.n = 0
 
     async def say(self, user: str, text: str, name: str | None = None, kind: str = "text", **payload: Any) -> int:
-        self.n += 1
-        reaction = await self.console.service.receive(InboundEvent(
-            "console", "local", user, kind, text=text, payload=payload, display_name=name,
-            platform_msg_id=f"{user}-{self.n}"))
-        assert reaction.customer_id is not None
-        return reaction.customer_id
+        customer_id = await self.console.say(user, text, kind, name, **payload)
+        assert customer_id is not None
+        return customer_id
 
     async def settle(self) -> None:
-        """The outbox until quiet (welcomes with their coupons), then the profile refresh."""
-        while await self.console.service.outbox.tick():
-            pass
-        await self.console.service.refresh_touched()
+        await self.console.settle()
 
     async def count(self, query: Any) -> int:
         return int(await self.console.read(lambda s: s.scalar(query)) or 0)

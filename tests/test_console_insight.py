@@ -43,20 +43,12 @@ class Shop:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.n = 0
 
     async def say(self, user: str, text: str, kind: str = "text", **payload: Any) -> int | None:
-        self.n += 1
-        reaction = await self.console.service.receive(InboundEvent(
-            "console", "local", user, kind, text=text, payload=payload, display_name=NAMES.get(user),
-            platform_msg_id=f"{user}-{self.n}"))
-        return reaction.customer_id
+        return await self.console.say(user, text, kind, NAMES.get(user), **payload)
 
     async def settle(self) -> None:
-        """The outbox until quiet, then the profile refresh (stages) the scheduler runs every few seconds."""
-        while await self.console.service.outbox.tick():
-            pass
-        await self.console.service.refresh_touched()
+        await self.console.settle()
 
     async def code_of(self, customer_id: int) -> str:
         return str(await self.console.read(lambda s: s.scalar(
