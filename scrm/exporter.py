@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -51,12 +52,32 @@ class Writer:
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, list):
-        return ";".join(str(v) for v in value)
+        return spreadsheet_safe(";".join(str(v) for v in value))
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, sort_keys=True) if value else ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return "" if value is None else value
+    return "" if value is None else spreadsheet_safe(value)
+
+
+#: What a spreadsheet reads as the start of a formula (OWASP's CSV injection list).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: Cells that start like a formula but are a number or a phone number: left alone so they round-trip.
+_NUMBER_LIKE = re.compile(r"[+-]?[0-9][0-9 ().-]*")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A cell a spreadsheet will show instead of run: customers choose their names and write the
+    texts, so ``=HYPERLINK(...)`` in a name must not become a live formula on the operator's desk.
+    Such cells get a leading ``'`` (which spreadsheets hide); :func:`unescape_cell` takes it off again."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _NUMBER_LIKE.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def unescape_cell(value: str) -> str:
+    """A cell as it was before :func:`spreadsheet_safe`: an export imported again keeps its names."""
+    return value[1:] if value[:1] == "'" and value[1:2] in FORMULA_START else value
 
 
 def customers_query(where: ColumnElement[bool] | None = None) -> Select[Any]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm import metrics, personal, rollups, tagging
+from scrm import exporter, metrics, personal, rollups, tagging
 from scrm.customers import BadCustomerRef, parse_ref
 from scrm.keyring import Keyring
 from scrm.store.dialect import dialect_name
@@ -184,7 +184,7 @@ class Importer:
             raise ValueError("columns: more fields than the header has")
         row = Row(line, raw)
         for column, role in header.items():
-            value = (raw.get(column) or "").strip()
+            value = exporter.unescape_cell((raw.get(column) or "").strip())
             if not value:
                 continue
             if len(value) > MAX_FIELD:
@@ -399,5 +399,5 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def _cell(value: Any) -> str:
     if isinstance(value, list):
-        return "|".join(value)
-    return "" if value is None else str(value)
+        return exporter.spreadsheet_safe("|".join(value))
+    return "" if value is None else exporter.spreadsheet_safe(str(value))

@@ -190,3 +190,28 @@ async def test_touchpoint_export_streams(make_config, clock):
         assert await export_touchpoints(service.sessions, buffer, clock.now(), fmt="jsonl") == 0
     finally:
         await service.stop()
+
+
+async def test_csv_cells_never_become_formulas_and_round_trip(make_config, clock, tmp_path):
+    """Names customers chose, like ``=HYPERLINK(...)``, reach the operator's spreadsheet as text (a leading
+    ``'``), phone-like cells stay as they are, and importing the export again restores the names."""
+    service = await started(make_config, clock)
+    try:
+        hostile = ['=HYPERLINK("http://evil.example","click")', "+SUM(A1:A9)", "-2+3", "@cmd"]
+        rows = [[name, f"1390000{i:04d}", "", f"console:h{i}", "", "", ""] for i, name in enumerate(hostile)]
+        path = write(tmp_path / "hostile.csv", HEADER, rows)
+        summary = await Importer(service.sessions, service.config, service.keyring, clock.now()).run(path)
+        assert summary.created == len(hostile)
+        buffer = io.StringIO()
+        await export_customers(service.sessions, service.config, buffer, "csv", keyring=service.keyring)
+        exported = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+        assert [r["name"] for r in exported] == ["'" + name for name in hostile]
+        assert exported[0]["phone"] == "+8613900000000"  # starts like a formula, but is a number: as it is
+        again = write(tmp_path / "again.csv", ["name", "identity"], [[r["name"], r["identity"]] for r in exported])
+        second = await Importer(service.sessions, service.config, service.keyring, clock.now()).run(again)
+        assert (second.created, second.merged, second.updated) == (0, len(hostile), 0)
+        async with service.sessions() as s:
+            names = (await s.scalars(select(Customer.display_name).order_by(Customer.id))).all()
+        assert names == hostile
+    finally:
+        await service.stop()
