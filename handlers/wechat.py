@@ -340,6 +340,7 @@ def _float(value: object) -> float | None:
 @register
 class WeChatChannel(Channel):
     type_name = "wechat"
+    reply_window: timedelta | None = REPLY_WINDOW
     settings_model = WeChatSettings
     settings: WeChatSettings
 

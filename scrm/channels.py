@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
 
 import click
@@ -29,6 +30,8 @@ class Channel(ABC):
 
     type_name: ClassVar[str]
     settings_model: ClassVar[type[BaseModel]]
+    #: How long after the person's last message the account may write to them freely; None: always.
+    reply_window: timedelta | None = None
 
     def __init__(self, account: str, settings: BaseModel, service: Runtime) -> None:
         self.account = account

@@ -286,6 +286,36 @@ class LoggingConfig(_Strict):
     #: the service's own lines and costs about a tenth of ingest's CPU; request ids tie those to requests.
     access_log: bool = False
 
+class ReplyNotice(_Strict):
+    """The notice template (WeChat template message) offered for a staff reply outside a channel's reply
+    window; field texts may use ``{{ text }}`` (the reply) and ``{{ customer.name }}``."""
+
+    template_id: str = Field(min_length=1)
+    url: str | None = Field(None, pattern=r"^https?://")
+    fields: dict[str, str] = Field(min_length=1)
+
+
+class ConversationsConfig(_Strict):
+    """Staff answering customers through the bot (scrm.conversations): a conversation per customer and
+    channel account opens when they write and nothing answered them, or when they ask for a person."""
+
+    enabled: bool = True
+    #: Channel types where the bot is the only way in (on WeCom, staff talk inside WeCom itself).
+    channels: list[str] = ["wechat", "telegram", "console"]
+    #: A message that is exactly one of these (case and surrounding spaces aside) asks for a person.
+    person_words: list[str] = Field(["转人工", "人工", "人工客服", "/human"], min_length=1)
+    person_reply: str = Field("已为您转接人工客服，请稍候。A person will answer you here shortly.", min_length=1)
+    #: A handled conversation pauses auto-replies and marketing for its customer until it is resolved,
+    #: or until nobody has written in it for this long.
+    handoff_idle_minutes: float = Field(30, gt=0)
+    #: Staff identities who take new conversations in turn (customers with an owner go to their owner);
+    #: empty: every operator and admin of ``[staff]``.
+    agents: list[str] = []
+    #: Offered when a reply falls outside the channel's window (WeChat: 48 hours after the customer's
+    #: last message); without it such replies are refused.
+    notice: ReplyNotice | None = None
+
+
 
 class ReportsConfig(_Strict):
     #: A conversion without a campaign is credited to the last campaign message sent to the
@@ -417,6 +447,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _segment_references(self) -> Config:
         from scrm.segments import check
+    conversations: ConversationsConfig = ConversationsConfig()
 
         problems = []
         for name, text in self.segments.items():
@@ -435,6 +466,15 @@ class Config(_Strict):
         """The store URL with a relative SQLite path resolved against the config's folder."""
         url = self.store.url
         prefix = "sqlite+aiosqlite:///"
+    @model_validator(mode="after")
+    def _conversation_agents(self) -> Config:
+        problems = [f"conversations.agents.{i}: {agent!r} is not an operator or admin in [staff]"
+                    for i, agent in enumerate(self.conversations.agents)
+                    if self.staff.get(agent) not in ("operator", "admin")]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
         if url.startswith(prefix) and not url[len(prefix):].startswith(("/", ":memory:")):
             return prefix + str(self.resolve(url[len(prefix):]))
         return url

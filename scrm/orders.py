@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
 from scrm.customers import touchpoint
-from scrm.store.models import Conversion, CouponCode, Customer, Delivery, Touchpoint
+from scrm.store.models import STAFF_REPLY, Conversion, CouponCode, Customer, Delivery, Touchpoint
 
 ATTRIBUTION_WINDOW = timedelta(days=7)
 ORDER_KIND = "order"
@@ -56,7 +56,7 @@ async def last_campaign(session: AsyncSession, customer_id: int, now: datetime) 
     """The campaign of the last message sent to the customer within the attribution window."""
     return await session.scalar(
         select(Delivery.campaign).where(
-            Delivery.customer_id == customer_id, Delivery.status == "sent",
+            Delivery.customer_id == customer_id, Delivery.status == "sent", Delivery.campaign != STAFF_REPLY,
             Delivery.finished_at >= now - ATTRIBUTION_WINDOW, Delivery.finished_at <= now,
         ).order_by(Delivery.finished_at.desc(), Delivery.id.desc()).limit(1))
 

@@ -24,6 +24,7 @@ from scrm.campaigns.planner import Trigger, plan_events
 from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
+from scrm.conversations import threads
 from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
@@ -88,6 +89,14 @@ class _Batch:
     hits: list[tuple[int, TagHit, InboundEvent]] = field(default_factory=list)
     triggers: list[Trigger] = field(default_factory=list)
     planned: int = 0
+    #: Customer messages on staffed channels, for their conversations (scrm.conversations.threads).
+    noted: list[threads.Noted] = field(default_factory=list)
+    #: The batch's customers a person is talking to: auto-replies leave them alone.
+    handled: set[int] = field(default_factory=set)
+
+    def note(self, customer_id: int, event: InboundEvent, *, person: bool = False, answered: bool = False) -> None:
+        if threads.enabled_for(self.service.config, event.channel):
+            self.noted.append(threads.Noted(customer_id, event.channel, event.account, person, answered))
 
     def touchpoint(self, event: InboundEvent, customer_id: int | None, direction: str, kind: str, *,
                    text: str | None = None, payload: dict[str, Any] | None = None,
@@ -135,6 +144,9 @@ class _Batch:
             rows, self.touchpoints = self.touchpoints, []
             await session.execute(_INSERT_TOUCHPOINTS, rows)
             metrics.bulk_touchpoints(session, rows)
+        if self.noted:
+            noted, self.noted = self.noted, []
+            await threads.note_messages(session, noted, now)
         if self.triggers:
             triggers, self.triggers = self.triggers, []
             self.planned += await plan_events(session, list(self.service.campaigns.values()), self.service.paused,
@@ -150,6 +162,9 @@ async def handle_batch(service: Runtime, session: AsyncSession, items: list[tupl
     fresh = _fresh(events, originals)
     roles = [staff.role_of(service, e) for e in events]
     customers = await _customers(session, [e for e, new, r in zip(events, fresh, roles) if new and r is None], now)
+    staffed = {customers[(e.channel, e.account, e.external_id)][0] for e, new, r in zip(events, fresh, roles)
+               if new and r is None and e.kind in MESSAGE_KINDS and threads.enabled_for(service.config, e.channel)}
+    batch.handled = await threads.handled_customers(service.config, session, staffed, now)
     reactions: list[Reaction] = []
     for (event, answer), new, role in zip(items, fresh, roles):
         key = (event.channel, event.account, event.platform_msg_id)
@@ -285,6 +300,8 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
         await groups.set_member(session, group, customer_id, event.kind == "group_joined", now)
     elif event.kind in MESSAGE_KINDS and text:
         replies += await _customer_text(batch, customer_id, event, text)
+    elif event.kind in MESSAGE_KINDS:  # a picture, a voice message...: for a person to look at
+        batch.note(customer_id, event)
 
     if created:
         batch.trigger("first_message", customer_id, event)
@@ -317,7 +334,11 @@ async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, t
         answers = await loyalty_commands.dispatch(service, session, await batch.customer(customer_id), event, text, now)
         if answers is not None:
             return answers
+    if threads.enabled_for(service.config, event.channel) and threads.wants_person(service.config, text):
+        batch.note(customer_id, event, person=True)
+        return [service.config.conversations.person_reply]
     batch.hits += [(customer_id, hit, event) for hit in service.tagger.match(event.text)]
     if any(c.definition.trigger.event == "keyword" for c in service.campaigns.values()):
         batch.trigger("keyword", customer_id, event, words=frozenset(tokenize(text)))
+    batch.note(customer_id, event)
     return []

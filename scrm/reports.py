@@ -26,6 +26,7 @@ from scrm.clock import local_midnight
 from scrm.messages import MESSAGE_KINDS
 from scrm.store.dialect import dialect_name
 from scrm.store.models import (
+    STAFF_REPLY,
     Conversion,
     CouponCode,
     Customer,
@@ -190,7 +191,7 @@ def attributed_conversions(session: AsyncSession, days: int, *where: ColumnEleme
     last = aliased(Delivery)
     touch = (select(last.id)
              .where(last.customer_id == Conversion.customer_id, last.status == "sent",
-                    last.finished_at <= Conversion.created_at)
+                    last.campaign != STAFF_REPLY, last.finished_at <= Conversion.created_at)
              .order_by(last.finished_at.desc(), last.id.desc()).limit(1))
     any_campaign = touch.where(last.finished_at >= _shift(session, Conversion.created_at, -timedelta(days=days)))
     same_campaign = touch.where(last.campaign == Conversion.campaign)
@@ -305,7 +306,7 @@ async def figures(session: AsyncSession, period: Period, attribution_days: int, 
     """One period's figures, with its end's ``stages``; the additive ones from the daily rollups where
     built (scrm.rollups)."""
     window = period.window
-    sent = (Delivery.status == "sent") & window(Delivery.finished_at)
+    sent = (Delivery.status == "sent") & (Delivery.campaign != STAFF_REPLY) & window(Delivery.finished_at)
     tally = await rollups.tally(session, period.since, period.until)
     conv = attributed_conversions(session, attribution_days, window(Conversion.created_at))
     credited = aliased(Delivery)

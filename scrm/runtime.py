@@ -12,11 +12,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from scrm.campaigns.definitions import LoadedCampaign
     from scrm.clock import Clock
     from scrm.config import Config
+    from scrm.conversations.replies import ReplyBook
     from scrm.keyring import Keyring
     from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
     from scrm.tagging import KeywordTagger
@@ -24,6 +27,11 @@ if TYPE_CHECKING:
 
 class Sender(Protocol):
     """A configured channel account, as the core sends through it."""
+
+    @property
+    def reply_window(self) -> timedelta | None:
+        """How long after the person's last message the account may still write to them freely
+        (WeChat's customer-service messages: 48 hours); None: no such window."""
 
     async def send(self, message: OutboundMessage) -> SendResult: ...
 
@@ -37,6 +45,8 @@ class Runtime(Protocol):
     campaigns: dict[str, LoadedCampaign]
     paused: set[str]
     tagger: KeywordTagger
+    #: The keyword auto-reply rules, compiled (swapped whole when the files change).
+    replies: ReplyBook
 
     @property
     def channels(self) -> Mapping[tuple[str, str], Sender]:

@@ -26,6 +26,7 @@ from scrm.customers import (
 )
 from scrm.profile import customer_view
 from scrm.store.models import (
+    STAFF_REPLY,
     Campaign,
     Conversion,
     CouponCode,
@@ -193,7 +194,8 @@ async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
     """
     out: dict[str, dict[str, Any]] = {}
     for campaign, status, n in (await session.execute(
-            select(Delivery.campaign, Delivery.status, func.count()).group_by(Delivery.campaign, Delivery.status))):
+            select(Delivery.campaign, Delivery.status, func.count()).where(Delivery.campaign != STAFF_REPLY)
+            .group_by(Delivery.campaign, Delivery.status))):
         if status in m.Funnel.model_fields:
             out.setdefault(campaign, {})[status] = n
     for campaign, granted, redeemed in (await session.execute(

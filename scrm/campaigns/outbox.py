@@ -26,19 +26,22 @@ from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import consent, coupons, metrics, segments
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
+from scrm.conversations import threads
 from scrm.customers import touchpoint
 from scrm.group_commit import GroupCommit, Outcome
 from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.engine import writing
 from scrm.store.models import (
+    STAFF_REPLY,
     Campaign,
     ChatGroup,
     Coupon,
@@ -205,6 +208,12 @@ class Outbox:
             )
             if svc.paused:
                 due = due.where(Delivery.campaign.not_in(svc.paused))
+            # Staff replies go out one at a time per customer, in the order they were written: a reply
+            # waits while an earlier one to the same customer is unsent.
+            earlier = aliased(Delivery)
+            due = due.where(or_(Delivery.campaign != STAFF_REPLY, ~exists().where(
+                earlier.customer_id == Delivery.customer_id, earlier.campaign == STAFF_REPLY,
+                earlier.id < Delivery.id, earlier.status.in_(("planned", "claimed", "sending")))))
             # Locked first, claimed second. As a subquery of the UPDATE, PostgreSQL may run the locking
             # SELECT again for every candidate row, and each run skips the rows the UPDATE has just
             # claimed: the LIMIT no longer bounds the claim, and one instance took every due delivery.
@@ -255,6 +264,8 @@ class Outbox:
         the delivery's (None for a group, or when it is gone), ``extras`` its tags and recommendations,
         ``granted`` the coupon code it was given when an earlier claim prepared it."""
         svc = self.service
+        if d.campaign == STAFF_REPLY:
+            return self._staff_reply(d, customer)
         loaded = svc.campaigns.get(d.campaign)
         if loaded is None:
             return _Prepared(d.id, None, "campaign_removed")
@@ -291,6 +302,10 @@ class Outbox:
                 d.status, d.reason, d.due_at = "planned", "deferred:quiet_hours", resume
                 d.unreachable_since = None  # the night is no try: an unreachable platform gets its hours after it
                 return None
+            if (resume := await threads.handoff_until(svc.config, session, customer.id, now)) is not None:
+                # A person is talking to the customer: marketing waits until they resolve it or go quiet.
+                d.status, d.reason, d.due_at = "planned", "deferred:handoff", resume
+                return None
 
         context["customer"] = customer_context(customer, d.channel, extras)
         coupon = await self._coupon(session, d, definition, step, customer.id, granted, now)
@@ -299,6 +314,22 @@ class Outbox:
         if coupon is not None:
             context["coupon"] = coupon
         return self._message(d, step, definition, context, customer.last_inbound_at)
+
+    def _staff_reply(self, d: Delivery, customer: Customer | None) -> _Prepared:
+        """A staff member's reply: its text as written, or the configured notice template carrying it
+        (outside the channel's reply window); no campaign rules apply to an answer the customer awaits."""
+        if self.service.channel(d.channel, d.account) is None:
+            return _Prepared(d.id, None, "channel_not_configured")
+        if customer is None:
+            return _Prepared(d.id, None, "erased")
+        notice = self.service.config.conversations.notice
+        template = None
+        if d.variant == threads.AS_NOTICE and notice is not None:
+            template = NoticeTemplate(notice.template_id, threads.notice_fields(
+                self.service.config, d.text or "", customer.display_name or ""), notice.url)
+        last = None if template is not None else customer.last_inbound_at
+        return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text or "", d.id, None, last,
+                                               template))
 
     def _message(self, d: Delivery, step: Step, definition: CampaignDefinition, context: dict[str, Any],
                  last_inbound_at: datetime | None, to_group: bool = False) -> _Prepared:
@@ -454,6 +485,8 @@ class Outbox:
             d.platform_msg_id = result.platform_msg_id
             kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
                     "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")
+            if d.campaign == STAFF_REPLY:
+                kind = "staff_reply" if d.status == "sent" else f"staff_reply_{d.status}"
             payload: dict[str, Any] = {"step": d.step}
             if result.reason:
                 payload["reason"] = result.reason
@@ -462,9 +495,9 @@ class Outbox:
             if d.variant:
                 payload["variant"] = d.variant
             touchpoint(session, customer_id=d.customer_id, channel=d.channel, account=d.account, direction="out",
-                       kind=kind, now=now, text=d.text if d.status == "sent" else None, campaign=d.campaign,
-                       delivery_id=d.id, payload=payload,
-                       actor=f"group:{d.group_id}" if d.group_id is not None else None)
+                       kind=kind, now=now, text=d.text if d.status == "sent" else None,
+                       campaign=None if d.campaign == STAFF_REPLY else d.campaign, delivery_id=d.id, payload=payload,
+                       actor=f"group:{d.group_id}" if d.group_id is not None else d.actor)
             if d.status in ("sent", "skipped") and d.reason not in JOURNEY_ENDS:
                 await self._plan_next(session, d, now)
 

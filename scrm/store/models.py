@@ -195,6 +195,10 @@ class GroupMember(Base):
     left_at: Mapped[datetime | None]
 
 
+#: ``Delivery.campaign`` of staff replies (scrm.conversations): sent by the outbox, no campaign's.
+STAFF_REPLY = "@reply"
+
+
 class Delivery(Base):
     """The outbox: one planned message per (campaign, step, target, occurrence), ever.
 
@@ -233,6 +237,8 @@ class Delivery(Base):
     #: When a send of it first found the platform unreachable (nothing went out): it is tried again until
     #: ``delivery.unreachable_retry_hours`` after this, and fails only then.
     unreachable_since: Mapped[datetime | None]
+    #: The staff member a reply is from (``@reply`` deliveries: scrm.conversations); None for campaigns.
+    actor: Mapped[str | None] = mapped_column(String(160))
     due_at: Mapped[datetime]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
@@ -610,6 +616,44 @@ class FollowupTask(Base):
     done_by: Mapped[str | None] = mapped_column(String(160))
     #: When the owner was alerted in chat; set before sending, so an alert goes out at most once.
     notified_at: Mapped[datetime | None]
+
+
+class Conversation(Base):
+    """A customer's conversation with staff on one channel account: opened when they write and no rule
+    answers (or they ask for a person), ``open`` -> ``pending`` (staff answered, waiting for the customer)
+    -> ``resolved``; the customer's next message reopens it. One row per customer and account, ever: the
+    episodes' figures go into touchpoints (``conversation_first_response``, ``conversation_resolved``)."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "channel", "account", name="uq_conversations_customer_account"),
+        Index("ix_conversations_state_waiting", "state", "waiting_since"),
+        Index("ix_conversations_assignee_state", "assignee", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    #: open | pending | resolved
+    state: Mapped[str] = mapped_column(String(16))
+    #: A staff identity ``<channel>:<id>`` (as the keys of ``[staff]``).
+    assignee: Mapped[str | None] = mapped_column(String(160))
+    assigned_at: Mapped[datetime | None]
+    #: A person has it (the customer asked for one, or staff answered): auto-replies and marketing pause.
+    handled: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: When this episode began (the first message since it was last resolved).
+    opened_at: Mapped[datetime]
+    #: The customer's oldest message staff have not answered yet (None once they have).
+    waiting_since: Mapped[datetime | None]
+    last_customer_at: Mapped[datetime | None]
+    last_staff_at: Mapped[datetime | None]
+    first_response_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    resolved_by: Mapped[str | None] = mapped_column(String(160))
+    #: When the assignee was told of this episode (set before the send: at most once).
+    alerted_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
 
 
 class FollowupDigest(Base):
