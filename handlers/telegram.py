@@ -271,7 +271,10 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
         # Someone else's card: recorded as an action, but a third party's number is not ours to keep.
         return [event(sender, "contact", payload={"own": False})]
     if message.text:
-        return [_text_event(event, sender, message.text)]
+        # A reply to one of the bot's messages (staff answering a conversation alert) names it.
+        replied = message.reply_to_message
+        answering = {"reply_to": str(replied.message_id)} if replied is not None else {}
+        return [_text_event(event, sender, message.text, answering)]
     caption = message.caption or ""
     if message.photo:
         return [event(sender, "image", text=caption)]
@@ -284,9 +287,10 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
     return []
 
 
-def _text_event(event: Callable[..., InboundEvent], sender: User, text: str) -> InboundEvent:
+def _text_event(event: Callable[..., InboundEvent], sender: User, text: str,
+                answering: dict[str, Any]) -> InboundEvent:
     if not text.startswith("/"):
-        return event(sender, "text", text=text)
+        return event(sender, "text", text=text, payload=answering)
     head, *rest = text.split(maxsplit=1)
     command = head[1:].split("@", 1)[0].lower()  # /start@shop_bot in groups
     if command != "start":

@@ -270,6 +270,7 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
     if event.display_name and not created:
         batch.names[customer_id] = event.display_name
     batch.touchpoint(event, customer_id, "in", event.kind, text=event.text or None,
+        batch.planned += answer.planned
                      payload=scrub_payload(event.payload), platform_msg_id=event.platform_msg_id)
     replies: list[str] = []
     text = event.text.strip()

@@ -52,6 +52,10 @@ ROLLUPS_JOB = "reports:rollups"
 
 def build_scheduler(service: Scheduled) -> AsyncIOScheduler:
     """Jobs by role: web instances ingest, workers send, and only the planner-lease holder plans."""
+#: Assigns newly opened conversations and alerts their assignee (scrm.conversations.routing).
+CONVERSATIONS_JOB = "conversations:alerts"
+
+
     scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                              "misfire_grace_time": 30})
     config, role = service.config, service.cluster.role
@@ -96,6 +100,10 @@ def build_scheduler(service: Scheduled) -> AsyncIOScheduler:
         for (kind, account), channel in service.channels.items():
             for name, fn, seconds in channel.jobs():
                 scheduler.add_job(leader(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
+        from scrm.conversations import routing
+
+        scheduler.add_job(leader(functools.partial(routing.alert_new, service)), "interval", id=CONVERSATIONS_JOB,
+                          seconds=5)
     return scheduler
 
 

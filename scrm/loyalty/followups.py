@@ -155,8 +155,9 @@ def staff_zone(service: Runtime, staff: str) -> str:
 
 
 async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, text: str, now: datetime,
-                        kind: str = "staff_alert") -> bool:
-    """Send a chat message to a staff identity ``<channel>:<id>`` and record it as a touchpoint."""
+                        kind: str = "staff_alert", **payload: object) -> bool:
+    """Send a chat message to a staff identity ``<channel>:<id>`` and record it as a touchpoint (with
+    ``payload``, e.g. what the alert is about)."""
     channel_kind, _, external_id = staff.partition(":")
     account = next((acc for (k, acc) in service.channels if k == channel_kind), None)
     if not external_id or account is None:
@@ -165,7 +166,7 @@ async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, tex
     seen = await staff_last_inbound(session, channel_kind, account, external_id)
     message = OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen)
     result = await service.channels[(channel_kind, account)].send(message)
-    staff_message_touchpoint(session, message, result, kind, now)
+    staff_message_touchpoint(session, message, result, kind, now, **payload)
     return result.status == "sent"
 
 

@@ -56,6 +56,8 @@ class StaffReply:
 
     text: str
     images: tuple[Chart, ...] = ()
+    #: Deliveries the command queued (a staff reply): the outbox is woken once they are committed.
+    planned: int = 0
 
 
 async def customer_arg(ctx: StaffContext, text: str) -> Customer:
@@ -128,7 +130,9 @@ async def answer_beside_writer(service: Runtime, event: InboundEvent, role: Role
 async def dispatch(ctx: StaffContext) -> StaffReply:
     parsed = parse(ctx.event.text)
     if parsed is None:
-        return StaffReply(help_text(ctx.role))
+        from scrm.staff.conversations import answer_alert
+
+        return await answer_alert(ctx) or StaffReply(help_text(ctx.role))
     spec = _COMMANDS[parsed[0]]
     if ctx.role not in spec.roles:
         return StaffReply(REFUSAL_REPLY)
@@ -139,5 +143,5 @@ async def dispatch(ctx: StaffContext) -> StaffReply:
     return answer if isinstance(answer, StaffReply) else StaffReply(answer)
 
 
-for _module in ("campaigns", "console", "loyalty", "reports", "tags"):
+for _module in ("campaigns", "console", "conversations", "loyalty", "reports", "tags"):
     importlib.import_module(f"scrm.staff.{_module}")
