@@ -210,3 +210,22 @@ async def test_wechat_reply_window_and_notice(aiohttp_client, make_config, clock
     await settle(service)
     [notice] = fake.template_messages
     assert notice["template_id"] == "TPL_NOTICE" and notice["data"]["keyword1"] == {"value": "还需要帮助吗"}
+
+
+async def test_waiting_alert_attaches_to_the_conversation(make_config, clock):
+    from scrm.loyalty import followups
+    from scrm.store.models import FollowupTask
+
+    service = await started(make_config, clock, loyalty={"followups": {"staffed_channels": ["console"],
+                                                                       "waiting_minutes": 10}})
+    try:
+        await say(service, "amy", "我的快递丢了")
+        [(amy,)] = await read(service, select(Customer.id))
+        assert await routing.alert_new(service) == 1
+        clock.advance(timedelta(minutes=11))
+        async with service.sessions() as s, s.begin():
+            assert await followups.waiting_tasks(service, s, clock.now()) == 1
+        [(owner, note)] = await read(service, select(FollowupTask.owner, FollowupTask.note))
+        assert owner == "console:olive" and f"/reply #{amy}" in note
+    finally:
+        await service.stop()

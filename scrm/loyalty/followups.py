@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from scrm import segments
 from scrm.customers import staff_last_inbound, staff_message_touchpoint, touchpoint
@@ -24,6 +25,7 @@ from scrm.loyalty.points import base_tier, ensure_account, loyalty
 from scrm.messages import MESSAGE_KINDS, OutboundMessage
 from scrm.store.dialect import insert_ignore, rowcount
 from scrm.store.models import (
+    Conversation,
     Conversion,
     Customer,
     FollowupDigest,
@@ -234,16 +236,22 @@ async def waiting_tasks(service: Runtime, session: AsyncSession, now: datetime) 
                       Touchpoint.channel.in_(config.staffed_channels), Touchpoint.customer_id.is_not(None),
                       Touchpoint.created_at >= now - timedelta(days=2))
                .group_by(Touchpoint.customer_id).subquery())
-    answered = exists().where(Touchpoint.customer_id == last_in.c.cid, Touchpoint.id > last_in.c.tid,
-                              Touchpoint.direction == "out")
+    # Its own alias: a plain Touchpoint here would correlate with the outer query's and have no FROM.
+    later = aliased(Touchpoint)
+    answered = exists().where(later.customer_id == last_in.c.cid, later.id > last_in.c.tid, later.direction == "out")
     rows = (await session.execute(
         select(last_in.c.cid, last_in.c.tid).join(Touchpoint, Touchpoint.id == last_in.c.tid)
         .where(Touchpoint.created_at <= limit, ~answered))).all()
+    # A customer in a conversation: the task is about it and goes to whoever has it (scrm.conversations).
+    assignees = dict((await session.execute(select(Conversation.customer_id, Conversation.assignee).where(
+        Conversation.customer_id.in_([cid for cid, _ in rows]), Conversation.state != "resolved"))).all()) if rows else {}
     made = 0
     for customer_id, tid in rows:
-        made += await create_task(service, session, customer_id, "waiting",
-                                  f"客户消息等待超过 {config.waiting_minutes} 分钟 waiting for a reply", now, now,
-                                  rule_key=str(tid)) is not None
+        note = f"客户消息等待超过 {config.waiting_minutes} 分钟 waiting for a reply"
+        if customer_id in assignees:
+            note += f": /reply #{customer_id} <text>"
+        made += await create_task(service, session, customer_id, "waiting", note, now, now, rule_key=str(tid),
+                                  author=assignees.get(customer_id)) is not None
     return made
 
 
