@@ -242,7 +242,7 @@ class CouponPool(_Strict):
 
 
 ApiScope = Literal["conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
-                   "campaigns:trigger"]
+                   "campaigns:trigger", "conversations:read", "messages:write"]
 
 
 class ApiKey(_Strict):

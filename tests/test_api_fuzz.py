@@ -24,7 +24,7 @@ from tests.test_api import KEYS
 ALL = "all-scopes-key-0123456789"
 FUZZ_KEYS = {"api": {"keys": {**KEYS["api"]["keys"], "all": {"key": ALL, "scopes": [
     "conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
-    "campaigns:trigger"]}}}}
+    "campaigns:trigger", "conversations:read", "messages:write"]}}}}
 WORDS = ["console", "alice", "local", "welcome", "13800138000", "+8613800138000", "WELABCDEFGH", "vip", "", " ",
          "console:alice", "1", "#1", "0", "-1", "%", "../", "🙂", "a" * 70]
 

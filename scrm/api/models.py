@@ -237,6 +237,59 @@ class CampaignList(_Out):
     campaigns: list[CampaignOut]
 
 
+class MessageIn(_In):
+    """A staff reply into the customer's conversation (at most 2000 characters)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "您好,订单已发货。"}]})
+
+    #: Checked by the conversation rules, not here: empty is 400, too long 413.
+    text: str
+    #: The channel of the conversation to answer (default: the one the customer wrote in last).
+    channel: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")] | None = None
+    #: Outside the channel's reply window (WeChat: 48 hours), send it as the configured notice template.
+    as_notice: bool = False
+
+
+class MessageOut(_Out):
+    conversation: int
+    #: The outbox delivery that sends it (queued now, sent in order with the customer's other replies).
+    delivery: int
+    channel: str
+    as_notice: bool
+
+
+class ConversationOut(_Out):
+    id: int
+    customer_id: int
+    name: str | None
+    channel: str
+    account: str
+    #: ``open`` (waiting for staff) or ``pending`` (waiting for the customer).
+    state: str
+    assignee: str | None
+    #: A person has it: auto-replies and marketing are paused for the customer.
+    handled: bool
+    waiting_since: str | None
+    last_customer_at: str | None
+    #: The customer's last message on the conversation's account.
+    last_text: str | None
+
+
+class ConversationList(_Out):
+    """Unresolved conversations, the longest waiting first, then the pending ones."""
+
+    conversations: list[ConversationOut]
+    open: int
+    pending: int
+
+
+class ResolvedOut(_Out):
+    conversation: int
+    customer_id: int
+    channel: str
+    state: Literal["resolved"]
+
+
 class ErrorBody(_Out):
     code: str
     message: str
