@@ -20,11 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import commands, coupons, groups, metrics, staff
 from scrm.campaigns.definitions import TriggerEvent
-from scrm.campaigns.planner import Trigger, plan_events
+from scrm.campaigns.planner import Trigger, plan_events, triggered
 from scrm.config import Role
 from scrm.consent import OPT_IN_REPLY, is_opt_in
 from scrm.consent import record as record_consent
 from scrm.conversations import threads
+from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies, AutoReply
 from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
@@ -89,6 +90,8 @@ class _Batch:
     hits: list[tuple[int, TagHit, InboundEvent]] = field(default_factory=list)
     triggers: list[Trigger] = field(default_factory=list)
     planned: int = 0
+    #: The batch's keyword auto-replies (set once the batch's customers are known).
+    replies: AutoReplies = field(init=False)
     #: Customer messages on staffed channels, for their conversations (scrm.conversations.threads).
     noted: list[threads.Noted] = field(default_factory=list)
     #: The batch's customers a person is talking to: auto-replies leave them alone.
@@ -111,6 +114,14 @@ class _Batch:
     def reply(self, event: InboundEvent, customer_id: int | None, text: str, actor: str | None = None) -> None:
         """A reply to the event, found again by the event's platform id when the platform retries it."""
         self.touchpoint(event, customer_id, "out", "reply", text=text, actor=actor, reply_to=event.platform_msg_id)
+
+    def auto_reply(self, event: InboundEvent, customer_id: int, auto: AutoReply) -> None:
+        """An auto-reply's touchpoint (its rule in the payload: cooldowns and reports read it), found again by
+        the event's platform id like any reply; and the coupon granted for it."""
+        if auto.granted is not None:
+            self.touchpoint(event, customer_id, "internal", "coupon_granted", payload=auto.granted)
+        self.touchpoint(event, customer_id, "out", AUTO_REPLY, text=auto.text, payload=auto.payload,
+                        reply_to=event.platform_msg_id)
 
     def trigger(self, name: TriggerEvent, customer_id: int, event: InboundEvent, *, tag: str | None = None,
                 words: frozenset[str] | None = None) -> None:
@@ -162,6 +173,7 @@ async def handle_batch(service: Runtime, session: AsyncSession, items: list[tupl
     fresh = _fresh(events, originals)
     roles = [staff.role_of(service, e) for e in events]
     customers = await _customers(session, [e for e, new, r in zip(events, fresh, roles) if new and r is None], now)
+    batch.replies = AutoReplies(service, session, now, {customer_id for customer_id, _ in customers.values()})
     staffed = {customers[(e.channel, e.account, e.external_id)][0] for e, new, r in zip(events, fresh, roles)
                if new and r is None and e.kind in MESSAGE_KINDS and threads.enabled_for(service.config, e.channel)}
     batch.handled = await threads.handled_customers(service.config, session, staffed, now)
@@ -258,6 +270,7 @@ async def _handle_staff(batch: _Batch, event: InboundEvent, role: Role, answer: 
         await batch.flush()
         await statements_in_thread(batch.session)  # its reads may still take a while: not on the event loop
         answer = await staff.dispatch(staff.StaffContext(batch.service, batch.session, event, actor, role, batch.now))
+        batch.planned += answer.planned
     batch.reply(event, None, answer.text, actor=actor)
     return Reaction(replies=(answer.text,), images=answer.images)
 
@@ -270,9 +283,9 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
     if event.display_name and not created:
         batch.names[customer_id] = event.display_name
     batch.touchpoint(event, customer_id, "in", event.kind, text=event.text or None,
-        batch.planned += answer.planned
                      payload=scrub_payload(event.payload), platform_msg_id=event.platform_msg_id)
     replies: list[str] = []
+    auto: AutoReply | None = None
     text = event.text.strip()
 
     if event.kind in ("unsubscribe", "blocked"):
@@ -300,7 +313,11 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
                                           title=event.payload.get("group_title"))
         await groups.set_member(session, group, customer_id, event.kind == "group_joined", now)
     elif event.kind in MESSAGE_KINDS and text:
-        replies += await _customer_text(batch, customer_id, event, text)
+        answer = await _customer_text(batch, customer_id, event, text)
+        if isinstance(answer, AutoReply):
+            auto = answer
+        else:
+            replies += answer
     elif event.kind in MESSAGE_KINDS:  # a picture, a voice message...: for a person to look at
         batch.note(customer_id, event)
 
@@ -308,11 +325,16 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
         batch.trigger("first_message", customer_id, event)
     for reply in replies:
         batch.reply(event, customer_id, reply)
-    return Reaction(replies=tuple(replies), customer_id=customer_id)
+    if auto is None or auto.text is None:
+        return Reaction(replies=tuple(replies), customer_id=customer_id)
+    batch.auto_reply(event, customer_id, auto)
+    return Reaction(replies=(auto.text,), customer_id=customer_id, buttons=auto.buttons, article=auto.article)
 
 
-async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, text: str) -> list[str]:
-    """Customer commands (opt out, redeem, staff-only refusal) or, for ordinary text, keyword tags."""
+async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, text: str) -> list[str] | AutoReply:
+    """Customer commands (opt out, redeem, staff-only refusal) or, for ordinary text, keyword tags and
+    one answer: a reply rule's, else a keyword campaign's (planned), else the fallback's
+    (scrm.conversations.autoreply)."""
     service, session, now = batch.service, batch.session, batch.now
     if commands.is_opt_out(text):
         (await batch.customer(customer_id)).opted_out = True
@@ -338,8 +360,19 @@ async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, t
     if threads.enabled_for(service.config, event.channel) and threads.wants_person(service.config, text):
         batch.note(customer_id, event, person=True)
         return [service.config.conversations.person_reply]
-    batch.hits += [(customer_id, hit, event) for hit in service.tagger.match(event.text)]
-    if any(c.definition.trigger.event == "keyword" for c in service.campaigns.values()):
-        batch.trigger("keyword", customer_id, event, words=frozenset(tokenize(text)))
-    batch.note(customer_id, event)
-    return []
+    words = tokenize(text)
+    batch.hits += [(customer_id, hit, event) for hit in service.tagger.match(event.text, words)]
+    rule = batch.replies.match(text, words, event.channel)
+    reply: AutoReply | None = None
+    if rule is None and _keyword_campaign(service, event.channel, words):
+        batch.trigger("keyword", customer_id, event, words=frozenset(words))  # the campaign answers: no fallback
+    else:
+        reply = await batch.replies.answer(customer_id, event, rule, handled_by_person=customer_id in batch.handled)
+    batch.note(customer_id, event, answered=reply is not None and reply.answered)
+    return reply or []
+
+
+def _keyword_campaign(service: Runtime, channel: str, words: list[str]) -> bool:
+    """Whether an active keyword campaign that reaches ``channel`` has one of the message's words."""
+    return any(not c.definition.channels or channel in c.definition.channels
+               for c in triggered(list(service.campaigns.values()), service.paused, "keyword", words=set(words)))
