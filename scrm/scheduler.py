@@ -36,6 +36,8 @@ class Scheduled(Runtime, Protocol):
 
     async def reload_campaigns(self) -> bool: ...
 
+    async def reload_replies(self) -> bool: ...
+
     async def recompute_rfm(self) -> int: ...
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,12 @@ DIGESTS_JOB = "reports:digests"
 ROLLUPS_JOB = "reports:rollups"
 
 
-def build_scheduler(service: Scheduled) -> AsyncIOScheduler:
-    """Jobs by role: web instances ingest, workers send, and only the planner-lease holder plans."""
 #: Assigns newly opened conversations and alerts their assignee (scrm.conversations.routing).
 CONVERSATIONS_JOB = "conversations:alerts"
 
 
+def build_scheduler(service: Scheduled) -> AsyncIOScheduler:
+    """Jobs by role: web instances ingest, workers send, and only the planner-lease holder plans."""
     scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                              "misfire_grace_time": 30})
     config, role = service.config, service.cluster.role
@@ -67,6 +69,7 @@ CONVERSATIONS_JOB = "conversations:alerts"
     scheduler.add_job(job(service.cluster.heartbeat), "interval", id=HEARTBEAT_JOB,
                       seconds=config.cluster.heartbeat_seconds)
     scheduler.add_job(job(service.reload_campaigns), "interval", id="campaigns:reload", seconds=5)
+    scheduler.add_job(job(service.reload_replies), "interval", id="replies:reload", seconds=5)
     if role in ("web", "all"):
         scheduler.add_job(job(service.refresh_touched), "interval", id=PROFILES_JOB, seconds=5)
     if role in ("worker", "all"):
@@ -97,13 +100,13 @@ CONVERSATIONS_JOB = "conversations:alerts"
         )
 
         add_loyalty_jobs(scheduler, service, leader)
-        for (kind, account), channel in service.channels.items():
-            for name, fn, seconds in channel.jobs():
-                scheduler.add_job(leader(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
         from scrm.conversations import routing
 
         scheduler.add_job(leader(functools.partial(routing.alert_new, service)), "interval", id=CONVERSATIONS_JOB,
                           seconds=5)
+        for (kind, account), channel in service.channels.items():
+            for name, fn, seconds in channel.jobs():
+                scheduler.add_job(leader(fn), "interval", id=f"{kind}:{account}:{name}", seconds=seconds)
     return scheduler
 
 
