@@ -516,15 +516,20 @@ class TelegramChannel(Channel):
         if (tap := update.callback_query) is not None:
             self._spawn(self._answer_tap(tap.id))
         fresh = [r for r in reactions if not r.duplicate]
-        replies = [text for r in fresh for text in r.replies]
+        # a reaction's buttons (a keyword auto-reply's) go under its last reply
+        replies = [(text, r.buttons if i == len(r.replies) - 1 else ())
+                   for r in fresh for i, text in enumerate(r.replies)]
         images = [image for r in fresh for image in r.images]
         chat_id = _reply_chat(update)
         if (replies or images) and chat_id is not None:
             self._spawn(self._send_replies(chat_id, replies, images))
 
-    async def _send_replies(self, chat_id: int, replies: list[str], images: list[Chart]) -> None:
-        """The core's replies, then its images (report charts), in order; one retry after a flood wait."""
-        sends: list[Callable[[], Awaitable[SendResult]]] = [partial(self._send_text, chat_id, text) for text in replies]
+    async def _send_replies(self, chat_id: int, replies: list[tuple[str, tuple[tuple[str, str], ...]]],
+                            images: list[Chart]) -> None:
+        """The core's replies (with their buttons), then its images (report charts), in order; one retry
+        after a flood wait."""
+        sends: list[Callable[[], Awaitable[SendResult]]] = [partial(self._send_text, chat_id, text, buttons)
+                                                            for text, buttons in replies]
         sends += [partial(self._send_chart, chat_id, chart) for chart in images]
         for send in sends:
             result = await send()

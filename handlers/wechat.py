@@ -2,7 +2,8 @@
 
 Inbound: ``GET /wechat/<account>`` answers WeChat's URL check; ``POST /wechat/<account>`` takes messages
 and events in plaintext or safe mode (AES), commits them through the core and answers within WeChat's
-5-second limit — with a passive text reply when the core has one, else ``success``.
+5-second limit — with a passive text reply when the core has one (a news card for a keyword auto-reply
+that has one), else ``success``.
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
 the campaign's template message outside it (or a ``skipped`` result). Images (report charts, digest
@@ -40,7 +41,7 @@ from wechatpy import parse_message
 from wechatpy.crypto import WeChatCrypto
 from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
 from wechatpy.fields import FloatField
-from wechatpy.replies import TextReply
+from wechatpy.replies import ArticlesReply, TextReply
 
 from scrm.channels import Channel, register
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
@@ -270,6 +271,11 @@ def cut_utf8(text: str, limit: int = MAX_REPLY_BYTES) -> str:
     return encoded[: limit - 3].decode("utf-8", "ignore") + "…"
 
 
+def _cdata(text: str) -> str:
+    """Text for a CDATA section of a passive reply (``]]>`` would end it)."""
+    return text.replace("]]>", "]]]]><![CDATA[>")
+
+
 def _reject_declarations(body: bytes) -> None:
     if _DECLARATION.search(body):
         raise web.HTTPBadRequest(text="XML with DOCTYPE or ENTITY declarations is not accepted")
@@ -410,8 +416,12 @@ class WeChatChannel(Channel):
             self._spawn(self._follow_up(event.external_id, "", reaction.images))
         if not reaction.replies:
             return _success()
-        content = cut_utf8("\n".join(reaction.replies)).replace("]]>", "]]]]><![CDATA[>")
-        reply = TextReply(message=message, content=content).render()
+        if (card := reaction.article) is not None:  # a keyword auto-reply's news card
+            article = {"title": card.title, "description": card.description, "url": card.url,
+                       "image": card.picurl or ""}
+            reply = ArticlesReply(message=message, articles=[{k: _cdata(v) for k, v in article.items()}]).render()
+        else:
+            reply = TextReply(message=message, content=_cdata(cut_utf8("\n".join(reaction.replies)))).render()
         if self._crypto is not None and encrypt_type == "aes":
             reply = self._crypto.encrypt_message(reply, query["nonce"], query["timestamp"])
         return web.Response(text=reply, content_type="application/xml")

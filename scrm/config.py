@@ -106,6 +106,11 @@ class CampaignsConfig(_Strict):
     path: str = "campaigns"
 
 
+class RepliesConfig(_Strict):
+    #: Folder of keyword auto-reply files (*.toml: rules and the fallback); none there = no auto-replies.
+    path: str = "replies"
+
+
 def _expression(value: str) -> str:
     from scrm.segments import check
 
@@ -128,13 +133,26 @@ _SEGMENT_NAMES_ONLY = _AnySegment()
 Expression = Annotated[str, AfterValidator(_expression)]
 
 
+def _compiles(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+    return values
+
+
+#: Regular expressions, refused at load when one does not compile.
+Patterns = Annotated[list[str], AfterValidator(_compiles)]
+
+
 class KeywordRule(_Strict):
     """A tag and the words that give it; synonyms are simply more keywords."""
 
     tag: str = Field(min_length=1, max_length=64)
     keywords: list[str] = []
     #: Regular expressions matched against the normalized text (each costs a scan; prefer keywords).
-    regex: list[str] = []
+    regex: Patterns = []
     #: ``any``: one keyword is enough; ``all``: every keyword must appear in the message.
     match: Literal["any", "all"] = "any"
     #: Words that cancel a hit when they come just before it (不要奶粉 does not tag 奶粉).
@@ -144,16 +162,6 @@ class KeywordRule(_Strict):
     threshold: float = Field(1.0, gt=0)
     #: The tag expires this many days after the last hit; none = kept until removed.
     ttl_days: int | None = Field(None, gt=0)
-
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, values: list[str]) -> list[str]:
-        for value in values:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {value!r}: {exc}") from None
-        return values
 
     @model_validator(mode="after")
     def _has_terms(self) -> KeywordRule:
@@ -278,14 +286,6 @@ class ConsoleConfig(_Strict):
     page_size: int = Field(50, gt=0, le=500)
 
 
-class LoggingConfig(_Strict):
-    #: ``text`` is for people at a terminal; ``json`` (one object per line) for log collectors.
-    format: Literal["text", "json"] = "text"
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    #: One line per HTTP request (aiohttp's access log). Off by default: at webhook rates it drowns
-    #: the service's own lines and costs about a tenth of ingest's CPU; request ids tie those to requests.
-    access_log: bool = False
-
 class ReplyNotice(_Strict):
     """The notice template (WeChat template message) offered for a staff reply outside a channel's reply
     window; field texts may use ``{{ text }}`` (the reply) and ``{{ customer.name }}``."""
@@ -315,6 +315,14 @@ class ConversationsConfig(_Strict):
     #: last message); without it such replies are refused.
     notice: ReplyNotice | None = None
 
+
+class LoggingConfig(_Strict):
+    #: ``text`` is for people at a terminal; ``json`` (one object per line) for log collectors.
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: One line per HTTP request (aiohttp's access log). Off by default: at webhook rates it drowns
+    #: the service's own lines and costs about a tenth of ingest's CPU; request ids tie those to requests.
+    access_log: bool = False
 
 
 class ReportsConfig(_Strict):
@@ -423,6 +431,7 @@ class Config(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     cluster: ClusterConfig = ClusterConfig()
     campaigns: CampaignsConfig = CampaignsConfig()
+    replies: RepliesConfig = RepliesConfig()
     tagging: TaggingConfig = TaggingConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     #: Named segments: ``name = "expression"`` (see scrm.segments for the language).
@@ -438,6 +447,7 @@ class Config(_Strict):
     channels: dict[str, dict[str, dict[str, Any]]] = {}
     api: ApiConfig = ApiConfig()
     console: ConsoleConfig = ConsoleConfig()
+    conversations: ConversationsConfig = ConversationsConfig()
     logging: LoggingConfig = LoggingConfig()
     #: Points, tiers, referrals, surveys and follow-ups; absent = off (see scrm.loyalty).
     loyalty: LoyaltyConfig | None = None
@@ -447,12 +457,20 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _segment_references(self) -> Config:
         from scrm.segments import check
-    conversations: ConversationsConfig = ConversationsConfig()
 
         problems = []
         for name, text in self.segments.items():
             if problem := check(text, self.segments):
                 problems.append(f"segments.{name}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _conversation_agents(self) -> Config:
+        problems = [f"conversations.agents.{i}: {agent!r} is not an operator or admin in [staff]"
+                    for i, agent in enumerate(self.conversations.agents)
+                    if self.staff.get(agent) not in ("operator", "admin")]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -466,15 +484,6 @@ class Config(_Strict):
         """The store URL with a relative SQLite path resolved against the config's folder."""
         url = self.store.url
         prefix = "sqlite+aiosqlite:///"
-    @model_validator(mode="after")
-    def _conversation_agents(self) -> Config:
-        problems = [f"conversations.agents.{i}: {agent!r} is not an operator or admin in [staff]"
-                    for i, agent in enumerate(self.conversations.agents)
-                    if self.staff.get(agent) not in ("operator", "admin")]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
         if url.startswith(prefix) and not url[len(prefix):].startswith(("/", ":memory:")):
             return prefix + str(self.resolve(url[len(prefix):]))
         return url

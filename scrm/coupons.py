@@ -83,6 +83,27 @@ async def grant(
     return row
 
 
+async def code_for(session: AsyncSession, name: str, pool: CouponPool, customer_id: int,
+                   now: datetime) -> tuple[CouponCode | None, bool]:
+    """A code for a customer who asks for one (a keyword auto-reply): a fresh one while they are under the
+    pool's per-customer limit, else the latest one they hold unused and unexpired; and whether it is fresh."""
+    fresh = await grant(session, name, pool, customer_id, now)
+    if fresh is not None:
+        return fresh, True
+    held = await session.scalar(
+        select(CouponCode).where(CouponCode.coupon_id == await _pool_id(session, name, pool),
+                                 CouponCode.customer_id == customer_id, CouponCode.redeemed_at.is_(None),
+                                 (CouponCode.expires_at.is_(None)) | (CouponCode.expires_at > now))
+        .order_by(CouponCode.id.desc()).limit(1), execution_options=_NO_FLUSH)
+    return held, False
+
+
+def template_data(code: CouponCode, pool: CouponPool | None) -> dict[str, str]:
+    """What a message template may say of its coupon (``{{ coupon.code }}``, ``value``, ``expires``)."""
+    return {"code": code.code, "value": f"{pool.value:g}" if pool else "",
+            "expires": code.expires_at.date().isoformat() if code.expires_at else ""}
+
+
 #: For the statements of :func:`grant`, which do not depend on what the session has pending.
 _NO_FLUSH = {"autoflush": False}
 

@@ -107,6 +107,11 @@ class Reaction:
     #: For a duplicate: its original. A platform that retries because an answer was lost (WeChat's
     #: passive replies) can be answered the same way again; nothing is run twice.
     original: Original | None = None
+    #: Link buttons under the last reply, as (label, url) (Telegram inline keyboard; a keyword auto-reply's).
+    buttons: tuple[tuple[str, str], ...] = ()
+    #: A link card answering instead of the replies where the channel has them (WeChat's passive news reply);
+    #: other channels send the replies.
+    article: Article | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,12 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from scrm import profiles, rfm, staff
 from scrm.campaigns import timed
-from scrm.campaigns.definitions import CampaignError, LoadedCampaign, load_campaigns
+from scrm.campaigns.definitions import DefinitionError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
 from scrm.channels import Channel, channel_types
 from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
 from scrm.config import Config, Role
+from scrm.conversations.replies import ReplyBook, load_replies
 from scrm.ingest import Ingestor
 from scrm.keyring import Keyring, KeyringError, KeyringMissing
 from scrm.messages import InboundEvent, Reaction, cleaned
@@ -36,6 +37,7 @@ from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import KeywordTagger
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class Service:
@@ -45,11 +47,13 @@ class Service:
         dictionary = config.resolve(config.tagging.dictionary) if config.tagging.dictionary else None
         self.tagger = KeywordTagger(config.tagging.rules, dictionary)
         self.campaigns: dict[str, LoadedCampaign] = {c.definition.name: c for c in load_campaigns(config)}
+        self.replies: ReplyBook = load_replies(config)
         self.paused: set[str] = set()
         #: Customers whose events were committed since the last incremental profile refresh.
         self.touched: set[int] = set()
         self._stopping = False
-        self._reported_problems: tuple[str, ...] = ()
+        #: The problems last logged per kind of definition file, so a broken edit is logged once.
+        self._reported_problems: dict[str, tuple[str, ...]] = {}
         self._running_jobs: set[asyncio.Task[Any]] = set()
         types = channel_types()
         self.channels: dict[tuple[str, str], Channel] = {
@@ -171,22 +175,42 @@ class Service:
             except Exception:  # noqa: BLE001 - the failure is recorded and counted; the alert is a courtesy
                 log.exception("could not tell %s that campaigns failed to plan", identity)
 
+    def _read_again(self, what: str, load: Callable[[Config], _T]) -> _T | None:
+        """Definition files read again for a reload, or None when they have problems: logged once (until
+        they change), and the running set stays."""
+        try:
+            loaded = load(self.config)
+        except DefinitionError as exc:
+            problems = tuple(sorted(exc.problems))
+            if problems != self._reported_problems.get(what):
+                self._reported_problems[what] = problems
+                log.error("%s not reloaded:\n  %s", what, "\n  ".join(exc.problems))
+            return None
+        self._reported_problems.pop(what, None)
+        return loaded
+
     async def reload_campaigns(self) -> bool:
         """Pick up edited campaign files without a restart; a broken edit keeps the running set."""
-        try:
-            loaded = {c.definition.name: c for c in load_campaigns(self.config)}
-        except CampaignError as exc:
-            digests = tuple(sorted(exc.problems))
-            if digests != self._reported_problems:
-                self._reported_problems = digests
-                log.error("campaign files not reloaded:\n  %s", "\n  ".join(exc.problems))
+        found = self._read_again("campaign files", load_campaigns)
+        if found is None:
             return False
-        self._reported_problems = ()
+        loaded = {c.definition.name: c for c in found}
         if {n: c.digest for n, c in loaded.items()} == {n: c.digest for n, c in self.campaigns.items()}:
             return False
         self.campaigns = loaded
         await self._sync_campaigns()
         log.info("campaigns reloaded: %s", ", ".join(sorted(loaded)))
+        return True
+
+    async def reload_replies(self) -> bool:
+        """Pick up edited reply rule files without a restart; a broken edit keeps the running rules. Ingest
+        batches under way keep the book they began with."""
+        book = self._read_again("reply rules", load_replies)
+        if book is None or book.digest == self.replies.digest:
+            return False
+        self.replies = book
+        log.info("reply rules reloaded: %d rule(s), %s", len(book.rules),
+                 "a fallback" if book.fallback else "no fallback")
         return True
 
     async def recompute_rfm(self) -> int:

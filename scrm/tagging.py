@@ -122,8 +122,10 @@ class KeywordTagger:
                     self._index[tokens[0]].append((tokens, i, keyword))
             self._regex += [(re.compile(normalize(p)), i) for p in rule.regex]
 
-    def match(self, text: str) -> list[TagHit]:
-        tokens = tokenize(text)
+    def match(self, text: str, tokens: list[str] | None = None) -> list[TagHit]:
+        """The rules ``text`` hits; ``tokens``: its :func:`tokenize` when the caller has it already (one
+        segmentation serves tags, reply rules and keyword campaigns)."""
+        tokens = tokenize(text) if tokens is None else tokens
         found: dict[int, dict[str, float]] = defaultdict(dict)
         for pos, token in enumerate(tokens):
             for sequence, i, keyword in self._index.get(token, ()):

@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
@@ -58,6 +58,9 @@ Duration = Annotated[str, AfterValidator(_duration)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Trigger(_Strict):
@@ -229,10 +232,19 @@ class LoadedCampaign:
     digest: str
 
 
-class CampaignError(Exception):
+class DefinitionError(Exception):
+    """Definition files that cannot be used as a whole (campaigns, reply rules): one line per problem."""
+
+    #: What the files define, for the line above the problems.
+    what = "definitions"
+
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class CampaignError(DefinitionError):
+    what = "campaign definitions"
 
 
 @dataclass(frozen=True)
@@ -280,11 +292,11 @@ def _check(definition: CampaignDefinition, config: Config) -> list[tuple[str, st
     return problems
 
 
-def parse_campaign(path: Path, raw: bytes, config: Config) -> tuple[LoadedCampaign | None, list[Problem]]:
-    """One file's text on its own: its problems, and the campaign unless it could not be read at all."""
+def read_toml(path: Path, raw: bytes, model: type[_M]) -> tuple[_M | None, list[Problem]]:
+    """A definition file's text as ``model``, or None and its problems (broken TOML, or each key
+    the model refuses), named by file and key; the checks against the config come after."""
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-        definition = CampaignDefinition.model_validate(data)
+        return model.model_validate(tomllib.loads(raw.decode("utf-8"))), []
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return None, [Problem(path.name, "", f"invalid TOML: {exc}")]
     except ValidationError as exc:
@@ -294,6 +306,13 @@ def parse_campaign(path: Path, raw: bytes, config: Config) -> tuple[LoadedCampai
             msg = ("missing" if e["type"] == "missing" else "unknown key" if e["type"] == "extra_forbidden"
                    else e["msg"].removeprefix("Value error, "))
             problems.append(Problem(path.name, loc, msg))
+        return None, problems
+
+
+def parse_campaign(path: Path, raw: bytes, config: Config) -> tuple[LoadedCampaign | None, list[Problem]]:
+    """One file's text on its own: its problems, and the campaign unless it could not be read at all."""
+    definition, problems = read_toml(path, raw, CampaignDefinition)
+    if definition is None:
         return None, problems
     problems = [Problem(path.name, key, problem) for key, problem in _check(definition, config)]
     return LoadedCampaign(definition, path, hashlib.sha256(raw).hexdigest()), problems

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from scrm.loyalty.recommend import recommend
@@ -35,6 +35,26 @@ def check(source: str, available: set[str]) -> str | None:
     except TemplateError as exc:
         return f"template error: {exc}"
     return None
+
+
+def attributes(source: str, name: str) -> frozenset[str] | None:
+    """The attributes a (valid) template reads of variable ``name`` (``{{ customer.name }}``: name), or
+    None when it uses the variable whole (prints it, hands it to a function such as ``recommend``):
+    then any may be read. A caller fetches only what its templates show."""
+    used: set[str] = set()
+
+    def whole(node: nodes.Node, parent: nodes.Node | None) -> bool:
+        if isinstance(node, nodes.Name) and node.name == name:
+            if isinstance(parent, nodes.Getattr) and parent.node is node:
+                used.add(parent.attr)
+            elif (isinstance(parent, nodes.Getitem) and parent.node is node and isinstance(parent.arg, nodes.Const)
+                  and isinstance(parent.arg.value, str)):
+                used.add(parent.arg.value)
+            else:
+                return True
+        return any(whole(child, node) for child in node.iter_child_nodes())
+
+    return None if whole(_env.parse(source), None) else frozenset(used)
 
 
 def render(source: str, context: dict[str, Any]) -> str:

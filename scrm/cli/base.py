@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scrm.campaigns.definitions import CampaignError
+from scrm.campaigns.definitions import DefinitionError
 from scrm.config import Config, ConfigError
 from scrm.config_file import load_config
 
@@ -90,7 +90,7 @@ def no_customer(exc: CustomerRefError) -> NoReturn:
 
 
 def guard(fn: Callable[..., T]) -> Callable[..., T]:
-    """Campaign file and privacy key problems are user errors: print them, no traceback."""
+    """Definition file (campaigns, reply rules) and privacy key problems are user errors: print them, no traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -101,8 +101,8 @@ def guard(fn: Callable[..., T]) -> Callable[..., T]:
         except KeyringError as exc:
             err.print(f"[bold red]privacy keys:[/] {escape(str(exc))}")
             sys.exit(EXIT_USAGE)
-        except CampaignError as exc:
-            err.print(f"[bold red]campaign definitions have {len(exc.problems)} problem(s):[/]")
+        except DefinitionError as exc:
+            err.print(f"[bold red]{exc.what} have {len(exc.problems)} problem(s):[/]")
             for line in exc.problems:
                 err.print(f"  {line}", markup=False, highlight=False)
             sys.exit(EXIT_USAGE)
