@@ -112,7 +112,8 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
 
 
 def demo_file(name: str) -> Path:
-    """A file of the demo set (``config.example.toml``, ``campaigns``): inside the installed package, or
-    the source checkout. ``scrm init`` copies them; the console offers the demo campaigns as templates."""
+    """A file of the demo set (``config.example.toml``, ``campaigns``, ``replies``): inside the installed
+    package, or the source checkout. ``scrm init`` copies them; the console offers the demo campaigns as
+    templates."""
     packaged = Path(str(resources.files("scrm"))) / "demo" / name
     return packaged if packaged.exists() else Path(__file__).resolve().parents[1] / name

@@ -1,7 +1,18 @@
 """The ``scrm`` command line. Each module here adds one area's commands to :data:`main`."""
 
 from scrm.channels import channel_types
-from scrm.cli import campaigns, customers, io, loyalty, ops, privacy, reports, service, staff  # noqa: F401  (they register commands)
+from scrm.cli import (  # noqa: F401  (they register commands)
+    campaigns,
+    customers,
+    io,
+    loyalty,
+    ops,
+    privacy,
+    replies,
+    reports,
+    service,
+    staff,
+)
 from scrm.cli.base import main
 
 for _kind, _cls in channel_types().items():

@@ -138,12 +138,18 @@ async def _service_check(config: Any) -> Check:
 
 def _config_checks(config: Any) -> list[Check]:
     from scrm.campaigns.definitions import CampaignError, load_campaigns
+    from scrm.conversations.replies import ReplyError, load_replies
 
     checks = [Check("config", "ok", "valid")]
     try:
         checks.append(Check("campaigns", "ok", f"{len(load_campaigns(config))} campaign file(s) valid"))
     except CampaignError as exc:
         checks.append(Check("campaigns", "fail", "; ".join(exc.problems[:3]), "run `scrm campaigns validate`"))
+    try:
+        book = load_replies(config)
+        checks.append(Check("replies", "ok", f"{len(book.rules)} rule(s), {'a' if book.fallback else 'no'} fallback"))
+    except ReplyError as exc:
+        checks.append(Check("replies", "fail", "; ".join(exc.problems[:3]), "run `scrm replies validate`"))
     if not config.channels:
         checks.append(Check("channels", "warn", "none configured", "add a [channels.<type>.<account>] table"))
     if not config.api.keys:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 @click.option("--force", is_flag=True, help="Overwrite an existing config.toml.")
 @click.pass_context
 def init(ctx: click.Context, force: bool) -> None:
-    """Write a working config.toml (SQLite, console channel, demo campaigns) here."""
+    """Write a working config.toml (SQLite, console channel, demo campaigns and auto-replies) here."""
     target = Path(ctx.obj["config_path"])
     if target.exists() and not force:
         err.print(f"{target} already exists; use --force to overwrite it")
@@ -41,10 +41,11 @@ def init(ctx: click.Context, force: bool) -> None:
         from scrm.keyring import write_key_file
 
         write_key_file(key_file)  # encrypts customers' phone numbers and birthdays: back it up
-    campaigns = target.parent / "campaigns"
-    if not campaigns.exists():
-        shutil.copytree(demo_file("campaigns"), campaigns)
-    out.print(f"wrote {target} and {campaigns}/ — start with: scrm run")
+    folders = [target.parent / name for name in ("campaigns", "replies")]
+    for folder in folders:
+        if not folder.exists():
+            shutil.copytree(demo_file(folder.name), folder)
+    out.print(f"wrote {target}, {folders[0]}/ and {folders[1]}/ — start with: scrm run")
 
 
 @main.command()
