@@ -59,6 +59,7 @@ def report(ctx: click.Context, days: int | None, span: str | None, as_json: bool
         return
     from scrm import charts, reports
     from scrm.clock import SystemClock
+    from scrm.conversations.figures import ConversationFigures, conversation_figures, format_conversations
 
     if days is not None and span is not None:
         raise click.UsageError("use --days or --range, not both")
@@ -68,13 +69,17 @@ def report(ctx: click.Context, days: int | None, span: str | None, as_json: bool
     if period is None:
         raise click.BadParameter("use YYYY-MM-DD..YYYY-MM-DD (start on or before end)", param_hint="--range")
 
-    async def fetch(session: AsyncSession) -> tuple[reports.Summary, dict[str, dict[str, int]], dict[str, Any]]:
+    async def fetch(session: AsyncSession) -> tuple[reports.Summary, dict[str, dict[str, int]], dict[str, Any],
+                                                    ConversationFigures]:
         summary = await reports.summary(session, period, attribution_days=config.reports.attribution_days)
-        return summary, await reports.daily_trend(session, period, tz), await care_figures(session, period)
+        return (summary, await reports.daily_trend(session, period, tz), await care_figures(session, period),
+                await conversation_figures(session, period.since, period.until, SystemClock().now()))
 
-    summary, trend, care = _query(config, fetch)
-    text = "\n".join(filter(None, [reports.format_summary(summary), format_care(care)]))
-    _emit(text, {**summary.as_dict(), **care}, as_json, png, lambda: charts.trend_png(trend))
+    summary, trend, care, conversations = _query(config, fetch)
+    text = "\n".join(filter(None, [reports.format_summary(summary), format_care(care),
+                                   format_conversations(conversations)]))
+    _emit(text, {**summary.as_dict(), **care, "conversations": conversations.as_dict()}, as_json, png,
+          lambda: charts.trend_png(trend))
 
 
 @report.command("funnel")

@@ -11,6 +11,7 @@ import re
 from scrm import charts, digests, reports
 from scrm.audit import audit
 from scrm.config import Role
+from scrm.conversations.figures import conversation_figures, format_conversations
 from scrm.loyalty.report import care_figures, format_care
 from scrm.profile import customer_view
 from scrm.staff import StaffContext, StaffReply, command, customer_arg
@@ -43,8 +44,10 @@ async def report(ctx: StaffContext, args: str) -> StaffReply:
     lang = _lang(ctx)
     summary = await reports.summary(ctx.session, period, attribution_days=config.reports.attribution_days)
     trend = await reports.daily_trend(ctx.session, period, config.service.timezone)
+    conversations = await conversation_figures(ctx.session, period.since, period.until, ctx.now)
     text = "\n".join(filter(None, [reports.format_summary(summary, lang),
-                                   format_care(await care_figures(ctx.session, period))]))
+                                   format_care(await care_figures(ctx.session, period)),
+                                   format_conversations(conversations, lang)]))
     return StaffReply(text, (charts.chart(charts.trend_png, trend, lang),))
 
 
