@@ -1,6 +1,6 @@
 """Dashboard: the manager's ``/report`` for a period against the one before (figures, stages and their
-moves, CSAT/NPS and follow-up completion), the daily trend chart, top tags and the open follow-up
-tasks, from the same core functions the chat command and ``scrm report`` use.
+moves, CSAT/NPS and follow-up completion, conversation response times), the daily trend chart, top
+tags and the open follow-up tasks, from the same core functions the chat command and ``scrm report`` use.
 
 The trend chart is its own route: the page reads its figures in one snapshot and answers at once,
 and the browser fetches the PNG, which is drawn in a worker thread (:meth:`scrm.messages.Chart.png`)
@@ -16,6 +16,7 @@ from aiohttp import web
 
 from scrm import charts, reports
 from scrm.console.app import Pages, service
+from scrm.conversations.figures import conversation_figures, duration
 from scrm.loyalty import followups
 from scrm.loyalty.report import care_figures
 from scrm.store.engine import reading
@@ -68,6 +69,7 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
         tags = await reports.top_tags(session, now)
         tasks = await followups.open_tasks(session, None, TASKS_SHOWN)
         open_count, overdue = await followups.open_task_counts(session, now)
+        conversations = await conversation_figures(session, period.since, period.until, now)
     cur, prev = summary.current, summary.previous
     return aiohttp_jinja2.render_template("dashboard.html", request, {
         "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT,
@@ -77,6 +79,7 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
         "care": care, "care_before": care_before, "top_tags": tags,
         "tasks": followups.task_rows(tasks, now, config.service.timezone), "open_tasks": open_count,
         "overdue_tasks": overdue, "timezone": config.service.timezone,
+        "conversations": conversations, "duration": duration,
         "attribution": reports.attribution_rule(summary.attribution_days, "both")})
 
 
