@@ -271,10 +271,12 @@ def update_events(update: Update, channel: str, account: str) -> list[InboundEve
         # Someone else's card: recorded as an action, but a third party's number is not ours to keep.
         return [event(sender, "contact", payload={"own": False})]
     if message.text:
-        # A reply to one of the bot's messages (staff answering a conversation alert) names it.
+        # A reply to one of the bot's messages (staff answering a conversation alert) names it; a message
+        # in a group names the group (the core gives group chatter no fallback auto-reply).
         replied = message.reply_to_message
         answering = {"reply_to": str(replied.message_id)} if replied is not None else {}
-        return [_text_event(event, sender, message.text, answering)]
+        where = group if chat.type != ChatType.PRIVATE else {}
+        return [_text_event(event, sender, message.text, answering | where)]
     caption = message.caption or ""
     if message.photo:
         return [event(sender, "image", text=caption)]
