@@ -113,7 +113,7 @@ class History:
             await self.episode(channel, user, staff, answer, resolver, resolve)
         # two customers nobody has answered yet: the oldest waits from here
         self.waiting_since = self.clock.now()
-        await self.write("console", "c7", "我的订单什么时候到")
+        await self.write("console", "c7", "人工")
         self.clock.advance(timedelta(minutes=25))
         await self.write("wechat", "w3", "转人工")
         self.clock.advance(timedelta(minutes=20))
