@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 SETTLE = timedelta(hours=1)
 TICK = timedelta(microseconds=1)
 OPT_OUT_KINDS = frozenset({"unsubscribe", "blocked", "contact_removed"})
-MESSAGES_OUT = frozenset({"reply", "campaign_message"})
+MESSAGES_OUT = frozenset({"reply", "auto_reply", "campaign_message"})
 #: A customer's inbound message: what "messages in" and "active customers" count.
 INBOUND = and_(Touchpoint.customer_id.is_not(None), Touchpoint.direction == "in", Touchpoint.kind.in_(MESSAGE_KINDS))
 #: The opt-out confirmation reply: opt-outs count it by its text, so redacting that text changes its day.

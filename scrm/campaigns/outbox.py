@@ -54,7 +54,6 @@ from scrm.store.models import (
 )
 
 if TYPE_CHECKING:
-    from scrm.config import CouponPool
     from scrm.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -368,14 +367,14 @@ class Outbox:
                 touchpoint(session, customer_id=customer_id, channel=d.channel, account=d.account,
                            direction="internal", kind="coupon_granted", now=now, campaign=d.campaign, delivery_id=d.id,
                            payload={"code": granted.code, "pool": step.coupon})
-            return _coupon_data(granted, self.service.config.coupons.get(step.coupon))
+            return coupons.template_data(granted, self.service.config.coupons.get(step.coupon))
         else:
             return None
         row = (await session.execute(
             select(CouponCode, Coupon.name).join(Coupon).where(CouponCode.code == code))).first()
         if row is None:
             return "coupon_unavailable"
-        return _coupon_data(row[0], self.service.config.coupons.get(row[1]))
+        return coupons.template_data(row[0], self.service.config.coupons.get(row[1]))
 
     async def _holds(self, session: AsyncSession, expression: str, customer_id: int, now: datetime) -> bool:
         condition = segments.condition(expression, now, self.service.config.segments)
@@ -602,9 +601,3 @@ async def pending_for(session: AsyncSession, customer_id: int, due_by: datetime)
         Delivery.customer_id == customer_id, Delivery.status.in_(("planned", "claimed", "sending")),
         Delivery.due_at <= due_by))
     return int(count or 0)
-
-
-def _coupon_data(code: CouponCode, pool: CouponPool | None) -> dict[str, str]:
-    """What a message template may say of its coupon."""
-    return {"code": code.code, "value": f"{pool.value:g}" if pool else "",
-            "expires": code.expires_at.date().isoformat() if code.expires_at else ""}
