@@ -1,6 +1,7 @@
 """The quick start shows the whole product: the config `scrm init` writes (config.example.toml) turns on
-points, check-in, a reward with its coupon pool, referrals and a satisfaction survey, and carries the
-platform channels of README's "Connecting channels" as commented tables that load once filled in."""
+points, check-in, a reward with its coupon pool, referrals and a satisfaction survey, its replies/ folder
+answers keywords and falls back in and out of working hours, and it carries the platform channels of
+README's "Connecting channels" as commented tables that load once filled in."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,37 @@ async def test_demo_loyalty_end_to_end(tmp_path, store):
         await w.buy("ben", "Q-2", 80)
         assert (await w.run()).referrals_paid == 1
         assert "您的积分:235" in await w.say("ann", "积分")
+    finally:
+        await service.stop()
+
+
+def test_quick_start_chat_answers_keywords(tmp_path, store):
+    """The demo auto-replies (replies/ as `scrm init` writes it) in a piped chat: a rule per message, the
+    negated keyword falls to the fallback, which the first message already had (its cooldown: silence)."""
+    assert scrm(tmp_path, store, "init").returncode == 0
+    chat = scrm(tmp_path, store, "chat", "--as", "customer:cleo",
+                stdin="你好,我想买奶粉\n营业时间?\n推荐一款奶粉吧\n我不要快递,自己来取\n快递几天到\n")
+    assert chat.returncode == 0, chat.stderr
+    replies = [line for line in chat.stdout.splitlines() if line.startswith("bot> ")]
+    fallback = [r for r in replies if "客服会尽快" in r or "下班时间" in r]
+    assert len(fallback) == 1, replies  # in or out of hours, whenever the test runs; once, for the first message
+    assert "bot> 门店营业时间:每天 9:00-21:00,线上商城 24 小时营业。" in chat.stdout
+    assert "bot> cleo,选奶粉看段位、配方和宝宝的反应,拿不准就问我们的育婴顾问。" in chat.stdout
+    assert chat.stdout.count("下单后 48 小时内发货") == 1  # 快递几天到, not 不要快递
+
+
+async def test_demo_fallback_in_and_out_of_working_hours(tmp_path, store):
+    assert scrm(tmp_path, store, "init").returncode == 0
+    environ = {"SCRM_STORE__URL": store["url"]} | (
+        {"SCRM_STORE__SCHEMA_NAME": store["schema_name"]} if "schema_name" in store else {})
+    wednesday = datetime(2026, 12, 2, 2, 0)  # 10:00 in Asia/Shanghai, where the demo's staff are
+    service = Service(load_config(tmp_path / "config.toml", environ=environ), ManualClock(wednesday))
+    await service.start(scheduler=False)
+    try:
+        w = World(service)
+        assert "客服会尽快在这里回复您" in await w.say("dee", "在吗")
+        w.clock.advance(timedelta(hours=9))  # 19:00
+        assert "现在是下班时间" in await w.say("eli", "在吗")
     finally:
         await service.stop()
 
