@@ -2,7 +2,8 @@
 
 Set-based where the traffic is: one query finds the platform's retries, one finds the customers
 behind the batch's identities (one insert creates the new ones), and touchpoints, last-seen times,
-keyword tags and campaign triggers are written a few statements per batch. Events that need the
+keyword tags and campaign triggers are written a few statements per batch; keyword auto-replies read
+their cooldowns in one query per batch (scrm.conversations.autoreply). Events that need the
 customer row (follows, phone sharing, opt-out and coupon or loyalty commands, staff commands) load
 it and run one by one, after what the batch queued so far is written, so order is kept. Everything
 shares the transaction: an event acknowledged to the platform has had all its effects committed.
@@ -363,11 +364,11 @@ async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, t
     words = tokenize(text)
     batch.hits += [(customer_id, hit, event) for hit in service.tagger.match(event.text, words)]
     rule = batch.replies.match(text, words, event.channel)
-    reply: AutoReply | None = None
     if rule is None and _keyword_campaign(service, event.channel, words):
         batch.trigger("keyword", customer_id, event, words=frozenset(words))  # the campaign answers: no fallback
-    else:
-        reply = await batch.replies.answer(customer_id, event, rule, handled_by_person=customer_id in batch.handled)
+        batch.note(customer_id, event, answered=True)
+        return []
+    reply = await batch.replies.answer(customer_id, event, rule, handled_by_person=customer_id in batch.handled)
     batch.note(customer_id, event, answered=reply is not None and reply.answered)
     return reply or []
 

@@ -22,7 +22,7 @@ from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies
 from scrm.conversations.replies import ReplyError, check_file, load_replies
 from scrm.messages import InboundEvent, Reaction
 from scrm.service import Service
-from scrm.store.models import Delivery, Touchpoint
+from scrm.store.models import Conversation, Delivery, Identity, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, user
@@ -234,7 +234,13 @@ async def test_one_answer_beside_commands_and_keyword_campaigns(svc):
     async with svc.sessions() as s:
         planned = (await s.execute(select(Delivery.external_id).where(Delivery.campaign == "double11"))).scalars().all()
     assert planned == ["jon"]
-    assert [(p["rule"]) for _, _, p in await auto_replies(svc)] == ["shipping"]
+    assert (await say(svc, "lou", "在吗")).replies == ("收到,客服稍后回复",)
+    assert [(p["rule"]) for _, _, p in await auto_replies(svc)] == ["shipping", "fallback"]
+    # only the message nothing but the fallback answered waits for a person
+    async with svc.sessions() as s:
+        waiting = (await s.scalars(select(Identity.external_id).join(
+            Conversation, Conversation.customer_id == Identity.customer_id))).all()
+    assert waiting == ["lou"]
 
 
 async def test_coupon_rule_grants_once_then_quotes_the_same_code(svc):
@@ -248,6 +254,12 @@ async def test_coupon_rule_grants_once_then_quotes_the_same_code(svc):
 
 
 async def test_handled_by_person_says_nothing(svc):
+    # a customer who asked for a person gets no auto-reply while the conversation is theirs
+    assert (await say(svc, "kit", "转人工")).replies == (svc.config.conversations.person_reply,)
+    assert (await say(svc, "kit", "快递几天到")).replies == ()
+    assert (await say(svc, "kit", "在吗")).replies == ()
+    assert await auto_replies(svc) == []
+
     cid = (await say(svc, "max", "你好")).customer_id
     assert cid is not None
     rule = svc.replies.match("快递几天到", ["快递", "几天", "到"], "console")
