@@ -338,8 +338,8 @@ colour = "red"
     found = [str(p) for p in check_file(make_config(GIFT_POOL), folder / "b.toml", fixed.encode())]
     assert "b.toml: rules.0.coupon: unknown pool 'nope' (known: birthday, gift, points10, welcome, winback)" in found
     assert any(p.startswith("b.toml: rules.0.channels.1: unknown channel 'fax'") for p in found)
-    assert not any("rules.0.text" in p for p in found)
-    assert any(p.startswith("b.toml: rules.1.text: template error") and "phone" in p for p in found)  # coupon is there for a rule with a pool, known or not
+    assert not any("rules.0.text" in p for p in found)  # coupon is there for a rule with a pool, known or not
+    assert any(p.startswith("b.toml: rules.1.text: template error") and "phone" in p for p in found)
 
 
 async def test_rule_files_reload_while_running_and_a_broken_edit_keeps_the_rules(svc, tmp_path, caplog):
@@ -366,3 +366,20 @@ def test_demo_replies_load():
     book = load_replies(load_config(ROOT / "config.example.toml", environ={}))
     assert [r.rule.name for r in book.rules] == ["formula-advice", "opening-hours", "shipping"]
     assert book.fallback is not None
+
+
+def test_replies_validate_command(tmp_path, store):
+    """`scrm replies validate` after `scrm init`: the demo files pass; a broken one is named, exit 2."""
+    from tests.test_quickstart import scrm
+
+    assert scrm(tmp_path, store, "init").returncode == 0
+    ok = scrm(tmp_path, store, "replies", "validate")
+    assert (ok.returncode, ok.stdout.strip()) == (0, "3 rule(s) valid, a fallback")
+    (tmp_path / "replies" / "new.toml").write_text('[[rules]]\nname = "shipping"\nexact = ["x"]\ntext = "y"\n'
+                                                   '[fallback]\ntext = "{{ nobody }}"\n', "utf-8")
+    bad = scrm(tmp_path, store, "replies", "validate")
+    assert bad.returncode == 2
+    assert "reply rules have 3 problem(s):" in bad.stderr
+    assert "new.toml: rules.0.name: 'shipping' is already used by faq.toml" in bad.stderr
+    assert "new.toml: fallback: the fallback is already given in fallback.toml" in bad.stderr
+    assert "new.toml: fallback.text: unknown variable(s): nobody (available: customer)" in bad.stderr

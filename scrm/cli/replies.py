@@ -39,15 +39,18 @@ def replies_validate(ctx: click.Context, files: tuple[Path, ...]) -> None:
 @click.pass_context
 @guard
 def replies_list(ctx: click.Context) -> None:
-    """The rules in the order they win (priority, then file and position), and the fallback."""
+    """The rules in the order they win (priority, then file and position), and the fallback. Matches:
+    keywords (``a + b``: all of them), ``=exact``, ``~contains``, ``/regex/``."""
     book = load_replies(load(ctx))
     table = Table("priority", "matches", "channels", "cooldown", "file")
     table.add_column("name", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
     for loaded in book.rules:
         r = loaded.rule
-        terms = [*r.keywords, *(f"={p}" for p in r.exact), *(f"~{p}" for p in r.contains), *(f"/{p}/" for p in r.regex)]
-        table.add_row(r.name, str(r.priority), ", ".join(terms), ", ".join(r.channels) or "all", r.cooldown, loaded.file)
+        keywords = [" + ".join(r.keywords)] if r.match == "all" else r.keywords
+        terms = [*keywords, *(f"={p}" for p in r.exact), *(f"~{p}" for p in r.contains), *(f"/{p}/" for p in r.regex)]
+        table.add_row(r.name, str(r.priority), ", ".join(terms), ", ".join(r.channels) or "all", r.cooldown,
+                      loaded.file)
     out.print(table)
     fallback = book.fallback
     if fallback is None:
