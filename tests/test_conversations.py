@@ -14,10 +14,13 @@ from scrm.conversations import routing, threads
 from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import STAFF_REPLY, Conversation, Customer, Delivery, Touchpoint
+from tests.conftest import ROOT
 from tests.fakes.wechat import plaintext, text_xml
 from tests.test_wechat import TOKEN, customer_of, fake, post, start  # noqa: F401  (fake: a fixture)
 
 STAFF = {"console:olive": "operator", "console:oscar": "operator", "console:bob": "manager"}
+#: The demo's reply rules and fallback (working hours Mon-Fri 9:00-18:00).
+DEMO_REPLIES = {"path": str(ROOT / "replies")}
 
 
 async def say(service: Service, user: str, text: str, n: list[int] = [0]) -> tuple[str, ...]:  # noqa: B006
@@ -227,5 +230,50 @@ async def test_waiting_alert_attaches_to_the_conversation(make_config, clock):
             assert await followups.waiting_tasks(service, s, clock.now()) == 1
         [(owner, note)] = await read(service, select(FollowupTask.owner, FollowupTask.note))
         assert owner == "console:olive" and f"/reply #{amy}" in note
+    finally:
+        await service.stop()
+
+
+async def test_new_conversations_go_to_agents_on_duty(make_config):
+    from datetime import datetime
+
+    from scrm.clock import ManualClock
+
+    # Monday 03:00 UTC: 11:00 in Shanghai (olive at work), Sunday 19:00 in Los Angeles (oscar off).
+    monday = ManualClock(datetime(2026, 12, 7, 3, 0))
+    zones = {"console:olive": "Asia/Shanghai", "console:oscar": "America/Los_Angeles"}
+    service = await started(make_config, monday, replies=DEMO_REPLIES, loyalty={"followups": {"timezones": zones}})
+    try:
+        assert service.replies.fallback is not None  # the demo's working hours, Mon-Fri 9:00-18:00
+        for user in ("amy", "ben", "cat"):
+            await say(service, user, "我的订单什么时候到")
+            monday.advance(timedelta(seconds=1))
+        assert await routing.alert_new(service) == 3
+        rows = await read(service, select(Conversation.assignee).order_by(Conversation.id))
+        assert [a for (a,) in rows] == ["console:olive"] * 3
+        # 17:00 UTC: 09:00 in Los Angeles, 01:00 in Shanghai: the next one goes to oscar
+        monday.advance(timedelta(hours=14))
+        await say(service, "dan", "有人吗")
+        assert await routing.alert_new(service) == 1
+        [(last,)] = await read(service, select(Conversation.assignee).order_by(Conversation.id.desc()).limit(1))
+        assert last == "console:oscar"
+    finally:
+        await service.stop()
+
+
+async def test_the_fallback_is_no_answer_to_a_waiting_customer(make_config):
+    from datetime import datetime
+
+    from scrm.clock import ManualClock
+    from scrm.loyalty import followups
+
+    monday = ManualClock(datetime(2026, 12, 7, 3, 0))  # 11:00 in Shanghai: in hours
+    service = await started(make_config, monday, replies=DEMO_REPLIES,
+                            loyalty={"followups": {"staffed_channels": ["console"], "waiting_minutes": 10}})
+    try:
+        assert "客服会尽快" in (await say(service, "amy", "在吗"))[0]  # the fallback: "a person will answer soon"
+        monday.advance(timedelta(minutes=11))
+        async with service.sessions() as s, s.begin():
+            assert await followups.waiting_tasks(service, s, monday.now()) == 1
     finally:
         await service.stop()

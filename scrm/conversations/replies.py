@@ -310,15 +310,24 @@ def check_file(config: Config, path: Path, raw: bytes) -> list[Problem]:
     return [p for p in problems if p.file == path.name]
 
 
-def staff_zones(config: Config) -> set[str]:
-    """The time zones staff answer from: each operator's and admin's of ``[staff]`` (its entry in
-    ``[loyalty.followups] timezones``, else the service's); the service's when there are none."""
+def staff_zone(config: Config, who: str) -> str:
+    """A staff member's time zone: their entry in ``[loyalty.followups] timezones``, else the service's."""
     zones = config.loyalty.followups.timezones if config.loyalty else {}
-    default = config.service.timezone
-    return {zones.get(who, default) for who, role in config.staff.items() if role in ("operator", "admin")} or {default}
+    return zones.get(who, config.service.timezone)
+
+
+def staff_zones(config: Config) -> set[str]:
+    """The time zones staff answer from: each operator's and admin's of ``[staff]``; the service's when
+    there are none."""
+    return ({staff_zone(config, who) for who, role in config.staff.items() if role in ("operator", "admin")}
+            or {config.service.timezone})
+
+
+def at_work(hours: WorkingHours, zone: str, now: datetime) -> bool:
+    """Whether ``now`` (naive UTC) is inside the hours in time zone ``zone``."""
+    return hours.contains(now.replace(tzinfo=UTC).astimezone(ZoneInfo(zone)))
 
 
 def in_working_hours(config: Config, hours: WorkingHours, now: datetime) -> bool:
     """Whether ``now`` (naive UTC) is inside the hours for some staff member, in their own time zone."""
-    aware = now.replace(tzinfo=UTC)
-    return any(hours.contains(aware.astimezone(ZoneInfo(zone))) for zone in staff_zones(config))
+    return any(at_work(hours, zone, now) for zone in staff_zones(config))

@@ -52,7 +52,10 @@ async def _alert(service: Runtime, session: AsyncSession, conversation_id: int, 
     if conv is None or customer is None:
         return False
     if conv.assignee is None:
-        assignee = await owner_of(service, session, customer.id) or await threads.next_agent(service.config, session)
+        # On duty: the fallback reply's working hours, the one statement of when staff answer.
+        hours = service.replies.fallback.hours if service.replies.fallback else None
+        assignee = (await owner_of(service, session, customer.id)
+                    or await threads.next_agent(service.config, session, now, hours))
         if assignee is None:
             return False  # no staff configured: the inbox (console, API) still lists it
         await threads.assign(session, conv, assignee, "system", now)

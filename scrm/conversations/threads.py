@@ -27,6 +27,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.campaigns import templates
+from scrm.conversations.replies import WorkingHours, at_work, staff_zone
 from scrm.customers import touchpoint
 from scrm.store.models import STAFF_REPLY, Conversation, Customer, Delivery, Identity
 
@@ -284,9 +285,13 @@ def agents(config: Config) -> list[str]:
     return config.conversations.agents or sorted(k for k, role in config.staff.items() if role in ("operator", "admin"))
 
 
-async def next_agent(config: Config, session: AsyncSession) -> str | None:
-    """Round-robin: the agent whose last assignment is the oldest (never assigned first)."""
+async def next_agent(config: Config, session: AsyncSession, now: datetime,
+                     hours: WorkingHours | None = None) -> str | None:
+    """Round-robin among the agents on duty (inside ``hours`` in their own time zone; all of them when
+    none is, or without hours): the one whose last assignment is the oldest, never assigned first."""
     names = agents(config)
+    if hours is not None:
+        names = [n for n in names if at_work(hours, staff_zone(config, n), now)] or names
     if not names:
         return None
     last = dict((await session.execute(select(Conversation.assignee, func.max(Conversation.assigned_at))

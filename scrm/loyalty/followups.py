@@ -15,11 +15,13 @@ from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from scrm import segments
+from scrm.conversations.replies import FALLBACK
+from scrm.conversations.replies import staff_zone as zone_of
 from scrm.customers import staff_last_inbound, staff_message_touchpoint, touchpoint
 from scrm.loyalty.points import base_tier, ensure_account, loyalty
 from scrm.messages import MESSAGE_KINDS, OutboundMessage
@@ -153,7 +155,7 @@ def task_lines(tasks: list[tuple[FollowupTask, str | None]], now: datetime, zone
 
 
 def staff_zone(service: Runtime, staff: str) -> str:
-    return loyalty(service).followups.timezones.get(staff, service.config.service.timezone)
+    return zone_of(service.config, staff)
 
 
 async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, text: str, now: datetime,
@@ -238,7 +240,9 @@ async def waiting_tasks(service: Runtime, session: AsyncSession, now: datetime) 
                .group_by(Touchpoint.customer_id).subquery())
     # Its own alias: a plain Touchpoint here would correlate with the outer query's and have no FROM.
     later = aliased(Touchpoint)
-    answered = exists().where(later.customer_id == last_in.c.cid, later.id > last_in.c.tid, later.direction == "out")
+    # The fallback ("a person will answer soon") is no answer; a rule's answer, a campaign's or staff's is.
+    answered = exists().where(later.customer_id == last_in.c.cid, later.id > last_in.c.tid, later.direction == "out",
+                              or_(later.kind != "auto_reply", later.payload["rule"].as_string() != FALLBACK))
     rows = (await session.execute(
         select(last_in.c.cid, last_in.c.tid).join(Touchpoint, Touchpoint.id == last_in.c.tid)
         .where(Touchpoint.created_at <= limit, ~answered))).all()
