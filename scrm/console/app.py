@@ -129,6 +129,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 NAV: list[tuple[str, str, Role]] = [
     ("/console/", "Dashboard 概览", "manager"),
+    ("/console/inbox", "Inbox 会话", "manager"),
     ("/console/customers", "Customers 客户", "manager"),
     ("/console/campaigns", "Campaigns 活动", "manager"),
     ("/console/coupons", "Coupons 优惠券", "manager"),
