@@ -184,6 +184,10 @@ async def test_a_manager_reads_and_changes_nothing(console: Console, page: Page)
     assert await page.locator("#reply, #reply-text, #assign, #resolve").count() == 0
     assert await page.locator("main form[method=post]").count() == 0
     assert await page.locator("#read-only").count() == 1
+    await page.goto(f"{console.url}/console/inbox")  # the list refreshes itself
+    ben = await console.say("ben", "转人工", name="Ben 本")
+    await page.locator(f"#inbox [data-customer='{ben}']").wait_for(timeout=30_000)
+    assert page.url == f"{console.url}/console/inbox"
     token = await page.locator("header form.who input[name=_csrf]").input_value()  # the sign-out form's
     headers = await page.locator("body").get_attribute("hx-headers")
     assert headers is not None and json.loads(headers)["X-CSRF-Token"] == token
@@ -197,6 +201,33 @@ async def test_a_manager_reads_and_changes_nothing(console: Console, page: Page)
     assert await count(console, select(func.count()).where(Touchpoint.kind.in_(
         ["conversation_assigned", "conversation_resolved"]), Touchpoint.actor == "console:mia")) == 0
     assert (await page.request.get(f"{console.url}/console/inbox/9999999999")).status == 404
+
+
+async def test_the_thread_pages_by_touchpoint_id(make_config: Any, page: Page) -> None:
+    async for console in serve(make_config({"console": {"page_size": 3}})):
+        amy, conv = await amy_writes(console)
+        for n in range(5):
+            await console.say("amy", f"message {n}")
+        await console.add_staff("mia", "manager")
+        await sign_in(page, console, "mia")
+        await page.goto(f"{console.url}/console/inbox/{conv.id}")
+        assert "message 4" in await page.locator("#thread .tp.in").last.inner_text()  # the newest at the bottom
+        seen: list[int] = []
+        while True:
+            shown = [int(v) for v in await page.locator("#thread [data-touchpoint]").evaluate_all(
+                "items => items.map(i => i.dataset.touchpoint)")]
+            assert shown == sorted(shown) and len(shown) <= 3  # oldest first within a page
+            seen = shown + seen
+            if await page.locator("#older").count() == 0:
+                break
+            await page.click("#older")
+            await page.wait_for_load_state()
+        # Each once: a page's cursor is a touchpoint id, so one written meanwhile (the job that assigns the
+        # conversation) is on the newest page, which was read first; compare with the store as it is now.
+        expected = list(await console.read(lambda s: s.scalars(select(Touchpoint.id).where(
+            Touchpoint.customer_id == amy, Touchpoint.channel == "console", Touchpoint.account == "local",
+            Touchpoint.id <= seen[-1]).order_by(Touchpoint.id))))
+        assert seen == expected and len(expected) > 6
 
 
 async def test_inbox_screenshot(console: Console, page: Page) -> None:
