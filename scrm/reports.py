@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
@@ -473,6 +474,22 @@ class Funnel:
 
 async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7) -> Funnel | None:
     """The campaign's funnel over its whole life, split by A/B variant and channel; None if it never planned."""
+    return (await funnels(session, [campaign], attribution_days)).get(campaign)
+
+
+async def funnels(session: AsyncSession, campaigns: Iterable[str], attribution_days: int = 7) -> dict[str, Funnel]:
+    """:func:`funnel` for each of ``campaigns`` (those that never planned are left out), each figure
+    one query grouped by campaign: a list of campaigns costs what its largest campaign does, not a
+    round of queries per campaign.
+
+    A conversion is credited to one delivery (:func:`attributed_conversions`), so grouping the
+    credited deliveries by campaign splits the conversions exactly as asking campaign by campaign:
+    a conversion that names a campaign is credited to that campaign's delivery, and one that names
+    none to a delivery the customer got, so the customers of the campaigns asked cover them all.
+    """
+    names = sorted(set(campaigns))
+    if not names:
+        return {}
     d = Delivery
     delivered = d.status == "sent"
     reply_end = _shift(session, d.finished_at, REPLY_WINDOW)
@@ -486,44 +503,57 @@ async def funnel(session: AsyncSession, campaign: str, attribution_days: int = 7
         return func.sum(case((condition, 1), else_=0))
 
     steps = (await session.execute(
-        select(variant, d.channel, func.count(), flag(d.status.in_(ATTEMPTED)), flag(delivered),
+        select(d.campaign, variant, d.channel, func.count(), flag(d.status.in_(ATTEMPTED)), flag(delivered),
                flag(and_(delivered, replied)), flag(and_(delivered, redeemed)))
-        .where(d.campaign == campaign).group_by(variant, d.channel))).all()
+        .where(d.campaign.in_(names)).group_by(d.campaign, variant, d.channel))).all()
     if not steps:
-        return None
+        return {}
 
-    customers = select(Delivery.customer_id).where(Delivery.campaign == campaign, Delivery.customer_id.is_not(None))
+    customers = select(Delivery.customer_id).where(Delivery.campaign.in_(names), Delivery.customer_id.is_not(None))
     conv = attributed_conversions(session, attribution_days, or_(
-        Conversion.campaign == campaign, Conversion.campaign.is_(None) & Conversion.customer_id.in_(customers)))
+        Conversion.campaign.in_(names), Conversion.campaign.is_(None) & Conversion.customer_id.in_(customers)))
     credited = aliased(Delivery)
     converted = (await session.execute(
-        select(credited.variant, credited.channel, func.count(distinct(credited.id)),
+        select(credited.campaign, credited.variant, credited.channel, func.count(distinct(credited.id)),
                func.count(), func.sum(conv.c.amount))
         .select_from(conv).join(credited, credited.id == conv.c.delivery_id)
-        .where(credited.campaign == campaign)
-        .group_by(credited.variant, credited.channel))).all()
-    unassigned = await _count(session, select(func.count()).select_from(conv).where(
-        conv.c.own_campaign == campaign, conv.c.delivery_id.is_(None)))
-    skips = await _groups(session, select(func.coalesce(d.reason, d.status), func.count())
-                          .where(d.campaign == campaign, d.status.in_(("skipped", "failed", "unknown")))
-                          .group_by(func.coalesce(d.reason, d.status)))
+        .where(credited.campaign.in_(names))
+        .group_by(credited.campaign, credited.variant, credited.channel))).all()
+    unassigned = {str(c): int(n) for c, n in (await session.execute(
+        select(conv.c.own_campaign, func.count()).select_from(conv)
+        .where(conv.c.own_campaign.in_(names), conv.c.delivery_id.is_(None))
+        .group_by(conv.c.own_campaign))).all()}
+    reason = func.coalesce(d.reason, d.status)
+    skips: dict[str, dict[str, int]] = {}
+    for c, why, n in (await session.execute(
+            select(d.campaign, reason, func.count())
+            .where(d.campaign.in_(names), d.status.in_(("skipped", "failed", "unknown")))
+            .group_by(d.campaign, reason))).all():
+        skips.setdefault(str(c), {})[str(why)] = int(n)
 
-    cells: dict[tuple[str, str], FunnelRow] = {}
-    for v, ch, audience, sent, deliv, rep, red in steps:
-        cells[(v or "-", ch)] = FunnelRow(int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(red or 0))
-    for v, ch, n_deliveries, n_conversions, revenue in converted:
-        cell = cells.setdefault((v or "-", ch), FunnelRow())
+    cells: dict[str, dict[tuple[str, str], FunnelRow]] = {}
+    for c, v, ch, audience, sent, deliv, rep, red in steps:
+        cells.setdefault(c, {})[(v or "-", ch)] = FunnelRow(
+            int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(red or 0))
+    for c, v, ch, n_deliveries, n_conversions, revenue in converted:
+        cell = cells[c].setdefault((v or "-", ch), FunnelRow())
         cell.converted, cell.conversions, cell.revenue = int(n_deliveries), int(n_conversions), float(revenue or 0)
-    total = FunnelRow()
-    by_variant: dict[str, FunnelRow] = {}
-    by_channel: dict[str, FunnelRow] = {}
-    for (v, ch), cell in sorted(cells.items()):
-        total.add(cell)
-        by_variant.setdefault(v, FunnelRow()).add(cell)
-        by_channel.setdefault(ch, FunnelRow()).add(cell)
-    total.conversions += unassigned
-    return Funnel(campaign, total, by_variant, by_channel, dict(sorted(skips.items(), key=lambda kv: -kv[1])),
-                  unassigned, attribution_days)
+    out: dict[str, Funnel] = {}
+    for c in names:
+        if c not in cells:
+            continue
+        total = FunnelRow()
+        by_variant: dict[str, FunnelRow] = {}
+        by_channel: dict[str, FunnelRow] = {}
+        for (v, ch), cell in sorted(cells[c].items()):
+            total.add(cell)
+            by_variant.setdefault(v, FunnelRow()).add(cell)
+            by_channel.setdefault(ch, FunnelRow()).add(cell)
+        total.conversions += unassigned.get(c, 0)
+        out[c] = Funnel(c, total, by_variant, by_channel,
+                        dict(sorted(skips.get(c, {}).items(), key=lambda kv: -kv[1])), unassigned.get(c, 0),
+                        attribution_days)
+    return out
 
 
 def _pct(rate: float) -> str:

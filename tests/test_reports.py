@@ -383,6 +383,31 @@ async def test_funnel_matches_truth_per_variant_and_channel(world):
         assert await reports.funnel(s, "nope") is None
 
 
+async def test_the_grouped_funnels_equal_each_campaigns_funnel(world):
+    """The console's campaign list asks for every funnel in one grouped query: each equals the
+    campaign's own funnel and the truth, though the two campaigns reach the same customers and an
+    unlabelled order goes to whichever of them sent last."""
+    service, w, _ = world
+    async with service.sessions() as s:
+        grouped = await reports.funnels(s, ["welcome", "nope", "spring"])
+        alone = {c: await reports.funnel(s, c) for c in ("spring", "welcome")}
+        assert await reports.funnels(s, []) == {} and await reports.funnels(s, ["nope"]) == {}
+    assert set(grouped) == {"spring", "welcome"}  # one that never planned is left out, as funnel() says None
+    steps = (*reports.STEPS, "conversions", "revenue")
+    shared = {c["i"] for c in w.customers
+              if {d["campaign"] for d in w.deliveries if d["c"] == c["i"] and d["status"] == "sent"} == {"spring", "welcome"}}
+    assert shared and sum(1 for conv in w.conversions if conv["c"] in shared and conv["campaign"] is None) > 1
+    for campaign in ("spring", "welcome"):
+        funnel = alone[campaign]
+        assert funnel is not None
+        assert grouped[campaign].as_dict() == funnel.as_dict(), campaign
+        expected = funnel_truth(w, campaign)
+        assert {k: grouped[campaign].as_dict()[k] for k in steps} == expected["total"], campaign
+        assert grouped[campaign].skips == expected["skips"] and grouped[campaign].unassigned_conversions == \
+            expected["unassigned"]
+    assert grouped["spring"].total.converted and grouped["welcome"].total.converted
+
+
 def staff_event(user: str, text: str, n: list[int] = [0]) -> InboundEvent:  # noqa: B006 - a counter
     n[0] += 1
     return InboundEvent("console", "local", user, "command", text=text, platform_msg_id=f"staff-{user}-{n[0]}")

@@ -95,7 +95,8 @@ async def campaign_list(request: web.Request) -> web.StreamResponse:
     async with reading(svc.sessions) as session:
         paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
         runs = await timed.last_runs(session)
-        funnels = {name: await reports.funnel(session, name, days) for name in sorted(svc.campaigns)}
+        found = await reports.funnels(session, svc.campaigns, days)
+    funnels = {name: found.get(name) for name in sorted(svc.campaigns)}
     rows: list[dict[str, Any]] = [
         {"loaded": svc.campaigns[name], "trigger": describe_trigger(svc.campaigns[name].definition),
          "audience": _audience(svc.campaigns[name]), "paused": name in paused, "run": runs.get(name),
