@@ -179,9 +179,12 @@ async def _resolve_phones(session: AsyncSession, refs: list[CustomerRef], keyrin
 
     hashed = {r: phone_hash(r.phone, keyring) for r in refs if r.phone is not None}
     first: dict[str, int] = {}
-    for digest, customer_id in (await session.execute(
-            select(Customer.phone_hash, Customer.id).where(Customer.phone_hash.in_(json_values(session, "hashes")))
-            .order_by(Customer.id), {"hashes": json.dumps(sorted(set(hashed.values())))})).all():
+    # Sorted here, not by ORDER BY id: SQLite would then walk every customer in id order instead of
+    # looking the hashes up in their index (a million customers: ~200 ms instead of ~1 ms).
+    rows = (await session.execute(
+        select(Customer.phone_hash, Customer.id).where(Customer.phone_hash.in_(json_values(session, "hashes"))),
+        {"hashes": json.dumps(sorted(set(hashed.values())))})).all()
+    for digest, customer_id in sorted(rows, key=lambda row: row[1]):
         if digest is not None:
             first.setdefault(digest, customer_id)
     for r, digest in hashed.items():
