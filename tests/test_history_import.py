@@ -6,17 +6,26 @@ conversions with their dates, loyalty marks (so the sweep pays nothing for histo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from scrm.clock import ManualClock
 from scrm.customers import CustomerRef
 from scrm.loyalty import jobs
-from scrm.loyalty.history import MAX_REJECTED_LINES, ImportResult, import_batch, import_file, read_orders
+from scrm.loyalty.history import (
+    MAX_REJECTED_LINES,
+    ImportResult,
+    import_batch,
+    import_file,
+    parse_batch,
+    read_orders,
+)
 from scrm.service import Service
 from scrm.store.models import (
     Conversion,
@@ -26,6 +35,7 @@ from scrm.store.models import (
     LoyaltySeenConversion,
     Touchpoint,
 )
+from tests.conftest import cli_env
 from tests.test_loyalty import LOYALTY
 
 NOW = datetime(2026, 11, 27, 3, 0)
@@ -82,7 +92,8 @@ async def stored(service: Any) -> dict[str, Any]:
         conversions = {c.order_id: (c.customer_id, c.kind, c.amount, c.currency, c.created_at, c.campaign,
                                     c.coupon_code)
                        for c in (await s.scalars(select(Conversion))).all()}
-        seen = {(r.conversion_id, r.customer_id, r.seen_at) for r in (await s.scalars(select(LoyaltySeenConversion))).all()}
+        seen = {(r.conversion_id, r.customer_id, r.seen_at)
+                for r in (await s.scalars(select(LoyaltySeenConversion))).all()}
         ids = {c.id: c.order_id for c in (await s.scalars(select(Conversion))).all()}
         items = sorted((ids[i.conversion_id], i.customer_id, i.sku, i.name, i.quantity, i.price, i.created_at)
                        for i in (await s.scalars(select(ConversionItem))).all())
@@ -170,12 +181,113 @@ async def test_a_failing_batch_keeps_the_ones_before(svc, tmp_path, monkeypatch)
 
 
 def test_parse_is_pure(tmp_path: Path):
-    """What runs in the reader thread needs no store."""
-    from scrm.loyalty.history import parse_batch
-
+    """What runs in the reader thread needs no store: rows come out as JSON, but for the customer id."""
     batch = parse_batch([(1, json.loads(LINES[0])), (2, "invalid JSON: x")], CHANNELS)
     assert [o.order_id for o in batch.orders] == ["A1"] and batch.rejected == [(2, "invalid JSON: x")]
     first = batch.orders[0]
-    assert isinstance(first.customer, CustomerRef) and first.customer.id == 1
+    assert first.customer == "#1" and batch.refs == {"#1": CustomerRef("#1", id=1)}
     assert json.loads(f"[7,{first.row}") == [7, "order", "A1", 120.5, "USD", "2026-03-01 10:30:00.000000"]
-    assert json.loads(f"[9,1,{first.items[0]}") == [9, 1, "A", "奶粉 again", 2.0, 50.0, "2026-03-01 10:30:00.000000"]
+    assert json.loads(f"[{first.items}]") == [["A1", "A", "奶粉 again", 2.0, 50.0], ["A1", "B", "奶瓶", 2.0, 10.25]]
+    assert first.item_count == 2
+
+
+async def test_statements_do_not_grow_with_the_orders(svc, tmp_path):
+    """Set-based: a chunk of a thousand orders for a thousand customers (named all three ways) is as
+    many statements as one of three orders; one order at a time was several statements an order."""
+    async with svc.sessions() as s, s.begin():
+        for c in range(10, 1010):
+            s.add(Customer(id=c, display_name=f"c{c}", first_seen_at=NOW, last_seen_at=NOW, attributes={}))
+        await s.flush()
+        for c in range(10, 1010):
+            s.add(Identity(customer_id=c, channel="console", account="local", external_id=f"u{c}", created_at=NOW))
+    engine = svc.sessions.kw["bind"].sync_engine
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    refs = ("#{}", "console:local:u{}", "console:u{}")
+    counts = []
+    for name, n in (("few", 3), ("many", 1000)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(order(f"{name}{c}", refs[c % 3].format(c), items=[{"sku": "A"}, {"sku": "B"}]) + "\n"
+                                for c in range(10, 10 + n)), "utf-8")
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            result = await import_file(svc.sessions, path, NOW, CHANNELS)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert (result.orders, result.items, result.rejected) == (n, 2 * n, [])
+        counts.append(len(statements))
+        statements.clear()
+    assert counts[0] == counts[1] <= 10, counts
+    async with svc.sessions() as s:
+        owners = dict((await s.execute(select(Conversion.order_id, Conversion.customer_id)
+                                       .where(Conversion.order_id.like("many%")))).all())
+    assert owners == {f"many{c}": c for c in range(10, 1010)}
+
+
+async def test_the_file_is_streamed(svc, tmp_path, monkeypatch):
+    """Memory holds two chunks whatever the file's size: the reader is never more than one chunk ahead
+    of the writer, and progress moves as the file is read."""
+    from scrm.loyalty import history
+
+    monkeypatch.setattr(history, "CHUNK", 100)
+    path = tmp_path / "orders.jsonl"
+    path.write_text("".join(order(f"S{n}", "#1") + "\n" for n in range(2000)), "utf-8")
+    parsed = written = ahead = 0
+    real_parse, real_insert = history.parse_batch, history.insert_orders
+
+    def parse(*args: Any) -> Any:
+        nonlocal parsed, ahead
+        parsed += 1
+        ahead = max(ahead, parsed - written)
+        return real_parse(*args)
+
+    async def insert(*args: Any) -> None:
+        nonlocal written
+        await real_insert(*args)
+        written += 1
+
+    monkeypatch.setattr(history, "parse_batch", parse)
+    monkeypatch.setattr(history, "insert_orders", insert)
+    read: list[int] = []
+    result = await import_file(svc.sessions, path, NOW, CHANNELS, 1000, read.append)
+    assert result.orders == 2000 and (parsed, written) == (20, 20) and ahead == 2
+    assert read == sorted(read) and read[0] < path.stat().st_size // 4 and read[-1] == path.stat().st_size
+
+
+async def test_text_no_store_can_keep_is_rejected(svc, tmp_path):
+    """A NUL (PostgreSQL refuses it in text) or half a surrogate pair (no UTF-8 holds it) rejects its
+    order, with its line, and nothing of it is written; escapes that make real characters are fine."""
+    path = tmp_path / "orders.jsonl"
+    path.write_text("".join(json.dumps({"order_id": n, "customer": "#1", "date": "2026-01-01", "items": [item]}) + "\n"
+                            for n, item in (("N1", {"sku": "A\u0000"}), ("N2", {"sku": "A", "name": "\ud83d"}),
+                                            ("N3", {"sku": "A", "name": "奶粉😀"}))), "utf-8")
+    (tmp_path / "orders.csv").write_text("order_id,customer,date,amount,sku\nN4,#1,2026-01-01,1,A\x00\n", "utf-8")
+    result = await import_file(svc.sessions, path, NOW, CHANNELS)
+    unstorable = "a text holds a NUL character or half a UTF-16 surrogate pair"
+    assert (result.orders, result.rejected) == (1, [f"line 1: {unstorable}", f"line 2: {unstorable}"])
+    result = await import_file(svc.sessions, tmp_path / "orders.csv", NOW, CHANNELS)
+    assert (result.orders, result.rejected) == (0, [f"line 2: {unstorable}"])
+    assert [(i[0], i[3]) for i in (await stored(svc))["items"]] == [("N3", "奶粉😀")]
+
+
+def test_the_command(svc, tmp_path, store):
+    """``scrm conversions import`` as a script runs it: no progress bar when stderr is no terminal, the
+    summary, each rejected line with its reason and exit 1; run again, nothing is imported twice."""
+    (tmp_path / "config.toml").write_text("[channels.console.local]\n", "utf-8")
+    path = tmp_path / "orders.jsonl"
+    path.write_text("\n".join(LINES) + "\n", "utf-8")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "scrm", "conversions", "import", str(path)], cwd=tmp_path,
+                              env=cli_env(store), capture_output=True, text=True, timeout=120, check=False)
+
+    first = run()
+    assert first.returncode == 1, first.stderr
+    assert first.stdout == "imported 4 orders (3 items), 1 already present, 8 rejected\n"
+    assert first.stderr.splitlines()[-8:] == [f"  {r}" for r in REJECTED]
+    assert "importing" not in first.stderr and "━" not in first.stderr
+    again = run()
+    assert again.stdout == "imported 0 orders (0 items), 6 already present, 7 rejected\n"

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 
 def progress_bar(total: int | None, unit: str) -> Any:
-    """A rich progress bar on stderr: bytes (speed, time left) or a count of ``total``; the imports' bar."""
+    """A rich progress bar on stderr: bytes (speed, time left) or a count of ``total``; the imports' bar.
+    Off when stderr is not a terminal: a script or a log gets the command's summary, not a drawn bar."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -44,7 +45,7 @@ def progress_bar(total: int | None, unit: str) -> Any:
 
     columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn()]
     columns += [TransferSpeedColumn(), TimeRemainingColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-    return Progress(*columns, TimeElapsedColumn(), console=err, transient=False)
+    return Progress(*columns, TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
 
 
 @customers.command("import")

@@ -13,11 +13,11 @@ invalidates no report rollup (orders are counted live, never rolled up).
 Why set-based: a brand's history can be millions of orders, and one order at a time (a lookup, an
 insert and a flush each) ran at ~350 orders/s. Each chunk of orders is a few statements whatever its
 size: one query for the order ids already stored, the customers resolved together
-(:func:`scrm.customers.resolve_refs`), then one INSERT ... SELECT each for conversions (returning
-their ids), their loyalty marks and their line items, whose rows go in as one JSON value
-(:func:`scrm.store.dialect.json_rows`) instead of being bound one by one. :func:`import_file` reads
-and parses the next chunk in a worker thread, down to the rows' JSON, while the current one is
-written: the event loop only resolves customers and puts the ids in front of the rows.
+(:func:`scrm.customers.resolve_refs`), then one INSERT ... SELECT each for conversions, their
+loyalty marks and their line items. Rows go in as one JSON value (:func:`scrm.store.dialect.json_rows`)
+instead of being bound one by one, and marks and items find their conversion by order id in the
+store, so the event loop handles no row of them: it only puts customer ids in front of the
+conversions' rows, which a worker thread read and wrote as JSON (see :func:`import_file`).
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ import asyncio
 import csv
 import io
 import json
-import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
+from json.encoder import encode_basestring
+from math import isfinite
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
-from sqlalchemy import insert, select, true
+from sqlalchemy import DateTime, insert, literal, select, true
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.customers import CustomerRef, CustomerRefError, parse_ref, resolve_refs
-from scrm.loyalty.recommend import item_rows
-from scrm.store.dialect import bulk_writes, dialect_of, json_rows, json_values, sqlite_datetime
+from scrm.store.dialect import bulk_writes, dialect_of, json_rows, json_values
 from scrm.store.models import Conversion, ConversionItem, LoyaltySeenConversion
 
 #: Orders read and parsed at a time (a transaction takes several: ``batch_size``).
@@ -48,11 +49,15 @@ CHUNK = 5000
 MAX_REJECTED_LINES = 1000
 
 Line = tuple[int, dict[str, Any] | str]
-_CONVERSION_COLUMNS = tuple(Conversion.__table__.c[n] for n in ("customer_id", "kind", "order_id", "amount", "currency",
-                                                               "created_at"))
-_SEEN_COLUMNS = tuple(LoyaltySeenConversion.__table__.c[n] for n in ("conversion_id", "customer_id", "seen_at"))
-_ITEM_COLUMNS = tuple(ConversionItem.__table__.c[n] for n in ("conversion_id", "customer_id", "sku", "name", "quantity",
-                                                            "price", "created_at"))
+_CONVERSIONS = Conversion.__table__
+_CONVERSION_COLUMNS = tuple(_CONVERSIONS.c[n] for n in ("customer_id", "kind", "order_id", "amount", "currency",
+                                                         "created_at"))
+#: A line item as the parser writes it: its order's id, then what the item itself holds.
+_ITEM_COLUMNS = (_CONVERSIONS.c.order_id, *(ConversionItem.__table__.c[n] for n in ("sku", "name", "quantity",
+                                                                                    "price")))
+#: ``\\u0000`` or half of a surrogate pair in a JSON line: text neither store can keep (checked further).
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
+_UNSTORABLE = "a text holds a NUL character or half a UTF-16 surrogate pair"
 
 
 @dataclass
@@ -70,32 +75,52 @@ class ImportResult:
             self.rejected.append(f"line {line_no}: {reason}")
 
 
-@dataclass(frozen=True)
-class Order:
-    """One parsed order, its rows already JSON for :func:`scrm.store.dialect.json_rows`, but for the
-    ids that only the store knows: ``row`` is the conversion's (:data:`_CONVERSION_COLUMNS`) after its
-    customer id, ``items`` its line items' (:data:`_ITEM_COLUMNS`) after conversion and customer ids."""
+class Order(NamedTuple):
+    """One parsed order, its rows already JSON for :func:`scrm.store.dialect.json_rows` but for the
+    customer id, which only the store knows."""
 
     line_no: int
     order_id: str
-    customer: CustomerRef | CustomerRefError
+    #: The order id as JSON (the stored-ids query and the loyalty marks take a JSON array of them).
+    id_json: str
+    #: The customer reference as written (the batch's ``refs`` key).
+    customer: str
+    #: The conversion's row (:data:`_CONVERSION_COLUMNS`) after its customer id and the comma.
     row: str
-    items: list[str]
+    #: Its line items' rows (:data:`_ITEM_COLUMNS`), comma-separated; "" for none.
+    items: str
+    item_count: int
 
 
 @dataclass
 class ParsedBatch:
     orders: list[Order] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    #: Each reference the orders name, read once.
+    refs: dict[str, CustomerRef | CustomerRefError] = field(default_factory=dict)
+
+
+def _storable(value: Any) -> bool:
+    """Whether every text in a parsed JSON value can be stored: PostgreSQL refuses NUL in text and
+    neither store's UTF-8 holds a lone surrogate (which JSON's ``\\ud800`` escapes can make)."""
+    if isinstance(value, str):
+        return "\x00" not in value and (value.isascii() or not any("\ud800" <= c <= "\udfff" for c in value))
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
 
 
 def _orders_jsonl(handle: TextIO) -> Iterator[Line]:
     for line_no, line in enumerate(handle, 1):
-        if line.strip():
+        if line and not line.isspace():
             try:
-                yield line_no, json.loads(line)
+                order = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield line_no, f"invalid JSON: {exc.msg}"
+                continue
+            yield line_no, (order if _SUSPECT_ESCAPE.search(line) is None or _storable(order) else _UNSTORABLE)
 
 
 def _orders_csv(handle: TextIO) -> Iterator[Line]:
@@ -104,7 +129,7 @@ def _orders_csv(handle: TextIO) -> Iterator[Line]:
     start = 0
     for line_no, row in enumerate(csv.DictReader(handle), 2):
         if current is not None and row.get("order_id") != current["order_id"]:
-            yield start, current
+            yield start, current if _storable(current) else _UNSTORABLE
             current = None
         if current is None:
             current, start = {k: row.get(k) for k in ("order_id", "customer", "date", "amount", "currency")}, line_no
@@ -112,68 +137,78 @@ def _orders_csv(handle: TextIO) -> Iterator[Line]:
         if row.get("sku"):
             current["items"].append({k: row.get(k) for k in ("sku", "name", "quantity", "price")})
     if current is not None:
-        yield start, current
+        yield start, current if _storable(current) else _UNSTORABLE
 
 
 def read_orders(path: Path, handle: TextIO) -> Iterator[Line]:
     return _orders_csv(handle) if path.suffix.lower() == ".csv" else _orders_jsonl(handle)
 
 
-def _json(value: str | None) -> str:
-    """A string (or null) as JSON: json.dumps takes a fast path for these, not for lists."""
-    return "null" if value is None else json.dumps(value)
-
-
 def _parse(line_no: int, order: Any, refs: dict[str, CustomerRef | CustomerRefError],
            channels: Mapping[str, Mapping[str, Any]]) -> Order | str:
+    """An order checked and written as JSON rows, or why it is rejected. Written for speed (it is most
+    of the import's Python): strings go through the json module's C encoder, numbers are finite
+    floats (whose repr is JSON) and the date is ASCII, so no json.dumps of a list (~3 µs of set-up
+    each) is needed."""
     if not isinstance(order, dict):
         return "not a JSON object"
-    order_id = str(order.get("order_id") or "").strip()
+    get = order.get
+    order_id = str(get("order_id") or "").strip()
     if not order_id or len(order_id) > 64:
         return "order_id missing or longer than 64"
-    customer = str(order.get("customer") or "").strip()
+    customer = str(get("customer") or "").strip()
     if not customer:
         return "customer missing"
     try:
-        when = datetime.fromisoformat(str(order.get("date") or "").strip())
+        when = datetime.fromisoformat(str(get("date") or "").strip())
     except ValueError:
-        return f"date {order.get('date')!r} is not ISO 8601"
+        return f"date {get('date')!r} is not ISO 8601"
     if when.tzinfo is not None:
         when = when.astimezone(UTC).replace(tzinfo=None)
     try:
-        amount = float(order.get("amount") or 0)
+        amount = float(get("amount") or 0)
     except (TypeError, ValueError):
-        return f"amount {order.get('amount')!r} is not a number"
-    if not math.isfinite(amount):
-        return f"amount {order.get('amount')!r} is not a number"
-    try:
-        rows = item_rows(0, 0, when, [i for i in list(order.get("items") or []) if isinstance(i, dict)])
-    except (TypeError, ValueError):
-        return "items: a quantity or price is not a number"
-    if not all(math.isfinite(r["quantity"]) and math.isfinite(r["price"]) for r in rows):
-        return "items: a quantity or price is not a number"
+        amount = float("nan")
+    if not isfinite(amount):
+        return f"amount {get('amount')!r} is not a number"
+    items = get("items") or []
+    if not isinstance(items, list):
+        return "items is not a list"
+    id_json = encode_basestring(order_id)
+    rows: dict[str, str] = {}  # one row per SKU: the last one
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        sku = str(item.get("sku") or "").strip()[:64]
+        if not sku:
+            continue
+        name = item.get("name")
+        try:
+            quantity, price = float(item.get("quantity") or 1), float(item.get("price") or 0)
+        except (TypeError, ValueError):
+            return "items: a quantity or price is not a number"
+        if not (isfinite(quantity) and isfinite(price)):
+            return "items: a quantity or price is not a number"
+        rows[sku] = (f"[{id_json},{encode_basestring(sku)},{encode_basestring(str(name)[:255]) if name else 'null'},"
+                     f"{quantity!r},{price!r}]")
     if customer not in refs:
         try:
             refs[customer] = parse_ref(customer, channels)
         except CustomerRefError as exc:
             refs[customer] = exc
-    # Rows as JSON arrays without their opening bracket (the ids go in front later), written by hand:
-    # a json.dumps of a list costs ~3 µs of set-up each, more than the rest of an order's parsing.
-    # Numbers are finite floats, whose repr is JSON; the date is plain ASCII.
-    stamp = sqlite_datetime(when)
-    currency = str(order.get("currency") or "CNY")[:3]
-    return Order(line_no, order_id, refs[customer],
-                 f'"order",{_json(order_id)},{amount!r},{_json(currency)},"{stamp}"]',
-                 [f'{_json(r["sku"])},{_json(r["name"])},{r["quantity"]!r},{r["price"]!r},"{stamp}"]' for r in rows])
+    # The date as SQLAlchemy stores it in SQLite (scrm.store.dialect.sqlite_datetime), inlined.
+    return Order(line_no, order_id, id_json, customer,
+                 f'"order",{id_json},{amount!r},{encode_basestring(str(get("currency") or "CNY")[:3])},'
+                 f'"{when.isoformat(" ", "microseconds")}"]',
+                 ",".join(rows.values()), len(rows))
 
 
 def parse_batch(lines: list[Line], channels: Mapping[str, Mapping[str, Any]]) -> ParsedBatch:
     """Parse a chunk's orders, customer references included (pure Python, no store: safe to run
     in a worker thread)."""
     batch = ParsedBatch()
-    refs: dict[str, CustomerRef | CustomerRefError] = {}
     for line_no, raw in lines:
-        parsed = raw if isinstance(raw, str) else _parse(line_no, raw, refs, channels)
+        parsed = raw if isinstance(raw, str) else _parse(line_no, raw, batch.refs, channels)
         if isinstance(parsed, str):
             batch.rejected.append((line_no, parsed))
         else:
@@ -183,13 +218,10 @@ def parse_batch(lines: list[Line], channels: Mapping[str, Mapping[str, Any]]) ->
 
 async def import_batch(session: AsyncSession, batch: list[Line], now: datetime, result: ImportResult,
                        channels: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """One transaction's worth of orders: new order ids become conversions with items, marked seen."""
-    await write_batch(session, parse_batch(batch, channels or {}), now, result)
-
-
-async def write_batch(session: AsyncSession, batch: ParsedBatch, now: datetime, result: ImportResult) -> None:
-    """Write a parsed chunk in the session's transaction with a few set-based statements."""
-    await insert_orders(session, await match_orders(session, batch, result), now, result)
+    """Import orders as :func:`read_orders` gives them in the session's transaction (callers that
+    hold their orders in memory; a file goes through :func:`import_file`)."""
+    parsed = parse_batch(batch, channels or {})
+    await insert_orders(session, await match_orders(session, parsed, result), now, result)
 
 
 async def match_orders(session: AsyncSession, batch: ParsedBatch, result: ImportResult) -> list[tuple[Order, int]]:
@@ -203,15 +235,17 @@ async def match_orders(session: AsyncSession, batch: ParsedBatch, result: Import
     if batch.orders:
         stored.update((await session.scalars(
             select(Conversion.order_id).where(Conversion.order_id.in_(json_values(session, "ids"))),
-            {"ids": json.dumps([o.order_id for o in batch.orders])})).all())
-    found = await resolve_refs(session, {o.customer for o in batch.orders
-                                         if o.order_id not in stored and isinstance(o.customer, CustomerRef)})
+            {"ids": "[" + ",".join([o.id_json for o in batch.orders]) + "]"})).all())
+    wanted = {o.customer for o in batch.orders if o.order_id not in stored} if stored else batch.refs.keys()
+    refs = {text: batch.refs[text] for text in wanted}
+    found = await resolve_refs(session, [r for r in refs.values() if isinstance(r, CustomerRef)])
+    customer_of = {text: r if isinstance(r, CustomerRefError) else found[r] for text, r in refs.items()}
     new: list[tuple[Order, int]] = []
     for o in batch.orders:
         if o.order_id in stored:
             result.skipped += 1
             continue
-        customer = o.customer if isinstance(o.customer, CustomerRefError) else found[o.customer]
+        customer = customer_of[o.customer]
         if isinstance(customer, CustomerRefError):
             lines.append((o.line_no, str(customer)))
             continue
@@ -225,39 +259,39 @@ async def match_orders(session: AsyncSession, batch: ParsedBatch, result: Import
 async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now: datetime, result: ImportResult,
                         store_busy: Callable[[], object] = lambda: None) -> None:
     """Insert matched orders: their conversions, loyalty marks and line items, one statement each. An
-    order id another writer stored since the match is skipped (the insert ignores a taken order id).
-    ``store_busy`` is called just before the line items' insert, the longest statement, which returns
-    no rows (see :func:`import_file`)."""
+    order id another writer stored since the match is skipped (the insert ignores a taken order id,
+    and returns the ones it took). ``store_busy`` is called once the statements left return no rows
+    (see :func:`import_file`)."""
     if not new:
         store_busy()
         return
-    conversions = Conversion.__table__
-    inserted = await session.execute(
-        dialect_of(session).insert(conversions)
+    inserted = set((await session.execute(
+        dialect_of(session).insert(_CONVERSIONS)
         .from_select([c.name for c in _CONVERSION_COLUMNS], json_rows(session, _CONVERSION_COLUMNS).where(true()))
-        .on_conflict_do_nothing(index_elements=["order_id"]).returning(conversions.c.id, conversions.c.order_id),
-        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})
-    conversion_of = {order_id: conversion_id for conversion_id, order_id in inserted.all()}
-    seen: list[str] = []
-    items: list[str] = []
-    stamp = json.dumps(sqlite_datetime(now))
-    for o, customer in new:
-        conversion_id = conversion_of.get(o.order_id)
-        if conversion_id is None:  # stored by another writer since the check above
-            result.skipped += 1
-            continue
-        seen.append(f"[{conversion_id},{customer},{stamp}]")
-        ids = f"[{conversion_id},{customer},"
-        items += [ids + tail for tail in o.items]
-    # The conversions are new: their marks and items cannot conflict with anything stored.
-    await session.execute(insert(LoyaltySeenConversion.__table__).from_select(
-        [c.name for c in _SEEN_COLUMNS], json_rows(session, _SEEN_COLUMNS)), {"rows": "[" + ",".join(seen) + "]"})
+        .on_conflict_do_nothing(index_elements=["order_id"]).returning(_CONVERSIONS.c.order_id),
+        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})).scalars().all())
+    orders = [o for o, _ in new]
+    if len(inserted) < len(orders):  # some stored by another writer since the match
+        result.skipped += len(orders) - len(inserted)
+        orders = [o for o in orders if o.order_id in inserted]
     store_busy()
+    # The conversions are new: their marks and items cannot conflict with anything stored.
+    ids = "[" + ",".join([o.id_json for o in orders]) + "]"
+    await session.execute(insert(LoyaltySeenConversion.__table__).from_select(
+        ["conversion_id", "customer_id", "seen_at"],
+        select(_CONVERSIONS.c.id, _CONVERSIONS.c.customer_id, literal(now, DateTime()))
+        .where(_CONVERSIONS.c.order_id.in_(json_values(session, "ids")))), {"ids": ids})
+    items = [o.items for o in orders if o.items]
     if items:
+        rows = json_rows(session, _ITEM_COLUMNS).subquery()
         await session.execute(insert(ConversionItem.__table__).from_select(
-            [c.name for c in _ITEM_COLUMNS], json_rows(session, _ITEM_COLUMNS)), {"rows": "[" + ",".join(items) + "]"})
-    result.orders += len(seen)
-    result.items += len(items)
+            ["conversion_id", "customer_id", "sku", "name", "quantity", "price", "created_at"],
+            select(_CONVERSIONS.c.id, _CONVERSIONS.c.customer_id, rows.c.sku, rows.c.name, rows.c.quantity,
+                   rows.c.price, _CONVERSIONS.c.created_at)
+            .join_from(rows, _CONVERSIONS, _CONVERSIONS.c.order_id == rows.c.order_id)),
+            {"rows": "[" + ",".join(items) + "]"})
+    result.orders += len(orders)
+    result.items += sum(o.item_count for o in orders)
 
 
 async def import_file(sessions: async_sessionmaker[AsyncSession], path: Path, now: datetime,
@@ -267,11 +301,11 @@ async def import_file(sessions: async_sessionmaker[AsyncSession], path: Path, no
 
     A worker thread reads and parses the file :data:`CHUNK` orders at a time, one chunk ahead of the
     one being written, so memory holds two chunks and the event loop only resolves customers and runs
-    the statements. The parser runs while the store inserts a chunk's line items and commits (its C
-    code runs without the GIL), not beside the shorter statements: each hands the GIL between the
-    loop and the driver's thread (and back for each row it returns), and every handover waited up to
-    5 ms for a parser holding it (a third of the import's time). A process of its own for the parser
-    was slower still on two cores (pickling, and a third busy thread).
+    the statements. The parser runs while the store inserts a chunk's marks and line items and commits
+    (its C code runs without the GIL), not beside the statements that return rows: sqlite3 hands the
+    GIL back and forth for each row it returns, and every handover waited up to 5 ms for a parser
+    holding it (a third of the import's time). A process of its own for the parser was slower still
+    on two cores (pickling, and a third busy thread).
     Transactions are larger than chunks because on SQLite each commit writes every page the
     transaction touched, and the indexes by customer are touched all over: at a million orders a
     commit of 5,000 orders wrote most of them again. Batches already written stay when a later one
@@ -314,4 +348,5 @@ async def import_file(sessions: async_sessionmaker[AsyncSession], path: Path, no
                     chunk = await pending
         finally:  # a failed batch: let the reader thread finish before the file closes
             await asyncio.gather(pending, return_exceptions=True)
+    progress(counter.done)
     return result
