@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,46 @@ async def test_core_replies_go_back_to_the_chat(aiohttp_client, make_config, clo
 
     await eventually(welcome_skipped)
     assert fake.texts_to(1001) == [commands.OPT_OUT_REPLY]
+
+
+async def test_a_reading_staff_command_is_answered_in_the_chat_and_sends_go_on(aiohttp_client, make_config, clock,
+                                                                                 fake, updates, tmp_path):
+    # /inbox is answered beside the writer (before its ingest transaction); its answer goes back like any
+    # reply, after the webhook's 200 and paced per chat, so the test waits for it at the fake.
+    (tmp_path / "no-campaigns").mkdir()  # no welcome: the outbox's only send is the staff reply below
+    olive, bob = user(2002, "Olive"), user(1002, "Bob")
+    config = telegram_config(make_config, fake.base_url, {"staff": {"telegram:2002": "operator"},
+                                                          "campaigns": {"path": str(tmp_path / "no-campaigns")}})
+    client = await aiohttp_client(create_app(config, clock))
+    await deliver(client, updates.text(ALICE, "转人工"))  # a conversation waiting for a person
+    await deliver(client, updates.text(olive, "/inbox"))
+    await deliver(client, updates.text(olive, "/inbox"))  # its answer waits for the chat's next turn
+
+    async def answers(n: int) -> list[str]:
+        texts = fake.texts_to(2002)
+        return texts if len(texts) == n else []
+
+    inbox = await eventually(partial(answers, 2))
+    assert all(a.startswith("会话 Conversations (1):\n#") and "Alice Wang [telegram]" in a for a in inbox)
+    customer_id = inbox[0].split("#", 1)[1].split()[0]
+
+    # the same bot's sends go on: a write command's answer, the outbox, a passive reply, a direct send
+    await deliver(client, updates.text(olive, f"/reply #{customer_id} 您好,请发订单号"))
+    assert "Queued" in (await eventually(partial(answers, 3)))[-1]
+
+    async def staff_reply() -> bool:
+        return fake.texts_to(1001)[-1:] == ["您好,请发订单号"]
+
+    await eventually(staff_reply)
+    await deliver(client, updates.text(bob, "退订"))
+
+    async def opted_out() -> list[str]:
+        return fake.texts_to(1002)
+
+    assert await eventually(opted_out) == [commands.OPT_OUT_REPLY]
+    channel = client.app[SERVICE].channel("telegram", "main")
+    assert (await channel.send(OutboundMessage("telegram", "main", "1003", "好的 OK"))).status == "sent"
+    assert fake.texts_to(1003) == ["好的 OK"]
 
 
 async def test_flood_wait_replans_then_sends_once(client, fake, updates, clock):
