@@ -368,7 +368,13 @@ async def preview(session: AsyncSession, where: ColumnElement[bool], limit: int 
     """How many customers match and the first ``limit`` of them by id (``scrm segments show``, the
     console): one count and one page, both in SQL."""
     total = await session.scalar(select(func.count()).select_from(Customer).where(where))
+    return int(total or 0), await members(session, where, limit)
+
+
+async def members(session: AsyncSession, where: ColumnElement[bool], limit: int = 20) -> list[Member]:
+    """The first ``limit`` customers matching by id: :func:`preview`'s list without its count (the
+    console counts through :func:`counts`, kept a while, and lists afresh)."""
     rows = (await session.execute(
         select(Customer.id, Customer.display_name, Customer.stage, Customer.last_seen_at)
         .where(where).order_by(Customer.id).limit(limit))).all()
-    return int(total or 0), [Member(r.id, r.display_name, r.stage, r.last_seen_at) for r in rows]
+    return [Member(r.id, r.display_name, r.stage, r.last_seen_at) for r in rows]

@@ -3,19 +3,28 @@ million customers), checked for what it must not change: the answers.
 
 - A phone number is looked up in its keyed hash's index, also once the store's statistics say most
   customers have no phone (SQLite then walked every customer in id order).
+- Slow figures (dashboard, funnels, segment counts) are snapshots (:mod:`scrm.snapshots`): served
+  while fresh, served stale while one refresh runs in the background, waited for when missing or too
+  old, computed once for requests that ask together, and never left half-done at shutdown.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+import logging
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sqlalchemy import event, insert, text
 
+from scrm.clock import ManualClock
 from scrm.customers import phone_ref, resolve_refs
 from scrm.keyring import LOOKUP_ID, Keyring, new_key_entry
 from scrm.personal import phone_hash
+from scrm.snapshots import Snapshots
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade
 from scrm.store.models import Customer
@@ -54,3 +63,100 @@ async def test_a_phone_number_is_looked_up_in_its_index(tmp_path: Path) -> None:
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", seen)
         await engine.dispose()
+
+
+async def turns() -> None:
+    """Let the tasks started so far run as far as they can."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Figures:
+    """A stand-in for a slow computation: counts its runs, and can be held until released."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def __call__(self) -> int:
+        self.runs += 1
+        run = self.runs
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("store unreachable")
+        return run
+
+
+async def test_a_snapshot_is_served_fresh_then_stale_while_one_refresh_runs() -> None:
+    clock = ManualClock(NOW)
+    cache = Snapshots(clock, fresh=timedelta(minutes=1), keep=timedelta(minutes=30))
+    figures = Figures()
+    first = await cache.get("k", figures)
+    assert (first.value, first.at, figures.runs) == (1, NOW, 1)
+    clock.advance(59)
+    assert (await cache.get("k", figures)).value == 1 and figures.runs == 1  # fresh: not read again
+    assert (await cache.get("other", figures)).value == 2  # another key, its own figures
+
+    clock.advance(2)  # stale: served at once, and one refresh starts in the background
+    figures.gate = asyncio.Event()
+    stale = await asyncio.wait_for(cache.get("k", figures), 10)  # not waiting for the refresh
+    assert (stale.value, stale.at) == (1, NOW)
+    await turns()
+    assert (await cache.get("k", figures)).value == 1 and figures.runs == 3  # still one refresh
+    figures.gate.set()
+    await turns()
+    newer = await cache.get("k", figures)
+    assert (newer.value, newer.at) == (3, NOW + timedelta(seconds=61))
+
+
+async def test_a_missing_or_too_old_snapshot_is_waited_for_once_by_everyone() -> None:
+    clock = ManualClock(NOW)
+    cache = Snapshots(clock, fresh=timedelta(minutes=1), keep=timedelta(minutes=30))
+    figures = Figures()
+    figures.gate = asyncio.Event()
+    waiting = [asyncio.create_task(cache.get("k", figures)) for _ in range(5)]
+    await turns()
+    assert figures.runs == 1 and not any(t.done() for t in waiting)
+    waiting[0].cancel()  # one reader gives up: the others still get the figures
+    figures.gate.set()
+    assert [s.value for s in await asyncio.gather(*waiting[1:])] == [1] * 4
+    clock.advance(timedelta(minutes=31))  # older than keep: too old to show, read again and waited for
+    assert (await cache.get("k", figures)).value == 2 and figures.runs == 2
+
+
+async def test_a_failed_refresh_keeps_the_last_figures_and_a_failed_read_says_so(caplog: Any) -> None:
+    clock = ManualClock(NOW)
+    cache = Snapshots(clock, fresh=timedelta(minutes=1), keep=timedelta(minutes=30))
+    figures = Figures()
+    assert (await cache.get("k", figures)).value == 1
+    clock.advance(120)
+    figures.fail = True
+    with caplog.at_level(logging.WARNING, logger="scrm.snapshots"):
+        assert (await cache.get("k", figures)).value == 1
+        await turns()
+    assert "store unreachable" in caplog.text
+    assert (await cache.get("k", figures)).value == 1  # still the last figures, a new refresh tried
+    with pytest.raises(RuntimeError, match="store unreachable"):
+        await cache.get("new", figures)
+    figures.fail = False
+    assert (await cache.get("new", figures)).value == figures.runs
+
+
+async def test_snapshots_are_bounded_and_closing_stops_running_reads() -> None:
+    cache = Snapshots(ManualClock(NOW), size=3)
+    figures = Figures()
+    for key in "abcd":
+        await cache.get(key, figures)
+    await cache.get("b", figures)  # a and then c are the least recently asked
+    await cache.get("e", figures)
+    runs = figures.runs
+    assert (await cache.get("b", figures)).value == 2 and figures.runs == runs  # kept
+    assert (await cache.get("a", figures)).value == runs + 1  # dropped, read again
+    figures.gate = asyncio.Event()
+    reader = asyncio.create_task(cache.get("slow", figures))
+    await turns()
+    await cache.close()
+    with pytest.raises(asyncio.CancelledError):
+        await reader

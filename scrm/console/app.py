@@ -11,9 +11,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import aiohttp_jinja2
 import jinja2
@@ -24,10 +26,13 @@ from scrm.config import Role
 from scrm.console import sessions
 from scrm.console.sessions import Staff
 from scrm.service import Service
+from scrm.snapshots import Snapshots
 from scrm.store.engine import writing
 
 HERE = Path(__file__).parent
 SERVICE = web.AppKey("console_service", Service)
+#: Slow figures (dashboard, funnels, segment counts) kept a short while, shown "as of" their time.
+SNAPSHOTS = web.AppKey("console_snapshots", Snapshots)
 STAFF = "console_staff"  # request key: the signed-in Staff
 Access = Role | Literal["public"]
 PageHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,6 +77,10 @@ def staff(request: web.Request) -> Staff:
 
 def service(request: web.Request) -> Service:
     return request.app[SERVICE]
+
+
+def snapshots(request: web.Request) -> Snapshots:
+    return request.app[SNAPSHOTS]
 
 
 def address(request: web.Request) -> str:
@@ -127,6 +136,12 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+def as_of(at: datetime, zone: ZoneInfo) -> str:
+    """When a snapshot's figures were read, as the pages say it (service time zone)."""
+    time = f"{at.replace(tzinfo=UTC).astimezone(zone):%H:%M}"
+    return f"as of {time} · 截至 {time}"
+
+
 NAV: list[tuple[str, str, Role]] = [
     ("/console/", "Dashboard 概览", "manager"),
     ("/console/inbox", "Inbox 会话", "manager"),
@@ -157,9 +172,17 @@ _ROUTES = web.AppKey("console_routes", list)
 def console_app(svc: Service, page_modules: list[Pages]) -> web.Application:
     app = web.Application(middlewares=[guard])
     app[SERVICE] = svc
+    app[SNAPSHOTS] = Snapshots(svc.clock)
+
+    async def stop_snapshots(app: web.Application) -> None:  # before the service closes its store
+        await app[SNAPSHOTS].close()
+
+    app.on_shutdown.append(stop_snapshots)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                context_processors=[_context], undefined=jinja2.StrictUndefined)
     env.globals["static"] = lambda name: f"/console/static/{name}"
+    zone = ZoneInfo(svc.config.service.timezone)
+    env.globals["as_of"] = lambda at: as_of(at, zone)
     access: dict[Any, Access] = {}
     routes: list[_Route] = []
     for pages in page_modules:

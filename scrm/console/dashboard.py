@@ -5,20 +5,29 @@ tags and the open follow-up tasks, from the same core functions the chat command
 The trend chart is its own route: the page reads its figures in one snapshot and answers at once,
 and the browser fetches the PNG, which is drawn in a worker thread (:meth:`scrm.messages.Chart.png`)
 so a cold matplotlib never holds up the event loop.
+
+Over a large store the figures take seconds to read (a million customers: ~1-2 s), so they and the
+chart are kept as snapshots (:mod:`scrm.snapshots`: a minute fresh, then refreshed in the background
+while the page shows the last ones) and the page says when they were read. The open follow-up tasks
+are read on every view: they are work to do, and cheap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
 from scrm import charts, reports
-from scrm.console.app import Pages, service
-from scrm.conversations.figures import conversation_figures, duration
+from scrm.console.app import Pages, service, snapshots
+from scrm.conversations.figures import ConversationFigures, conversation_figures, duration
 from scrm.loyalty import followups
 from scrm.loyalty.report import care_figures
+from scrm.service import Service
 from scrm.store.engine import reading
 
 pages = Pages()
@@ -56,41 +65,68 @@ def _care(figures: dict[str, Any]) -> dict[str, Any]:
             "on_time": sum(r["on_time"] for r in rows)}
 
 
+@dataclass(frozen=True)
+class Figures:
+    """The dashboard's slow figures, read in one snapshot and kept a short while (:mod:`scrm.snapshots`)."""
+
+    summary: reports.Summary
+    care: dict[str, Any]
+    care_before: dict[str, Any]
+    top_tags: list[tuple[str, int, int]]
+    conversations: ConversationFigures
+
+
+def _figures(svc: Service, period: reports.Period, now: datetime) -> Callable[[], Awaitable[Figures]]:
+    async def read() -> Figures:
+        async with reading(svc.sessions) as session:
+            return Figures(
+                await reports.summary(session, period, attribution_days=svc.config.reports.attribution_days),
+                _care(await care_figures(session, period)), _care(await care_figures(session, period.previous())),
+                await reports.top_tags(session, now),
+                await conversation_figures(session, period.since, period.until, now))
+
+    return read
+
+
 @pages.get("/", "manager")
 async def dashboard(request: web.Request) -> web.StreamResponse:
     svc = service(request)
     config = svc.config
     arg, period, error = _period(request)
     now = svc.clock.now()
-    async with reading(svc.sessions) as session:
-        summary = await reports.summary(session, period, attribution_days=config.reports.attribution_days)
-        care = _care(await care_figures(session, period))
-        care_before = _care(await care_figures(session, period.previous()))
-        tags = await reports.top_tags(session, now)
+    snapshot = await snapshots(request).get(("dashboard", arg, config.reports.attribution_days),
+                                            _figures(svc, period, now))
+    async with reading(svc.sessions) as session:  # the tasks are work to do: always as they are now
         tasks = await followups.open_tasks(session, None, TASKS_SHOWN)
         open_count, overdue = await followups.open_task_counts(session, now)
-        conversations = await conversation_figures(session, period.since, period.until, now)
+    figures = snapshot.value
+    summary = figures.summary
     cur, prev = summary.current, summary.previous
     return aiohttp_jinja2.render_template("dashboard.html", request, {
-        "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT,
+        "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT, "at": snapshot.at,
         "current": cur, "previous": prev, "figures": FIGURES, "label": reports.label,
         "stages": _rows(cur.stages, prev.stages), "moves": _rows(cur.stage_moves, prev.stage_moves),
         "by_channel": _rows(cur.new_by_channel, prev.new_by_channel),
-        "care": care, "care_before": care_before, "top_tags": tags,
+        "care": figures.care, "care_before": figures.care_before, "top_tags": figures.top_tags,
         "tasks": followups.task_rows(tasks, now, config.service.timezone), "open_tasks": open_count,
         "overdue_tasks": overdue, "timezone": config.service.timezone,
-        "conversations": conversations, "duration": duration,
+        "conversations": figures.conversations, "duration": duration,
         "attribution": reports.attribution_rule(summary.attribution_days, "both")})
 
 
 @pages.get("/charts/trend.png", "manager")
 async def trend_chart(request: web.Request) -> web.StreamResponse:
-    """The ``/report`` trend chart (new customers, messages in, conversions per local day) as a PNG."""
+    """The ``/report`` trend chart (new customers, messages in, conversions per local day) as a PNG,
+    kept as a snapshot like the page's figures."""
     svc = service(request)
-    _arg, period, error = _period(request)
+    arg, period, error = _period(request)
     if error:
         raise web.HTTPBadRequest(text=error)
-    async with reading(svc.sessions) as session:
-        trend = await reports.daily_trend(session, period, svc.config.service.timezone)
-    png = await charts.chart(charts.trend_png, trend, "both").png()
+
+    async def draw() -> bytes:
+        async with reading(svc.sessions) as session:
+            trend = await reports.daily_trend(session, period, svc.config.service.timezone)
+        return await charts.chart(charts.trend_png, trend, "both").png()
+
+    png = (await snapshots(request).get(("trend.png", arg), draw)).value
     return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, max-age=60"})

@@ -1,0 +1,98 @@
+"""Short-lived snapshots of slow read-only figures, shown with the time they were read.
+
+A manager's dashboard over a million customers reads seconds of report queries (stages, top tags,
+attribution, the period before); a campaign list its funnels; the segments page a count of every
+segment. Those figures are computed by the same core functions every surface calls
+(:mod:`scrm.reports`, :mod:`scrm.segments`), once, and kept here by what was asked (the key), so the
+pages that show them answer at once and say "as of HH:MM".
+
+- A snapshot younger than ``fresh`` is served as it is.
+- An older one, up to ``keep``, is served too, and one refresh starts in the background: the next
+  view gets the new figures, and no view waits for them.
+- With none (or one older than ``keep``) the request waits for the figures; requests that ask for
+  the same key meanwhile wait for the same computation instead of starting their own.
+
+Each process keeps its own snapshots: two instances behind a balancer may show figures read at
+different times, each labelled with its time, neither older than ``keep``. Nothing here runs on
+the event loop for long: the computation is the caller's (queries awaited on the store's driver,
+charts drawn in a worker thread); a background refresh that fails is logged and the snapshot it
+would have replaced is served until ``keep`` runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from scrm.clock import Clock
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Snapshot(Generic[T]):
+    value: T
+    #: When the figures were read (naive UTC, the service's clock): the computation's start.
+    at: datetime
+
+
+class Snapshots:
+    """The snapshots of one process, at most ``size`` of them (the least recently asked go first)."""
+
+    def __init__(self, clock: Clock, fresh: timedelta = timedelta(minutes=1), keep: timedelta = timedelta(minutes=30),
+                 size: int = 64) -> None:
+        self.clock, self.fresh, self.keep, self.size = clock, fresh, keep, size
+        self._entries: OrderedDict[Hashable, Snapshot[Any]] = OrderedDict()
+        self._running: dict[Hashable, asyncio.Task[Snapshot[Any]]] = {}
+
+    async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> Snapshot[T]:
+        """The snapshot for ``key``, computing it with ``compute`` (which opens its own transaction: a
+        refresh outlives the request that started it) when there is none young enough."""
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            age = self.clock.now() - found.at
+            if age < self.fresh:
+                return found
+            if age < self.keep:
+                self._start(key, compute)
+                return found
+        # shielded: a request that stops waiting does not stop the computation others wait for
+        snapshot: Snapshot[T] = await asyncio.shield(self._start(key, compute))
+        return snapshot
+
+    def _start(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> asyncio.Task[Snapshot[Any]]:
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.create_task(self._compute(key, compute), name=f"snapshot {key!r}"[:200])
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        return task
+
+    async def _compute(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> Snapshot[Any]:
+        at = self.clock.now()  # before reading: the figures are at least this recent
+        snapshot = Snapshot(await compute(), at)
+        self._entries[key] = snapshot
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return snapshot
+
+    def _finished(self, key: Hashable, task: asyncio.Task[Snapshot[Any]]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("figures for %r could not be read: %s: %s", key, type(error).__name__, error)
+
+    async def close(self) -> None:
+        """Stop the computations still running (the service is stopping: its store is about to close)."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
