@@ -3,6 +3,8 @@ million customers), checked for what it must not change: the answers.
 
 - A phone number is looked up in its keyed hash's index, also once the store's statistics say most
   customers have no phone (SQLite then walked every customer in id order).
+- A search that few customers match reads them a window of ids at a time and stops at a time budget;
+  following its pages, stopped or full, finds every match exactly once, in order, either way.
 - Slow figures (dashboard, funnels, segment counts) are snapshots (:mod:`scrm.snapshots`): served
   while fresh, served stale while one refresh runs in the background, waited for when missing or too
   old, computed once for requests that ask together, and never left half-done at shutdown.
@@ -21,13 +23,16 @@ import pytest
 from sqlalchemy import event, insert, text
 
 from scrm.clock import ManualClock
+from scrm.console import accounts, customers
+from scrm.console.customers import result_page
 from scrm.customers import phone_ref, resolve_refs
 from scrm.keyring import LOOKUP_ID, Keyring, new_key_entry
 from scrm.personal import phone_hash
 from scrm.snapshots import Snapshots
-from scrm.store.engine import make_engine, make_sessionmaker
+from scrm.store.engine import make_engine, make_sessionmaker, writing
 from scrm.store.migrate import upgrade
 from scrm.store.models import Customer
+from scrm.web import SERVICE, create_app
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
 
@@ -160,3 +165,79 @@ async def test_snapshots_are_bounded_and_closing_stops_running_reads() -> None:
     await cache.close()
     with pytest.raises(asyncio.CancelledError):
         await reader
+
+
+MATCHING = [3, 4, 5, 11, 12, 19, 20, 21, 22, 23, 37, 40]
+
+
+async def _customers(sessions: Any) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(insert(Customer), [
+            {"id": i, "display_name": f"needle {i}" if i in MATCHING else f"hay {i}", "first_seen_at": NOW,
+             "last_seen_at": NOW} for i in range(1, 43)])
+
+
+async def _walk(session: Any, size: int, upward: bool, window: int, budget: float) -> list[list[int]]:
+    """Every page of the search "needle", following the pages' cursors as the page's links do."""
+    where = Customer.display_name.contains("needle")
+    pages: list[list[int]] = []
+    before = after = None
+    if upward:
+        after = 0
+    while True:
+        page = await result_page(session, where, size, before, after, "Asia/Shanghai", window=window, budget=budget)
+        ids = [r.id for r in page.rows]
+        assert len(ids) <= size and ids == sorted(ids, reverse=True)  # newest first on every page
+        pages.append(ids)
+        if page.stopped_at is not None:
+            before, after = (None, page.stopped_at) if upward else (page.stopped_at, None)
+        elif page.more:
+            before, after = (None, ids[0]) if upward else (ids[-1], None)
+        else:
+            return pages
+        assert len(pages) < 100
+
+
+async def test_following_a_searchs_pages_finds_every_match_once(store: dict[str, Any]) -> None:
+    engine = make_engine(store["url"], store.get("schema_name"))
+    await upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    await _customers(sessions)
+    try:
+        async with sessions() as session:
+            whole = await _walk(session, 5, False, 100_000, 10.0)  # one window: full pages, as before
+            assert whole == [[40, 37, 23, 22, 21], [20, 19, 12, 11, 5], [4, 3]]
+            stopped = await _walk(session, 5, False, 4, 0.0)  # every window over the budget: a page each
+            assert [i for p in stopped for i in p] == sorted(MATCHING, reverse=True)
+            assert len(stopped) > len(whole) and [] in stopped  # windows with no match are pages too
+            upward = await _walk(session, 5, True, 4, 0.0)
+            assert sorted(i for p in upward for i in p) == MATCHING and len({*sum(upward, [])}) == len(MATCHING)
+            assert [i for p in reversed(upward) for i in p] == sorted(MATCHING, reverse=True)
+            one = await result_page(session, Customer.id == 37, 5, None, None, "Asia/Shanghai", scan=False, budget=0.0)
+            assert ([r.id for r in one.rows], one.more, one.stopped_at) == ([37], False, None)
+    finally:
+        await engine.dispose()
+
+
+async def test_the_customers_page_says_where_a_search_stopped(aiohttp_client: Any, make_config: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(customers, "SCAN_WINDOW", 10)
+    monkeypatch.setattr(customers, "SCAN_BUDGET", 0.0)
+    client = await aiohttp_client(create_app(make_config(), ManualClock(NOW)))
+    service = client.app[SERVICE]
+    await _customers(service.sessions)
+    async with writing(service.sessions) as session:
+        await accounts.add_account(session, "mia", "manager", "correct horse battery", NOW)
+    form = await client.get("/console/login")
+    pre = (await form.text()).split('name="pre" value="')[1].split('"')[0]
+    signed = await client.post("/console/login", data={"name": "mia", "password": "correct horse battery",
+                                                       "pre": pre}, allow_redirects=False)
+    assert signed.status == 303
+    page = await (await client.get("/console/customers", params={"q": "needle"})).text()
+    assert 'data-stopped-at="33"' in page and "down to #33" in page  # ids 33..42 read: 37 and 40 found
+    assert 'data-customer="40"' in page and 'data-customer="37"' in page and 'data-customer="23"' not in page
+    assert 'href="/console/customers?q=needle&amp;before=33"' in page
+    page = await (await client.get("/console/customers", params={"q": "needle", "before": "33"})).text()
+    assert 'data-stopped-at="23"' in page and 'data-customer="23"' in page  # ids 23..32 read: 23 found
+    page = await (await client.get("/console/customers", params={"q": "#40"})).text()
+    assert 'data-customer="40"' in page and "data-stopped-at" not in page  # a reference: no scan
