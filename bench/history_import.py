@@ -6,18 +6,18 @@ The orders file (JSON Lines, deterministic: orders in date order over three year
 with a skew, 1-4 line items each from 500 SKUs, the customer named as ``#id``, ``console:local:uN``
 or ``console:uN`` in turn) is generated once and cached under bench/results/. Each store gets fresh
 customers (and their console identities) through the migrations' schema: a new SQLite file, or a
-fresh PostgreSQL schema (SCRM_BENCH_POSTGRES_URL or the local test server) dropped afterwards.
-Timed: the real command, ``python -m scrm conversions import FILE`` in a child process (its progress
-bar on stderr, discarded), then again on the same file (every order already there). Peak RSS is the
-child's own (``wait4``). The stored conversions, loyalty marks and items are counted afterwards.
-Target: >= 20,000 orders/s on SQLite.
+fresh PostgreSQL schema (SCRM_BENCH_POSTGRES_URL or the local test server) dropped afterwards
+(bench.planning's ``on_each_store``). Timed: the real command, ``python -m scrm conversions import
+FILE`` in a child process (stderr no terminal: no progress bar), then again on the same file (every
+order already there). Peak RSS and CPU time are the child's own (``wait4``), beside the load average
+when it ended (the machine may be shared). The stored conversions, loyalty marks and items are
+counted afterwards. Target: >= 20,000 orders/s on SQLite.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -25,15 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from bench.common import RESULTS, ROOT, postgres_url, table, write_results
-from bench.dataset import drop_postgres
+from bench.planning import on_each_store
 from scrm.store.engine import make_engine, make_sessionmaker
 from scrm.store.migrate import upgrade
 from scrm.store.models import Conversion, ConversionItem, Customer, Identity, LoyaltySeenConversion
@@ -76,7 +75,13 @@ def ensure_orders(customers: int, orders: int) -> Path:
 
 
 async def create_customers(url: str, schema: str | None, customers: int) -> None:
-    """The schema, then customers 1..N with console identities u1..uN, in chunks of executemany."""
+    """The schema (a new PostgreSQL one first), then customers 1..N with console identities u1..uN, in
+    chunks of executemany."""
+    if schema:
+        admin = make_engine(url)
+        async with admin.begin() as conn:
+            await conn.execute(text(f"CREATE SCHEMA {schema}"))
+        await admin.dispose()
     engine = make_engine(url, schema)
     try:
         await upgrade(engine)
@@ -107,7 +112,8 @@ async def stored(url: str, schema: str | None) -> dict[str, int]:
 
 
 def run_import(folder: Path, orders: Path, batch: int | None) -> dict[str, Any]:
-    """``scrm conversions import`` in a child process: wall time, the child's peak RSS, its summary line."""
+    """``scrm conversions import`` in a child process: wall time, the child's peak RSS, its summary line,
+    and the load average over the last minute when it ended (the machine is shared)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "scrm", "-c", str(folder / "config.toml"), "conversions", "import", str(orders),
             *(["--batch", str(batch)] if batch else [])]
@@ -116,50 +122,13 @@ def run_import(folder: Path, orders: Path, batch: int | None) -> dict[str, Any]:
         child = subprocess.Popen(args, cwd=folder, env=env, stdout=out, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(child.pid, 0)
         elapsed = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         summary = out.read().decode("utf-8", "replace").strip()
-    if child.returncode != 0:
-        raise RuntimeError(f"scrm conversions import exited {child.returncode}: {summary}")
-    return {"seconds": round(elapsed, 1), "max_rss_mib": round(usage.ru_maxrss / 1024, 1), "summary": summary}
-
-
-def measure(store: str, customers: int, orders: Path, count: int, batch: int | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
-        folder = Path(tmp)
-        schema = f"bench_{uuid.uuid4().hex[:10]}" if store == "postgresql" else None
-        url = postgres_url() if schema else f"sqlite+aiosqlite:///{folder / 'history.db'}"
-        if schema:
-            asyncio.run(_create_schema(url, schema))
-        try:
-            asyncio.run(create_customers(url, schema, customers))
-            (folder / "config.toml").write_text(
-                f'[store]\nurl = "{url}"\n' + (f'schema_name = "{schema}"\n' if schema else "")
-                + "[channels.console.local]\n", "utf-8")
-            print(f"{store}: importing {count:,} orders...", flush=True)
-            first = run_import(folder, orders, batch)
-            print(f"{store}: {first['summary']} in {first['seconds']} s; importing them again...", flush=True)
-            again = run_import(folder, orders, batch)
-            counts = asyncio.run(stored(url, schema))
-        finally:
-            if schema:
-                with contextlib.suppress(Exception):  # the figures stand; a leftover schema is only clutter
-                    asyncio.run(drop_postgres(url, schema))
-    if counts["conversions"] != count or counts["seen"] != count:
-        raise RuntimeError(f"{store}: {counts} stored for {count} orders")
-    return {"first": first, "again": again, "stored": counts,
-            "orders_per_second": round(count / first["seconds"]),
-            "again_orders_per_second": round(count / again["seconds"])}
-
-
-async def _create_schema(url: str, schema: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    admin = create_async_engine(url)
-    async with admin.begin() as conn:
-        await conn.execute(text(f"CREATE SCHEMA {schema}"))
-    await admin.dispose()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"scrm conversions import exited {os.waitstatus_to_exitcode(status)}: {summary}")
+    return {"seconds": round(elapsed, 1), "max_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "summary": summary,
+            "load_after": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -173,33 +142,56 @@ def main() -> None:
     results: dict[str, Any] = {"customers": args.customers, "orders": args.orders, "batch": args.batch,
                                "file_mib": round(path.stat().st_size / 2**20, 1),
                                "load_before": round(os.getloadavg()[0], 2)}
-    for store in args.stores.split(","):
-        try:
-            results[store] = measure(store, args.customers, path, args.orders, args.batch)
-        except Exception as exc:  # noqa: BLE001 - no server here: report it, keep the other store's figures
-            if store == "sqlite":
-                raise
-            results[store] = {"error": f"{type(exc).__name__}: {exc}"}
-    results["load_after"] = round(os.getloadavg()[0], 2)  # the machine is shared: how busy it was
+    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
+        folder = Path(tmp)
+
+        def sqlite_url() -> str:
+            url = f"sqlite+aiosqlite:///{folder / 'history.db'}"
+            asyncio.run(create_customers(url, None, args.customers))
+            return url
+
+        def fill(schema: str) -> None:
+            asyncio.run(create_customers(postgres_url(), schema, args.customers))
+
+        async def measure(url: str, schema: str | None) -> dict[str, Any]:
+            """Import the file, then again (every order already there), and count what is stored."""
+            store = "postgresql" if schema else "sqlite"
+            (folder / "config.toml").write_text(
+                f'[store]\nurl = "{url}"\n' + (f'schema_name = "{schema}"\n' if schema else "")
+                + "[channels.console.local]\n", "utf-8")
+            print(f"{store}: importing {args.orders:,} orders...", flush=True)
+            first = await asyncio.to_thread(run_import, folder, path, args.batch)
+            print(f"{store}: {first['summary']} in {first['seconds']} s; importing them again...", flush=True)
+            again = await asyncio.to_thread(run_import, folder, path, args.batch)
+            counts = await stored(url, schema)
+            if counts["conversions"] != args.orders or counts["seen"] != args.orders:
+                raise RuntimeError(f"{store}: {counts} stored for {args.orders} orders")
+            return {"first": first, "again": again, "stored": counts,
+                    "orders_per_second": round(args.orders / first["seconds"])}
+
+        results.update(on_each_store(args.stores, args.customers, 0, measure, sqlite_url, fill))
+    if "error" in results.get("sqlite", {}):
+        raise SystemExit(results["sqlite"]["error"])
     write_results("history_import", results)
-    rows = [("store", "run", "orders/s", "seconds", "peak RSS MiB", "conversions", "items")]
+    rows = [("store", "run", "orders/s", "seconds", "CPU s", "peak RSS MiB", "load after", "conversions", "items")]
     for store in ("postgresql", "sqlite"):
         r = results.get(store)
         if r and "error" not in r:
             for run, key in (("import", "first"), ("again", "again")):
                 rows.append((store, run, f"{args.orders / r[key]['seconds']:,.0f}", f"{r[key]['seconds']:.1f}",
-                             f"{r[key]['max_rss_mib']:.0f}", f"{r['stored']['conversions']:,}",
+                             f"{r[key]['cpu_seconds']:.1f}", f"{r[key]['max_rss_mib']:.0f}",
+                             f"{r[key]['load_after']:.2f}", f"{r['stored']['conversions']:,}",
                              f"{r['stored']['items']:,}"))
         elif r:
-            rows.append((store, r["error"][:80], "", "", "", "", ""))
+            rows.append((store, r["error"][:80], "", "", "", "", "", "", ""))
     print(table(rows))
     print(f"{args.orders:,} orders ({results['file_mib']} MiB of JSON Lines) for {args.customers:,} customers, "
-          f"{args.batch or 'the default number of'} orders a transaction; load average before/after "
-          f"{results['load_before']}/{results['load_after']}")
+          f"{args.batch or 'the default number of'} orders a transaction; {os.cpu_count()} CPUs, load average "
+          f"{results['load_before']} before")
     if "sqlite" in results:
         s = results["sqlite"]
         print(f"SQLite: {s['orders_per_second']:,} orders/s (target >= 20,000), peak RSS "
-              f"{s['first']['max_rss_mib']:.0f} MiB")
+              f"{s['first']['max_rss_mib']:.0f} MiB, load average {s['first']['load_after']:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,17 +53,24 @@ def fill_postgres(schema: str, customers: int, touchpoints: int) -> None:
 
 
 def on_each_store(stores: str, customers: int, touchpoints: int,
-                  measure: Callable[[str, str | None], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+                  measure: Callable[[str, str | None], Awaitable[dict[str, Any]]],
+                  sqlite_url: Callable[[], str] | None = None, fill: Callable[[str], None] | None = None
+                  ) -> dict[str, Any]:
     """Run ``measure(url, schema)`` on the cached SQLite data set and on a fresh PostgreSQL schema
-    (dropped afterwards); a store that cannot be reached is reported, not fatal."""
+    (dropped afterwards); a store that cannot be reached is reported, not fatal. A benchmark with data
+    of its own gives the SQLite store's URL (``sqlite_url``) and fills the new schema (``fill``)."""
     results: dict[str, Any] = {}
     for store in stores.split(","):
         if store == "sqlite":
-            results["sqlite"] = asyncio.run(measure(ensure_sqlite(customers, touchpoints), None))
+            url = sqlite_url() if sqlite_url else ensure_sqlite(customers, touchpoints)
+            results["sqlite"] = asyncio.run(measure(url, None))
         elif store == "postgresql":
             url, schema = postgres_url(), f"bench_{uuid.uuid4().hex[:10]}"
             try:
-                fill_postgres(schema, customers, touchpoints)
+                if fill:
+                    fill(schema)
+                else:
+                    fill_postgres(schema, customers, touchpoints)
                 results["postgresql"] = asyncio.run(measure(url, schema))
             except Exception as exc:  # noqa: BLE001 - no server here: report it, keep the SQLite figures
                 results["postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
