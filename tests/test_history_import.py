@@ -253,7 +253,7 @@ async def test_the_file_is_streamed(svc, tmp_path, monkeypatch):
     monkeypatch.setattr(history, "insert_orders", insert)
     read: list[int] = []
     result = await import_file(svc.sessions, path, NOW, CHANNELS, 1000, read.append)
-    assert result.orders == 2000 and (parsed, written) == (20, 20) and ahead == 2
+    assert result.orders == 2000 and (parsed, written) == (20, 20) and ahead <= 2
     assert read == sorted(read) and read[0] < path.stat().st_size // 4 and read[-1] == path.stat().st_size
 
 

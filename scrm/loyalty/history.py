@@ -264,8 +264,8 @@ async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now
                         store_busy: Callable[[], object] = lambda: None) -> None:
     """Insert matched orders: their conversions, loyalty marks and line items, one statement each. An
     order id another writer stored since the match is skipped (the insert ignores a taken order id,
-    and returns the ones it took). ``store_busy`` is called once the statements left return no rows
-    (see :func:`import_file`)."""
+    and returns the ones it took). ``store_busy`` is called just before the line items' insert, the
+    longest statement, which returns no rows (see :func:`import_file`)."""
     if not new:
         store_busy()
         return
@@ -278,7 +278,6 @@ async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now
     if len(inserted) < len(orders):  # some stored by another writer since the match
         result.skipped += len(orders) - len(inserted)
         orders = [o for o in orders if o.order_id in inserted]
-    store_busy()
     # The conversions are new: their marks and items cannot conflict with anything stored.
     ids = "[" + ",".join([o.id_json for o in orders]) + "]"
     await session.execute(insert(LoyaltySeenConversion.__table__).from_select(
@@ -286,6 +285,7 @@ async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now
         select(_CONVERSIONS.c.id, _CONVERSIONS.c.customer_id, literal(now, DateTime()))
         .where(_CONVERSIONS.c.order_id.in_(json_values(session, "ids")))), {"ids": ids})
     items = [o.items for o in orders if o.items]
+    store_busy()
     if items:  # in customer order: the indexes by customer take them in sequence (~10% of the insert on SQLite)
         rows = json_rows(session, _ITEM_COLUMNS).subquery()
         await session.execute(insert(ConversionItem.__table__).from_select(
@@ -306,11 +306,12 @@ async def import_file(sessions: async_sessionmaker[AsyncSession], path: Path, no
 
     A worker thread reads and parses the file :data:`CHUNK` orders at a time, one chunk ahead of the
     one being written, so memory holds two chunks and the event loop only resolves customers and runs
-    the statements. The parser runs while the store inserts a chunk's marks and line items and commits
-    (its C code runs without the GIL), not beside the statements that return rows: sqlite3 hands the
-    GIL back and forth for each row it returns, and every handover waited up to 5 ms for a parser
-    holding it (a third of the import's time). A process of its own for the parser was slower still
-    on two cores (pickling, and a third busy thread).
+    the statements. The parser runs while the store inserts a chunk's line items and commits (its C
+    code runs without the GIL), not beside the other statements: sqlite3 hands the GIL back and forth
+    for each row a statement returns, and every handover waited up to 5 ms for a parser holding it (a
+    third of the import's time); even the loyalty marks' insert, which returns none, took twice as long
+    beside it (~4 s more at a million orders). A process of its own for the parser was slower still on
+    two cores (pickling, and a third busy thread).
     Transactions are larger than chunks because on SQLite each commit writes every page the
     transaction touched, and the indexes by customer are touched all over: at a million orders a
     commit of 5,000 orders wrote most of them again. Batches already written stay when a later one
