@@ -7,7 +7,8 @@ million customers), checked for what it must not change: the answers.
   following its pages, stopped or full, finds every match exactly once, in order, either way.
 - Slow figures (dashboard, funnels, segment counts) are snapshots (:mod:`scrm.snapshots`): served
   while fresh, served stale while one refresh runs in the background, waited for when missing or too
-  old, computed once for requests that ask together, and never left half-done at shutdown.
+  old, computed once for requests that ask together, kept warm for a while after a view, and never
+  left half-done at shutdown.
 """
 
 from __future__ import annotations
@@ -147,6 +148,31 @@ async def test_a_failed_refresh_keeps_the_last_figures_and_a_failed_read_says_so
         await cache.get("new", figures)
     figures.fail = False
     assert (await cache.get("new", figures)).value == figures.runs
+
+
+async def test_snapshots_looked_at_lately_are_kept_warm() -> None:
+    clock = ManualClock(NOW)
+    cache = Snapshots(clock, fresh=timedelta(minutes=1), keep=timedelta(minutes=30), warm=timedelta(hours=2))
+    seen, unseen = Figures(), Figures()
+    await cache.get("seen", seen)
+    await cache.get("unseen", unseen)
+    clock.advance(30)
+    assert cache.keep_warm() == 0  # both fresh
+    clock.advance(timedelta(minutes=50))
+    await cache.get("seen", seen)  # stale: served, and refreshed
+    await turns()
+    assert seen.runs == 2
+    clock.advance(timedelta(minutes=5))
+    assert cache.keep_warm() == 2  # asked for within two hours and older than a minute: read again
+    await turns()
+    assert (seen.runs, unseen.runs) == (3, 2)
+    clock.advance(timedelta(minutes=70))  # "unseen" was last asked for 2h05 ago: left to age
+    assert cache.keep_warm() == 1
+    await turns()
+    assert (seen.runs, unseen.runs) == (4, 2)
+    assert (await cache.get("seen", seen)).at == clock.now() and seen.runs == 4  # the view finds it ready
+    clock.advance(timedelta(minutes=31))
+    assert (await asyncio.wait_for(cache.get("unseen", unseen), 10)).value == 3  # too old: read while waiting
 
 
 async def test_snapshots_are_bounded_and_closing_stops_running_reads() -> None:

@@ -46,7 +46,8 @@ from scrm.campaigns.outbox import preview
 from scrm.config_file import demo_file
 from scrm.console.app import Pages, error_page, service, snapshots, staff
 from scrm.customers import CustomerRefError, customer_of, parse_ref
-from scrm.snapshots import Snapshot
+from scrm.service import Service
+from scrm.snapshots import Snapshot, Snapshots
 from scrm.store.engine import reading, writing
 from scrm.store.models import Campaign
 
@@ -94,17 +95,16 @@ def _audience(loaded: LoadedCampaign) -> str:
     return "groups" if d.audience.groups else d.audience.segment or "the customer"
 
 
-async def _funnels(request: web.Request) -> Snapshot[dict[str, reports.Funnel]]:
+async def _funnels(svc: Service, kept: Snapshots) -> Snapshot[dict[str, reports.Funnel]]:
     """Every loaded campaign's funnel (:func:`scrm.reports.funnels`), kept as a snapshot: the list, a
     campaign's page and its charts show the same figures, read at the time they say."""
-    svc = service(request)
     days, names = svc.config.reports.attribution_days, tuple(sorted(svc.campaigns))
 
     async def read() -> dict[str, reports.Funnel]:
         async with reading(svc.sessions) as session:
             return await reports.funnels(session, names, days)
 
-    return await snapshots(request).get(("funnels", days, names), read)
+    return await kept.get(("funnels", days, names), read)
 
 
 @pages.get("/campaigns", "manager")
@@ -113,7 +113,7 @@ async def campaign_list(request: web.Request) -> web.StreamResponse:
     async with reading(svc.sessions) as session:
         paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
         runs = await timed.last_runs(session)
-    snapshot = await _funnels(request)
+    snapshot = await _funnels(svc, snapshots(request))
     funnels = {name: snapshot.value.get(name) for name in sorted(svc.campaigns)}
     rows: list[dict[str, Any]] = [
         {"loaded": svc.campaigns[name], "trigger": describe_trigger(svc.campaigns[name].definition),
@@ -150,7 +150,7 @@ async def campaign_page(request: web.Request) -> web.StreamResponse:
     async with reading(svc.sessions) as session:
         paused = bool(await session.scalar(select(Campaign.paused).where(Campaign.name == name)))
         runs = await timed.recent_runs(session, name)
-    snapshot = await _funnels(request)
+    snapshot = await _funnels(svc, snapshots(request))
     return aiohttp_jinja2.render_template("campaign.html", request, {
         "loaded": loaded, "d": loaded.definition, "trigger": describe_trigger(loaded.definition),
         "audience": _audience(loaded), "paused": paused, "funnel": snapshot.value.get(name), "at": snapshot.at,
@@ -171,13 +171,15 @@ async def funnel_chart(request: web.Request) -> web.StreamResponse:
     by = request.query.get("by", "variant")
     if by not in ("variant", "channel"):
         raise web.HTTPBadRequest(text="by is variant or channel")
-    name = loaded.definition.name
-    snapshot = await _funnels(request)
-    funnel = snapshot.value.get(name)
-    if funnel is None:
+    svc, kept, name = service(request), snapshots(request), loaded.definition.name
+
+    async def draw() -> bytes | None:
+        funnel = (await _funnels(svc, kept)).value.get(name)
+        return None if funnel is None else await charts.chart(charts.funnel_png, funnel, "both", None, by).png()
+
+    png = (await kept.get(("funnel.png", name, by), draw)).value
+    if png is None:
         raise web.HTTPNotFound(text="this campaign has planned nothing yet")
-    png = (await snapshots(request).get(("funnel.png", name, by, snapshot.at),
-                                        charts.chart(charts.funnel_png, funnel, "both", None, by).png)).value
     return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
 

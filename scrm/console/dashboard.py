@@ -8,15 +8,16 @@ so a cold matplotlib never holds up the event loop.
 
 Over a large store the figures take seconds to read (a million customers: ~1-2 s), so they and the
 chart are kept as snapshots (:mod:`scrm.snapshots`: a minute fresh, then refreshed in the background
-while the page shows the last ones) and the page says when they were read. The open follow-up tasks
-are read on every view: they are work to do, and cheap.
+while the page shows the last ones, and kept warm for a while after a view) and the page says when
+they were read. The top tags, the same for every period, are a snapshot of their own, read beside
+the period's figures. The open follow-up tasks are read on every view: they are work to do, and cheap.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -67,23 +68,38 @@ def _care(figures: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Figures:
-    """The dashboard's slow figures, read in one snapshot and kept a short while (:mod:`scrm.snapshots`)."""
+    """The period's slow figures, read in one snapshot and kept a short while (:mod:`scrm.snapshots`)."""
 
     summary: reports.Summary
     care: dict[str, Any]
     care_before: dict[str, Any]
-    top_tags: list[tuple[str, int, int]]
     conversations: ConversationFigures
 
 
-def _figures(svc: Service, period: reports.Period, now: datetime) -> Callable[[], Awaitable[Figures]]:
+def _asked(svc: Service, arg: str) -> reports.Period:
+    """The period ``arg`` (already checked) stands for now: a snapshot read again later reads the last
+    7 days of then."""
+    period = reports.parse_period(arg, svc.clock.now(), svc.config.service.timezone)
+    assert period is not None
+    return period
+
+
+def _figures(svc: Service, arg: str) -> Callable[[], Awaitable[Figures]]:
     async def read() -> Figures:
+        period, now = _asked(svc, arg), svc.clock.now()
         async with reading(svc.sessions) as session:
             return Figures(
                 await reports.summary(session, period, attribution_days=svc.config.reports.attribution_days),
                 _care(await care_figures(session, period)), _care(await care_figures(session, period.previous())),
-                await reports.top_tags(session, now),
                 await conversation_figures(session, period.since, period.until, now))
+
+    return read
+
+
+def _top_tags(svc: Service) -> Callable[[], Awaitable[list[tuple[str, int, int]]]]:
+    async def read() -> list[tuple[str, int, int]]:
+        async with reading(svc.sessions) as session:
+            return await reports.top_tags(session, svc.clock.now())
 
     return read
 
@@ -92,22 +108,25 @@ def _figures(svc: Service, period: reports.Period, now: datetime) -> Callable[[]
 async def dashboard(request: web.Request) -> web.StreamResponse:
     svc = service(request)
     config = svc.config
-    arg, period, error = _period(request)
+    arg, _period_now, error = _period(request)
     now = svc.clock.now()
-    snapshot = await snapshots(request).get(("dashboard", arg, config.reports.attribution_days),
-                                            _figures(svc, period, now))
+    # The top tags are the same for every period: a snapshot of their own, read beside the period's.
+    report, tags = await asyncio.gather(
+        snapshots(request).get(("dashboard", arg, config.reports.attribution_days), _figures(svc, arg)),
+        snapshots(request).get(("top tags",), _top_tags(svc)))
     async with reading(svc.sessions) as session:  # the tasks are work to do: always as they are now
         tasks = await followups.open_tasks(session, None, TASKS_SHOWN)
         open_count, overdue = await followups.open_task_counts(session, now)
-    figures = snapshot.value
+    figures = report.value
     summary = figures.summary
     cur, prev = summary.current, summary.previous
     return aiohttp_jinja2.render_template("dashboard.html", request, {
-        "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT, "at": snapshot.at,
+        "summary": summary, "period": arg, "period_error": error, "period_hint": PERIOD_HINT,
+        "at": min(report.at, tags.at),
         "current": cur, "previous": prev, "figures": FIGURES, "label": reports.label,
         "stages": _rows(cur.stages, prev.stages), "moves": _rows(cur.stage_moves, prev.stage_moves),
         "by_channel": _rows(cur.new_by_channel, prev.new_by_channel),
-        "care": figures.care, "care_before": figures.care_before, "top_tags": figures.top_tags,
+        "care": figures.care, "care_before": figures.care_before, "top_tags": tags.value,
         "tasks": followups.task_rows(tasks, now, config.service.timezone), "open_tasks": open_count,
         "overdue_tasks": overdue, "timezone": config.service.timezone,
         "conversations": figures.conversations, "duration": duration,
@@ -119,13 +138,13 @@ async def trend_chart(request: web.Request) -> web.StreamResponse:
     """The ``/report`` trend chart (new customers, messages in, conversions per local day) as a PNG,
     kept as a snapshot like the page's figures."""
     svc = service(request)
-    arg, period, error = _period(request)
+    arg, _period_now, error = _period(request)
     if error:
         raise web.HTTPBadRequest(text=error)
 
     async def draw() -> bytes:
         async with reading(svc.sessions) as session:
-            trend = await reports.daily_trend(session, period, svc.config.service.timezone)
+            trend = await reports.daily_trend(session, _asked(svc, arg), svc.config.service.timezone)
         return await charts.chart(charts.trend_png, trend, "both").png()
 
     png = (await snapshots(request).get(("trend.png", arg), draw)).value

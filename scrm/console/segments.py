@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
-from sqlalchemy import ColumnElement
 
 from scrm import segments
 from scrm.console.app import Pages, service, snapshots
@@ -34,8 +33,13 @@ pages = Pages()
 PREVIEW = 20
 
 
-def _count(svc: Service, conditions: dict[str, ColumnElement[bool]]) -> Callable[[], Awaitable[dict[str, int]]]:
+def _count(svc: Service, texts: dict[str, str]) -> Callable[[], Awaitable[dict[str, int]]]:
+    """Counts of the expressions ``texts`` (names to expressions), compiled when they are read: a
+    segment's ``days_silent`` counts from then."""
+
     async def read() -> dict[str, int]:
+        configured, now = svc.config.segments, svc.clock.now()
+        conditions = {name: segments.condition(text, now, configured) for name, text in texts.items()}
         async with reading(svc.sessions) as session:
             return await segments.counts(session, conditions)
 
@@ -53,8 +57,7 @@ async def segments_page(request: web.Request) -> web.StreamResponse:
     # Every count is a pass over the customers: kept as snapshots, by the config's segments (and the
     # expression) they count, and shown with the time they were read.
     config_key = tuple(sorted(configured.items()))
-    counted = await snapshots(request).get(("segments", config_key), _count(
-        svc, {name: segments.condition(text, now, configured) for name, text in configured.items()}))
+    counted = await snapshots(request).get(("segments", config_key), _count(svc, dict(configured)))
     where, total = None, None
     if "expr" in request.query:
         try:
@@ -62,7 +65,7 @@ async def segments_page(request: web.Request) -> web.StreamResponse:
         except segments.ExpressionError as exc:
             context["expr_error"] = str(exc)
         else:
-            one = await snapshots(request).get(("segment", expr.strip(), config_key), _count(svc, {"expr": where}))
+            one = await snapshots(request).get(("segment", expr, config_key), _count(svc, {"expr": expr}))
             total, context["preview_at"] = one.value["expr"], one.at
     elif show and show not in configured:
         context["show_error"] = f"No segment {show[:64]!r} in the config."
