@@ -13,8 +13,11 @@ coupon pools and campaigns, plus ``bench_reports``, the data set's finished camp
 
 Each page is requested ``--repeat`` times, one request at a time. Server time is the handler's own
 time, measured by a middleware around every handler of the application (the console's sign-in and
-role checks and the template included; HTTP parsing and the socket not); the first request of each
-page is shown apart (cold caches) and counted in p50/p95.
+role checks and the template included; HTTP parsing and the socket not). The first request of each
+page is shown apart (no snapshot of its figures yet: it reads them, cold) and counted in p50/p95
+(nearest rank); half-way, the service's clock moves on a minute, so the views after it are served
+beside the background refresh of the snapshots they show. "stall" is the longest the event loop
+(shared by the server and this client) went without turning while the page was requested.
 Customer searches are the box's kinds, each on its first page and on a page 1,000 rows from the
 result's end (the cursor walks nearly the whole index before it: what OFFSET would cost every time).
 
@@ -35,6 +38,7 @@ import shutil
 import tempfile
 import time
 import tomllib
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,6 +54,7 @@ from bench.common import ROOT, table, write_results
 from bench.dataset import NOW, SEGMENT, TAG_X, sqlite_path
 from bench.planning import on_each_store
 from scrm import rollups
+from scrm.cli.service import _tune_gc
 from scrm.clock import ManualClock
 from scrm.config_file import parse_config
 from scrm.console import accounts
@@ -62,6 +67,9 @@ from scrm.tagging import tag_where
 from scrm.web import SERVICE, create_app
 
 STAFF, PASSWORD = "bench-admin", "bench console password"
+#: Half-way through a page's requests the service's clock moves on this much: past a snapshot's
+#: freshness (scrm.snapshots), so the second half is served while its figures are read again.
+STALE = timedelta(seconds=61)
 #: The data set's finished campaign (bench/dataset.py), as a campaign file that nothing triggers.
 BENCH_CAMPAIGN = '''name = "bench_reports"
 title = "Bench: a finished campaign, every 10th customer"
@@ -149,10 +157,20 @@ def work_folder(url: str) -> Path:
 
 
 class Timings:
-    """Server time of each request, taken by a middleware around the application's handlers."""
+    """Server time of each request, taken by a middleware around the application's handlers; and the
+    longest the event loop went without turning (server and client share it: a handler or a snapshot
+    refresh that held it would hold up every other request)."""
 
     def __init__(self) -> None:
         self.last: float | None = None
+        self.stall = 0.0
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            self.stall = max(self.stall, (loop.time() - start - 0.005) * 1000)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -169,6 +187,7 @@ async def served(url: str, schema: str | None) -> AsyncIterator[tuple[str, Servi
     app = create_app(config_for(url, schema, folder), ManualClock(NOW), role="web")
     timings = Timings()
     app.middlewares.insert(0, timings.middleware)
+    app.on_startup.append(_tune_gc)  # the garbage-collector settings scrm run serves with
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -243,15 +262,23 @@ async def measure(url: str, schema: str | None, repeat: int, groups: set[str] | 
         todo = {label: path for label, (group, path) in pages().items() if groups is None or group in groups}
         if groups is None or "customers" in groups:
             todo.update(await deep_pages(svc))
+        watcher = asyncio.create_task(timings.watch())
+        clock = svc.clock
+        assert isinstance(clock, ManualClock)
         for label, path in todo.items():
             times, status, size = [], 0, 0
-            for _ in range(repeat):
+            timings.stall = 0.0
+            for i in range(repeat):
+                if i == repeat // 2:  # the snapshots go stale: the views after are served beside their refresh
+                    clock.advance(STALE)
                 status, size, ms = await fetch(client, base, path, timings)
                 times.append(ms)
             figures["pages"][label] = {"path": path, "status": status, "bytes": size, "first_ms": round(times[0], 1),
                                        "p50_ms": round(percentile(times, 0.5), 1),
-                                       "p95_ms": round(percentile(times, 0.95), 1), "max_ms": round(max(times), 1)}
+                                       "p95_ms": round(percentile(times, 0.95), 1), "max_ms": round(max(times), 1),
+                                       "loop_stall_ms": round(timings.stall, 1)}
             print(f"  {label}: {figures['pages'][label]}", flush=True)
+        watcher.cancel()
         if groups is None or "operations" in groups:
             figures["operations"] = await operations(client, base, svc, timings)
     return figures
@@ -300,7 +327,7 @@ def main() -> None:
         load_after = " ".join(f.read().split()[:3])
     stores = list(results)
     labels = list(dict.fromkeys(label for r in results.values() for label in r.get("pages", {})))
-    rows: list[tuple[str, ...]] = [("page (server ms)", *(f"{s} p50 / p95 (first)" for s in stores))]
+    rows: list[tuple[str, ...]] = [("page (server ms)", *(f"{s} p50 / p95 (first) stall" for s in stores))]
     worst: dict[str, tuple[float, str]] = {}
     for label in labels:
         cells = []
@@ -309,8 +336,8 @@ def main() -> None:
             if page is None:
                 cells.append(results[store].get("error", "-"))
                 continue
-            cells.append(f"{page['p50_ms']:.0f} / {page['p95_ms']:.0f} ({page['first_ms']:.0f})"
-                         + ("" if page["status"] == 200 else f" HTTP {page['status']}"))
+            cells.append(f"{page['p50_ms']:.0f} / {page['p95_ms']:.0f} ({page['first_ms']:.0f}) "
+                         f"{page['loop_stall_ms']:.0f}" + ("" if page["status"] == 200 else f" HTTP {page['status']}"))
             if page["p95_ms"] > worst.get(store, (-1.0, ""))[0]:
                 worst[store] = (page["p95_ms"], label)
         rows.append((label, *cells))

@@ -5,6 +5,7 @@ million customers), checked for what it must not change: the answers.
   customers have no phone (SQLite then walked every customer in id order).
 - A search that few customers match reads them a window of ids at a time and stops at a time budget;
   following its pages, stopped or full, finds every match exactly once, in order, either way.
+- A report's live tally hands the event loop back every few thousand rows and adds up the same.
 - Slow figures (dashboard, funnels, segment counts) are snapshots (:mod:`scrm.snapshots`): served
   while fresh, served stale while one refresh runs in the background, waited for when missing or too
   old, computed once for requests that ask together, kept warm for a while after a view, and never
@@ -17,12 +18,14 @@ import asyncio
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from sqlalchemy import event, insert, text
 
+from scrm import reports, rollups
 from scrm.clock import ManualClock
 from scrm.console import accounts, customers
 from scrm.console.customers import result_page
@@ -34,6 +37,8 @@ from scrm.store.engine import make_engine, make_sessionmaker, writing
 from scrm.store.migrate import upgrade
 from scrm.store.models import Customer
 from scrm.web import SERVICE, create_app
+from tests.test_reports import NOW as WORLD_NOW
+from tests.test_reports import world  # noqa: F401 (fixture)
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
 
@@ -267,3 +272,31 @@ async def test_the_customers_page_says_where_a_search_stopped(aiohttp_client: An
     assert 'data-stopped-at="23"' in page and 'data-customer="23"' in page  # ids 23..32 read: 23 found
     page = await (await client.get("/console/customers", params={"q": "#40"})).text()
     assert 'data-customer="40"' in page and "data-stopped-at" not in page  # a reference: no scan
+
+
+async def test_a_tally_hands_the_loop_back_between_rows_and_adds_up_the_same(world: Any,  # noqa: F811
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    service, _, _ = world
+    spans = [(WORLD_NOW - timedelta(days=40), WORLD_NOW)]
+    turns = 0
+
+    async def turn(delay: float) -> None:  # rollups' asyncio.sleep, counted
+        nonlocal turns
+        turns += 1
+        await asyncio.sleep(delay)
+
+    monkeypatch.setattr(rollups, "asyncio", SimpleNamespace(sleep=turn))
+
+    async def tally() -> tuple[rollups.Tally, int]:
+        nonlocal turns
+        turns = 0
+        async with service.sessions() as session:
+            return await rollups.live(session, spans), turns
+
+    whole, turns_whole = await tally()
+    monkeypatch.setattr(rollups, "ROWS_PER_TURN", 2)
+    pieces, turns_pieces = await tally()
+    assert whole.messages_in and whole.active_customers > 20 and whole.stage_moves
+    assert pieces == whole
+    # a turn of the loop after every two rows (a row per writer and day at least) instead of one a pass
+    assert turns_whole == 6 and turns_pieces >= whole.active_customers // 2 > turns_whole
