@@ -14,7 +14,7 @@ from scrm.conversations import routing, threads
 from scrm.messages import InboundEvent
 from scrm.service import Service
 from scrm.store.models import STAFF_REPLY, Conversation, Customer, Delivery, Touchpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.fakes.wechat import plaintext, text_xml
 from tests.test_wechat import TOKEN, customer_of, fake, post, start  # noqa: F401  (fake: a fixture)
 
@@ -277,3 +277,45 @@ async def test_the_fallback_is_no_answer_to_a_waiting_customer(make_config):
             assert await followups.waiting_tasks(service, s, monday.now()) == 1
     finally:
         await service.stop()
+
+
+async def test_telegram_staff_answer_by_replying_to_the_alert(aiohttp_server, aiohttp_client, make_config, clock):
+    from scrm.web import SERVICE, create_app
+    from tests.fakes.telegram import FakeTelegram, Updates, private_chat, user
+    from tests.test_telegram import TOKEN, deliver, telegram_config
+
+    fake = FakeTelegram(TOKEN)
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("/bot"))
+    updates = Updates(fake.bot_user)
+    alice, olive = user(1001, "Alice"), user(2002, "Olive")
+    config = telegram_config(make_config, fake.base_url, {"staff": {"telegram:2002": "operator"},
+                                                          "conversations": {"agents": ["telegram:2002"]}})
+    client = await aiohttp_client(create_app(config, clock))
+    service = client.app[SERVICE]
+
+    await deliver(client, updates.text(alice, "人工"))
+    await settle(service)  # the demo's welcome
+    assert await routing.alert_new(service) == 1
+    [alert] = [s for s in fake.sent if s.chat_id == 2002]
+    assert "/reply #" in (alert.text or "") and "reply to this message" in (alert.text or "")
+
+    answer = updates._message(olive, text="您好 Alice,请发订单号", reply_to_message={
+        "message_id": alert.message_id, "from": fake.bot_user, "chat": private_chat(olive), "date": 0,
+        "text": alert.text})
+    await deliver(client, answer)
+    # replies go out after the webhook's 200, at the chat's pace (the alert was its last message)
+    await eventually(lambda: _any_async(any("Queued" in t for t in fake.texts_to(2002))))
+    await settle(service)
+    await eventually(lambda: _any_async(fake.texts_to(1001)[-1:] == ["您好 Alice,请发订单号"]))
+    [(actor,)] = await read(service, select(Touchpoint.actor).where(Touchpoint.kind == "staff_reply"))
+    assert actor == "staff:telegram:2002"
+    # a reply to any other message of the bot is no answer to a customer
+    other = updates._message(olive, text="谢谢", reply_to_message={
+        "message_id": 999_999, "from": fake.bot_user, "chat": private_chat(olive), "date": 0, "text": "?"})
+    await deliver(client, other)
+    assert await deliveries(service) == 1
+
+
+async def _any_async(value: bool) -> bool:
+    return value
