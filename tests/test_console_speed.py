@@ -3,6 +3,7 @@ million customers), checked for what it must not change: the answers.
 
 - A phone number is looked up in its keyed hash's index, also once the store's statistics say most
   customers have no phone (SQLite then walked every customer in id order).
+- A name search on SQLite finds what ``lower(name) LIKE lower(text)`` finds, without lowering each name.
 - A search that few customers match reads them a window of ids at a time and stops at a time budget;
   following its pages, stopped or full, finds every match exactly once, in order, either way.
 - A report's live tally hands the event loop back every few thousand rows and adds up the same.
@@ -23,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import event, insert, select, text
 
 from scrm import reports, rollups
 from scrm.clock import ManualClock
 from scrm.console import accounts, customers
-from scrm.console.customers import result_page
+from scrm.console.customers import result_page, search
 from scrm.customers import phone_ref, resolve_refs
 from scrm.keyring import LOOKUP_ID, Keyring, new_key_entry
 from scrm.personal import phone_hash
@@ -300,3 +301,34 @@ async def test_a_tally_hands_the_loop_back_between_rows_and_adds_up_the_same(wor
     assert pieces == whole
     # a turn of the loop after every two rows (a row per writer and day at least) instead of one a pass
     assert turns_whole == 6 and turns_pieces >= whole.active_customers // 2 > turns_whole
+
+
+NAMES = ["Amy 艾米", "AMY-2", "amy_3", "x%y", "ÉCOLE école", "Zoë", "客户12", "o'brien", "back\\slash", None]
+
+
+async def test_a_name_search_finds_the_names_lowering_them_would(store: dict[str, Any]) -> None:
+    engine = make_engine(store["url"], store.get("schema_name"))
+    await upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    async with sessions() as session, session.begin():
+        await session.execute(insert(Customer), [
+            {"id": i, "display_name": name, "first_seen_at": NOW, "last_seen_at": NOW}
+            for i, name in enumerate(NAMES, start=1)])
+    svc = SimpleNamespace(config=SimpleNamespace(channels={}, segments={}))
+    try:
+        async with sessions() as session:
+            async def found(text: str) -> list[str | None]:
+                where = (await search(session, svc, text, NOW)).where  # type: ignore[arg-type]
+                return list((await session.scalars(select(Customer.display_name).where(where)
+                                                   .order_by(Customer.id))).all())
+
+            assert await found("amy") == ["Amy 艾米", "AMY-2", "amy_3"] == await found("name:AMY")
+            assert await found("艾") == ["Amy 艾米"] and await found("客户1") == ["客户12"]
+            assert await found("%") == ["x%y"] and await found("_") == ["amy_3"]  # wildcards are text
+            assert await found("o'b") == ["o'brien"] and await found("\\") == ["back\\slash"]
+            for text in ("amy", "MY-", "école", "ÉCOLE", "Zoë", "ZOË", "x%", "客户", "O'B"):  # É folds as before
+                lowered = list((await session.scalars(select(Customer.display_name).where(
+                    Customer.display_name.icontains(text, autoescape=True)).order_by(Customer.id))).all())
+                assert await found(text) == lowered, text
+    finally:
+        await engine.dispose()

@@ -15,8 +15,8 @@ Each is one condition on customers, which the list, the bulk tag and the CSV all
 the last id seen (``before`` / ``after``), never by OFFSET: page 20,000 of a million customers costs
 what page 1 does. A search that few customers match (a rare name: no index holds parts of names)
 reads the customers a window of ids at a time and, past a time budget, shows what it found so far
-and where it stopped; the next page goes on from there (:func:`result_page`). The list shows no count (counting a million rows on every page is the slow part);
-the bulk-tag confirmation counts, once.
+and where it stopped; the next page goes on from there (:func:`result_page`). The list shows no
+count (counting a million rows on every page is the slow part); the bulk-tag confirmation counts, once.
 
 A phone number is shown as its last four digits, to every role: what staff screens, ``scrm customers
 show`` and the exports without personal data show (the API's view shows none). A list of results is
@@ -54,6 +54,7 @@ from scrm.customers import (
 )
 from scrm.personal import masked_phone
 from scrm.service import Service
+from scrm.store.dialect import dialect_name
 from scrm.store.engine import reading, writing
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
 from scrm.store.sqlite_driver import statements_in_thread
@@ -111,7 +112,7 @@ async def search(session: AsyncSession, svc: Service, text: str, now: datetime) 
     prefix = prefix.strip().lower() if sep else ""
     rest = rest.strip()
     if prefix == "name":
-        return Search(text, "name", Customer.display_name.icontains(rest, autoescape=True)) if rest \
+        return Search(text, "name", _name_contains(session, rest)) if rest \
             else _failed(text, "name", "name: needs some text to look for")
     if prefix == "stage":
         return Search(text, "stage", Customer.stage == rest) if rest \
@@ -138,7 +139,16 @@ async def search(session: AsyncSession, svc: Service, text: str, now: datetime) 
             return Search(text, "expression", segments.condition(text, now, config.segments))
         except segments.ExpressionError as exc:
             return _failed(text, "expression", str(exc))
-    return Search(text, "name", Customer.display_name.icontains(text, autoescape=True))
+    return Search(text, "name", _name_contains(session, text))
+
+
+def _name_contains(session: AsyncSession, text: str) -> ColumnElement[bool]:
+    """Display names containing ``text``, ignoring case. SQLite's LIKE ignores the case of ASCII letters
+    and only those, as its lower() lowers only those: the same names as ``lower(name) LIKE lower(text)``
+    without lowering every name first (a third of a look at a million names)."""
+    if dialect_name(session) == "sqlite":
+        return Customer.display_name.contains(text, autoescape=True)
+    return Customer.display_name.icontains(text, autoescape=True)
 
 
 @dataclass(frozen=True)
