@@ -58,10 +58,12 @@ class Snapshots:
         self._asked: dict[Hashable, tuple[datetime, Callable[[], Awaitable[Any]]]] = {}
         self._keeper: asyncio.Task[None] | None = None
 
-    async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> Snapshot[T]:
+    async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]], warm: bool = True) -> Snapshot[T]:
         """The snapshot for ``key``, computing it with ``compute`` (which opens its own transaction: a
-        refresh outlives the request that started it) when there is none young enough."""
-        self._asked[key] = (self.clock.now(), compute)
+        refresh outlives the request that started it) when there is none young enough. ``warm=False``:
+        not kept warm (figures someone asked for once, such as an expression typed in a box)."""
+        if warm:
+            self._asked[key] = (self.clock.now(), compute)
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)

@@ -159,11 +159,12 @@ async def test_a_failed_refresh_keeps_the_last_figures_and_a_failed_read_says_so
 async def test_snapshots_looked_at_lately_are_kept_warm() -> None:
     clock = ManualClock(NOW)
     cache = Snapshots(clock, fresh=timedelta(minutes=1), keep=timedelta(minutes=30), warm=timedelta(hours=2))
-    seen, unseen = Figures(), Figures()
+    seen, unseen, once = Figures(), Figures(), Figures()
     await cache.get("seen", seen)
     await cache.get("unseen", unseen)
+    await cache.get("once", once, warm=False)
     clock.advance(30)
-    assert cache.keep_warm() == 0  # both fresh
+    assert cache.keep_warm() == 0  # all fresh
     clock.advance(timedelta(minutes=50))
     await cache.get("seen", seen)  # stale: served, and refreshed
     await turns()
@@ -171,7 +172,7 @@ async def test_snapshots_looked_at_lately_are_kept_warm() -> None:
     clock.advance(timedelta(minutes=5))
     assert cache.keep_warm() == 2  # asked for within two hours and older than a minute: read again
     await turns()
-    assert (seen.runs, unseen.runs) == (3, 2)
+    assert (seen.runs, unseen.runs, once.runs) == (3, 2, 1)  # "once" is read again only when asked
     clock.advance(timedelta(minutes=70))  # "unseen" was last asked for 2h05 ago: left to age
     assert cache.keep_warm() == 1
     await turns()

@@ -38,6 +38,8 @@ TASKS_SHOWN = 20
 FIGURES = ("new_customers", "active_customers", "messages_in", "messages_out", "opt_outs", "campaign_sends",
            "coupons_granted", "coupon_redemptions", "conversions", "attributed_conversions")
 PERIOD_HINT = "7d, 30d or YYYY-MM-DD..YYYY-MM-DD"
+#: The periods the page links to, whose snapshots are kept warm (other periods are read when asked).
+KEPT_WARM = ("7d", "30d")
 
 
 def _period(request: web.Request) -> tuple[str, reports.Period, str | None]:
@@ -112,7 +114,8 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     now = svc.clock.now()
     # The top tags are the same for every period: a snapshot of their own, read beside the period's.
     report, tags = await asyncio.gather(
-        snapshots(request).get(("dashboard", arg, config.reports.attribution_days), _figures(svc, arg)),
+        snapshots(request).get(("dashboard", arg, config.reports.attribution_days), _figures(svc, arg),
+                               warm=arg in KEPT_WARM),
         snapshots(request).get(("top tags",), _top_tags(svc)))
     async with reading(svc.sessions) as session:  # the tasks are work to do: always as they are now
         tasks = await followups.open_tasks(session, None, TASKS_SHOWN)
@@ -147,5 +150,5 @@ async def trend_chart(request: web.Request) -> web.StreamResponse:
             trend = await reports.daily_trend(session, _asked(svc, arg), svc.config.service.timezone)
         return await charts.chart(charts.trend_png, trend, "both").png()
 
-    png = (await snapshots(request).get(("trend.png", arg), draw)).value
+    png = (await snapshots(request).get(("trend.png", arg), draw, warm=arg in KEPT_WARM)).value
     return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, max-age=60"})

@@ -65,7 +65,7 @@ async def segments_page(request: web.Request) -> web.StreamResponse:
         except segments.ExpressionError as exc:
             context["expr_error"] = str(exc)
         else:
-            one = await snapshots(request).get(("segment", expr, config_key), _count(svc, {"expr": expr}))
+            one = await snapshots(request).get(("segment", expr, config_key), _count(svc, {"expr": expr}), warm=False)
             total, context["preview_at"] = one.value["expr"], one.at
     elif show and show not in configured:
         context["show_error"] = f"No segment {show[:64]!r} in the config."
