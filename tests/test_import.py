@@ -161,7 +161,7 @@ def test_cli_import_export(tmp_path, store):
                                                  ["Bad", "x", "", "", "", "", ""]])
     first = scrm(tmp_path, store, "customers", "import", str(path))
     assert first.returncode == 0, first.stderr
-    assert "importing list.csv" in first.stderr  # the progress bar
+    assert "importing list.csv" not in first.stderr  # the progress bar only draws on a terminal
     assert "2 row(s): 1 imported, 0 merged" in first.stdout and "1 rejected" in first.stdout
     assert (tmp_path / "list.rejects.csv").read_text(encoding="utf-8").splitlines()[1].startswith("3,\"phone:")
     second = scrm(tmp_path, store, "customers", "import", str(path))
