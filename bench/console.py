@@ -349,6 +349,10 @@ def main() -> None:
     print(table(rows))
     print(f"{args.customers:,} customers, {args.touchpoints:,} touchpoints; {args.repeat} requests a page; "
           f"load average {load_before} before, {load_after} after")
+    failed = [f"{store} {label} (HTTP {page['status']})" for store, r in results.items()
+              for label, page in r.get("pages", {}).items() if page["status"] != 200]
+    if failed:
+        print("NOT ANSWERED 200: " + ", ".join(failed))
     print("slowest page at p95: " + ", ".join(f"{s} {ms:.0f} ms ({label})" for s, (ms, label) in worst.items())
           + " (target <= 300 ms)")
     path = write_results("console", {"customers": args.customers, "touchpoints": args.touchpoints,
