@@ -187,7 +187,9 @@ def test_parse_is_pure(tmp_path: Path):
     first = batch.orders[0]
     assert first.customer == "#1" and batch.refs == {"#1": CustomerRef("#1", id=1)}
     assert json.loads(f"[7,{first.row}") == [7, "order", "A1", 120.5, "USD", "2026-03-01 10:30:00.000000"]
-    assert json.loads(f"[{first.items}]") == [["A1", "A", "奶粉 again", 2.0, 50.0], ["A1", "B", "奶瓶", 2.0, 10.25]]
+    at = "2026-03-01 10:30:00.000000"
+    assert json.loads(f"[{'9,1,'.join(first.items)}]") == [[9, 1, "A", "奶粉 again", 2.0, 50.0, at],
+                                                          [9, 1, "B", "奶瓶", 2.0, 10.25, at]]
     assert first.item_count == 2
 
 

@@ -13,11 +13,12 @@ invalidates no report rollup (orders are counted live, never rolled up).
 Why set-based: a brand's history can be millions of orders, and one order at a time (a lookup, an
 insert and a flush each) ran at ~350 orders/s. Each chunk of orders is a few statements whatever its
 size: one query for the order ids already stored, the customers resolved together
-(:func:`scrm.customers.resolve_refs`), then one INSERT ... SELECT each for conversions, their
-loyalty marks and their line items. Rows go in as one JSON value (:func:`scrm.store.dialect.json_rows`)
-instead of being bound one by one, and marks and items find their conversion by order id in the
-store, so the event loop handles no row of them: it only puts customer ids in front of the
-conversions' rows, which a worker thread read and wrote as JSON (see :func:`import_file`).
+(:func:`scrm.customers.resolve_refs`), then one INSERT ... SELECT each for conversions (returning
+their ids), their loyalty marks and their line items. Rows go in as one JSON value
+(:func:`scrm.store.dialect.json_rows`) instead of being bound one by one; a worker thread reads and
+writes them as JSON (see :func:`import_file`), and the event loop only puts the ids only the store
+knows in front of them. Marks and items are not joined to their conversions in the store: PostgreSQL
+estimates a JSON value at 100 rows and scanned every conversion for each chunk (~10,000 orders/s).
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from datetime import UTC, datetime
 from itertools import islice
 from json.encoder import encode_basestring
 from math import isfinite
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from pydantic_core import from_json
-from sqlalchemy import DateTime, insert, literal, select, true
+from sqlalchemy import insert, select, true
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scrm.customers import CustomerRef, CustomerRefError, parse_ref, resolve_refs
-from scrm.store.dialect import bulk_writes, dialect_of, json_rows, json_values
+from scrm.store.dialect import bulk_writes, dialect_of, json_rows, json_values, sqlite_datetime
 from scrm.store.models import Conversion, ConversionItem, LoyaltySeenConversion
 
 #: Orders read and parsed at a time (a transaction takes several: ``batch_size``).
@@ -53,9 +55,9 @@ Line = tuple[int, dict[str, Any] | str]
 _CONVERSIONS = Conversion.__table__
 _CONVERSION_COLUMNS = tuple(_CONVERSIONS.c[n] for n in ("customer_id", "kind", "order_id", "amount", "currency",
                                                          "created_at"))
-#: A line item as the parser writes it: its order's id, then what the item itself holds.
-_ITEM_COLUMNS = (_CONVERSIONS.c.order_id, *(ConversionItem.__table__.c[n] for n in ("sku", "name", "quantity",
-                                                                                    "price")))
+_SEEN_COLUMNS = tuple(LoyaltySeenConversion.__table__.c[n] for n in ("conversion_id", "customer_id", "seen_at"))
+_ITEM_COLUMNS = tuple(ConversionItem.__table__.c[n] for n in ("conversion_id", "customer_id", "sku", "name", "quantity",
+                                                            "price", "created_at"))
 #: ``\\u0000`` or half of a surrogate pair in a JSON line: text neither store can keep (checked further).
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
 _UNSTORABLE = "a text holds a NUL character or half a UTF-16 surrogate pair"
@@ -78,18 +80,19 @@ class ImportResult:
 
 class Order(NamedTuple):
     """One parsed order, its rows already JSON for :func:`scrm.store.dialect.json_rows` but for the
-    customer id, which only the store knows."""
+    ids only the store knows (the customer's, and the conversion's for the items)."""
 
     line_no: int
     order_id: str
-    #: The order id as JSON (the stored-ids query and the loyalty marks take a JSON array of them).
+    #: The order id as JSON (the stored-ids query takes a JSON array of them).
     id_json: str
     #: The customer reference as written (the batch's ``refs`` key).
     customer: str
     #: The conversion's row (:data:`_CONVERSION_COLUMNS`) after its customer id and the comma.
     row: str
-    #: Its line items' rows (:data:`_ITEM_COLUMNS`), comma-separated; "" for none.
-    items: str
+    #: Its line items' rows (:data:`_ITEM_COLUMNS`) cut where the conversion and customer ids go:
+    #: ``ids.join(items)`` is them all, comma-separated (one C call an order, not a string an item).
+    items: list[str]
     item_count: int
 
 
@@ -178,7 +181,8 @@ def _parse(line_no: int, order: Any, refs: dict[str, CustomerRef | CustomerRefEr
     items = get("items") or []
     if not isinstance(items, list):
         return "items is not a list"
-    id_json = encode_basestring(order_id)
+    # The date as SQLAlchemy stores it in SQLite (scrm.store.dialect.sqlite_datetime), inlined.
+    stamp = when.isoformat(" ", "microseconds")
     rows: dict[str, str] = {}  # one row per SKU: the last one
     for item in items:
         if not isinstance(item, dict):
@@ -193,18 +197,18 @@ def _parse(line_no: int, order: Any, refs: dict[str, CustomerRef | CustomerRefEr
             return "items: a quantity or price is not a number"
         if not (isfinite(quantity) and isfinite(price)):
             return "items: a quantity or price is not a number"
-        rows[sku] = (f"[{id_json},{encode_basestring(sku)},{encode_basestring(str(name)[:255]) if name else 'null'},"
-                     f"{quantity!r},{price!r}]")
+        rows[sku] = (f"{encode_basestring(sku)},{encode_basestring(str(name)[:255]) if name else 'null'},"
+                     f'{quantity!r},{price!r},"{stamp}"]')
     if customer not in refs:
         try:
             refs[customer] = parse_ref(customer, channels)
         except CustomerRefError as exc:
             refs[customer] = exc
-    # The date as SQLAlchemy stores it in SQLite (scrm.store.dialect.sqlite_datetime), inlined.
+    id_json = encode_basestring(order_id)
+    tails = list(rows.values())
     return Order(line_no, order_id, id_json, customer,
-                 f'"order",{id_json},{amount!r},{encode_basestring(str(get("currency") or "CNY")[:3])},'
-                 f'"{when.isoformat(" ", "microseconds")}"]',
-                 ",".join(rows.values()), len(rows))
+                 f'"order",{id_json},{amount!r},{encode_basestring(str(get("currency") or "CNY")[:3])},"{stamp}"]',
+                 ["[", *[tail + ",[" for tail in tails[:-1]], tails[-1]] if tails else [], len(tails))
 
 
 def parse_batch(lines: list[Line], channels: Mapping[str, Mapping[str, Any]]) -> ParsedBatch:
@@ -264,39 +268,39 @@ async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now
                         store_busy: Callable[[], object] = lambda: None) -> None:
     """Insert matched orders: their conversions, loyalty marks and line items, one statement each. An
     order id another writer stored since the match is skipped (the insert ignores a taken order id,
-    and returns the ones it took). ``store_busy`` is called just before the line items' insert, the
-    longest statement, which returns no rows (see :func:`import_file`)."""
+    and returns the ids of the ones it took). Rows go in by customer, so that the indexes by customer
+    take them in sequence. ``store_busy`` is called just before the line items' insert, the longest
+    statement, which returns no rows (see :func:`import_file`)."""
     if not new:
         store_busy()
         return
-    inserted = set((await session.execute(
+    new = sorted(new, key=itemgetter(1))
+    conversion_of = dict((await session.execute(
         dialect_of(session).insert(_CONVERSIONS)
         .from_select([c.name for c in _CONVERSION_COLUMNS], json_rows(session, _CONVERSION_COLUMNS).where(true()))
-        .on_conflict_do_nothing(index_elements=["order_id"]).returning(_CONVERSIONS.c.order_id),
-        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})).scalars().all())
-    orders = [o for o, _ in new]
-    if len(inserted) < len(orders):  # some stored by another writer since the match
-        result.skipped += len(orders) - len(inserted)
-        orders = [o for o in orders if o.order_id in inserted]
+        .on_conflict_do_nothing(index_elements=["order_id"])
+        .returning(_CONVERSIONS.c.order_id, _CONVERSIONS.c.id),
+        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})).tuples().all())
+    seen: list[str] = []
+    items: list[str] = []
+    stamp = encode_basestring(sqlite_datetime(now))
+    for o, customer in new:
+        conversion_id = conversion_of.get(o.order_id)
+        if conversion_id is None:  # stored by another writer since the match
+            result.skipped += 1
+            continue
+        seen.append(f"[{conversion_id},{customer},{stamp}]")
+        if o.items:
+            items.append(f"{conversion_id},{customer},".join(o.items))
+            result.items += o.item_count
     # The conversions are new: their marks and items cannot conflict with anything stored.
-    ids = "[" + ",".join([o.id_json for o in orders]) + "]"
     await session.execute(insert(LoyaltySeenConversion.__table__).from_select(
-        ["conversion_id", "customer_id", "seen_at"],
-        select(_CONVERSIONS.c.id, _CONVERSIONS.c.customer_id, literal(now, DateTime()))
-        .where(_CONVERSIONS.c.order_id.in_(json_values(session, "ids")))), {"ids": ids})
-    items = [o.items for o in orders if o.items]
+        [c.name for c in _SEEN_COLUMNS], json_rows(session, _SEEN_COLUMNS)), {"rows": "[" + ",".join(seen) + "]"})
     store_busy()
-    if items:  # in customer order: the indexes by customer take them in sequence (~10% of the insert on SQLite)
-        rows = json_rows(session, _ITEM_COLUMNS).subquery()
+    if items:
         await session.execute(insert(ConversionItem.__table__).from_select(
-            ["conversion_id", "customer_id", "sku", "name", "quantity", "price", "created_at"],
-            select(_CONVERSIONS.c.id, _CONVERSIONS.c.customer_id, rows.c.sku, rows.c.name, rows.c.quantity,
-                   rows.c.price, _CONVERSIONS.c.created_at)
-            .join_from(rows, _CONVERSIONS, _CONVERSIONS.c.order_id == rows.c.order_id)
-            .order_by(_CONVERSIONS.c.customer_id)),
-            {"rows": "[" + ",".join(items) + "]"})
-    result.orders += len(orders)
-    result.items += sum(o.item_count for o in orders)
+            [c.name for c in _ITEM_COLUMNS], json_rows(session, _ITEM_COLUMNS)), {"rows": "[" + ",".join(items) + "]"})
+    result.orders += len(seen)
 
 
 async def import_file(sessions: async_sessionmaker[AsyncSession], path: Path, now: datetime,
