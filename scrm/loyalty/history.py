@@ -280,7 +280,7 @@ async def insert_orders(session: AsyncSession, new: list[tuple[Order, int]], now
         .from_select([c.name for c in _CONVERSION_COLUMNS], json_rows(session, _CONVERSION_COLUMNS).where(true()))
         .on_conflict_do_nothing(index_elements=["order_id"])
         .returning(_CONVERSIONS.c.order_id, _CONVERSIONS.c.id),
-        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})).tuples().all())
+        {"rows": "[" + ",".join([f"[{customer},{o.row}" for o, customer in new]) + "]"})).all())
     seen: list[str] = []
     items: list[str] = []
     stamp = encode_basestring(sqlite_datetime(now))
