@@ -86,7 +86,7 @@ class Entry:
     message: bool
 
 
-def _detail(tp: Touchpoint) -> str:
+def touchpoint_detail(tp: Touchpoint) -> str:
     """What an internal or non-text touchpoint says, in a line (its payload's values, the campaign)."""
     parts = [f"{k}={json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}"
              for k, v in sorted((tp.payload or {}).items()) if v not in (None, "", [], {})]
@@ -106,7 +106,7 @@ async def thread_page(session: AsyncSession, customer_id: int, size: int, before
     rows = list((await session.scalars(query.order_by(Touchpoint.id.desc()).limit(size + 1))).all())
     tz = ZoneInfo(zone)
     entries = [Entry(t.id, t.created_at.replace(tzinfo=UTC).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
-                     t.direction, t.kind, t.channel, t.text, _detail(t), t.kind in MESSAGE_KINDS or t.text is not None)
+                     t.direction, t.kind, t.channel, t.text, touchpoint_detail(t), t.kind in MESSAGE_KINDS or t.text is not None)
                for t in rows[:size]]
     return entries, entries[-1].id if len(rows) > size else None
 

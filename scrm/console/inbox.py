@@ -25,7 +25,6 @@ for every customer on every refresh would bury the log.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.audit import audit
 from scrm.console.app import Pages, error_page, service, staff
+from scrm.console.customer import touchpoint_detail
 from scrm.console.customers import cursor
 from scrm.conversations import threads
 from scrm.customers import MAX_ID
@@ -137,15 +137,6 @@ class Entry:
     message: bool
 
 
-def _detail(tp: Touchpoint) -> str:
-    parts = [f"{k}={json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}"
-             for k, v in sorted((tp.payload or {}).items()) if v not in (None, "", [], {})]
-    if tp.campaign:
-        parts.insert(0, f"campaign={tp.campaign}")
-    line = " ".join(parts)
-    return line if len(line) <= 200 else line[:199] + "…"
-
-
 async def thread_page(session: AsyncSession, conv: Conversation, size: int, before: int | None,
                       zone: str) -> tuple[list[Entry], int | None]:
     """The conversation's touchpoints (its customer on its channel account) below id ``before``: the
@@ -158,7 +149,7 @@ async def thread_page(session: AsyncSession, conv: Conversation, size: int, befo
     rows = list((await session.scalars(query.order_by(Touchpoint.id.desc()).limit(size + 1))).all())
     tz = ZoneInfo(zone)
     entries = [Entry(t.id, t.created_at.replace(tzinfo=UTC).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
-                     t.direction, t.kind, t.actor, t.text, _detail(t),
+                     t.direction, t.kind, t.actor, t.text, touchpoint_detail(t),
                      t.kind in MESSAGE_KINDS or t.text is not None) for t in rows[:size]]
     older = entries[-1].id if len(rows) > size else None
     return entries[::-1], older
