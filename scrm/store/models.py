@@ -753,3 +753,51 @@ class SignInFailure(Base):
     name: Mapped[str] = mapped_column(String(64))
     address: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime]
+
+
+class AcquisitionCode(Base):
+    """A channel code (渠道活码): a WeChat parametric QR code, a WeCom contact-me or group join way, or a
+    Telegram deep link. ``scene`` is what the platform hands back when someone comes through it (the
+    QR scene string, the contact way's ``state``, the ``/start`` payload)."""
+
+    __tablename__ = "acquisition_codes"
+    __table_args__ = (UniqueConstraint("channel", "account", "scene", name="uq_acquisition_codes_scene"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    #: qr (temporary QR), qr_permanent, contact_way, join_way, deep_link
+    kind: Mapped[str] = mapped_column(String(16))
+    scene: Mapped[str] = mapped_column(String(64))
+    #: What the printed code encodes.
+    url: Mapped[str] = mapped_column(Text)
+    #: The platform's handle to update or delete it (WeChat ticket, WeCom config_id).
+    platform_ref: Mapped[str | None] = mapped_column(String(128))
+    staff: Mapped[list[str]] = mapped_column(JSON, default=list)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    welcome: Mapped[str | None] = mapped_column(Text)
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    coupon_pool: Mapped[str | None] = mapped_column(String(64))
+    cost: Mapped[float | None] = mapped_column(Float)
+    expires_at: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str | None] = mapped_column(String(160))
+
+
+class CodeScan(Base):
+    """One arrival through a code: a follow, scan, add or ``/start``; ``new_customer`` when it created
+    the customer (first touch), else a re-engagement."""
+
+    __tablename__ = "code_scans"
+    __table_args__ = (
+        Index("ix_code_scans_code_scanned", "code_id", "scanned_at"),
+        Index("ix_code_scans_customer_scanned", "customer_id", "scanned_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code_id: Mapped[int] = mapped_column(ForeignKey("acquisition_codes.id"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    new_customer: Mapped[bool] = mapped_column(Boolean)
+    scanned_at: Mapped[datetime]
