@@ -801,3 +801,22 @@ class CodeScan(Base):
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
     new_customer: Mapped[bool] = mapped_column(Boolean)
     scanned_at: Mapped[datetime]
+
+
+class TrackedLink(Base):
+    """A short link (``/l/<token>``) a template wrote with ``track()``: where it leads and what it was sent
+    in (a campaign delivery, or a reply rule's answer), so that a click is counted for them."""
+
+    __tablename__ = "tracked_links"
+
+    #: Unguessable; for a delivery derived from its id and the target, so rendering it again gives the same.
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(Text)
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    step: Mapped[int | None] = mapped_column(Integer)
+    variant: Mapped[str | None] = mapped_column(String(16))
+    #: The reply rule whose answer carried it.
+    rule: Mapped[str | None] = mapped_column(String(64))
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    delivery_id: Mapped[int | None]
+    created_at: Mapped[datetime]
