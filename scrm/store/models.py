@@ -353,6 +353,9 @@ Index("ix_touchpoints_staff", Touchpoint.actor, Touchpoint.created_at,
 # Replies to a platform message, by its id (retries answered again); other touchpoints are left out.
 Index("ix_touchpoints_reply_to", Touchpoint.channel, Touchpoint.account, Touchpoint.reply_to,
       sqlite_where=Touchpoint.reply_to.is_not(None), postgresql_where=Touchpoint.reply_to.is_not(None))
+# Tracked-link clicks by campaign: who clicked which campaign's links (funnels, the API, segments).
+Index("ix_touchpoints_clicks", Touchpoint.campaign, Touchpoint.customer_id,
+      sqlite_where=Touchpoint.kind == "click", postgresql_where=Touchpoint.kind == "click")
 #: Conversions credited to a campaign (funnel) and coupons granted in a period (report).
 Index("ix_conversions_campaign_created", Conversion.campaign, Conversion.created_at)
 Index("ix_coupon_codes_granted_at", CouponCode.granted_at)

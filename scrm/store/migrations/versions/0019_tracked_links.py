@@ -1,4 +1,5 @@
-"""Tracked links: the short links (/l/<token>) templates write with track(), and what each stands for
+"""Tracked links: the short links (/l/<token>) templates write with track(), what each stands for, and
+the index their clicks are counted by
 
 Revision ID: 0019
 Revises: 0018
@@ -29,8 +30,11 @@ def upgrade() -> None:
         sa.Column('created_at', sa.DateTime(), nullable=False),
     )
     op.create_index('ix_tracked_links_customer_id', 'tracked_links', ['customer_id'])
+    op.create_index('ix_touchpoints_clicks', 'touchpoints', ['campaign', 'customer_id'], unique=False,
+                    sqlite_where=sa.text("kind = 'click'"), postgresql_where=sa.text("kind = 'click'"))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_touchpoints_clicks', table_name='touchpoints')
     op.drop_index('ix_tracked_links_customer_id', 'tracked_links')
     op.drop_table('tracked_links')
