@@ -286,6 +286,16 @@ class ConsoleConfig(_Strict):
     page_size: int = Field(50, gt=0, le=500)
 
 
+class LinksConfig(_Strict):
+    """Tracked links (``{{ track('https://…') }}`` in templates, served at ``/l/<token>``)."""
+
+    #: Where people reach the service's ``/l/`` links (default: ``console.base_url``, else
+    #: ``http://<service.host>:<service.port>``).
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/.*)?$")
+    #: A link answers 404 this many days after it was sent, so old messages stop counting clicks.
+    expiry_days: int = Field(90, gt=0)
+
+
 class ReplyNotice(_Strict):
     """The notice template (WeChat template message) offered for a staff reply outside a channel's reply
     window; field texts may use ``{{ text }}`` (the reply) and ``{{ customer.name }}``."""
@@ -447,6 +457,7 @@ class Config(_Strict):
     channels: dict[str, dict[str, dict[str, Any]]] = {}
     api: ApiConfig = ApiConfig()
     console: ConsoleConfig = ConsoleConfig()
+    links: LinksConfig = LinksConfig()
     conversations: ConversationsConfig = ConversationsConfig()
     logging: LoggingConfig = LoggingConfig()
     #: Points, tiers, referrals, surveys and follow-ups; absent = off (see scrm.loyalty).

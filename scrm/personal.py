@@ -374,6 +374,7 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
         Redemption,
         TagScore,
         Touchpoint,
+        TrackedLink,
     )
 
     if keep.id == dup.id:
@@ -388,7 +389,7 @@ async def merge(session: AsyncSession, keep: Customer, dup: Customer) -> None:
         GroupMember.group_id.in_(select(GroupMember.group_id).where(GroupMember.customer_id == keep.id)
                                  .scalar_subquery())))
     for model in (Identity, Touchpoint, CustomerTag, TagScore, GroupMember, Delivery, CouponCode, Redemption,
-                  Conversion, ConsentRow):
+                  Conversion, ConsentRow, TrackedLink):
         await session.execute(update(model).where(model.customer_id == dup.id).values(customer_id=keep.id)
                               .execution_options(synchronize_session=False))
     if keep.phone_enc is None and dup.phone_enc is not None:

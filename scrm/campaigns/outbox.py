@@ -31,6 +31,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import consent, coupons, metrics, segments
+from scrm.acquisition import links
 from scrm.campaigns import templates
 from scrm.campaigns.definitions import CampaignDefinition, Step, parse_duration
 from scrm.campaigns.ratelimit import limiters
@@ -76,6 +77,8 @@ class _Prepared:
     delivery_id: int
     message: OutboundMessage | None
     skip_reason: str | None = None
+    #: The tracked links its text writes, stored in the transaction that prepared it (before it is sent).
+    tracked: links.Links | None = None
 
 
 class _Flight:
@@ -252,6 +255,8 @@ class Outbox:
                 if p is None:
                     deferred += 1
                 else:
+                    if p.tracked is not None:
+                        await p.tracked.save(session)
                     prepared.append(p)
                     if p.message is not None:
                         self._in_flight.add(p.delivery_id)
@@ -336,6 +341,8 @@ class Outbox:
         if step.variants:
             d.variant = d.variant or pick_variant(definition.name, d.target, step)
             source = next(v.text for v in step.variants if v.name == d.variant)
+        tracked = links.for_delivery(self.service.config, self.service.keyring, d, self.service.clock.now())
+        context = {**context, links.CONTEXT_KEY: tracked}
         d.text = templates.render(source, context)
         notice = None
         if (spec := step.template) is not None:
@@ -348,7 +355,7 @@ class Outbox:
         return _Prepared(d.id, OutboundMessage(d.channel, d.account, d.external_id, d.text, d.id, d.campaign,
                                                last_inbound_at, notice, to_group=to_group,
                                                buttons=tuple((b.text, b.url) for b in step.buttons),
-                                               article=article))
+                                               article=article), tracked=tracked)
 
     async def _coupon(self, session: AsyncSession, d: Delivery, definition: CampaignDefinition, step: Step,
                       customer_id: int, granted: CouponCode | None, now: datetime) -> dict[str, str] | str | None:

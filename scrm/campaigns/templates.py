@@ -8,11 +8,14 @@ from typing import Any
 from jinja2 import StrictUndefined, Template, TemplateError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
+from scrm.acquisition import links
 from scrm.loyalty.recommend import recommend
 
 _env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 #: ``{{ recommend(customer, 3) }}``: the customer's pre-computed co-purchase recommendations.
 _env.globals["recommend"] = recommend
+#: ``{{ track('https://…') }}``: a tracked short link to the URL (scrm.acquisition.links).
+_env.globals["track"] = links.track
 
 #: Names a template may use, with sample values used to check templates at load time.
 SAMPLE_CONTEXT: dict[str, Any] = {
@@ -31,6 +34,8 @@ def check(source: str, available: set[str]) -> str | None:
         unknown = meta.find_undeclared_variables(parsed) - available - set(_env.globals)
         if unknown:
             return f"unknown variable(s): {', '.join(sorted(unknown))} (available: {', '.join(sorted(available))})"
+        if problem := links.call_problem(parsed):
+            return f"template error: {problem}"
         _env.from_string(source).render({k: v for k, v in SAMPLE_CONTEXT.items() if k in available})
     except TemplateError as exc:
         return f"template error: {exc}"

@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
+from scrm.acquisition import links
 from scrm.campaigns import templates
 from scrm.campaigns.outbox import customer_extras
 from scrm.conversations.replies import FALLBACK, LoadedRule, in_working_hours
@@ -138,6 +139,8 @@ class AutoReplies:
                 payload["coupon"] = code.code
                 if fresh:
                     granted = {"code": code.code, "pool": rule.coupon, "rule": rule.name}
+        tracked = links.for_reply(self.config, rule.name, customer_id, self.now)
+        context[links.CONTEXT_KEY] = tracked
         text = templates.render(source, context).strip()
         if not text:
             return AutoReply(rule.name, None, "empty")
@@ -145,6 +148,7 @@ class AutoReplies:
         if (card := rule.article) is not None and source == rule.text:
             article = Article(templates.render(card.title, context), templates.render(card.description, context),
                               card.url, card.picurl)
+        await tracked.save(self.session)
         return AutoReply(rule.name, text, buttons=tuple((b.text, b.url) for b in rule.buttons), article=article,
                          payload=payload, granted=granted)
 
@@ -154,10 +158,13 @@ class AutoReplies:
         if self._in_hours is None:
             self._in_hours = in_working_hours(self.config, fallback.hours, self.now)
         source = fallback.text if self._in_hours else fallback.out_of_hours or fallback.text
-        context = {"customer": await self._customer(customer_id, event, self.book.fallback_reads)}
+        tracked = links.for_reply(self.config, FALLBACK, customer_id, self.now)
+        context = {"customer": await self._customer(customer_id, event, self.book.fallback_reads),
+                   links.CONTEXT_KEY: tracked}
         text = templates.render(source, context).strip()
         if not text:
             return AutoReply(FALLBACK, None, "empty")
+        await tracked.save(self.session)
         return AutoReply(FALLBACK, text, payload={"rule": FALLBACK, "hours": "in" if self._in_hours else "out"})
 
     async def _cooling(self, customer_id: int, name: str, cooldown: timedelta) -> bool:
