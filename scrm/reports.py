@@ -68,6 +68,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "sent": ("发送", "Sent"),
     "delivered": ("送达", "Delivered"),
     "replied": ("回复", "Replied"),
+    "clicked": ("点击", "Clicked"),
     "redeemed": ("核销", "Redeemed"),
     "converted": ("转化", "Converted"),
     "variant": ("版本", "Variant"),
@@ -83,7 +84,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "no_data": ("暂无数据", "No data"),
 }
 
-STEPS = ("audience", "sent", "delivered", "replied", "redeemed", "converted")
+STEPS = ("audience", "sent", "delivered", "replied", "clicked", "redeemed", "converted")
 #: Statuses that reached the channel (the outbox tried to send).
 ATTEMPTED = ("sending", "sent", "failed", "unknown")
 REPLY_WINDOW = timedelta(hours=48)
@@ -433,6 +434,8 @@ class FunnelRow:
     sent: int = 0
     delivered: int = 0
     replied: int = 0
+    #: Customers who followed a tracked link of the deliveries (each once, however often they clicked).
+    clicked: int = 0
     redeemed: int = 0
     converted: int = 0
     conversions: int = 0
@@ -443,8 +446,9 @@ class FunnelRow:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def rates(self) -> dict[str, float]:
-        """Sent and delivered against the step before; replies, redemptions and conversions against delivered."""
-        base = {"sent": self.audience, "delivered": self.sent, "replied": self.delivered,
+        """Sent and delivered against the step before; replies, clicks, redemptions and conversions against
+        delivered."""
+        base = {"sent": self.audience, "delivered": self.sent, "replied": self.delivered, "clicked": self.delivered,
                 "redeemed": self.delivered, "converted": self.delivered}
         return {step: round(getattr(self, step) / n, 4) if n else 0.0 for step, n in base.items()}
 
@@ -496,6 +500,8 @@ async def funnels(session: AsyncSession, campaigns: Iterable[str], attribution_d
     replied = exists().where(Touchpoint.customer_id == d.customer_id, Touchpoint.direction == "in",
                              Touchpoint.kind.in_(MESSAGE_KINDS), Touchpoint.created_at > d.finished_at,
                              Touchpoint.created_at <= reply_end)
+    clicked = exists().where(Touchpoint.customer_id == d.customer_id, Touchpoint.kind == "click",
+                             Touchpoint.delivery_id == d.id)
     redeemed = exists().where(CouponCode.delivery_id == d.id, CouponCode.redeemed_at.is_not(None))
     variant = d.variant  # NULL (no A/B test) becomes "-" in Python: PostgreSQL cannot match bound GROUP BY expressions
 
@@ -504,7 +510,8 @@ async def funnels(session: AsyncSession, campaigns: Iterable[str], attribution_d
 
     steps = (await session.execute(
         select(d.campaign, variant, d.channel, func.count(), flag(d.status.in_(ATTEMPTED)), flag(delivered),
-               flag(and_(delivered, replied)), flag(and_(delivered, redeemed)))
+               flag(and_(delivered, replied)),
+               func.count(distinct(case((and_(delivered, clicked), d.customer_id)))), flag(and_(delivered, redeemed)))
         .where(d.campaign.in_(names)).group_by(d.campaign, variant, d.channel))).all()
     if not steps:
         return {}
@@ -532,9 +539,9 @@ async def funnels(session: AsyncSession, campaigns: Iterable[str], attribution_d
         skips.setdefault(str(c), {})[str(why)] = int(n)
 
     cells: dict[str, dict[tuple[str, str], FunnelRow]] = {}
-    for c, v, ch, audience, sent, deliv, rep, red in steps:
+    for c, v, ch, audience, sent, deliv, rep, clk, red in steps:
         cells.setdefault(c, {})[(v or "-", ch)] = FunnelRow(
-            int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(red or 0))
+            int(audience), int(sent or 0), int(deliv or 0), int(rep or 0), int(clk or 0), int(red or 0))
     for c, v, ch, n_deliveries, n_conversions, revenue in converted:
         cell = cells[c].setdefault((v or "-", ch), FunnelRow())
         cell.converted, cell.conversions, cell.revenue = int(n_deliveries), int(n_conversions), float(revenue or 0)
@@ -571,7 +578,7 @@ def format_funnel(f: Funnel, lang: Lang = "both") -> str:
     def split(key: str, groups: dict[str, FunnelRow]) -> None:
         head = "zh" if lang == "both" else lang
         lines.append(f"{label(key, lang)}: " + ">".join(label(s, head) for s in STEPS if s != "sent"))
-        lines.extend(table([(f"  {name}", f"{g.audience}>{g.delivered}>{g.replied}>{g.redeemed}>{g.converted}",
+        lines.extend(table([(f"  {name}", ">".join(str(getattr(g, s)) for s in STEPS if s != "sent"),
                              _pct(g.rates()["converted"])) for name, g in groups.items()]))
 
     if set(f.by_variant) != {"-"}:
@@ -580,7 +587,8 @@ def format_funnel(f: Funnel, lang: Lang = "both") -> str:
     if f.skips:
         lines.append(label("skips", lang) + ":")
         lines.extend(table([(f"  {reason}", str(n), "") for reason, n in f.skips.items()]))
-    lines.append(f"({label('replied', lang)}: 48h; {label('redeemed', lang)}/{label('converted', lang)} "
+    lines.append(f"({label('replied', lang)}: 48h; {label('clicked', lang)}/{label('redeemed', lang)}/"
+                 f"{label('converted', lang)} "
                  f"% of {label('delivered', lang)})")
     lines.append(attribution_rule(f.attribution_days, lang))
     return "\n".join(lines)

@@ -147,6 +147,13 @@ def generate(seed: int = 11, n: int = 70) -> World:
             if rng.random() < 0.4:
                 w.tags.append({"c": c["i"], "tag": name, "added": at(rng, c["first"], NOW),
                                "expires": rng.choice([None, None, NOW - timedelta(days=1), NOW + timedelta(days=3)])})
+    clicks = random.Random(seed + 1)  # its own draws: the world above stays what it was before links were tracked
+    for d in w.deliveries:  # tracked-link visits: clicks (some twice), and link previews, which count nobody
+        if d["status"] == "sent" or clicks.random() < 0.1:
+            moment = d["finished"] or NOW - timedelta(days=1)
+            for kind in clicks.choice([[], [], ["click"], ["click", "click"], ["link_preview"], ["link_preview", "click"]]):
+                w.touchpoints.append({"c": d["c"], "direction": "in", "kind": kind, "campaign": d["campaign"],
+                                      "delivery": d["id"], "at": at(clicks, moment, moment + timedelta(days=2))})
     return w
 
 
@@ -168,7 +175,8 @@ async def load(service: Service, w: World) -> dict[int, int]:
                                created_at=NOW))
         for t in w.touchpoints:
             s.add(Touchpoint(customer_id=ids[t["c"]], channel="wechat", account="a", direction=t["direction"],
-                             kind=t["kind"], text=t.get("text"), payload=t.get("payload", {}), created_at=t["at"]))
+                             kind=t["kind"], text=t.get("text"), payload=t.get("payload", {}), created_at=t["at"],
+                             campaign=t.get("campaign"), delivery_id=t.get("delivery")))
         for d in w.deliveries:
             s.add(Delivery(id=d["id"], campaign=d["campaign"], step=d["step"], target=f"c{ids[d['c']]}",
                            customer_id=ids[d["c"]], channel=d["channel"], account="a", external_id="x",
@@ -271,6 +279,8 @@ def funnel_truth(w: World, campaign: str) -> dict[str, Any]:
     revenue: dict[tuple[str, str], float] = defaultdict(float)
     inbound = [t for t in w.touchpoints if t["direction"] == "in" and t["kind"] in MESSAGE_KINDS]
     redeemed_by = {c["delivery"] for c in w.codes if c["delivery"] is not None and c["redeemed"] is not None}
+    clicked_by = {t["delivery"] for t in w.touchpoints if t["kind"] == "click"}
+    clickers: dict[tuple[str, str], set[int]] = defaultdict(set)  # customers, each once however often they clicked
     credited = [(conv, credited_delivery(w, conv)) for conv in w.conversions
                 if conv["campaign"] in (None, campaign)]
     credited = [(conv, d) for conv, d in credited if d is not None and d["campaign"] == campaign]
@@ -285,7 +295,11 @@ def funnel_truth(w: World, campaign: str) -> dict[str, Any]:
             cell["replied"] += any(t["c"] == d["c"] and d["finished"] < t["at"] <= d["finished"] + timedelta(hours=48)
                                    for t in inbound)
             cell["redeemed"] += d["id"] in redeemed_by
+            if d["id"] in clicked_by:
+                clickers[(d["variant"] or "-", d["channel"])].add(d["c"])
             cell["converted"] += any(cd["id"] == d["id"] for _, cd in credited)
+    for key, people in clickers.items():
+        cells[key]["clicked"] = len(people)
     for conv, d in credited:
         key = (d["variant"] or "-", d["channel"])
         cells[key]["conversions"] += 1
@@ -442,9 +456,10 @@ async def test_chat_report_and_funnel_show_the_same_figures(world):
 
     reaction = await service.receive(staff_event("bob", "/funnel spring"))
     f = funnel_truth(w, "spring")["total"]
-    funnel_rows = {line.split()[0]: line.split()[2:] for line in reaction.replies[0].splitlines()[1:7]}
+    funnel_rows = {line.split()[0]: line.split()[2:] for line in reaction.replies[0].splitlines()[1:8]}
     assert funnel_rows["目标"] == [str(f["audience"])]
     assert funnel_rows["送达"] == [str(f["delivered"]), f"{f['delivered'] / f['sent']:.0%}"]
+    assert funnel_rows["点击"] == [str(f["clicked"]), f"{f['clicked'] / f['delivered']:.0%}"]
     assert funnel_rows["转化"] == [str(f["converted"]), f"{f['converted'] / f['delivered']:.0%}"]
     assert len(reaction.images) == 1
     # English-only when the channel tells the staff member's locale

@@ -199,7 +199,7 @@ class TriggerOut(_Out):
 
 
 class Funnel(_Out):
-    """Deliveries by status, then what they led to (coupons, redemptions, attributed conversions)."""
+    """Deliveries by status, then what they led to (link clicks, coupons, redemptions, attributed conversions)."""
 
     planned: int = 0
     sending: int = 0
@@ -207,6 +207,8 @@ class Funnel(_Out):
     skipped: int = 0
     failed: int = 0
     unknown: int = 0
+    #: Customers who followed a tracked link of the campaign (each once).
+    clicked_customers: int = 0
     coupons_granted: int = 0
     coupons_redeemed: int = 0
     conversions: int = 0

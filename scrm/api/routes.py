@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons, orders
 from scrm.api import models as m
+from scrm.acquisition import links
 from scrm.api.framework import ApiError, Call, Endpoint
 from scrm.audit import audit
 from scrm.campaigns.definitions import TriggerEvent
@@ -37,6 +38,7 @@ from scrm.store.models import (
     CustomerTag,
     Delivery,
     Tag,
+    Touchpoint,
 )
 from scrm.tagging import change_tags
 
@@ -191,9 +193,11 @@ async def trigger_campaign(call: Call) -> tuple[int, m.TriggerOut]:
 
 
 async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
-    """Per campaign: deliveries by status, coupons granted/redeemed through them, attributed conversions.
+    """Per campaign: deliveries by status, customers who clicked its links, coupons granted/redeemed through
+    them, attributed conversions.
 
-    Plain aggregate SQL over the outbox and conversions (three grouped queries, whatever the base size).
+    Plain aggregate SQL over the outbox, the clicks (their own index) and conversions (four grouped queries,
+    whatever the base size).
     """
     out: dict[str, dict[str, Any]] = {}
     for campaign, status, n in (await session.execute(
@@ -205,6 +209,13 @@ async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
             select(Delivery.campaign, func.count(CouponCode.id), func.count(CouponCode.redeemed_at))
             .join(CouponCode, CouponCode.delivery_id == Delivery.id).group_by(Delivery.campaign))):
         out.setdefault(campaign, {}).update(coupons_granted=granted, coupons_redeemed=redeemed)
+    for clicked, people in (await session.execute(
+            select(Touchpoint.campaign, func.count(distinct(Touchpoint.customer_id)))
+            # The kind written out, not bound: the partial index on clicks applies only to the literal.
+            .where(Touchpoint.kind == literal_column(f"'{links.CLICK}'"), Touchpoint.campaign.is_not(None))
+            .group_by(Touchpoint.campaign))):
+        assert clicked is not None  # the query excludes clicks without a campaign
+        out.setdefault(clicked, {})["clicked_customers"] = people
     for credited, n, people, revenue in (await session.execute(
             select(Conversion.campaign, func.count(), func.count(distinct(Conversion.customer_id)),
                    func.coalesce(func.sum(Conversion.amount), 0))
