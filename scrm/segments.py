@@ -12,7 +12,8 @@ seen), ``days_since_seen``, ``age_days`` (since first seen), ``rfm.r`` / ``rfm.f
 Functions: ``tag(name)``, ``msgs(days)`` / ``msgs(from_days, to_days)`` (inbound messages in that
 window), ``conversions([days])``, ``revenue([days])``, ``coupons_received([days])``,
 ``coupons_redeemed([days])``, ``campaign_messages([days])``, ``replied()`` (wrote to us after the last
-campaign message they got), ``segment(name)``.
+campaign message they got), ``clicked(campaign[, days])`` (followed a tracked link of that campaign, in
+the last ``days`` or ever), ``segment(name)``.
 """
 
 from __future__ import annotations
@@ -291,6 +292,8 @@ class Compiler:
                              .where(Touchpoint.customer_id == Customer.id, Touchpoint.kind == "campaign_message")
                              .correlate(Customer).scalar_subquery())
             return and_(last_campaign.is_not(None), Customer.last_inbound_at > last_campaign)
+        if name == "clicked":
+            return self._clicked(node)
         #: name: (aggregate, owning customer's id column, time column, extra filter)
         aggregates: dict[str, tuple[ColumnElement[Any], QueryableAttribute[int | None],
                                     QueryableAttribute[datetime | None], ColumnElement[bool]]] = {
@@ -310,6 +313,20 @@ class Compiler:
                 query = query.where(when > self.now - _days(args[0], ast.unparse(node)))
             return query.correlate(Customer).scalar_subquery()
         raise ExpressionError(f"unknown function {name!r}")
+
+    def _clicked(self, node: ast.Call) -> Exists:
+        """``clicked('winback', 30)``: a click (not a link preview) on a link the campaign sent, in the last
+        30 days; without days, ever."""
+        args: list[Any] = [arg.value if isinstance(arg, ast.Constant) else None for arg in node.args]
+        if (node.keywords or not 1 <= len(args) <= 2 or not isinstance(args[0], str)
+                or any(not isinstance(d, (int, float)) or isinstance(d, bool) for d in args[1:])):
+            raise ExpressionError("clicked() takes a campaign name and optionally a number of days: "
+                                  "clicked('winback', 30)")
+        found = exists().where(Touchpoint.customer_id == Customer.id, Touchpoint.kind == "click",
+                               Touchpoint.campaign == args[0])
+        if len(args) == 2:
+            found = found.where(Touchpoint.created_at > self.now - _days(args[1], ast.unparse(node)))
+        return _about_customer(found)
 
 
 def _depth(tree: ast.AST) -> int:

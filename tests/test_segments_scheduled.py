@@ -88,6 +88,10 @@ CASES: dict[str, set[str]] = {
     "campaign_messages(30) >= 1": {"bob"},
     "replied()": {"ann"},
     "not replied()": {"bob", "cat", "dan"},
+    "clicked('winback')": {"ann", "bob"},  # cat's was a link preview
+    "clicked('winback', 30)": {"bob"},
+    "clicked('nurture', 7) or clicked('winback', 7)": {"bob", "dan"},
+    "not clicked('winback')": {"cat", "dan"},
     "segment('shanghai')": {"ann"},
     "not opted_out": {"ann", "bob", "cat", "dan"},
     "msgs(30) >= 1 or channel == 'console'": {"ann", "bob", "dan"},
@@ -186,6 +190,11 @@ async def _world(service: Service) -> dict[str, int]:
             touch("bob", "in", "text", ago * day)
         touch("bob", "out", "campaign_message", day / 2)  # after his last message
         touch("dan", "in", "text", 200 * day)
+        for name, campaign, kind, ago in (("ann", "winback", "click", 40 * day), ("bob", "winback", "click", day),
+                                          ("cat", "winback", "link_preview", day), ("dan", "nurture", "click", day)):
+            s.add(Touchpoint(customer_id=ids[name], channel="web", account="-", direction="in", kind=kind,
+                             campaign=campaign, payload={"target": "https://shop.example.com/"},
+                             created_at=NOW - ago))
     return ids
 
 
