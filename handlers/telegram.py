@@ -63,11 +63,12 @@ from telegram.error import (
     TelegramError,
 )
 from telegram.ext import AIORateLimiter, ExtBot
+from telegram.helpers import create_deep_linked_url
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from scrm.campaigns.ratelimit import Pace
-from scrm.channels import Channel, register
+from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
 from scrm.group_commit import StoreUnavailable
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
@@ -303,7 +304,7 @@ def _text_event(event: Callable[..., InboundEvent], sender: User, text: str,
         return event(sender, "subscribe", text=text)
     # The store keeps 64 characters of acquisition source; the touchpoint keeps the whole payload.
     return event(sender, "subscribe", text=text, source=f"telegram:start:{payload}"[:SOURCE_MAX],
-                 payload={"start": payload})
+                 payload={"start": payload}, scene=payload)
 
 
 def _reply_chat(update: Update) -> int | None:
@@ -492,6 +493,24 @@ class TelegramChannel(Channel):
             for task in pending:
                 task.cancel()
         await self.bot.shutdown()
+
+    async def create_code(self, request: CodeRequest) -> IssuedCode:
+        """A deep link, ``t.me/<bot>?start=<scene>``: Telegram keeps nothing, so it never expires on
+        Telegram's side (the service stops honouring it when it expires or is disabled)."""
+        if not START_PAYLOAD.fullmatch(request.scene):
+            raise CodeError("a Telegram start payload is 1-64 letters, digits, _ or -")
+        try:
+            username = self.bot.username  # learnt by getMe in start()
+        except RuntimeError:
+            username = None
+        if not username:
+            try:
+                username = (await self.bot.get_me()).username
+            except TelegramError as exc:
+                raise CodeError(f"Telegram did not tell the bot's username: {exc.message}") from exc
+        if not username:
+            raise CodeError("Telegram did not tell the bot's username")
+        return IssuedCode("deep_link", create_deep_linked_url(username, request.scene))
 
     # inbound
 

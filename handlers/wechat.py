@@ -43,7 +43,7 @@ from wechatpy.exceptions import InvalidAppIdException, InvalidSignatureException
 from wechatpy.fields import FloatField
 from wechatpy.replies import ArticlesReply, TextReply
 
-from scrm.channels import Channel, register
+from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ MAX_BACKOFF_SECONDS = 300.0
 _DECLARATION = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 #: WeChat waits this long for a callback's answer, and makes this many tries in all (PLATFORMS.md).
 ANSWER_WAIT = timedelta(seconds=5)
+#: A temporary QR code lives at most 30 days (qrcode/create's expire_seconds).
+QR_MAX_SECONDS = 2_592_000
 TRIES = 3
 #: A message that comes again within this long of its first try is WeChat retrying it (the answer was
 #: lost or late) and gets the passive reply recorded the first time; after it, the same MsgId is no
@@ -486,9 +488,11 @@ class WeChatChannel(Channel):
             return None
         # WeChat retries an unanswered callback: messages carry MsgId, events only sender + time.
         msg_id = str(m.id) if m.type in _MESSAGE_TYPES and m.id else None
+        scene = payload.get("scene") if kind in ("subscribe", "scan") else None
         return InboundEvent(self.type_name, self.account, m.source, kind, text=text,
                             platform_msg_id=msg_id or f"{m.source}:{m.time}", source=source,
-                            payload={k: v for k, v in payload.items() if v is not None})
+                            payload={k: v for k, v in payload.items() if v is not None},
+                            scene=scene if isinstance(scene, str) and scene else None)
 
     async def _react(self, event: InboundEvent) -> Reaction | None:
         """The core's reaction to answer now, or None when the commit takes longer than WeChat waits
@@ -612,6 +616,25 @@ class WeChatChannel(Channel):
     async def send_image(self, openid: str, media_id: str) -> SendResult:
         """Customer-service image message (e.g. a report chart); the 48-hour window applies."""
         return await self._request({"touser": openid, "msgtype": "image", "image": {"media_id": media_id}}, None)
+
+    async def create_code(self, request: CodeRequest) -> IssuedCode:
+        """A parametric QR code with a string scene (qrcode/create): temporary (up to 30 days) or
+        permanent. WeChat cannot withdraw one, so disabling a code only stops the service honouring it."""
+        body: dict[str, Any] = {"action_info": {"scene": {"scene_str": request.scene}}}
+        if request.expires_seconds is None:
+            body["action_name"], kind = "QR_LIMIT_STR_SCENE", "qr_permanent"
+        else:
+            body["action_name"], kind = "QR_STR_SCENE", "qr"
+            body["expire_seconds"] = min(request.expires_seconds, QR_MAX_SECONDS)
+        try:
+            result = await self._api.call("qrcode/create", body)
+        except _ApiError as exc:
+            raise CodeError(f"WeChat refused the QR code: {exc}") from exc
+        except (_NotSent, *_NETWORK_ERRORS) as exc:
+            raise CodeError(f"WeChat's API is unreachable: {exc}") from exc
+        if not isinstance(result, dict) or not result.get("url") or not result.get("ticket"):
+            raise CodeError("WeChat answered qrcode/create without a url and ticket")
+        return IssuedCode(kind, str(result["url"]), str(result["ticket"]))
 
     def _in_window(self, message: OutboundMessage) -> bool:
         """Inside 48 hours of the person's last interaction (the core counts follows, QR scans and

@@ -48,7 +48,7 @@ from wechatpy.exceptions import InvalidSignatureException
 from scrm import coupons, groups
 from scrm.campaigns import templates
 from scrm.campaigns.planner import Trigger, plan_events
-from scrm.channels import Channel, register
+from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
 from scrm.customers import find_customer, touchpoint
 from scrm.group_commit import StoreUnavailable
 from scrm.messages import InboundEvent, OutboundMessage, SendResult
@@ -117,6 +117,21 @@ class WeComSettings(BaseModel):
         return value if value.endswith("/") else value + "/"
 
 
+#: WeCom's errcodes a channel code can meet, in words for the operator.
+CODE_ERRORS = {
+    60111: "a staff member is not in the corp (left, or a wrong user id)",
+    40098: "a staff member has not verified their identity in WeCom",
+    45009: "WeCom's API quota for today is used up",
+    45033: "WeCom's API concurrency limit was hit",
+}
+
+
+def _code_refusal(exc: WeComError) -> str:
+    if exc.errcode is None:
+        return f"WeCom's API is unreachable ({exc.errmsg})"
+    return f"WeCom refused it ({exc.errcode}: {CODE_ERRORS.get(exc.errcode, exc.errmsg)})"
+
+
 class WeComError(Exception):
     """A WeCom API error (``errcode``), or no usable answer at all (``errcode`` None).
 
@@ -144,6 +159,8 @@ class _WelcomeJob:
     state: str | None
     code: str | None
     deadline: float  # event-loop time
+    #: A channel code's welcome, rendered by the core (scrm.acquisition.arrivals): it replaces the state's rule.
+    text: str | None = None
 
 
 @dataclass
@@ -314,11 +331,13 @@ class WeComChannel(Channel):
             log.info("wecom %s: ignoring change_external_contact %r", self.account, change)
             return
         event = InboundEvent("wecom", self.account, external, kind, source=source, payload=payload,
-                             platform_msg_id=_msg_id("change_external_contact", change, external, created))
+                             platform_msg_id=_msg_id("change_external_contact", change, external, created),
+                             scene=state if kind == "subscribe" else None)
         reaction = await self.service.receive(event)
         if kind == "subscribe" and not reaction.duplicate and reaction.customer_id is not None:
             job = _WelcomeJob(reaction.customer_id, external, owner, state, _text(data, "WelcomeCode") or None,
-                              received_at + WELCOME_CODE_TTL - WELCOME_MARGIN)
+                              received_at + WELCOME_CODE_TTL - WELCOME_MARGIN,
+                              reaction.replies[0] if reaction.replies else None)
             self._spawn(self._welcome(job), external)
 
     async def _chat_event(self, data: dict[str, Any]) -> None:
@@ -475,6 +494,44 @@ class WeComChannel(Channel):
                 self._token_expires = loop.time() + max(int(data.get("expires_in", 7200)) - 300, 60)
             return self._token
 
+    async def create_code(self, request: CodeRequest) -> IssuedCode:
+        """A contact-me way (externalcontact/add_contact_way, QR scene, ``state`` = the scene) for one or
+        several staff members, or a group join way (groupchat/add_join_way, then get_join_way for its
+        QR code) for up to 5 group chats. WeCom's own code image is at ``qr_code``; the service encodes
+        that link in the codes it renders."""
+        try:
+            if request.groups:
+                made = await self._api("externalcontact/groupchat/add_join_way", {
+                    "scene": 2, "remark": request.remark[:30], "auto_create_room": 0,
+                    "chat_id_list": list(request.groups), "state": request.scene})
+                config_id = str(made.get("config_id") or "")
+                way = (await self._api("externalcontact/groupchat/get_join_way", {"config_id": config_id}))
+                qr = (way.get("join_way") or {}).get("qr_code") if isinstance(way.get("join_way"), dict) else None
+                kind = "join_way"
+            else:
+                made = await self._api("externalcontact/add_contact_way", {
+                    "type": 1 if len(request.staff) == 1 else 2, "scene": 2, "remark": request.remark[:30],
+                    "skip_verify": True, "state": request.scene, "user": list(request.staff)})
+                config_id, qr, kind = str(made.get("config_id") or ""), made.get("qr_code"), "contact_way"
+        except WeComError as exc:
+            raise CodeError(_code_refusal(exc)) from exc
+        if not config_id or not isinstance(qr, str) or not qr:
+            raise CodeError("WeCom answered without a config_id and qr_code")
+        return IssuedCode(kind, qr, config_id)
+
+    async def delete_code(self, code: IssuedCode) -> None:
+        if not code.ref:
+            return
+        path = "externalcontact/groupchat/del_join_way" if code.kind == "join_way" else "externalcontact/del_contact_way"
+        try:
+            await self._api(path, {"config_id": code.ref})
+        except WeComError as exc:
+            if exc.errcode is None:
+                raise CodeError(_code_refusal(exc)) from exc
+            # WeCom answered: the way is gone already (deleted in its admin console) or cannot be deleted;
+            # either way the service stops honouring it
+            log.warning("wecom %s: deleting contact way %s: %s", self.account, code.ref, _code_refusal(exc))
+
     async def _api(self, path: str, body: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
         """Call an API with the cached access token, refreshing it once when WeCom says it is stale."""
         for attempt in range(2):
@@ -542,8 +599,12 @@ class WeComChannel(Channel):
                                               max(job.deadline - loop.time() - 5.0, 0.5))
             except (WeComError, TimeoutError) as exc:
                 log.info("wecom %s: no name for %s (%s)", self.account, job.external_id, exc)
-            prepared = await self._prepare_welcome(job, key, rule, name)
-            if rule is None or not job.code:
+            prepared = await self._prepare_welcome(job, key, None if job.text else rule, name)
+            if job.text:
+                prepared = _Prepared(rule=f"code:{job.state}", text=job.text)
+            elif rule is None:
+                return
+            if not job.code:
                 return
             errcode: int | str | None = None
             errmsg = prepared.problem or ""

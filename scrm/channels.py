@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
 
@@ -23,6 +24,37 @@ from scrm.messages import OutboundMessage, SendResult
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class CodeRequest:
+    """A channel code to make on the platform (scrm.acquisition.codes): ``scene`` comes back with each
+    arrival through it; ``expires_seconds`` None for a permanent code."""
+
+    scene: str
+    expires_seconds: int | None
+    staff: tuple[str, ...] = ()
+    #: WeCom: a group join way for these group chats instead of a contact-me way.
+    groups: tuple[str, ...] = ()
+    remark: str = ""
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    """What the platform made: ``url`` is what the printed code encodes; ``ref`` is the platform's handle
+    to update or delete it (WeCom's config_id, WeChat's ticket)."""
+
+    kind: str
+    url: str
+    ref: str | None = None
+
+
+class CodeError(Exception):
+    """The platform refused a code (expired, staff member unknown, quota): ``reason`` says why in words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Channel(ABC):
@@ -56,6 +88,13 @@ class Channel(ABC):
     @abstractmethod
     async def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; must not raise for platform errors, but report them."""
+
+    async def create_code(self, request: CodeRequest) -> IssuedCode:
+        """Make a channel code (QR code, contact-me way, deep link) on the platform."""
+        raise CodeError(f"{self.type_name} accounts have no channel codes")
+
+    async def delete_code(self, code: IssuedCode) -> None:
+        """Withdraw a code on the platform where it can be (else arrivals through it are ignored)."""
 
     #: Channel-specific CLI commands, mounted as ``scrm <type_name> ...``.
     cli: ClassVar[click.Group | None] = None

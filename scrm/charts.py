@@ -138,17 +138,25 @@ def trend_png(series: dict[str, dict[str, int]], lang: Lang = "both", font: Path
     """Daily lines (new customers, inbound messages, conversions) over the report period."""
     from scrm.reports import label
 
+    return lines_png({label(key, lang): points for key, points in series.items()}, label("daily_trend", lang),
+                     label("day", lang), font)
+
+
+def lines_png(series: dict[str, dict[str, int]], title: str, xlabel: str = "", font: Path | None = None) -> bytes:
+    """Daily lines, one per named series of ``{"MM-DD": value}`` over the same days."""
     with _style(font):
         fig = _figure()
         ax = fig.add_subplot()
-        for key, points in series.items():
-            ax.plot(range(len(points)), list(points.values()), marker="o", markersize=3, label=label(key, lang))
+        for name, points in series.items():
+            ax.plot(range(len(points)), list(points.values()), marker="o", markersize=3, label=name)
         days = list(next(iter(series.values()), {}))
         step = max(1, len(days) // 10)
-        ax.set_xticks(range(0, len(days), step), days[::step])  # MM-DD labels (scrm.reports.daily_trend)
-        ax.set_title(label("daily_trend", lang))
-        ax.set_xlabel(label("day", lang))
-        ax.legend(loc="upper left")
+        ax.set_xticks(range(0, len(days), step), days[::step])
+        ax.set_title(title)
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        if series:
+            ax.legend(loc="upper left")
         ax.grid(alpha=0.3)
         return _png(fig)
 

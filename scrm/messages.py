@@ -45,6 +45,9 @@ class InboundEvent:
     #: Acquisition source (QR scene, deep-link payload, contact-me state).
     source: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    #: The channel code's scene this arrival came through (QR scene string, contact-me state, deep-link
+    #: payload): scrm.acquisition.arrivals looks the code up by it.
+    scene: str | None = None
 
 
 def storable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import commands, coupons, groups, metrics, staff
+from scrm.acquisition.arrivals import arrive
 from scrm.campaigns.definitions import TriggerEvent
 from scrm.campaigns.planner import Trigger, plan_events, triggered
 from scrm.config import Role
@@ -322,6 +323,8 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
     elif event.kind in MESSAGE_KINDS:  # a picture, a voice message...: for a person to look at
         batch.note(customer_id, event)
 
+    if event.scene is not None:
+        replies += await _arrival(batch, event, customer_id, created)
     if created:
         batch.trigger("first_message", customer_id, event)
     for reply in replies:
@@ -330,6 +333,22 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
         return Reaction(replies=tuple(replies), customer_id=customer_id)
     batch.auto_reply(event, customer_id, auto)
     return Reaction(replies=(auto.text,), customer_id=customer_id, buttons=auto.buttons, article=auto.article)
+
+
+async def _arrival(batch: _Batch, event: InboundEvent, customer_id: int, created: bool) -> list[str]:
+    """A follow, scan or ``/start`` through a channel code: its effects, recorded; its welcome, if any."""
+    await batch.flush()
+    arrival = await arrive(batch.service, batch.session, event, customer_id, created, batch.now)
+    if arrival is None:
+        return []
+    batch.touchpoint(event, customer_id, "internal", "code_scan", payload=arrival.payload)
+    for tag in arrival.tags:
+        batch.touchpoint(event, customer_id, "internal", "tag_added", payload={"tag": tag, "code": arrival.code})
+        batch.trigger("tag_added", customer_id, event, tag=tag)
+    if arrival.granted is not None:
+        batch.touchpoint(event, customer_id, "internal", "coupon_granted", payload=arrival.granted)
+    batch.planned += arrival.planned
+    return [arrival.welcome] if arrival.welcome else []
 
 
 async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, text: str) -> list[str] | AutoReply:

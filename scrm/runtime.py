@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from scrm.campaigns.definitions import LoadedCampaign
+    from scrm.channels import CodeRequest, IssuedCode
     from scrm.clock import Clock
     from scrm.config import Config
     from scrm.conversations.replies import ReplyBook
@@ -34,6 +35,12 @@ class Sender(Protocol):
         (WeChat's customer-service messages: 48 hours); None: no such window."""
 
     async def send(self, message: OutboundMessage) -> SendResult: ...
+
+    async def create_code(self, request: CodeRequest) -> IssuedCode:
+        """Make a channel code on the platform (scrm.acquisition.codes)."""
+
+    async def delete_code(self, code: IssuedCode) -> None:
+        """Withdraw a channel code on the platform where it can be."""
 
 
 class Runtime(Protocol):

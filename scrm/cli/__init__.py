@@ -3,6 +3,7 @@
 from scrm.channels import channel_types
 from scrm.cli import (  # noqa: F401  (they register commands)
     campaigns,
+    codes,
     customers,
     io,
     loyalty,

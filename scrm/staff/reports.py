@@ -7,8 +7,10 @@ Labels follow the staff member's locale when the channel tells it, otherwise bot
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from scrm import charts, digests, reports
+from scrm.acquisition import figures
 from scrm.audit import audit
 from scrm.config import Role
 from scrm.conversations.figures import conversation_figures, format_conversations
@@ -17,7 +19,7 @@ from scrm.profile import customer_view
 from scrm.staff import StaffContext, StaffReply, command, customer_arg
 
 ALL: set[Role] = {"manager", "admin", "operator"}
-REPORT_USAGE = "/report [7d|30d|YYYY-MM-DD..YYYY-MM-DD]"
+REPORT_USAGE = "/report [7d|30d|YYYY-MM-DD..YYYY-MM-DD]  |  /report codes [days]"
 DIGEST_USAGE = "/digest daily|weekly HH:MM  |  /digest off"
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
@@ -38,6 +40,8 @@ def _lang(ctx: StaffContext) -> reports.Lang:
 @command("report", ALL, REPORT_USAGE, reads_only=True)
 async def report(ctx: StaffContext, args: str) -> StaffReply:
     config = ctx.service.config
+    if args.strip().startswith("codes"):
+        return await _codes(ctx, args.strip()[5:].strip())
     period = reports.parse_period(args, ctx.now, config.service.timezone)
     if period is None:
         return StaffReply(f"用法 Usage: {REPORT_USAGE}")
@@ -49,6 +53,19 @@ async def report(ctx: StaffContext, args: str) -> StaffReply:
                                    format_care(await care_figures(ctx.session, period)),
                                    format_conversations(conversations, lang)]))
     return StaffReply(text, (charts.chart(charts.trend_png, trend, lang),))
+
+
+async def _codes(ctx: StaffContext, args: str) -> StaffReply:
+    """``/report codes [days]``: what each channel code brought (scrm.acquisition.figures), with a chart."""
+    days = int(args) if args.isdecimal() and 1 <= int(args) <= 366 else 30 if not args else 0
+    if not days:
+        return StaffReply(f"用法 Usage: {REPORT_USAGE}")
+    found = await figures.code_figures(ctx.session, ctx.now - timedelta(days=days), ctx.now,
+                                       ctx.service.config.service.timezone, ctx.now)
+    text = figures.report_text(found, days)
+    if not any(f.new_customers for f in found):
+        return StaffReply(text)
+    return StaffReply(text, (charts.chart(figures.chart_png, found, days),))
 
 
 @command("funnel", ALL, "/funnel <campaign>", reads_only=True)

@@ -39,6 +39,9 @@ ERRMSG = {
     44002: "empty post data",
     45009: "reach max api daily quota limit",
     45015: "response out of time limit or subscription is canceled",
+    40009: "invalid image size",
+    40097: "invalid args",
+    45029: "qrcode count out of limit",
     45047: "out of response count limit",
 }
 
@@ -79,6 +82,10 @@ class FakeWeChat:
     custom_messages: list[dict[str, Any]] = field(default_factory=list)
     template_messages: list[dict[str, Any]] = field(default_factory=list)
     media: dict[str, bytes] = field(default_factory=dict)
+    #: Parametric QR codes made (ticket -> scene) and the permanent ones' scenes (at most ``permanent_limit``).
+    qr_tickets: dict[str, str] = field(default_factory=dict)
+    permanent_scenes: set[str] = field(default_factory=set)
+    permanent_limit: int = 100_000
     _tokens: dict[str, float] = field(default_factory=dict)
     _expired: set[str] = field(default_factory=set)
     _queued: dict[str, deque[int]] = field(default_factory=lambda: defaultdict(deque))
@@ -119,6 +126,7 @@ class FakeWeChat:
         app.router.add_post("/cgi-bin/message/custom/send", self._custom_send)
         app.router.add_post("/cgi-bin/message/template/send", self._template_send)
         app.router.add_post("/cgi-bin/media/upload", self._media_upload)
+        app.router.add_post("/cgi-bin/qrcode/create", self._qrcode_create)
         return app
 
     async def _answer(self, endpoint: str, query: dict[str, str], body: Any, answer: dict[str, Any]) -> web.Response:
@@ -217,6 +225,32 @@ class FakeWeChat:
         self.template_messages.append(body)
         msgid = 200_000_000 + len(self.template_messages)
         return await self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok", "msgid": msgid})
+
+    async def _qrcode_create(self, request: web.Request) -> web.Response:
+        """Parametric QR codes as WeChat makes them: QR_STR_SCENE (temporary, expire_seconds up to 30
+        days, 30 s if absent) and QR_LIMIT_STR_SCENE (permanent, ``permanent_limit`` of them: 45029 beyond);
+        scene_str 1-64 characters. Each gets a ticket and the URL its QR image encodes."""
+        endpoint, q = "qrcode/create", dict(request.query)
+        body = await self._json(request)
+        if code := await self._guard(endpoint, q, None):
+            return await self._answer(endpoint, q, body, error(code))
+        action = body.get("action_name") if isinstance(body, dict) else None
+        scene = ((body.get("action_info") or {}).get("scene") or {}).get("scene_str") if isinstance(body, dict) else None
+        if action not in ("QR_STR_SCENE", "QR_LIMIT_STR_SCENE") or not isinstance(scene, str) or not 1 <= len(scene) <= 64:
+            return await self._answer(endpoint, q, body, error(40097))
+        expire = body.get("expire_seconds", 30)
+        if action == "QR_STR_SCENE" and (not isinstance(expire, int) or not 60 <= expire <= 2_592_000):
+            return await self._answer(endpoint, q, body, error(40097))
+        if action == "QR_LIMIT_STR_SCENE":
+            if len(self.permanent_scenes) >= self.permanent_limit:
+                return await self._answer(endpoint, q, body, error(45029))
+            self.permanent_scenes.add(scene)
+        ticket = f"gQ{secrets.token_urlsafe(24)}"
+        self.qr_tickets[ticket] = scene
+        answer: dict[str, Any] = {"ticket": ticket, "url": f"http://weixin.qq.com/q/{secrets.token_urlsafe(16)}"}
+        if action == "QR_STR_SCENE":
+            answer["expire_seconds"] = expire
+        return await self._answer(endpoint, q, body, answer)
 
     async def _media_upload(self, request: web.Request) -> web.Response:
         endpoint, q = "media/upload", dict(request.query)

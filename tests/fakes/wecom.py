@@ -140,6 +140,9 @@ class FakeWeCom:
         self.contacts: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, Task] = {}
+        #: Staff user ids in the corp (a contact-me way for anyone else answers 60111) and the ways made.
+        self.staff: set[str] = {"zhangsan", "lisi"}
+        self.ways: dict[str, dict[str, Any]] = {}
         #: Every call: (api path, query, JSON body or None).
         self.calls: list[tuple[str, dict[str, str], dict[str, Any] | None]] = []
         #: Accepted welcome messages: (code, age in seconds when used, body).
@@ -211,10 +214,54 @@ class FakeWeCom:
             "externalcontact/get_groupmsg_task": self._get_task,
             "externalcontact/get_groupmsg_send_result": self._get_send_result,
             "externalcontact/groupchat/get": self._groupchat_get,
+            "externalcontact/add_contact_way": self._add_contact_way,
+            "externalcontact/del_contact_way": self._del_way,
+            "externalcontact/groupchat/add_join_way": self._add_join_way,
+            "externalcontact/groupchat/get_join_way": self._get_join_way,
+            "externalcontact/groupchat/del_join_way": self._del_way,
         }.get(path)
         if handler is None:
             return _error(404, f"unknown api {path}")
         return handler(query, body or {})
+
+    def _add_contact_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        """Contact-me ways: type 1 (one user) or 2, scene 2 (QR code), users in the corp (60111 for one who
+        left), state up to 30 characters; answers config_id and the QR image link."""
+        users, state = body.get("user") or [], body.get("state") or ""
+        if body.get("type") not in (1, 2) or body.get("scene") not in (1, 2):
+            return _error(41037, "missing contact way type")
+        if not isinstance(users, list) or not users or (body["type"] == 1 and len(users) != 1):
+            return _error(40058, "invalid user list")
+        if missing := [u for u in users if u not in self.staff]:
+            return _error(60111, f"invalid userid: {missing[0]}")
+        if not isinstance(state, str) or len(state) > 30:
+            return _error(40058, "state exceeds 30 characters")
+        config_id = secrets.token_hex(16)
+        self.ways[config_id] = {"config_id": config_id, "state": state, "user": users,
+                                "qr_code": f"https://wework.qpic.cn/wwpic/{secrets.token_hex(8)}/0"}
+        return _ok(config_id=config_id, qr_code=self.ways[config_id]["qr_code"])
+
+    def _add_join_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        chats = body.get("chat_id_list") or []
+        if not isinstance(chats, list) or not 1 <= len(chats) <= 5:
+            return _error(40058, "chat_id_list takes 1 to 5 group chats")
+        if missing := [c for c in chats if c not in self.groups]:
+            return _error(90500, f"invalid chat id: {missing[0]}")
+        config_id = secrets.token_hex(16)
+        self.ways[config_id] = {"config_id": config_id, "state": body.get("state") or "", "chat_id_list": chats,
+                                "qr_code": f"https://wework.qpic.cn/wwpic/{secrets.token_hex(8)}/0"}
+        return _ok(config_id=config_id)
+
+    def _get_join_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        way = self.ways.get(str(body.get("config_id")))
+        if way is None:
+            return _error(41044, "invalid config_id")
+        return _ok(join_way=way)
+
+    def _del_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        if self.ways.pop(str(body.get("config_id")), None) is None:
+            return _error(41044, "invalid config_id")
+        return _ok()
 
     def _gettoken(self, query: dict[str, str]) -> web.Response:
         if query.get("corpid") != self.corp_id or query.get("corpsecret") != self.secret:
