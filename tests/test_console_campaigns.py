@@ -273,13 +273,14 @@ async def test_the_campaign_page_shows_the_funnel_after_deliveries(console: Cons
     await page.goto(f"{console.url}/console/campaigns")
     welcome = page.locator("tr[data-campaign=welcome]")
     assert [await welcome.locator(f"td[data-step={s}]").inner_text()
-            for s in ("audience", "sent", "delivered", "replied", "redeemed", "converted")] == \
-        ["9", "8", "8", "3", "1", "1"]
+            for s in ("audience", "sent", "delivered", "replied", "clicked", "redeemed", "converted")] == \
+        ["9", "8", "8", "3", "0", "1", "1"]
     await welcome.locator("a").first.click()
     await page.wait_for_url(f"{console.url}/console/campaigns/welcome")
     figure = page.locator(".figure[data-figure=delivered]")
     assert (await figure.inner_text()).startswith("8") and "100%" in await figure.inner_text()
     assert (await page.locator(".figure[data-figure=replied]").inner_text()).startswith("3")
+    assert (await page.locator(".figure[data-figure=clicked]").inner_text()).startswith("0")
     groups = page.locator("table[data-split=variant] tr[data-group]")
     # the skipped welcome never got a variant: it is counted apart, in the audience only
     assert sorted(await groups.evaluate_all("rows => rows.map(r => r.dataset.group)")) == ["-", "A", "B"]
