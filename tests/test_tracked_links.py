@@ -104,13 +104,19 @@ async def clicked_in_funnel(client) -> int:
     return funnel.total.clicked
 
 
-async def sent_promo(client, fake: FakeTelegram, updates: Updates) -> tuple[Delivery, list[str]]:
-    """Alice's first message, and the promo it starts, as it arrived at Telegram (and recorded as sent)."""
-    await say(client, updates, "你好")
+async def promo(client) -> Delivery | None:
+    async with client.app[SERVICE].sessions() as s:
+        return await s.scalar(select(Delivery).where(Delivery.campaign == "promo"))
+
+
+async def sent_promo(client, fake: FakeTelegram, updates: Updates, first: bool = True) -> tuple[Delivery, list[str]]:
+    """Alice's first message (unless ``first`` is False: said already), and the promo it starts, as it
+    arrived at Telegram (and recorded as sent)."""
+    if first:
+        await say(client, updates, "你好")
 
     async def sent() -> Delivery | None:
-        async with client.app[SERVICE].sessions() as s:
-            d = await s.scalar(select(Delivery).where(Delivery.campaign == "promo"))
+        d = await promo(client)
         return d if d is not None and d.status == "sent" and fake.texts_to(1001) else None
 
     delivery = await eventually(sent)
@@ -167,6 +173,25 @@ async def test_click_redirects_records_tags_and_counts_once_in_the_funnel(client
     assert not await holds("clicked('welcome')")
     clock.advance(timedelta(days=31))
     assert await holds("clicked('promo')") and not await holds("clicked('promo', 30)")
+
+
+async def test_a_send_tried_again_carries_the_links_of_its_first_rendering(client, fake, updates, clock):
+    fake.inject_flood(retry_after=1)
+    await say(client, updates, "你好")
+
+    async def throttled() -> bool:
+        d = await promo(client)
+        return bool(fake.throttled) and d is not None and d.status == "planned" and d.reason is not None
+
+    await eventually(throttled)
+    async with client.app[SERVICE].sessions() as s:
+        first = {row.token: row.created_at for row in (await s.scalars(select(TrackedLink))).all()}
+    assert len(first) == 2
+    clock.advance(timedelta(seconds=5))  # past the platform's retry_after: rendered and sent again
+    delivery, tokens = await sent_promo(client, fake, updates, first=False)
+    assert delivery.attempts == 2 and set(tokens) == set(first)
+    async with client.app[SERVICE].sessions() as s:
+        assert {row.token: row.created_at for row in (await s.scalars(select(TrackedLink))).all()} == first
 
 
 async def test_link_previews_are_redirected_and_counted_apart(client, fake, updates):
