@@ -254,7 +254,7 @@ def test_templates_accept_only_http_links():
     assert templates.check("{{ track('https://shop.example.com/a?b=1') }}", set()) is None
     assert templates.check("{{ track('http://shop.example.com') }}", set()) is None
     for bad in ("javascript:alert(1)", "ftp://shop.example.com/", "//shop.example.com/", "https:///path",
-                "data:text/html,hi", "/relative"):
+                "data:text/html,hi", "/relative", "http://[::1/", "https://shop.example.com/a b"):
         problem = templates.check(f"{{% if false %}}{{{{ track('{bad}') }}}}{{% endif %}}", set())
         assert problem is not None and "not an http(s) URL" in problem, bad
     assert templates.check("{{ track() }}", set()) == "template error: track() takes one URL"

@@ -60,8 +60,12 @@ def target(url: object) -> str:
     error saying why: a link must not lead to ``javascript:`` or another scheme."""
     if not isinstance(url, str):
         raise TemplateRuntimeError(f"track() takes a URL string, got {type(url).__name__}")
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or re.search(r"[\s\x00-\x1f]", url):
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname  # raises on a malformed port or IPv6 address
+    except ValueError:
+        host = None
+    if host is None or parts.scheme.lower() not in ("http", "https") or re.search(r"[\s\x00-\x1f]", url):
         raise TemplateRuntimeError(f"track(): {url[:80]!r} is not an http(s) URL")
     return url
 
