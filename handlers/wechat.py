@@ -29,9 +29,10 @@ from collections import OrderedDict
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
+import click
 import xmltodict
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -44,6 +45,8 @@ from wechatpy.fields import FloatField
 from wechatpy.replies import ArticlesReply, TextReply
 
 from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
+from handlers.wechat_menu import Menu, menu_cli
+from scrm.menus import MenuClick
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,8 @@ class WeChatSettings(BaseModel):
     retry_backoff_seconds: float = Field(2.0, gt=0)
     #: At most this many API calls in flight at once (connections to the API).
     max_concurrent_requests: int = Field(8, ge=1, le=64)
+    #: The custom menu and what its click keys do (handlers.wechat_menu); pushed by `scrm wechat menu push`.
+    menu: Menu | None = None
 
     @field_validator("api_base_url")
     @classmethod
@@ -193,15 +198,15 @@ class _Api:
             self._http = None
 
     async def call(self, endpoint: str, body: dict[str, Any] | None = None, *, params: dict[str, str] | None = None,
-                   upload: tuple[str, bytes, str] | None = None) -> Any:
-        """POST ``body`` as JSON (or ``upload``: file name, bytes, content type, as the ``media`` part);
-        returns WeChat's JSON answer, or None when the answer is not JSON."""
+                   upload: tuple[str, bytes, str] | None = None, method: Literal["GET", "POST"] = "POST") -> Any:
+        """POST ``body`` as JSON (or ``upload``: file name, bytes, content type, as the ``media`` part; or
+        GET, as the menu's get and delete are); returns WeChat's JSON answer, or None when it is not JSON."""
         try:
             token = await self._access_token()
         except _NETWORK_ERRORS as exc:
             raise _NotSent(exc) from exc
         try:
-            return await self._post(endpoint, token, body, params, upload)
+            return await self._call(endpoint, token, body, params, upload, method)
         except _ApiError as exc:
             if exc.errcode not in TOKEN_ERRCODES:
                 raise
@@ -210,7 +215,7 @@ class _Api:
             token = await self._access_token(stale=token)
         except _NETWORK_ERRORS as exc:
             raise _NotSent(exc) from exc
-        return await self._post(endpoint, token, body, params, upload)
+        return await self._call(endpoint, token, body, params, upload, method)
 
     async def _access_token(self, stale: str | None = None) -> str:
         """The cached token, fetched once (not once per caller) when missing, about to expire, or the
@@ -227,15 +232,15 @@ class _Api:
                 self._token_expires = time.monotonic() + int(result.get("expires_in", 7200))
             return self._token
 
-    async def _post(self, endpoint: str, token: str, body: dict[str, Any] | None, params: dict[str, str] | None,
-                    upload: tuple[str, bytes, str] | None) -> Any:
+    async def _call(self, endpoint: str, token: str, body: dict[str, Any] | None, params: dict[str, str] | None,
+                    upload: tuple[str, bytes, str] | None, method: str) -> Any:
         data: aiohttp.FormData | bytes | None = None
         if upload is not None:
             data = aiohttp.FormData()
             data.add_field("media", upload[1], filename=upload[0], content_type=upload[2])
         elif body is not None:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")  # WeChat wants UTF-8, not \u escapes
-        return await self._answer("POST", self.base + endpoint, params={**(params or {}), "access_token": token},
+        return await self._answer(method, self.base + endpoint, params={**(params or {}), "access_token": token},
                                   data=data)
 
     async def _answer(self, method: str, url: str, *, params: dict[str, str], data: Any = None,
@@ -345,12 +350,21 @@ def _float(value: object) -> float | None:
         return None
 
 
+@click.group()
+def wechat_cli() -> None:
+    """WeChat Official Accounts: the custom menu."""
+
+
+wechat_cli.add_command(menu_cli)
+
+
 @register
 class WeChatChannel(Channel):
     type_name = "wechat"
     reply_window: timedelta | None = REPLY_WINDOW
     settings_model = WeChatSettings
     settings: WeChatSettings
+    cli: ClassVar[click.Group] = wechat_cli
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -361,6 +375,10 @@ class WeChatChannel(Channel):
         self._retries: OrderedDict[int, int] = OrderedDict()
         #: Customer-service sends that follow a callback (late replies, charts); stop() waits for them.
         self._late: set[asyncio.Task[None]] = set()
+
+    def menu_action(self, key: str) -> MenuClick | None:
+        menu = self.settings.menu
+        return menu.clicks.get(key) if menu is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from scrm.messages import OutboundMessage, SendResult
 
 if TYPE_CHECKING:
+    from scrm.menus import MenuClick
     from scrm.runtime import Runtime
 
 
@@ -79,6 +80,11 @@ class Channel(ABC):
 
     async def stop(self) -> None:
         """Release what :meth:`start` opened."""
+
+    def menu_action(self, key: str) -> MenuClick | None:
+        """What a tap on the account's menu button with this key does (scrm.menus); None: nothing
+        configured (the tap is only recorded)."""
+        return None
 
     def jobs(self) -> list[tuple[str, Callable[[], Awaitable[None]], float]]:
         """Periodic work for the scheduler as ``(job id, coroutine function, interval seconds)``,

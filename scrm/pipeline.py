@@ -11,6 +11,7 @@ shares the transaction: an event acknowledged to the platform has had all its ef
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,16 +32,18 @@ from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies, AutoReply
 from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
+from scrm.menus import MENU_CLICK, TAG_SOURCE, MenuClick
 from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Original, Reaction
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
 from scrm.store.sqlite_driver import statements_in_thread
-from scrm.tagging import TagHit, apply_hits, tokenize
+from scrm.tagging import TagHit, add_tag, apply_hits, tokenize
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
     from scrm.staff import StaffReply
 
+log = logging.getLogger(__name__)
 _Key = tuple[str, str, str]  # channel, account, external id
 _MsgKey = tuple[str, str, str | None]  # channel, account, platform message id
 
@@ -126,8 +129,9 @@ class _Batch:
                         reply_to=event.platform_msg_id)
 
     def trigger(self, name: TriggerEvent, customer_id: int, event: InboundEvent, *, tag: str | None = None,
-                words: frozenset[str] | None = None) -> None:
-        self.triggers.append(Trigger(name, customer_id, event.channel, event.account, event.external_id, tag, words))
+                words: frozenset[str] | None = None, campaign: str | None = None) -> None:
+        self.triggers.append(Trigger(name, customer_id, event.channel, event.account, event.external_id, tag, words,
+                                     campaign))
 
     async def customer(self, customer_id: int) -> Customer:
         """The customer's row, for the events that change more than the batch columns."""
@@ -314,6 +318,12 @@ async def _handle_customer(batch: _Batch, event: InboundEvent, customer_id: int,
         group = await groups.upsert_group(session, event.channel, event.account, str(event.payload["group_id"]), now,
                                           title=event.payload.get("group_title"))
         await groups.set_member(session, group, customer_id, event.kind == "group_joined", now)
+    elif event.kind == MENU_CLICK and (click := _menu_action(batch, event)) is not None:
+        answer = await _menu_click(batch, customer_id, event, click)
+        if isinstance(answer, AutoReply):
+            auto = answer
+        else:
+            replies += answer
     elif event.kind in MESSAGE_KINDS and text:
         answer = await _customer_text(batch, customer_id, event, text)
         if isinstance(answer, AutoReply):
@@ -396,3 +406,36 @@ def _keyword_campaign(service: Runtime, channel: str, words: list[str]) -> bool:
     """Whether an active keyword campaign that reaches ``channel`` has one of the message's words."""
     return any(not c.definition.channels or channel in c.definition.channels
                for c in triggered(list(service.campaigns.values()), service.paused, "keyword", words=set(words)))
+
+
+def _menu_action(batch: _Batch, event: InboundEvent) -> MenuClick | None:
+    """What the account's menu configures for the tapped button's key (scrm.menus), if anything."""
+    channel = batch.service.channel(event.channel, event.account)
+    key = event.payload.get("key")
+    return channel.menu_action(key) if channel is not None and isinstance(key, str) else None
+
+
+async def _menu_click(batch: _Batch, customer_id: int, event: InboundEvent, click: MenuClick) -> list[str] | AutoReply:
+    """A menu button's actions: its tags (source ``menu``, the key as detail), its campaign planned as an
+    event trigger plans one, and one answer: the named reply rule's, as a message matching it gets it
+    (cooldown, coupon and card included), or the plain text."""
+    key = str(event.payload["key"])
+    if click.tags:
+        await batch.flush()  # the batch's earlier tag hits first: one order of events
+        for tag in click.tags:
+            if await add_tag(batch.session, customer_id, tag, TAG_SOURCE, key, batch.now):
+                batch.touchpoint(event, customer_id, "internal", "tag_added", payload={"tag": tag, "menu": key})
+                batch.trigger("tag_added", customer_id, event, tag=tag)
+    if click.campaign is not None:
+        if click.campaign not in batch.service.campaigns:
+            log.warning("menu key %r of %s:%s names no campaign %r", key, event.channel, event.account, click.campaign)
+        batch.trigger(MENU_CLICK, customer_id, event, campaign=click.campaign)
+    if click.text is not None:
+        return [click.text]
+    if click.reply is None:
+        return []
+    rule = batch.replies.book.named(click.reply)
+    if rule is None:
+        log.warning("menu key %r of %s:%s names no reply rule %r", key, event.channel, event.account, click.reply)
+        return []
+    return await batch.replies.answer(customer_id, event, rule) or []

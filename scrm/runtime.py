@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from scrm.config import Config
     from scrm.conversations.replies import ReplyBook
     from scrm.keyring import Keyring
+    from scrm.menus import MenuClick
     from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
     from scrm.tagging import KeywordTagger
 
@@ -41,6 +42,9 @@ class Sender(Protocol):
 
     async def delete_code(self, code: IssuedCode) -> None:
         """Withdraw a channel code on the platform where it can be."""
+
+    def menu_action(self, key: str) -> MenuClick | None:
+        """What a tap on the account's menu button with this key does; None: nothing configured."""
 
 
 class Runtime(Protocol):

@@ -123,7 +123,7 @@ async def test_demo_fallback_in_and_out_of_working_hours(tmp_path, store):
 # -- the commented channel tables ---------------------------------------------------------------------
 
 _TABLE = re.compile(r"^\[channels\.(wechat|wecom|telegram)\.")
-_SETTING = re.compile(r"^(\[channels\.|[a-z_]+ = )")
+_SETTING = re.compile(r"^(\[\[?channels\.|[a-z_]+ = )")
 #: What stands for a secret ("...", as in the README) in the commented tables, and a value of the shape the
 #: platform gives: the tables must load once these are filled in (in the file or from the environment).
 SECRETS = {

@@ -20,15 +20,17 @@ if TYPE_CHECKING:
 
 
 def triggered(campaigns: Sequence[LoadedCampaign], paused: set[str], event: TriggerEvent, *, tag: str | None = None,
-              stage: str | None = None, words: set[str] | None = None) -> list[LoadedCampaign]:
+              stage: str | None = None, words: set[str] | None = None,
+              campaign: str | None = None) -> list[LoadedCampaign]:
     """The active campaigns an event starts (a tag or stage event names which tag or stage; a
-    keyword event carries the message's normalized tokens)."""
+    keyword event carries the message's normalized tokens; a menu click names its campaign)."""
     return [
         c for c in campaigns
         if c.definition.trigger.event == event and c.definition.name not in paused
         and (event != "tag_added" or c.definition.trigger.tag == tag)
         and (event != "stage_changed" or c.definition.trigger.stage == stage)
         and (event != "keyword" or bool(words and {normalize(k) for k in c.definition.trigger.keywords} & words))
+        and (event != "menu_click" or c.definition.name == campaign)
     ]
 
 
@@ -43,6 +45,7 @@ class Trigger:
     external_id: str
     tag: str | None = None
     words: frozenset[str] | None = None
+    campaign: str | None = None
 
 
 async def plan_events(session: AsyncSession, campaigns: Sequence[LoadedCampaign], paused: set[str],
@@ -50,7 +53,7 @@ async def plan_events(session: AsyncSession, campaigns: Sequence[LoadedCampaign]
     """Plan every active campaign the triggers start, in one insert; returns the deliveries newly planned."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for t in triggers:
-        for loaded in triggered(campaigns, paused, t.event, tag=t.tag, words=set(t.words or ())):
+        for loaded in triggered(campaigns, paused, t.event, tag=t.tag, words=set(t.words or ()), campaign=t.campaign):
             d = loaded.definition
             if d.channels and t.channel not in d.channels:
                 continue

@@ -222,6 +222,11 @@ class ReplyBook:
     def empty(self) -> bool:
         return not self.rules and self.fallback is None
 
+    def named(self, name: str) -> LoadedRule | None:
+        """The rule of that name (a menu click answers with one), or None."""
+        i = self._by_name.get(name)
+        return None if i is None else self.rules[i]
+
     def match(self, text: str, tokens: list[str], channel: str) -> LoadedRule | None:
         """The rule that answers ``text`` on ``channel`` (``tokens``: its :func:`scrm.tagging.tokenize`),
         or None when no rule matches it."""

@@ -29,6 +29,20 @@ ERRMSG = {
     40003: "invalid openid",
     40008: "invalid message type",
     40013: "invalid appid",
+    40016: "invalid button size",
+    40017: "invalid button type",
+    40018: "invalid button name size",
+    40019: "invalid button key size",
+    40020: "invalid button url size",
+    40023: "invalid sub button size",
+    40024: "invalid sub button type",
+    40025: "invalid sub button name size",
+    40026: "invalid sub button key size",
+    40027: "invalid sub button url size",
+    40033: "invalid charset. please check your request, if include \\uxxxx will create fail!",
+    40054: "invalid sub button url domain",
+    40055: "invalid button url domain",
+    46003: "menu no exist",
     40037: "invalid template_id",
     40004: "invalid media type",
     40005: "invalid file type",
@@ -86,6 +100,10 @@ class FakeWeChat:
     qr_tickets: dict[str, str] = field(default_factory=dict)
     permanent_scenes: set[str] = field(default_factory=set)
     permanent_limit: int = 100_000
+    #: The custom menu as menu/get gives it (``{"button": [...]}``), None without one.
+    menu: dict[str, Any] | None = None
+    #: Domains the account's view buttons may open (40055 / 40054 for others); None: any.
+    menu_domains: set[str] | None = None
     _tokens: dict[str, float] = field(default_factory=dict)
     _expired: set[str] = field(default_factory=set)
     _queued: dict[str, deque[int]] = field(default_factory=lambda: defaultdict(deque))
@@ -127,6 +145,9 @@ class FakeWeChat:
         app.router.add_post("/cgi-bin/message/template/send", self._template_send)
         app.router.add_post("/cgi-bin/media/upload", self._media_upload)
         app.router.add_post("/cgi-bin/qrcode/create", self._qrcode_create)
+        app.router.add_post("/cgi-bin/menu/create", self._menu_create)
+        app.router.add_get("/cgi-bin/menu/get", self._menu_get)
+        app.router.add_get("/cgi-bin/menu/delete", self._menu_delete)
         return app
 
     async def _answer(self, endpoint: str, query: dict[str, str], body: Any, answer: dict[str, Any]) -> web.Response:
@@ -270,6 +291,72 @@ class FakeWeChat:
         return await self._answer(endpoint, q, {"filename": part.filename, "size": len(data)},
                             {"type": q["type"], "media_id": media_id, "created_at": int(time.time())})
 
+
+    async def _menu_create(self, request: web.Request) -> web.Response:
+        endpoint, q = "menu/create", dict(request.query)
+        raw = await request.read()
+        body = await self._json(request)
+        if code := await self._guard(endpoint, q, None):
+            return await self._answer(endpoint, q, body, error(code))
+        if b"\\u" in raw:  # WeChat wants UTF-8 text, not JSON's \u escapes
+            return await self._answer(endpoint, q, body, error(40033))
+        if not isinstance(body, dict):
+            return await self._answer(endpoint, q, body, error(44002))
+        if code := self._menu_errcode(body.get("button")):
+            return await self._answer(endpoint, q, body, error(code))
+        self.menu = {"button": [{**b, "sub_button": [{**s, "sub_button": []} for s in b.get("sub_button") or []]}
+                                for b in body["button"]]}
+        return await self._answer(endpoint, q, body, {"errcode": 0, "errmsg": "ok"})
+
+    def _menu_errcode(self, buttons: Any) -> int:
+        """WeChat's checks of a menu: 1-3 buttons, 1-5 sub-buttons, names of at most 16 (60 in a submenu)
+        UTF-8 bytes, keys of 128, URLs of 1024 on the account's domains; each its own errcode."""
+        if not isinstance(buttons, list) or not 1 <= len(buttons) <= 3:
+            return 40016
+        for button in buttons:
+            subs = button.get("sub_button") if isinstance(button, dict) else None
+            if not isinstance(button, dict) or not 0 < len(str(button.get("name", "")).encode()) <= 16:
+                return 40018
+            if subs:
+                if not isinstance(subs, list) or len(subs) > 5:
+                    return 40023
+                for sub in subs:
+                    if code := self._leaf_errcode(sub, 60, sub=True):
+                        return code
+            elif code := self._leaf_errcode(button, 16, sub=False):
+                return code
+        return 0
+
+    def _leaf_errcode(self, button: Any, name_bytes: int, *, sub: bool) -> int:
+        codes = (40024, 40025, 40026, 40027, 40054) if sub else (40017, 40018, 40019, 40020, 40055)
+        if not isinstance(button, dict) or button.get("type") not in ("click", "view", "miniprogram"):
+            return codes[0]
+        if not 0 < len(str(button.get("name", "")).encode()) <= name_bytes:
+            return codes[1]
+        if button["type"] == "click" and not 0 < len(str(button.get("key", "")).encode()) <= 128:
+            return codes[2]
+        if button["type"] != "click":
+            url = str(button.get("url", ""))
+            if not url.startswith(("http://", "https://")) or len(url.encode()) > 1024:
+                return codes[3]
+            if self.menu_domains is not None and url.split("/")[2].split(":")[0] not in self.menu_domains:
+                return codes[4]
+        return 0
+
+    async def _menu_get(self, request: web.Request) -> web.Response:
+        endpoint, q = "menu/get", dict(request.query)
+        if code := await self._guard(endpoint, q, None):
+            return await self._answer(endpoint, q, None, error(code))
+        if self.menu is None:
+            return await self._answer(endpoint, q, None, error(46003))
+        return await self._answer(endpoint, q, None, {"menu": self.menu})
+
+    async def _menu_delete(self, request: web.Request) -> web.Response:
+        endpoint, q = "menu/delete", dict(request.query)
+        if code := await self._guard(endpoint, q, None):
+            return await self._answer(endpoint, q, None, error(code))
+        self.menu = None
+        return await self._answer(endpoint, q, None, {"errcode": 0, "errmsg": "ok"})
 
 # -- inbound callbacks, built as WeChat builds them ----------------------------------------------------
 
