@@ -181,16 +181,14 @@ async def test_a_failing_batch_keeps_the_ones_before(svc, tmp_path, monkeypatch)
 
 
 def test_parse_is_pure(tmp_path: Path):
-    """What runs in the reader thread needs no store: rows come out as JSON, but for the customer id."""
+    """What runs in the reader thread needs no store: rows come out whole, but for the store's ids."""
     batch = parse_batch([(1, json.loads(LINES[0])), (2, "invalid JSON: x")], CHANNELS)
     assert [o.order_id for o in batch.orders] == ["A1"] and batch.rejected == [(2, "invalid JSON: x")]
     first = batch.orders[0]
     assert first.customer == "#1" and batch.refs == {"#1": CustomerRef("#1", id=1)}
-    assert json.loads(f"[7,{first.row}") == [7, "order", "A1", 120.5, "USD", "2026-03-01 10:30:00.000000"]
     at = "2026-03-01 10:30:00.000000"
-    assert json.loads(f"[{'9,1,'.join(first.items)}]") == [[9, 1, "A", "奶粉 again", 2.0, 50.0, at],
-                                                          [9, 1, "B", "奶瓶", 2.0, 10.25, at]]
-    assert first.item_count == 2
+    assert first.row == ("order", "A1", 120.5, "USD", at)
+    assert first.items == [("A", "奶粉 again", 2.0, 50.0, at), ("B", "奶瓶", 2.0, 10.25, at)]
 
 
 async def test_statements_do_not_grow_with_the_orders(svc, tmp_path):
@@ -230,32 +228,33 @@ async def test_statements_do_not_grow_with_the_orders(svc, tmp_path):
 
 
 async def test_the_file_is_streamed(svc, tmp_path, monkeypatch):
-    """Memory holds two chunks whatever the file's size: the reader is never more than one chunk ahead
-    of the writer, and progress moves as the file is read."""
+    """Memory holds two chunks whatever the file's size, and a transaction's matched orders: the
+    reader is never more than one chunk ahead of the matching, and progress moves as the file is read."""
     from scrm.loyalty import history
 
     monkeypatch.setattr(history, "CHUNK", 100)
     path = tmp_path / "orders.jsonl"
     path.write_text("".join(order(f"S{n}", "#1") + "\n" for n in range(2000)), "utf-8")
-    parsed = written = ahead = 0
-    real_parse, real_insert = history.parse_batch, history.insert_orders
+    parsed = matched = ahead = 0
+    real_parse, real_match = history.parse_batch, history.match_orders
 
     def parse(*args: Any) -> Any:
         nonlocal parsed, ahead
         parsed += 1
-        ahead = max(ahead, parsed - written)
+        ahead = max(ahead, parsed - matched)
         return real_parse(*args)
 
-    async def insert(*args: Any) -> None:
-        nonlocal written
-        await real_insert(*args)
-        written += 1
+    async def match(*args: Any) -> Any:
+        nonlocal matched
+        new = await real_match(*args)
+        matched += 1
+        return new
 
     monkeypatch.setattr(history, "parse_batch", parse)
-    monkeypatch.setattr(history, "insert_orders", insert)
+    monkeypatch.setattr(history, "match_orders", match)
     read: list[int] = []
     result = await import_file(svc.sessions, path, NOW, CHANNELS, 1000, read.append)
-    assert result.orders == 2000 and (parsed, written) == (20, 20) and ahead <= 2
+    assert result.orders == 2000 and (parsed, matched) == (20, 20) and ahead <= 2
     assert read == sorted(read) and read[0] < path.stat().st_size // 4 and read[-1] == path.stat().st_size
 
 
