@@ -162,7 +162,10 @@ class Menu(BaseModel):
 
 
 def _menu_url(target: str) -> str:
-    """The URL a view button opens. Tracked links (``/l/<token>``) are not in place yet: the target as given."""
+    """The URL a view button opens: the target as written. WeChat's VIEW event already names the follower
+    who opened it (a ``menu_view`` touchpoint), while a tracked link (scrm.acquisition.links) would name no
+    customer and expire after ``links.expiry_days``, though a menu stays until the next push: switch here
+    once links can be made that last as long as the menu."""
     return target
 
 

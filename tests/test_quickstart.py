@@ -138,7 +138,7 @@ SECRETS = {
 
 def uncommented_example() -> str:
     """config.example.toml with its commented WeChat, WeCom and Telegram tables uncommented: from the
-    first commented channel table to the end of that comment block, every ``# [table]`` and
+    first commented channel table to the end of that comment block, every ``# [table]``, ``# [[table]]`` and
     ``# key = value`` line loses its ``# ``; the prose around them stays comments."""
     lines = (ROOT / "config.example.toml").read_text("utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# ") and _TABLE.match(line[2:]))
