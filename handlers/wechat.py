@@ -46,7 +46,7 @@ from wechatpy.replies import ArticlesReply, TextReply
 
 from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
 from handlers.wechat_menu import Menu, menu_cli
-from scrm.menus import MenuClick
+from scrm.acquisition.menus import MenuClick
 from scrm.messages import Chart, InboundEvent, OutboundMessage, Reaction, SendResult
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ with a ``key``, ``view`` with a ``url``, ``miniprogram`` with ``appid``, ``pagep
 ``url``) or a parent of up to 5 ``sub_button`` leaves, checked against WeChat's limits (names at most 16
 bytes at the top and 60 in a submenu, keys 128, URLs 1024; a Chinese character is 3 bytes) so a bad
 menu is refused by key path before WeChat sees it. ``[...menu.clicks.<KEY>]`` says what a tap on the
-click button with that key does (:class:`scrm.menus.MenuClick`); the core does it when the tap arrives.
+click button with that key does (:class:`scrm.acquisition.menus.MenuClick`); the core does it when the tap arrives.
 
 The commands talk to WeChat with the channel's own API client (handlers.wechat, imported when a command
 runs: that module imports this one for the settings model).
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 import click
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from scrm.menus import MenuClick
+from scrm.acquisition.menus import MenuClick
 
 if TYPE_CHECKING:
     from handlers.wechat import WeChatSettings
@@ -275,7 +275,7 @@ def push(ctx: click.Context, account: str | None) -> None:
     from scrm.campaigns.definitions import load_campaigns
     from scrm.cli.base import EXIT_USAGE, guard
     from scrm.conversations.replies import load_replies
-    from scrm.menus import check_clicks
+    from scrm.acquisition.menus import check_clicks
 
     config, account, settings = _settings(ctx, account)
     menu = _configured(account, settings)

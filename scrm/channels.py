@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from scrm.messages import OutboundMessage, SendResult
 
 if TYPE_CHECKING:
-    from scrm.menus import MenuClick
+    from scrm.acquisition.menus import MenuClick
     from scrm.runtime import Runtime
 
 
@@ -82,7 +82,7 @@ class Channel(ABC):
         """Release what :meth:`start` opened."""
 
     def menu_action(self, key: str) -> MenuClick | None:
-        """What a tap on the account's menu button with this key does (scrm.menus); None: nothing
+        """What a tap on the account's menu button with this key does (scrm.acquisition.menus); None: nothing
         configured (the tap is only recorded)."""
         return None
 

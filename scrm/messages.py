@@ -25,7 +25,7 @@ INTERACTION_KINDS = MESSAGE_KINDS | {"subscribe", "scan", "menu_click", "menu_vi
 #:  contact_removed   deleted the brand's staff member as a contact: stage becomes ``lost``
 #:  contact_shared    shared their own phone number (``payload["phone"]``): saved with consent
 #:  group_joined / group_left   joined or left a customer group (``payload["group_id"]``)
-#:  menu_click        tapped a menu button (``payload["key"]``): what the account's menu says for it (scrm.menus)
+#:  menu_click        tapped a menu button (``payload["key"]``): what the account's menu says for it (scrm.acquisition.menus)
 #:  menu_view, scan, contact_updated, group_created, group_updated, group_dismissed: recorded
 CORE_EVENT_KINDS = frozenset({"subscribe", "unsubscribe", "blocked", "contact_removed", "contact_shared",
                               "group_joined", "group_left", "menu_click"})

@@ -32,7 +32,7 @@ from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies, AutoReply
 from scrm.customers import staff_actor
 from scrm.identity import merge_by_verified_phone
 from scrm.loyalty import commands as loyalty_commands
-from scrm.menus import MENU_CLICK, TAG_SOURCE, MenuClick
+from scrm.acquisition.menus import MENU_CLICK, TAG_SOURCE, MenuClick
 from scrm.messages import INTERACTION_KINDS, MESSAGE_KINDS, InboundEvent, Original, Reaction
 from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
@@ -409,7 +409,7 @@ def _keyword_campaign(service: Runtime, channel: str, words: list[str]) -> bool:
 
 
 def _menu_action(batch: _Batch, event: InboundEvent) -> MenuClick | None:
-    """What the account's menu configures for the tapped button's key (scrm.menus), if anything."""
+    """What the account's menu configures for the tapped button's key (scrm.acquisition.menus), if anything."""
     channel = batch.service.channel(event.channel, event.account)
     key = event.payload.get("key")
     return channel.menu_action(key) if channel is not None and isinstance(key, str) else None

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from scrm.config import Config
     from scrm.conversations.replies import ReplyBook
     from scrm.keyring import Keyring
-    from scrm.menus import MenuClick
+    from scrm.acquisition.menus import MenuClick
     from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
     from scrm.tagging import KeywordTagger
 

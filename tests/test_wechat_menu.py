@@ -20,7 +20,7 @@ from scrm.campaigns.definitions import load_campaigns
 from scrm.config import ConfigError
 from scrm.config_file import load_config, parse_config
 from scrm.conversations.replies import load_replies
-from scrm.menus import check_clicks
+from scrm.acquisition.menus import check_clicks
 from scrm.store.models import CustomerTag, Delivery, Tag, Touchpoint
 from tests.conftest import ROOT
 from tests.fakes.wechat import FakeWeChat, event_xml, plaintext

@@ -36,7 +36,7 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 #: Events the core raises that start a campaign for the customer concerned (``menu_click``: a menu button
-#: whose click names the campaign, scrm.menus).
+#: whose click names the campaign, scrm.acquisition.menus).
 TriggerEvent = Literal["first_message", "tag_added", "stage_changed", "keyword", "menu_click"]
 #: Triggers the campaign clock evaluates on a schedule.
 TimedTrigger = Literal["inactivity", "birthday", "coupon_expiring"]
