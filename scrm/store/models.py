@@ -823,3 +823,74 @@ class TrackedLink(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     delivery_id: Mapped[int | None]
     created_at: Mapped[datetime]
+
+
+class WebhookSubscription(Base):
+    """An integrator's endpoint and the event kinds it wants (scrm.webhooks): from the config's
+    ``[webhooks.<name>]`` (mirrored here at start) or made through the API."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    #: ``whsec_`` and base64: the key the Standard Webhooks signature is made with.
+    secret: Mapped[str] = mapped_column(String(128))
+    #: The event kinds it receives; empty: every kind.
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: ``config`` or ``api``: a config subscription is changed by editing the config only.
+    source: Mapped[str] = mapped_column(String(8))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Failed attempts in a row; a success resets it, too many disable the subscription.
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one event for one subscription, written in the transaction of the change it
+    tells of. pending -> claimed -> delivered, or back to pending (backing off) until it is ``dead``."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_due", "status", "due_at"),
+        #: A customer's later event waits while an earlier one to the same subscription is undelivered.
+        Index("ix_webhook_deliveries_order", "subscription_id", "customer_id", "id"),
+        Index("ix_webhook_deliveries_subscription_created", "subscription_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("webhook_subscriptions.id"))
+    #: The ``webhook-id`` header: the same for every subscription the event went to, and for every try.
+    event_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    #: Not a foreign key: the event outlives a customer merged away.
+    customer_id: Mapped[int | None] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
+    due_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    """The delivery log: every request made to a subscription's endpoint, its answer and how long it took."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_subscription_at", "subscription_id", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("webhook_subscriptions.id"))
+    at: Mapped[datetime]
+    #: ``delivered`` (a 2xx answer) or ``failed``.
+    status: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    error: Mapped[str | None]
