@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from scrm import reports, segments
 from scrm.acquisition import links
-from scrm.api.routes import funnels as api_funnels
+from scrm.api.campaigns import funnels as api_funnels
 from scrm.campaigns import templates
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint, TrackedLink
 from scrm.web import SERVICE, create_app
