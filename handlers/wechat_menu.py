@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import difflib
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import click
@@ -26,6 +27,7 @@ from scrm.acquisition.menus import MenuClick
 
 if TYPE_CHECKING:
     from handlers.wechat import WeChatSettings
+    from scrm.acquisition.links import Links
     from scrm.config import Config
 
 T = TypeVar("T")
@@ -104,10 +106,10 @@ class SubButton(BaseModel):
         if extra := [f for f in ("key", "url", "appid", "pagepath") if f not in needs and getattr(self, f)]:
             raise ValueError(f"a {self.type} button takes no {', '.join(extra)}")
 
-    def body(self) -> dict[str, Any]:
-        """The button as menu/create takes it."""
+    def body(self, link: Callable[[str], str] = str) -> dict[str, Any]:
+        """The button as menu/create takes it; ``link`` gives the URL a view button opens for its target."""
         fields = {"type": self.type, "name": self.name, "key": self.key,
-                  "url": _menu_url(self.url) if self.type == "view" and self.url else self.url,
+                  "url": link(self.url) if self.type == "view" and self.url else self.url,
                   "appid": self.appid, "pagepath": self.pagepath}
         return {k: v for k, v in fields.items() if v is not None}
 
@@ -129,10 +131,10 @@ class Button(SubButton):
             raise ValueError("a button with sub_button has a name only (the sub-buttons do the rest)")
         return self
 
-    def body(self) -> dict[str, Any]:
+    def body(self, link: Callable[[str], str] = str) -> dict[str, Any]:
         if self.sub_button:
-            return {"name": self.name, "sub_button": [b.body() for b in self.sub_button]}
-        return super().body()
+            return {"name": self.name, "sub_button": [b.body(link) for b in self.sub_button]}
+        return super().body(link)
 
 
 class Menu(BaseModel):
@@ -156,17 +158,25 @@ class Menu(BaseModel):
         for button in self.button:
             yield from button.sub_button or [button]
 
-    def body(self) -> dict[str, Any]:
-        """menu/create's body."""
-        return {"button": [b.body() for b in self.button]}
+    def body(self, link: Callable[[str], str] = str) -> dict[str, Any]:
+        """menu/create's body; ``link`` as for :meth:`SubButton.body`."""
+        return {"button": [b.body(link) for b in self.button]}
 
 
-def _menu_url(target: str) -> str:
-    """The URL a view button opens: the target as written. WeChat's VIEW event already names the follower
-    who opened it (a ``menu_view`` touchpoint), while a tracked link (scrm.acquisition.links) would name no
-    customer and expire after ``links.expiry_days``, though a menu stays until the next push: switch here
-    once links can be made that last as long as the menu."""
-    return target
+@asynccontextmanager
+async def _tracked(config: Config, account: str) -> AsyncIterator[Links]:
+    """The tracked links (scrm.acquisition.links) view buttons open, saved to the store on the way out: a
+    visit is counted as a click, people apart from link previews, and WeChat's VIEW event names who tapped."""
+    from scrm.acquisition import links
+    from scrm.cli.base import open_private_store
+    from scrm.clock import SystemClock
+    from scrm.store.engine import writing
+
+    async with open_private_store(config) as (sessions, keyring):
+        tracked = links.for_menu(config, keyring, "wechat", account, SystemClock().now())
+        yield tracked
+        async with writing(sessions) as session:
+            await tracked.save(session)
 
 
 def describe(button: list[dict[str, Any]]) -> list[str]:
@@ -284,7 +294,13 @@ def push(ctx: click.Context, account: str | None) -> None:
         for path, problem in problems:
             click.echo(f"channels.wechat.{account}.menu.clicks.{path}: {problem}", err=True)
         sys.exit(EXIT_USAGE)
-    _run(_call(settings, "menu/create", menu.body()))
+
+    async def push_menu() -> None:
+        async with _tracked(config, account) as tracked:
+            body = menu.body(tracked.track)
+        await _call(settings, "menu/create", body)  # the links are stored before WeChat shows them
+
+    guard(_run)(push_menu())
     click.echo(f"menu pushed to wechat:{account} ({len(list(menu.leaves()))} buttons); "
                "WeChat shows it to followers within about 5 minutes")
 
@@ -294,6 +310,8 @@ def push(ctx: click.Context, account: str | None) -> None:
 @click.pass_context
 def show(ctx: click.Context, account: str | None) -> None:
     """The menu WeChat has (menu/get), and how the config's differs from it."""
+    from scrm.cli.base import guard
+
     config, account, settings = _settings(ctx, account)
 
     async def current() -> list[dict[str, Any]]:
@@ -311,7 +329,13 @@ def show(ctx: click.Context, account: str | None) -> None:
     if settings.menu is None:
         click.echo(f"channels.wechat.{account}.menu is not set in {ctx.obj['config_path']}")
         return
-    wanted = describe(settings.menu.body()["button"])
+    menu = settings.menu
+
+    async def configured() -> list[dict[str, Any]]:
+        async with _tracked(config, account) as tracked:  # as pushed: the same target gives the same link
+            return list(menu.body(tracked.track)["button"])
+
+    wanted = describe(guard(_run)(configured()))
     if wanted == live:
         click.echo("the config's menu is the same")
         return

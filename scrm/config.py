@@ -292,7 +292,8 @@ class LinksConfig(_Strict):
     #: Where people reach the service's ``/l/`` links (default: ``console.base_url``, else
     #: ``http://<service.host>:<service.port>``).
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/.*)?$")
-    #: A link answers 404 this many days after it was sent, so old messages stop counting clicks.
+    #: A link sent to a customer answers 404 this many days after it was sent, so old messages stop
+    #: counting clicks (a menu's links, shared by every follower, last as long as the menu).
     expiry_days: int = Field(90, gt=0)
 
 

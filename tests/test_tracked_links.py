@@ -269,3 +269,29 @@ def test_preview_agents_are_told_from_people():
     for agent in (BROWSER, "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 "
                            "Safari/537.36", "Mozilla/5.0 (Android 14; Mobile; rv:121.0) Gecko/121.0 Firefox/121.0"):
         assert not links.is_preview(agent), agent
+
+
+async def test_a_menu_link_is_the_same_for_every_push_and_outlives_link_expiry(client, clock):
+    service = client.app[SERVICE]
+    first = links.for_menu(service.config, service.keyring, "wechat", "brand", clock.now())
+    url = first.track(TARGET)
+    assert url == first.track(TARGET) and url != first.track("https://shop.example.com/orders")
+    async with service.sessions() as s, s.begin():
+        await first.save(s)
+    clock.advance(timedelta(days=30))
+    again = links.for_menu(service.config, service.keyring, "wechat", "brand", clock.now())
+    assert again.track(TARGET) == url  # a push again keeps the links followers have
+    assert links.for_menu(service.config, service.keyring, "wechat", "other", clock.now()).track(TARGET) != url
+    async with service.sessions() as s, s.begin():
+        await again.save(s)
+    [token] = LINK.findall(url)
+    clock.advance(timedelta(days=400))  # a menu stays until the next push: its links outlive links.expiry_days
+    resp = await visit(client, token)
+    assert (resp.status, resp.headers["Location"]) == (302, TARGET)
+    assert (await visit(client, token, "MicroMessenger Client")).status == 302
+    async with service.sessions() as s:
+        visits = (await s.scalars(select(Touchpoint).where(Touchpoint.kind.in_(["click", "link_preview"]))
+                                  .order_by(Touchpoint.id))).all()
+    assert [(v.kind, v.customer_id, v.payload["rule"]) for v in visits] == [
+        ("click", None, "menu:wechat:brand"), ("link_preview", None, "menu:wechat:brand")]
+    assert await count(client, TrackedLink) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,14 @@ import aiohttp
 import pytest
 import xmltodict
 from click.testing import CliRunner, Result
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 
 from scrm.campaigns.definitions import load_campaigns
 from scrm.config import ConfigError
 from scrm.config_file import load_config, parse_config
 from scrm.conversations.replies import load_replies
 from scrm.acquisition.menus import check_clicks
-from scrm.store.models import CustomerTag, Delivery, Tag, Touchpoint
+from scrm.store.models import CustomerTag, Delivery, Tag, Touchpoint, TrackedLink
 from tests.conftest import ROOT
 from tests.fakes.wechat import FakeWeChat, event_xml, plaintext
 from tests.test_quickstart import SECRETS, uncommented_example
@@ -55,20 +56,30 @@ text = "报名成功!第 1 课马上就到。"
 campaign = "menu-course"
 """
 
-SENT = {"button": [
-    {"type": "view", "name": "逛商城", "url": "https://shop.example.com/"},
-    {"name": "服务", "sub_button": [{"type": "click", "name": "营业时间", "key": "HOURS"},
-                                  {"type": "view", "name": "查物流", "url": "https://shop.example.com/orders"}]},
-    {"type": "click", "name": "育儿课堂", "key": "COURSE"},
-]}
-#: The same as menu/get gives it back.
-PUSHED = {"button": [
-    {"type": "view", "name": "逛商城", "url": "https://shop.example.com/", "sub_button": []},
-    {"name": "服务", "sub_button": [
-        {"type": "click", "name": "营业时间", "key": "HOURS", "sub_button": []},
-        {"type": "view", "name": "查物流", "url": "https://shop.example.com/orders", "sub_button": []}]},
-    {"type": "click", "name": "育儿课堂", "key": "COURSE", "sub_button": []},
-]}
+#: Where the service's tracked links are served (a domain the account allows for its menu).
+LINKS = "https://go.example.com"
+LINK = re.compile(re.escape(LINKS) + r"/l/[A-Za-z0-9_-]{24}")
+
+
+def sent(shop: str, orders: str) -> dict[str, Any]:
+    """menu/create's body, the view buttons opening these links."""
+    return {"button": [
+        {"type": "view", "name": "逛商城", "url": shop},
+        {"name": "服务", "sub_button": [{"type": "click", "name": "营业时间", "key": "HOURS"},
+                                      {"type": "view", "name": "查物流", "url": orders}]},
+        {"type": "click", "name": "育儿课堂", "key": "COURSE"},
+    ]}
+
+
+def pushed(shop: str, orders: str) -> dict[str, Any]:
+    """The same as menu/get gives it back."""
+    return {"button": [
+        {"type": "view", "name": "逛商城", "url": shop, "sub_button": []},
+        {"name": "服务", "sub_button": [
+            {"type": "click", "name": "营业时间", "key": "HOURS", "sub_button": []},
+            {"type": "view", "name": "查物流", "url": orders, "sub_button": []}]},
+        {"type": "click", "name": "育儿课堂", "key": "COURSE", "sub_button": []},
+    ]}
 
 
 @pytest.fixture
@@ -96,7 +107,10 @@ app_secret = "{fake.app_secret}"
 token = "{TOKEN}"
 api_base_url = "{fake.base_url}"
 request_timeout_seconds = 2
-{menu}""", "utf-8")  # type: ignore[attr-defined]
+{menu}
+[links]
+base_url = "{LINKS}"
+""", "utf-8")  # type: ignore[attr-defined]
     return path
 
 
@@ -114,15 +128,24 @@ async def test_push_show_delete(tmp_path, fake):
     config = write_config(tmp_path, fake)
     before = await menu_cli(config, "show")
     assert before.exit_code == 0, before.output
-    assert "(none)" in before.output and "+逛商城  view https://shop.example.com/" in before.output
-    assert "+  └ 营业时间  click HOURS" in before.output
+    assert "(none)" in before.output and "+  └ 营业时间  click HOURS" in before.output
+    [shop, orders] = LINK.findall(before.output)  # view buttons open tracked links, the same each time
+    assert f"+逛商城  view {shop}" in before.output and f"+  └ 查物流  view {orders}" in before.output
 
-    pushed = await menu_cli(config, "push")
-    assert pushed.exit_code == 0, pushed.output
-    assert "menu pushed to wechat:brand (4 buttons)" in pushed.output
-    assert fake.menu == PUSHED
+    done = await menu_cli(config, "push")
+    assert done.exit_code == 0, done.output
+    assert "menu pushed to wechat:brand (4 buttons)" in done.output
+    assert fake.menu == pushed(shop, orders)
     [create] = [c for c in fake.calls if c.endpoint == "menu/create"]  # as UTF-8 text: the fake refuses \\u escapes
-    assert create.body == SENT
+    assert create.body == sent(shop, orders)
+    store = create_engine(f"sqlite:///{tmp_path / 'scrm.db'}")  # the demo config's store, beside it
+    with store.connect() as db:
+        rows = db.execute(select(TrackedLink.token, TrackedLink.target, TrackedLink.rule, TrackedLink.customer_id)
+                          .order_by(TrackedLink.target)).all()
+    store.dispose()
+    assert [tuple(r) for r in rows] == [
+        (shop.rsplit("/", 1)[1], "https://shop.example.com/", "menu:wechat:brand", None),
+        (orders.rsplit("/", 1)[1], "https://shop.example.com/orders", "menu:wechat:brand", None)]
 
     same = await menu_cli(config, "show", "--account", "brand")
     assert same.exit_code == 0, same.output
@@ -143,11 +166,10 @@ async def test_wechat_refusals_are_told_with_their_errcode(tmp_path, fake):
     assert "a button's name is too long (16 bytes at the top" in refused.output
     assert fake.menu is None
 
-    fake.menu_domains = {"shop.example.com"}
-    elsewhere = write_config(tmp_path, fake, MENU.replace("https://shop.example.com/orders", "https://t.example.net/o"))
-    domain = await menu_cli(elsewhere, "push")
-    assert domain.exit_code == 1 and "40054: invalid sub button url domain" in domain.output
-    assert "a sub-button's URL is on a domain WeChat does not allow" in domain.output and fake.menu is None
+    fake.menu_domains = {"shop.example.com"}  # the account allows the shop, not where the links are served
+    domain = await menu_cli(config, "push")
+    assert domain.exit_code == 1 and "40055: invalid button url domain" in domain.output
+    assert "a button's URL is on a domain WeChat does not allow" in domain.output and fake.menu is None
 
     fake.app_secret = "rotated"
     token = await menu_cli(config, "push")

@@ -5,8 +5,11 @@ A token stands for one target in one message. A campaign delivery's tokens are a
 and the target under a key derived from the service's lookup key: rendering the delivery again (a retry, a
 deferral) writes the same link, and the rows go into the store in the transaction that renders it, before
 it is sent. A reply is rendered once (a platform's retry is answered with the stored text), so its tokens
-are random. Either way a token is 144 bits nobody can guess, and the redirect goes only to the target the
-store holds for it: nothing in the request can choose where it leads.
+are random. An Official Account menu's view button opens a link derived from the account and the target,
+shared by every follower (WeChat's VIEW event names who tapped it); it names no customer, so it does not
+expire: it lasts as long as the menu pushed with it. Either way a token is 144 bits nobody can guess, and
+the redirect goes only to the target the store holds for it: nothing in the request can choose where it
+leads.
 
 A visit records a ``click`` touchpoint and tags the customer ``clicked:<campaign>``; link-preview fetches
 (messengers building a card for the link) are recorded as ``link_preview`` only, so they count no person.
@@ -116,8 +119,9 @@ class Links:
     variant: str | None = None
     delivery_id: int | None = None
     rule: str | None = None
-    #: Derives a delivery's tokens (see the module); None: random tokens.
+    #: Derives the tokens with ``seed`` (see the module); None: random tokens.
     key: bytes | None = None
+    seed: str | None = None
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def track(self, url: str) -> str:
@@ -129,8 +133,8 @@ class Links:
         return f"{self.base}/l/{token}"
 
     def _token(self, url: str) -> str:
-        if self.key is not None and self.delivery_id is not None:
-            digest = hmac.new(self.key, f"{self.delivery_id}\n{url}".encode(), hashlib.sha256).digest()
+        if self.key is not None and self.seed is not None:
+            digest = hmac.new(self.key, f"{self.seed}\n{url}".encode(), hashlib.sha256).digest()
             return base64.urlsafe_b64encode(digest[:TOKEN_BYTES]).decode()
         # The same target twice in one message is one link.
         return next((t for t, row in self.rows.items() if row["target"] == url), None) or \
@@ -143,7 +147,15 @@ class Links:
 
 
 def for_delivery(config: Config, keyring: Keyring, d: Delivery, now: datetime) -> Links:
-    return Links(base_url(config), now, d.customer_id, d.campaign, d.step, d.variant, d.id, key=link_key(keyring))
+    return Links(base_url(config), now, d.customer_id, d.campaign, d.step, d.variant, d.id, key=link_key(keyring),
+                 seed=str(d.id))
+
+
+def for_menu(config: Config, keyring: Keyring, channel: str, account: str, now: datetime) -> Links:
+    """The links of a chat menu's buttons: the same for every push of the same target (``menu:`` is no
+    delivery id), counted for the rule ``menu:<channel>:<account>``."""
+    rule = f"menu:{channel}:{account}"[:64]
+    return Links(base_url(config), now, None, rule=rule, key=link_key(keyring), seed=rule)
 
 
 def for_reply(config: Config, rule: str, customer_id: int, now: datetime) -> Links:
@@ -167,7 +179,10 @@ async def follow(service: Runtime, token: str, agent: str, preview: bool = False
     now = service.clock.now()
     async with writing(service.sessions) as session:
         link = await session.get(TrackedLink, token)
-        if link is None or now >= link.created_at + timedelta(days=service.config.links.expiry_days):
+        # A link for no one customer (a menu's) lasts as long as what shows it.
+        expired = link is not None and link.customer_id is not None and \
+            now >= link.created_at + timedelta(days=service.config.links.expiry_days)
+        if link is None or expired:
             return None
         preview = preview or is_preview(agent)
         payload: dict[str, Any] = {"target": link.target, "token": token}
