@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import re
 import sys
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from scrm.store.models import (
     Identity,
     Tag,
     Touchpoint,
+    TrackedLink,
 )
 from scrm.web import SERVICE, create_app
 from tests.conftest import cli_env, eventually
@@ -242,7 +244,8 @@ async def test_telegram_deep_link_code(aiohttp_client, aiohttp_server, make_conf
     client = await aiohttp_client(create_app(config, clock))
     service = client.app[SERVICE]
     view = await codes.create(service, CodeSpec("flyer_7", "telegram:main", tags=("flyer",),
-                                                welcome="Hi {{ customer.name }}! Code {{ coupon.code }}",
+                                                welcome="Hi {{ customer.name }}! Code {{ coupon.code }} "
+                                                        "{{ track('https://shop.example.com/flyer') }}",
                                                 coupon="poster"), None)
     assert view.url == "https://t.me/scrm_shop_bot?start=flyer_7" and decode(render.image(view.url)) == view.url
     updates = Updates(fake.bot_user)
@@ -253,6 +256,11 @@ async def test_telegram_deep_link_code(aiohttp_client, aiohttp_server, make_conf
     dana = await customer_by(service, "telegram", "4242")
     assert dana is not None and dana.acquisition_source == "code:flyer_7" and "flyer" in await tags_of(service, dana.id)
     assert texts[0].startswith("Hi Dana! Code PST")
+    [token] = re.findall(r"/l/([A-Za-z0-9_-]{24})$", texts[0])  # the welcome's link, counted for the code
+    async with service.sessions() as s:
+        link = await s.get(TrackedLink, token)
+    assert link is not None and (link.target, link.rule, link.customer_id) == (
+        "https://shop.example.com/flyer", "code:flyer_7", dana.id)
 
 
 # -- figures on a generated history ------------------------------------------------------------------

@@ -4,8 +4,9 @@ Runs inside the ingest transaction of the arrival, so its effects commit with it
 (new customer: first touch; someone already known: a re-engagement), the code's tags are added, its
 coupon is granted on the customer's first arrival through that code only, its campaign is planned,
 and its welcome text is returned for the channel to answer with (WeChat's passive reply to the
-subscribe or scan event, WeCom's welcome code, the reply to Telegram's ``/start``). A disabled or
-expired code is still counted, and does nothing else.
+subscribe or scan event, WeCom's welcome code, the reply to Telegram's ``/start``); a ``track()`` link
+in it is counted for the rule ``code:<name>``. A disabled or expired code is still counted, and does
+nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
+from scrm.acquisition import links
 from scrm.campaigns import templates
 from scrm.campaigns.outbox import customer_context, customer_extras
 from scrm.campaigns.planner import plan_many
@@ -92,12 +94,16 @@ async def arrive(service: Runtime, session: AsyncSession, event: InboundEvent, c
         customer = await session.get(Customer, customer_id)
         assert customer is not None
         extras = (await customer_extras(session, [customer_id]))[customer_id]
-        context: dict[str, Any] = {"customer": customer_context(customer, event.channel, extras)}
+        tracked = links.for_reply(service.config, f"{SOURCE_PREFIX}{code.name}"[:64], customer_id, now)
+        context: dict[str, Any] = {"customer": customer_context(customer, event.channel, extras),
+                                   links.CONTEXT_KEY: tracked}
         if coupon is not None:
             context["coupon"] = coupon
         try:
             arrival.welcome = templates.render(code.welcome, context).strip() or None
         except TemplateError:  # e.g. {{ coupon.code }} with the pool empty: no welcome, the rest stands
             arrival.welcome = None
+        if arrival.welcome is not None:
+            await tracked.save(session)
     await session.flush()
     return arrival
