@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from scrm import metrics
+from scrm.api import idempotency
 from scrm.api.models import Error
 from scrm.config import ApiScope
 from scrm.group_commit import StoreUnavailable
@@ -34,7 +35,7 @@ PREFIX = "/api/v1"
 
 _STATUS_TEXT = {400: "Bad request", 401: "Missing or wrong API key", 403: "The key lacks the scope",
                 404: "Not found", 409: "Conflict", 413: "Body too large", 422: "Validation error",
-                503: "Store unavailable, retry later"}
+                502: "The platform refused", 503: "Store unavailable, retry later"}
 
 
 class ApiError(Exception):
@@ -62,6 +63,8 @@ class Call:
     key_name: str
     body: Any
     params: dict[str, str]
+    #: The validated query string (the endpoint's ``query`` model), or None.
+    query: Any = None
 
     @property
     def actor(self) -> str:
@@ -69,18 +72,30 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Binary:
+    """An answer that is not JSON (an image): its bytes and their media type, one of the endpoint's ``binary``."""
+
+    body: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
 class Endpoint:
     method: str
     path: str
-    handler: Callable[[Call], Awaitable[BaseModel | tuple[int, BaseModel]]]
+    handler: Callable[[Call], Awaitable[BaseModel | tuple[int, BaseModel] | Binary]]
     scope: ApiScope
     summary: str
-    response: type[BaseModel]
+    #: The JSON answer's model; None for an endpoint that answers ``binary`` media types.
+    response: type[BaseModel] | None
     body: type[BaseModel] | None = None
     status: int = 200
     params: dict[str, str] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
     description: str = ""
+    #: The query string's model (flat: each field one parameter).
+    query: type[BaseModel] | None = None
+    binary: tuple[str, ...] = ()
 
     @property
     def operation_id(self) -> str:
@@ -116,6 +131,15 @@ def serve(endpoint: Endpoint) -> Handler:
             raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)")
         if endpoint.scope not in service.config.api.keys[key_name].scopes:
             raise ApiError(403, "forbidden", f"this key lacks the scope {endpoint.scope!r}")
+        query: Any = None
+        if endpoint.query is not None:
+            try:
+                query = endpoint.query.model_validate(dict(request.query))
+            except ValidationError as exc:
+                fields = _field_errors(exc, "query")
+                raise ApiError(422, "validation_error", "; ".join(f"{f['field']}: {f['problem']}" for f in fields),
+                               fields) from None
+        raw = b""
         body: Any = None
         if endpoint.body is not None:
             try:
@@ -134,13 +158,44 @@ def serve(endpoint: Endpoint) -> Handler:
                                    [{"field": "body", "problem": "not valid JSON"}]) from None
                 raise ApiError(422, "validation_error", "; ".join(f"{f['field']}: {f['problem']}" for f in fields),
                                fields) from None
-        result = await endpoint.handler(Call(request, service, key_name, body, dict(request.match_info)))
-        status, model = result if isinstance(result, tuple) else (endpoint.status, result)
-        return web.json_response(endpoint.response.model_validate(model).model_dump(mode="json"), status=status,
-                                 dumps=lambda v: json.dumps(v, ensure_ascii=False))
+        call = Call(request, service, key_name, body, dict(request.match_info), query)
+        key = request.headers.get(idempotency.HEADER) if endpoint.method == "POST" else None
+        if key is None:
+            return await _answer(endpoint, call)
+        if not idempotency.KEY.match(key):
+            raise ApiError(422, "validation_error", f"{idempotency.HEADER}: 1-255 printable ASCII characters",
+                           [{"field": f"header.{idempotency.HEADER}", "problem": "1-255 printable ASCII characters"}])
+        try:
+            replay = await idempotency.claim(service.sessions, key_name, key,
+                                             idempotency.fingerprint(request.method, request.path_qs, raw),
+                                             service.clock.now())
+        except idempotency.KeyConflict as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        if replay is not None:
+            return web.Response(text=replay.body, status=replay.status, content_type="application/json",
+                                headers={"Idempotent-Replayed": "true"})
+        try:
+            response = await _answer(endpoint, call)
+        except BaseException:
+            await idempotency.release(service.sessions, key_name, key)
+            raise
+        assert isinstance(response, web.Response) and response.text is not None  # POSTs answer JSON
+        await idempotency.keep(service.sessions, key_name, key, response.status, response.text)
+        return response
 
     handle.__name__ = endpoint.operation_id
     return handle
+
+
+async def _answer(endpoint: Endpoint, call: Call) -> web.Response:
+    result = await endpoint.handler(call)
+    if isinstance(result, Binary):
+        assert result.content_type in endpoint.binary, result.content_type
+        return web.Response(body=result.body, status=endpoint.status, content_type=result.content_type)
+    assert endpoint.response is not None
+    status, model = result if isinstance(result, tuple) else (endpoint.status, result)
+    return web.json_response(endpoint.response.model_validate(model).model_dump(mode="json"), status=status,
+                             dumps=lambda v: json.dumps(v, ensure_ascii=False))
 
 
 @web.middleware
@@ -173,17 +228,37 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         metrics.API_REQUESTS.labels(route, str(status)).inc()
 
 
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """A flat query model as OpenAPI query parameters (each field one parameter)."""
+    schema = model.model_json_schema(mode="validation")
+    assert "$defs" not in schema, f"{model.__name__}: a query model's fields are plain values"
+    required = set(schema.get("required", []))
+    out = []
+    for name, prop in schema["properties"].items():
+        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required,
+                                 "schema": {k: v for k, v in prop.items() if k not in ("title", "description")}}
+        if "description" in prop:
+            param["description"] = prop["description"]
+        out.append(param)
+    return out
+
+
 def openapi(endpoints: list[Endpoint], title: str, version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document, schemas generated from the endpoints' pydantic models."""
     models: list[tuple[type[BaseModel], Any]] = [(Error, "serialization")]
     for e in endpoints:
-        models.append((e.response, "serialization"))
+        if e.response is not None:
+            models.append((e.response, "serialization"))
         if e.body is not None:
             models.append((e.body, "validation"))
     refs, schema = models_json_schema(models, ref_template="#/components/schemas/{model}")
     paths: dict[str, dict[str, Any]] = {}
     for e in endpoints:
         error_ref = {"content": {"application/json": {"schema": refs[(Error, "serialization")]}}}
+        if e.response is not None:
+            content = {"application/json": {"schema": refs[(e.response, "serialization")]}}
+        else:
+            content = {media: {"schema": {"type": "string", "contentMediaType": media}} for media in e.binary}
         op: dict[str, Any] = {
             "operationId": e.operation_id,
             "summary": e.summary,
@@ -191,15 +266,24 @@ def openapi(endpoints: list[Endpoint], title: str, version: str) -> dict[str, An
             "x-scope": e.scope,
             "parameters": [{"name": n, "in": "path", "required": True, "description": d,
                             "schema": {"type": "string", "minLength": 1}} for n, d in e.params.items()],
-            "responses": {str(e.status): {"description": "OK", "content": {"application/json": {
-                "schema": refs[(e.response, "serialization")]}}}},
+            "responses": {str(e.status): {"description": "OK", "content": content}},
         }
+        if e.query is not None:
+            op["parameters"] += _query_parameters(e.query)
+        if e.method == "POST":
+            op["parameters"].append({
+                "name": idempotency.HEADER, "in": "header", "required": False,
+                "description": "A retry with the same key (within 24 hours) gets the first answer again and does "
+                               "nothing twice; the same key with another request is refused (422).",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"}})
         if e.description:
             op["description"] = e.description
         if e.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": refs[(e.body, "validation")]}}}
-        for status in sorted({401, 403, *e.errors, *((413, 422) if e.body else ())}):
+        statuses = {401, 403, *e.errors, *((413, 422) if e.body else ()), *((422,) if e.query else ()),
+                    *((409, 422) if e.method == "POST" else ())}
+        for status in sorted(statuses):
             op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Error"), **error_ref}
         paths.setdefault(PREFIX + e.path, {})[e.method.lower()] = op
     return {

@@ -758,6 +758,24 @@ class SignInFailure(Base):
     at: Mapped[datetime]
 
 
+class ApiIdempotencyKey(Base):
+    """A POST's ``Idempotency-Key`` and its first answer, kept 24 hours: a retry with the same key gets
+    that answer again instead of doing the work twice. ``status`` is empty while the first request runs."""
+
+    __tablename__ = "api_idempotency_keys"
+    __table_args__ = (UniqueConstraint("key_name", "idempotency_key", name="uq_api_idempotency_keys_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: The API key's name: keys are per caller, one caller's key never answers another's request.
+    key_name: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    #: SHA-256 of the method, path and body: the same key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)
+    body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class AcquisitionCode(Base):
     """A channel code (渠道活码): a WeChat parametric QR code, a WeCom contact-me or group join way, or a
     Telegram deep link. ``scene`` is what the platform hands back when someone comes through it (the
