@@ -250,7 +250,9 @@ class CouponPool(_Strict):
 
 
 ApiScope = Literal["conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
-                   "campaigns:trigger", "conversations:read", "messages:write"]
+                   "campaigns:trigger", "conversations:read", "messages:write",
+                   "campaigns:write", "codes:read", "codes:write", "coupons:read", "coupons:write", "reports:read",
+                   "segments:read", "tags:read"]
 
 
 class ApiKey(_Strict):

@@ -292,6 +292,115 @@ class ResolvedOut(_Out):
     state: Literal["resolved"]
 
 
+# --- channel codes -------------------------------------------------------------------------------
+
+CodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,30}$")]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
+
+
+class CodeIn(_In):
+    """A channel code to make on its platform (the same as ``scrm codes create``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "poster_mall", "channel": "wechat:brand", "expires": "30d", "tags": ["商场海报"], "cost": 500}]})
+
+    #: Also the code's scene: 1-30 letters, digits, _ or -.
+    name: CodeName
+    #: The account as ``<type>:<account>``, e.g. ``wechat:brand``, ``wecom:acme``, ``telegram:main``.
+    channel: Annotated[str, StringConstraints(min_length=3, max_length=50, pattern=r"^[a-z]+:\S+$")]
+    permanent: bool = False
+    #: A temporary code's lifetime: ``30d`` (the default), ``12h``, ``90m``.
+    expires: Annotated[str, StringConstraints(min_length=2, max_length=8)] | None = None
+    #: WeCom: staff user ids a contact-me code adds.
+    staff: list[Token] = Field(default_factory=list, max_length=100)
+    #: WeCom: group chat ids for a group join code.
+    groups: list[Token] = Field(default_factory=list, max_length=5)
+    tags: list[TagName] = Field(default_factory=list, max_length=20)
+    #: Welcome text, a template (``{{ customer.name }}``, ``{{ coupon.code }}``).
+    welcome: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    campaign: Name | None = None
+    coupon: Name | None = None
+    cost: float | None = Field(None, ge=0, lt=1e9, allow_inf_nan=False)
+
+
+class CodeOut(_Out):
+    name: str
+    channel: str
+    account: str
+    #: qr, qr_permanent, contact_way, join_way or deep_link.
+    kind: str
+    scene: str
+    #: What the printed code encodes.
+    url: str
+    #: active, expired or disabled.
+    state: str
+    staff: list[str]
+    tags: list[str]
+    welcome: str | None
+    campaign: str | None
+    coupon: str | None
+    cost: float | None
+    expires_at: str | None
+    disabled_at: str | None
+    created_at: str
+    created_by: str | None
+
+
+class CodeDay(_Out):
+    day: str
+    scans: int
+    new_customers: int
+
+
+class CodeFigures(_Out):
+    """What a code brought (first touch), beside what the last-touch rule credits it with."""
+
+    name: str
+    channel: str
+    state: str
+    cost: float | None
+    scans: int
+    new_customers: int
+    reengaged: int
+    unfollowed_7d: int
+    first_messages: int
+    converted: int
+    conversions: int
+    revenue: float
+    last_touch_conversions: int
+    last_touch_revenue: float
+    cost_per_new: float | None
+    cost_per_converted: float | None
+    days: list[CodeDay]
+
+
+class CodeDetail(CodeOut):
+    #: Its figures since it was made.
+    figures: CodeFigures | None
+
+
+class CodeList(_Out):
+    codes: list[CodeOut]
+
+
+class CodeImageQuery(_In):
+    format: Literal["png", "svg"] = "png"
+    #: Large enough to print on a poster.
+    poster: bool = False
+
+
+class DaysQuery(_In):
+    #: The period: the last N days up to now.
+    days: int = Field(30, ge=1, le=3660)
+
+
+class CodeReport(_Out):
+    since: str
+    until: str
+    days: int
+    codes: list[CodeFigures]
+
+
 class ErrorBody(_Out):
     code: str
     message: str

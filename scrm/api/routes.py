@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from scrm.api import campaigns, conversations, coupons, customers, orders
+from scrm.api import campaigns, codes, conversations, coupons, customers, orders
 from scrm.api.framework import Endpoint
 
 ENDPOINTS: list[Endpoint] = (
@@ -12,4 +12,5 @@ ENDPOINTS: list[Endpoint] = (
     + customers.ENDPOINTS
     + campaigns.ENDPOINTS
     + conversations.ENDPOINTS
+    + codes.ENDPOINTS
 )
