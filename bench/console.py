@@ -58,7 +58,7 @@ from scrm.cli.service import _tune_gc
 from scrm.clock import ManualClock
 from scrm.config_file import parse_config
 from scrm.console import accounts
-from scrm.console.customers import search
+from scrm.customer_search import search
 from scrm.service import Service
 from scrm.store.engine import make_engine, make_sessionmaker, reading, writing
 from scrm.store.migrate import upgrade

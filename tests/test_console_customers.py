@@ -17,7 +17,7 @@ from playwright.async_api import Page, Response
 from sqlalchemy import func, select
 
 from scrm import orders, segments
-from scrm.console.customers import search
+from scrm.customer_search import search
 from scrm.loyalty import jobs
 from scrm.store.engine import reading, writing
 from scrm.store.models import (

@@ -26,10 +26,10 @@ import pytest
 
 from sqlalchemy import event, insert, select, text
 
-from scrm import reports, rollups
+from scrm import customer_search, reports, rollups
 from scrm.clock import ManualClock
-from scrm.console import accounts, customers
-from scrm.console.customers import result_page, search
+from scrm.console import accounts
+from scrm.customer_search import result_page, search
 from scrm.customers import phone_ref, resolve_refs
 from scrm.keyring import LOOKUP_ID, Keyring, new_key_entry
 from scrm.personal import phone_hash
@@ -254,8 +254,8 @@ async def test_following_a_searchs_pages_finds_every_match_once(store: dict[str,
 
 async def test_the_customers_page_says_where_a_search_stopped(aiohttp_client: Any, make_config: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(customers, "SCAN_WINDOW", 10)
-    monkeypatch.setattr(customers, "SCAN_BUDGET", 0.0)
+    monkeypatch.setattr(customer_search, "SCAN_WINDOW", 10)
+    monkeypatch.setattr(customer_search, "SCAN_BUDGET", 0.0)
     client = await aiohttp_client(create_app(make_config(), ManualClock(NOW)))
     service = client.app[SERVICE]
     await _customers(service.sessions)

@@ -30,7 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.audit import audit
 from scrm.console.app import Pages, error_page, service, staff
-from scrm.console.customers import cursor, search
+from scrm.console.customers import cursor
+from scrm.customer_search import search
 from scrm.customers import MAX_ID
 from scrm.identity import merge_customers
 from scrm.loyalty import followups
