@@ -861,6 +861,8 @@ class WebhookSubscription(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     #: Failed attempts in a row; a success resets it, too many disable the subscription.
     failures: Mapped[int] = mapped_column(Integer, default=0)
+    #: When the current run of failures began (None while the endpoint answers).
+    failing_since: Mapped[datetime | None]
     disabled_at: Mapped[datetime | None]
     disabled_reason: Mapped[str | None]
     created_at: Mapped[datetime]
@@ -893,6 +895,8 @@ class WebhookDelivery(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None]
     due_at: Mapped[datetime]
+    #: Tried until then (``webhook_delivery.retry_hours`` after the event, or after a replay of it).
+    retry_until: Mapped[datetime | None]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
 

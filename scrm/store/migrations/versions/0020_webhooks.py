@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column('source', sa.String(8), nullable=False),
         sa.Column('enabled', sa.Boolean(), nullable=False),
         sa.Column('failures', sa.Integer(), nullable=False),
+        sa.Column('failing_since', sa.DateTime(), nullable=True),
         sa.Column('disabled_at', sa.DateTime(), nullable=True),
         sa.Column('disabled_reason', sa.String(255), nullable=True),
         sa.Column('created_at', sa.DateTime(), nullable=False),
@@ -46,6 +47,7 @@ def upgrade() -> None:
         sa.Column('claimed_by', sa.String(64), nullable=True),
         sa.Column('claimed_at', sa.DateTime(), nullable=True),
         sa.Column('due_at', sa.DateTime(), nullable=False),
+        sa.Column('retry_until', sa.DateTime(), nullable=True),
         sa.Column('created_at', sa.DateTime(), nullable=False),
         sa.Column('finished_at', sa.DateTime(), nullable=True),
     )
