@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from scrm.webhooks.events import EventKind
+
 Role = Literal["operator", "manager", "admin"]
 
 
@@ -250,7 +252,7 @@ class CouponPool(_Strict):
 
 
 ApiScope = Literal["conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
-                   "campaigns:trigger", "conversations:read", "messages:write",
+                   "campaigns:trigger", "conversations:read", "messages:write", "webhooks:read", "webhooks:write",
                    "campaigns:write", "codes:read", "codes:write", "coupons:read", "coupons:write", "reports:read",
                    "segments:read", "tags:read"]
 
@@ -267,6 +269,43 @@ class ApiConfig(_Strict):
     """The ``/api/v1/`` integration API; no keys configured means every call is answered 401."""
 
     keys: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")], ApiKey] = {}
+
+
+def _webhook_secret(secret: SecretStr) -> SecretStr:
+    from scrm.webhooks.subscriptions import check_secret
+
+    if problem := check_secret(secret.get_secret_value()):
+        raise ValueError(problem)
+    return secret
+
+
+class WebhookSubscriptionConfig(_Strict):
+    """``[webhooks.<name>]``: an endpoint that is sent the events it names, signed per Standard Webhooks."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    #: ``whsec_`` and the base64 of 24 to 64 random bytes (``scrm webhooks secret`` makes one); preferably
+    #: from the environment as ``SCRM_WEBHOOKS__<NAME>__SECRET``.
+    secret: Annotated[SecretStr, AfterValidator(_webhook_secret)]
+    #: The event kinds to send (scrm.webhooks.events); empty: all of them.
+    events: list[EventKind] = []
+    enabled: bool = True
+
+
+class WebhookDeliveryConfig(_Strict):
+    """How webhook events are delivered (scrm.webhooks.delivery)."""
+
+    #: Requests in flight at once, per instance.
+    concurrency: int = Field(32, gt=0, le=1024)
+    #: Seconds an endpoint has to answer (connecting included).
+    timeout_seconds: float = Field(10.0, gt=0, le=120)
+    #: An event is tried, backing off exponentially, for this long after it was written; then it is dead.
+    retry_hours: float = Field(24.0, gt=0)
+    #: A subscription is disabled (and admins told) once every attempt failed for this long, at least
+    #: ``disable_after_failures`` of them; its events then wait, still pending, until it is enabled.
+    disable_after_hours: float = Field(12.0, gt=0)
+    disable_after_failures: int = Field(10, gt=0)
+    #: Delivered events and the delivery log are kept this many days (``scrm webhooks replay`` reaches back as far).
+    retention_days: int = Field(30, gt=0)
 
 
 class ConsoleConfig(_Strict):
@@ -461,6 +500,9 @@ class Config(_Strict):
     api: ApiConfig = ApiConfig()
     console: ConsoleConfig = ConsoleConfig()
     links: LinksConfig = LinksConfig()
+    #: Outbound webhook subscriptions by name (more can be made through the API).
+    webhooks: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")], WebhookSubscriptionConfig] = {}
+    webhook_delivery: WebhookDeliveryConfig = WebhookDeliveryConfig()
     conversations: ConversationsConfig = ConversationsConfig()
     logging: LoggingConfig = LoggingConfig()
     #: Points, tiers, referrals, surveys and follow-ups; absent = off (see scrm.loyalty).

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.store.models import Consent, Customer
+from scrm.webhooks import events
 
 if TYPE_CHECKING:
     from scrm.config import Config
@@ -39,6 +40,8 @@ def record(session: AsyncSession, customer_id: int, channel: str, granted: bool,
     row = Consent(customer_id=customer_id, channel=channel, purpose=purpose, granted=granted, source=source,
                   detail=detail, created_at=now)
     session.add(row)
+    events.emit(session, "consent.changed", customer_id, {"channel": channel, "purpose": purpose, "granted": granted,
+                                                          "source": source, "detail": detail}, now)
     return row
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scrm.messages import OutboundMessage, SendResult
 from scrm.store.dialect import json_values
 from scrm.store.models import Customer, Identity, Touchpoint
+from scrm.webhooks import events
 
 if TYPE_CHECKING:
     from scrm.keyring import Keyring
@@ -265,6 +266,11 @@ def touchpoint(
         created_at=now,
     )
     session.add(row)
+    if events.active(session):
+        events.emit_touchpoint(session, {"customer_id": customer_id, "channel": channel, "account": account,
+                                         "direction": direction, "kind": kind, "text": text, "payload": payload,
+                                         "campaign": campaign, "delivery_id": delivery_id, "actor": actor,
+                                         "created_at": now})
     return row
 
 

@@ -31,6 +31,7 @@ from scrm.customers import BadCustomerRef, parse_ref
 from scrm.keyring import Keyring
 from scrm.store.dialect import dialect_name
 from scrm.store.models import Customer, CustomerTag, Identity, Tag
+from scrm.webhooks import events
 
 if TYPE_CHECKING:
     from scrm.config import Config
@@ -277,6 +278,8 @@ class Importer:
                     await self._fill(session, customer, row)  # before the INSERT: no UPDATE per new row
             session.add_all([c for c, _ in new])
             await session.flush()
+            await events.emit_many(session, [("customer.created", c.id, {"source": self.source}) for c, _ in new],
+                                   self.now)
             tags_now = await self._tags_of(session, {c.id for c, _, _ in plans})
             tag_id_of = await tagging.tag_ids(session, {name for _, row, _ in plans for name in row.tags})
             changed: set[int] = set()

@@ -327,6 +327,7 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
 
     from scrm import rollups
     from scrm.store.models import Delivery, Identity, Touchpoint
+    from scrm.webhooks import events
 
     await rollups.before_redaction(session, Touchpoint.customer_id == customer.id)
     _clear_phone(customer)
@@ -352,6 +353,7 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
         update(Identity).where(Identity.customer_id == customer.id)
         .values(external_id=literal("erased:") + cast(Identity.id, String))
         .execution_options(synchronize_session=False))) or 0
+    events.emit(session, "customer.erased", customer.id, {"identities": identities}, now)
     await session.flush()
     return {"texts": texts, "identities": identities, "cancelled": cancelled}
 

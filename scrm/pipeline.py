@@ -38,6 +38,7 @@ from scrm.personal import capture_phone, scrub_payload
 from scrm.store.models import Customer, Identity, Touchpoint
 from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import TagHit, add_tag, apply_hits, tokenize
+from scrm.webhooks import events as webhook_events
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -161,6 +162,7 @@ class _Batch:
             rows, self.touchpoints = self.touchpoints, []
             await session.execute(_INSERT_TOUCHPOINTS, rows)
             metrics.bulk_touchpoints(session, rows)
+            await webhook_events.emit_touchpoints(session, rows)
         if self.noted:
             noted, self.noted = self.noted, []
             await threads.note_messages(session, noted, now)
@@ -265,6 +267,9 @@ async def _customers(session: AsyncSession, events: list[InboundEvent], now: dat
             {"customer_id": cid, "channel": key[0], "account": key[1], "external_id": key[2], "created_at": now}
             for key, cid in created.items()])
         found |= {key: (cid, True) for key, cid in created.items()}
+        await webhook_events.emit_many(session, [("customer.created", cid, {
+            "channel": key[0], "account": key[1], "external_id": key[2], "display_name": first[key].display_name,
+            "source": first[key].source or f"{key[0]}:{key[1]}"}) for key, cid in created.items()], now)
     return found
 
 

@@ -30,6 +30,7 @@ from scrm.campaigns.planner import plan_triggered
 from scrm.config import BehaviourRule, Config, Transition
 from scrm.store.models import Customer, CustomerTag, Tag, Touchpoint
 from scrm.tagging import tag_id
+from scrm.webhooks import events
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -75,9 +76,15 @@ async def _ids(session: AsyncSession, query: Any) -> list[int]:
     return list((await session.scalars(query)).all())
 
 
+async def _record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Insert touchpoint rows, with the webhook events they tell of."""
+    await session.execute(insert(Touchpoint), rows)
+    await events.emit_touchpoints(session, rows)
+
+
 async def _touch(session: AsyncSession, ids: Sequence[int], kind: str, now: datetime, payload: dict[str, Any]) -> None:
     if ids:
-        await session.execute(insert(Touchpoint), [
+        await _record(session, [
             {**SYSTEM, "customer_id": cid, "kind": kind, "payload": payload, "created_at": now} for cid in ids])
 
 
@@ -136,7 +143,7 @@ async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope:
         moved = await _ids(session, _moving(config, transition, scope, now))
         for chunk in _chunks(moved):
             rows = (await session.execute(select(Customer.id, Customer.stage).where(Customer.id.in_(chunk)))).all()
-            await session.execute(insert(Touchpoint), [
+            await _record(session, [
                 {**SYSTEM, "customer_id": cid, "kind": "stage_changed", "payload": {"from": stage, "to": transition.to},
                  "created_at": now} for cid, stage in rows])
             await session.execute(update(Customer).where(Customer.id.in_(chunk)).values(stage=transition.to))
@@ -151,7 +158,7 @@ async def refresh(service: Runtime, session: AsyncSession, now: datetime, scope:
 async def _expire_tags(session: AsyncSession, scope: ColumnElement[bool], now: datetime, result: RefreshResult) -> None:
     expired = (await session.execute(_expired(scope, now))).all()
     if expired:
-        await session.execute(insert(Touchpoint), [
+        await _record(session, [
             {**SYSTEM, "customer_id": cid, "kind": "tag_expired", "payload": {"tag": name}, "created_at": now}
             for _, cid, name in expired])
     for chunk in _chunks([row.id for row in expired]):

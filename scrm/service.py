@@ -35,6 +35,8 @@ from scrm.store.engine import make_engine, make_sessionmaker, writing
 from scrm.store.models import Campaign, Customer
 from scrm.store.sqlite_driver import statements_in_thread
 from scrm.tagging import KeywordTagger
+from scrm.webhooks import events, subscriptions
+from scrm.webhooks.delivery import WebhookWorker
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -70,7 +72,14 @@ class Service:
         self.cluster = Cluster(self, role)
         self.ingestor = Ingestor(self)
         self.outbox = Outbox(self)
+        #: Webhook subscriptions: every session this service opens emits to them (scrm.webhooks.events).
+        self.webhooks = events.Registry()
+        events.attach(self.sessions, self.webhooks)
+        self.webhook_worker = WebhookWorker(self, self.webhooks, self.alert_admins)
         self.scheduler = build_scheduler(self)
+        # Subscriptions made or disabled on another instance reach this one's emission within seconds.
+        self.scheduler.add_job(self.job(self.webhook_worker.refresh), "interval", id="webhooks:subscriptions",
+                               seconds=5)
 
     @property
     def keyring(self) -> Keyring:
@@ -161,19 +170,26 @@ class Service:
 
     async def _campaigns_failed(self, failed: dict[str, str]) -> None:
         """Tell operators and admins in chat, once a failure streak, which campaigns did not plan."""
-        from scrm.loyalty.followups import send_to_staff
-
         lines = [f"活动计划失败 Campaign {name} failed to plan: {reason}" for name, reason in failed.items()]
         text = "\n".join([*lines, "其他活动照常 The other campaigns went out; `scrm campaigns list` shows the runs."])
+        await self._alert_staff(text, ("operator", "admin"))
+
+    async def alert_admins(self, text: str) -> None:
+        """Tell the admins of ``[staff]`` in chat (a webhook subscription disabled after failures)."""
+        await self._alert_staff(text, ("admin",))
+
+    async def _alert_staff(self, text: str, roles: tuple[Role, ...]) -> None:
+        from scrm.loyalty.followups import send_to_staff
+
         now = self.clock.now()
         for identity, role in sorted(self.config.staff.items()):
-            if role not in ("operator", "admin"):
+            if role not in roles:
                 continue
             try:
                 async with self.sessions() as session, session.begin():
                     await send_to_staff(self, session, identity, text, now, kind="staff_alert")
-            except Exception:  # noqa: BLE001 - the failure is recorded and counted; the alert is a courtesy
-                log.exception("could not tell %s that campaigns failed to plan", identity)
+            except Exception:  # noqa: BLE001 - what failed is recorded and counted; the alert is a courtesy
+                log.exception("could not alert %s: %s", identity, text.splitlines()[0])
 
     def _read_again(self, what: str, load: Callable[[Config], _T]) -> _T | None:
         """Definition files read again for a reload, or None when they have problems: logged once (until
@@ -226,6 +242,11 @@ class Service:
             await channel.start()
         await self.ingestor.start()
         await self.outbox.start()
+        async with self.sessions() as session, session.begin():
+            await subscriptions.sync_config(session, self.config, self.clock.now())
+        await self.webhook_worker.refresh()
+        # Workers post webhooks beside the outbox; in-process work without the scheduler only emits them.
+        await self.webhook_worker.start(run=scheduler and self.cluster.role in ("worker", "all"))
         if scheduler:
             self.scheduler.start()
 
@@ -254,6 +275,7 @@ class Service:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.outbox.stop()
+        await self.webhook_worker.stop()
         await self.ingestor.stop()
         for channel in self.channels.values():
             await channel.stop()

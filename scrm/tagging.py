@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scrm.config import KeywordRule
 from scrm.store.dialect import dialect_of, rowcount, upsert
 from scrm.store.models import Customer, CustomerTag, Tag, TagScore, Touchpoint
+from scrm.webhooks import events
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -256,6 +257,9 @@ async def tag_where(service: Runtime, session: AsyncSession, where: ColumnElemen
     payload = literal({"tag": name, "by": actor}, JSON)
     columns = ["customer_id", "actor", "channel", "account", "direction", "kind", "payload", "created_at"]
 
+    def event(kind: str) -> dict[str, Any]:  # what scrm.webhooks.events.touchpoint_data makes of the touchpoint
+        return {"channel": "system", "account": "-", "touchpoint": kind, "tag": name, "by": actor, "actor": actor}
+
     def recorded(kind: str) -> list[Any]:
         return [CustomerTag.customer_id, literal(actor), literal("system"), literal("-"), literal("internal"),
                 literal(kind), payload, literal(now)]
@@ -268,6 +272,7 @@ async def tag_where(service: Runtime, session: AsyncSession, where: ColumnElemen
         removed = rowcount(await session.execute(
             insert(Touchpoint).from_select(columns, select(*recorded("tag_removed")).where(held))))
         if removed:
+            await events.emit_select(session, "tag.removed", CustomerTag.customer_id, held, event("tag_removed"), now)
             await session.execute(delete(CustomerTag).where(held).execution_options(synchronize_session=False))
         return removed
     tid = await tag_id(session, name)
@@ -287,6 +292,7 @@ async def tag_where(service: Runtime, session: AsyncSession, where: ColumnElemen
     added = rowcount(await session.execute(
         insert(Touchpoint).from_select(columns, select(*recorded("tag_added")).where(gained))))
     if added:
+        await events.emit_select(session, "tag.added", CustomerTag.customer_id, gained, event("tag_added"), now)
         await plan_where(service, session, "tag_added", Customer.id.in_(select(CustomerTag.customer_id).where(gained)),
                          now, tag=name)
     return added

@@ -1,0 +1,3 @@
+"""Signed outbound webhooks: events written to an outbox with the change they tell of (events), the
+subscriptions that receive them (subscriptions), the worker that posts them (delivery) and the delivery
+log and replays (log)."""

