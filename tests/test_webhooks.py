@@ -248,3 +248,65 @@ async def test_replay_sends_a_subscriptions_events_since_a_moment_again(aiohttp_
 
 async def _received(receiver: Receiver, n: int) -> bool:
     return len(receiver.events) >= n
+
+
+READ, WRITE, OTHER = "webhooks-read-key-0123456789", "webhooks-write-key-0123456789", "customers-key-0123456789"
+API_KEYS = {"api": {"keys": {"reader": {"key": READ, "scopes": ["webhooks:read"]},
+                             "writer": {"key": WRITE, "scopes": ["webhooks:read", "webhooks:write"]},
+                             "other": {"key": OTHER, "scopes": ["customers:read"]}}}}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_api_subscriptions_scopes_log_test_and_replay(aiohttp_client, make_config, clock, receiver):
+    client = await aiohttp_client(create_app(make_config(API_KEYS), clock))
+    new = {"name": "crm", "url": receiver.url, "events": ["message.received"]}
+    calls = [("GET", "/api/v1/webhooks", None), ("POST", "/api/v1/webhooks", new),
+             ("GET", "/api/v1/webhooks/crm", None), ("PATCH", "/api/v1/webhooks/crm", {"enabled": True}),
+             ("DELETE", "/api/v1/webhooks/crm", None), ("GET", "/api/v1/webhooks/crm/attempts", None),
+             ("POST", "/api/v1/webhooks/crm/test", None), ("POST", "/api/v1/webhooks/crm/replay", {"since": "2026-01-01"})]
+    for method, path, body in calls:
+        assert (await client.request(method, path, json=body)).status == 401, path
+        assert (await client.request(method, path, json=body, headers=auth("wrong-key-0123456789"))).status == 401
+        assert (await client.request(method, path, json=body, headers=auth(OTHER))).status == 403, path
+        if method != "GET":
+            assert (await client.request(method, path, json=body, headers=auth(READ))).status == 403, path
+    assert (await client.get("/api/v1/webhooks/crm", headers=auth(READ))).status == 404
+
+    made = await client.post("/api/v1/webhooks", json=new, headers=auth(WRITE))
+    assert made.status == 201
+    created = await made.json()
+    assert created["secret"].startswith("whsec_") and created["events"] == ["message.received"]
+    assert (await client.post("/api/v1/webhooks", json=new, headers=auth(WRITE))).status == 409
+    assert (await client.post("/api/v1/webhooks", json={**new, "name": "x", "events": ["nope"]},
+                              headers=auth(WRITE))).status == 422
+    listed = await (await client.get("/api/v1/webhooks", headers=auth(READ))).json()
+    assert [w["name"] for w in listed["webhooks"]] == ["crm"] and "secret" not in listed["webhooks"][0]
+
+    receiver.secret = created["secret"]
+    await say(client, "gil", "你好", "g1")
+    await eventually(lambda: _received(receiver, 1))
+    assert receiver.kinds() == ["message.received"]
+    test = await client.post("/api/v1/webhooks/crm/test", headers=auth(WRITE))
+    assert test.status == 202
+    await eventually(lambda: _received(receiver, 2))
+    assert receiver.events[-1]["type"] == "webhook.test" and receiver.ids[-1] == (await test.json())["webhook_id"]
+    attempts = (await (await client.get("/api/v1/webhooks/crm/attempts", headers=auth(READ))).json())["attempts"]
+    assert [a["type"] for a in attempts] == ["webhook.test", "message.received"]
+    assert all(a["status"] == "delivered" and a["http_status"] == 204 and a["latency_ms"] >= 0 for a in attempts)
+
+    since = (clock.now() - timedelta(minutes=1)).isoformat()
+    replayed = await client.post("/api/v1/webhooks/crm/replay", json={"since": since}, headers=auth(WRITE))
+    assert replayed.status == 202 and (await replayed.json())["queued"] == 2
+    await eventually(lambda: _received(receiver, 4))
+    assert receiver.ids[2:] == receiver.ids[:2]
+
+    off = await client.patch("/api/v1/webhooks/crm", json={"enabled": False}, headers=auth(WRITE))
+    assert off.status == 200 and (await off.json())["enabled"] is False
+    await say(client, "gil", "还在吗", "g2")
+    assert len(await rows(client.app[SERVICE], WebhookDelivery.kind == "message.received")) == 1, \
+        "a disabled subscription is sent nothing new"
+    assert (await client.delete("/api/v1/webhooks/crm", headers=auth(WRITE))).status == 200
+    assert (await client.get("/api/v1/webhooks/crm", headers=auth(READ))).status == 404

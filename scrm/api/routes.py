@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from scrm.api import campaigns, codes, conversations, coupons, customers, orders
+from scrm.api import campaigns, codes, conversations, coupons, customers, orders, webhooks
 from scrm.api.framework import Endpoint
 
 ENDPOINTS: list[Endpoint] = (
@@ -13,4 +13,5 @@ ENDPOINTS: list[Endpoint] = (
     + campaigns.ENDPOINTS
     + conversations.ENDPOINTS
     + codes.ENDPOINTS
+    + webhooks.ENDPOINTS
 )

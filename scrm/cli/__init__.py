@@ -13,6 +13,7 @@ from scrm.cli import (  # noqa: F401  (they register commands)
     reports,
     service,
     staff,
+    webhooks,
 )
 from scrm.cli.base import main
 

@@ -51,11 +51,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 async def open_store(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     from scrm.store.engine import make_engine, make_sessionmaker
     from scrm.store.migrate import upgrade
+    from scrm.webhooks import events as webhook_events
 
     engine = make_engine(config.store_url, config.store.schema_name)
     try:
         await upgrade(engine)
-        yield make_sessionmaker(engine)
+        sessions = make_sessionmaker(engine)
+        await webhook_events.attach_current(sessions)  # a command's changes emit their webhook events too
+        yield sessions
     finally:
         await engine.dispose()
 

@@ -108,6 +108,18 @@ def attach(sessions: async_sessionmaker[AsyncSession], registry: Registry) -> No
     sessions.configure(info={_INFO_KEY: registry})
 
 
+async def attach_current(sessions: async_sessionmaker[AsyncSession]) -> Registry:
+    """Attach the store's enabled subscriptions as they are now (a command's sessions; the service keeps its
+    registry current instead)."""
+    from scrm.webhooks.subscriptions import current
+
+    registry = Registry()
+    async with sessions() as session:
+        registry.current = await current(session)
+    attach(sessions, registry)
+    return registry
+
+
 def wanting(session: AsyncSession | Session, kind: str) -> tuple[int, ...]:
     """The subscriptions that want ``kind`` (none for a session of no service, e.g. a migration's)."""
     registry: Registry | None = session.info.get(_INFO_KEY)
