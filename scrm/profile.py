@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.loyalty.view import loyalty_section
+from scrm.messages import MESSAGE_KINDS
 from scrm.store.models import (
     Conversion,
     Coupon,
@@ -21,6 +22,20 @@ from scrm.store.models import (
     Tag,
     Touchpoint,
 )
+
+
+async def touchpoint_page(session: AsyncSession, customer_id: int, size: int, before: int | None,
+                          messages_only: bool = False) -> tuple[list[Touchpoint], int | None]:
+    """The customer's touchpoints below id ``before``, newest first, and the cursor of the next page (None
+    on the last): by id, never OFFSET, so the thousandth page costs what the first does. ``messages_only``:
+    what was said (a message kind, or any touchpoint with text: sends, staff replies)."""
+    query = select(Touchpoint).where(Touchpoint.customer_id == customer_id)
+    if before is not None:
+        query = query.where(Touchpoint.id < before)
+    if messages_only:
+        query = query.where(or_(Touchpoint.kind.in_(sorted(MESSAGE_KINDS)), Touchpoint.text.is_not(None)))
+    rows = list((await session.scalars(query.order_by(Touchpoint.id.desc()).limit(size + 1))).all())
+    return rows[:size], rows[size - 1].id if len(rows) > size else None
 
 
 def _iso(value: datetime | None) -> str | None:

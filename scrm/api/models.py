@@ -6,6 +6,7 @@ document (``/api/v1/openapi.json``): one definition, so the document cannot drif
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -290,6 +291,76 @@ class ResolvedOut(_Out):
     customer_id: int
     channel: str
     state: Literal["resolved"]
+
+
+# --- pages of customers and touchpoints ----------------------------------------------------------
+
+#: A page's cursor: the id the next page continues below (as the previous answer's ``next_cursor`` gave it).
+Cursor = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,9}$")]
+
+
+class CustomerListQuery(_In):
+    """Filters, all optional and combined with *and*; pages go by ``cursor``, the newest customers first."""
+
+    #: What the console's search box reads: ``#12``, ``wechat:oAbC``, a phone number, ``tag:x``, ``stage:x``,
+    #: a segment expression, or (anything else) part of a display name.
+    q: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    #: A segment expression (``tag('奶粉') and days_silent >= 30``) or a configured segment's name.
+    segment: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
+    tag: TagName | None = None
+    stage: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,16}$")] | None = None
+    #: Customers with an identity on this channel (``wechat``, ``wecom``, ``telegram``...).
+    channel: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")] | None = None
+    #: Customers seen (any touchpoint) at or after this moment (ISO 8601; UTC unless it says otherwise).
+    updated_since: datetime | None = None
+    limit: int = Field(50, ge=1, le=100)
+    cursor: Cursor | None = None
+
+
+class CustomerRow(_Out):
+    id: int
+    display_name: str | None
+    stage: str
+    opted_out: bool
+    last_seen_at: str
+    #: ``channel:external_id``.
+    identities: list[str]
+    tags: list[str]
+
+
+class CustomerPage(_Out):
+    customers: list[CustomerRow]
+    #: Pass as ``cursor`` for the next page; null on the last page.
+    next_cursor: str | None
+    #: The search ran out of its time budget before the page was full (a filter few customers match):
+    #: the next page goes on from where it stopped.
+    partial: bool = False
+
+
+class PageQuery(_In):
+    limit: int = Field(50, ge=1, le=100)
+    cursor: Cursor | None = None
+
+
+class TouchpointOut(_Out):
+    id: int
+    at: str
+    #: ``in`` (from the customer), ``out`` (to them) or ``internal``.
+    direction: str
+    kind: str
+    channel: str
+    account: str | None
+    text: str | None
+    campaign: str | None
+    #: Who did it, for staff and API actions (``staff:...``, ``api:<key>``).
+    actor: str | None
+    payload: dict[str, Any]
+
+
+class TouchpointPage(_Out):
+    customer_id: int
+    touchpoints: list[TouchpointOut]
+    next_cursor: str | None
 
 
 # --- channel codes -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from scrm.identity import merge_customers
 from scrm.loyalty import followups
 from scrm.messages import MESSAGE_KINDS
 from scrm.personal import erase, export_data, masked_phone
-from scrm.profile import customer_view
+from scrm.profile import customer_view, touchpoint_page
 from scrm.service import Service
 from scrm.store.engine import reading, writing
 from scrm.store.models import Customer, FollowupTask, StaffAccount, Touchpoint
@@ -99,19 +99,14 @@ def touchpoint_detail(tp: Touchpoint) -> str:
 
 async def thread_page(session: AsyncSession, customer_id: int, size: int, before: int | None,
                       zone: str) -> tuple[list[Entry], int | None]:
-    """The customer's touchpoints below id ``before``, newest first, and the cursor of the next page
-    (None on the last)."""
-    query = select(Touchpoint).where(Touchpoint.customer_id == customer_id)
-    if before is not None:
-        query = query.where(Touchpoint.id < before)
-    rows = list((await session.scalars(query.order_by(Touchpoint.id.desc()).limit(size + 1))).all())
+    """The customer's touchpoints below id ``before``, newest first (:func:`scrm.profile.touchpoint_page`),
+    and the cursor of the next page (None on the last)."""
+    rows, next_before = await touchpoint_page(session, customer_id, size, before)
     tz = ZoneInfo(zone)
     entries = [Entry(t.id, t.created_at.replace(tzinfo=UTC).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
                      t.direction, t.kind, t.channel, t.text, touchpoint_detail(t), t.kind in MESSAGE_KINDS or t.text is not None)
-               for t in rows[:size]]
-    return entries, entries[-1].id if len(rows) > size else None
-
-
+               for t in rows]
+    return entries, next_before
 
 
 def _local(zone: str) -> Any:
