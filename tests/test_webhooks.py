@@ -1,31 +1,25 @@
 """Signed outbound webhooks: events written with their change, verified by a Standard Webhooks receiver,
-delivered in order per customer through failures, filtered, replayed, disabled after a day of failures
-(admins told), after a SIGKILL, and the API's scope checks."""
+delivered in order per customer through failures, filtered, replayed, disabled after 12 hours of failures
+(admins told), after a SIGKILL, and the API's scope checks. Both stores, an injected clock for back-off."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
-from scrm.customers import Customer
-from scrm.store.models import Touchpoint, WebhookAttempt, WebhookDelivery, WebhookSubscription
+from scrm.store.models import Customer, Touchpoint, WebhookAttempt, WebhookDelivery, WebhookSubscription
 from scrm.tagging import tag_where
 from scrm.web import SERVICE, create_app
 from scrm.webhooks.subscriptions import new_secret
-from tests.conftest import cli_env, deep_merge, eventually, example_config, free_port
+from tests.conftest import deep_merge, eventually, example_config
 
 SECRET = new_secret()
 
@@ -154,12 +148,14 @@ async def _attempts(service: Any) -> int:
 async def test_a_failing_receiver_gets_everything_in_order_once_it_recovers(aiohttp_client, make_config, clock,
                                                                              receiver):
     receiver.answers = [500, 503, 502]
-    client = await aiohttp_client(create_app(make_config(hooks(receiver)), clock))
+    kinds = ["customer.created", "message.received", "consent.changed"]  # none written later by jobs
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, kinds)), clock))
     service = client.app[SERVICE]
     await say(client, "dee", "我想买奶粉", "d1")
     await say(client, "dee", "退订", "d2")
     stored = await rows(service)
-    assert len(stored) >= 4 and {r.customer_id for r in stored} == {stored[0].customer_id}
+    assert [r.kind for r in stored] == ["customer.created", "message.received", "message.received", "consent.changed"]
+    assert {r.customer_id for r in stored} == {stored[0].customer_id}
     for n, wait in enumerate([5, 10, 20], start=1):
         await eventually(lambda n=n: _attempts_are(service, n))
         assert receiver.events == []
@@ -310,3 +306,64 @@ async def test_api_subscriptions_scopes_log_test_and_replay(aiohttp_client, make
         "a disabled subscription is sent nothing new"
     assert (await client.delete("/api/v1/webhooks/crm", headers=auth(WRITE))).status == 200
     assert (await client.get("/api/v1/webhooks/crm", headers=auth(READ))).status == 404
+
+
+async def test_sigkill_between_the_change_and_its_delivery_delivers_after_restart(tmp_path: Path, store: dict[str, Any],
+                                                                                  aiohttp_server: Any) -> None:
+    """A real ``scrm run`` commits a message's events, posts the first to a receiver that holds the request,
+    and is SIGKILLed with it in flight; the next instance delivers every event, the held one included."""
+    from tests.e2e import Instance, dump_toml, kill_all, store_engine, wait_for
+    from scrm.store.engine import make_sessionmaker
+
+    hold = asyncio.Event()
+    held: list[str] = []
+    receiver = Receiver()
+
+    async def handle(request: web.Request) -> web.Response:
+        if not hold.is_set():
+            held.append(request.headers["webhook-id"])
+            await hold.wait()  # the service dies while waiting for this answer
+            return web.Response(status=500)
+        return await receiver.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = await aiohttp_server(app)
+    receiver.url = str(server.make_url("/hook"))
+    data = deep_merge(example_config(), {
+        "store": store, "campaigns": {"path": str(tmp_path / "campaigns")},
+        "scheduler": {"outbox_tick_seconds": 0.2}, "cluster": {"heartbeat_seconds": 0.5, "lease_seconds": 3},
+        "privacy": {"key_file": str(tmp_path / "privacy.key")}, "logging": {"level": "WARNING"},
+        **hooks(receiver, ["customer.created", "message.received", "tag.added"])})
+    (tmp_path / "campaigns").mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(dump_toml(data) + "\n", "utf-8")
+    first, second = Instance(config, "web-1"), Instance(config, "web-2")
+    engine = store_engine(config)
+    sessions = make_sessionmaker(engine)
+    try:
+        await first.start()
+        await first.wait_ready()
+        async with ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{first.port}/console/local/messages",
+                                 json={"user": "kim", "text": "我想买奶粉", "id": "k1"}) as resp:
+                assert resp.status == 200  # committed: the events are in the store
+        await wait_for(lambda: held, 30, lambda: f"the first event posted\n{first.tail()}")
+        await first.kill()
+        async with sessions() as s:
+            at_kill = (await s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status)
+                                       .order_by(WebhookDelivery.id))).all()
+        assert at_kill[0] == (held[0], "claimed") and len(at_kill) >= 3
+        assert all(status == "pending" for _, status in at_kill[1:]), "the customer's later events wait"
+        hold.set()
+        await second.start()
+        await second.wait_ready()
+        await wait_for(lambda: len(receiver.ids) >= len(at_kill), 60, lambda: f"all delivered\n{second.tail()}")
+        async with sessions() as s:
+            final = (await s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status)
+                                     .order_by(WebhookDelivery.id))).all()
+    finally:
+        await kill_all([first, second])
+        await engine.dispose()
+    assert receiver.ids == [event_id for event_id, _ in at_kill], "each event once after the restart, in order"
+    assert [status for _, status in final] == ["delivered"] * len(at_kill)
