@@ -519,6 +519,24 @@ class WeComChannel(Channel):
             raise CodeError("WeCom answered without a config_id and qr_code")
         return IssuedCode(kind, qr, config_id)
 
+    async def update_code(self, code: IssuedCode, request: CodeRequest) -> None:
+        """externalcontact/update_contact_way or groupchat/update_join_way: the same config_id (and so the
+        same printed code) with other staff members or group chats; ``state`` stays the code's scene."""
+        if not code.ref:
+            raise CodeError("WeCom gave this code no config_id to update")
+        if code.kind == "join_way":
+            path, body = "externalcontact/groupchat/update_join_way", {
+                "config_id": code.ref, "scene": 2, "remark": request.remark[:30], "auto_create_room": 0,
+                "chat_id_list": list(request.groups), "state": request.scene}
+        else:
+            path, body = "externalcontact/update_contact_way", {
+                "config_id": code.ref, "remark": request.remark[:30], "skip_verify": True, "state": request.scene,
+                "user": list(request.staff)}
+        try:
+            await self._api(path, body)
+        except WeComError as exc:
+            raise CodeError(_code_refusal(exc)) from exc
+
     async def delete_code(self, code: IssuedCode) -> None:
         if not code.ref:
             return

@@ -99,6 +99,10 @@ class Channel(ABC):
         """Make a channel code (QR code, contact-me way, deep link) on the platform."""
         raise CodeError(f"{self.type_name} accounts have no channel codes")
 
+    async def update_code(self, code: IssuedCode, request: CodeRequest) -> None:
+        """Give a code made earlier other staff members or group chats (WeCom's ways)."""
+        raise CodeError(f"{self.type_name} codes have no staff members to change")
+
     async def delete_code(self, code: IssuedCode) -> None:
         """Withdraw a code on the platform where it can be (else arrivals through it are ignored)."""
 

@@ -40,6 +40,9 @@ class Sender(Protocol):
     async def create_code(self, request: CodeRequest) -> IssuedCode:
         """Make a channel code on the platform (scrm.acquisition.codes)."""
 
+    async def update_code(self, code: IssuedCode, request: CodeRequest) -> None:
+        """Give a channel code other staff members or group chats on the platform."""
+
     async def delete_code(self, code: IssuedCode) -> None:
         """Withdraw a channel code on the platform where it can be."""
 

@@ -20,7 +20,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from scrm.acquisition import codes, figures, render
-from scrm.acquisition.codes import CodeProblem, CodeSpec
+from scrm.acquisition.codes import CodeChange, CodeProblem, CodeSpec
 from scrm.store.models import (
     AcquisitionCode,
     CodeScan,
@@ -221,12 +221,41 @@ async def test_wecom_contact_way_welcome_and_refusals(aiohttp_client, make_confi
     group = await codes.create(service, CodeSpec("group_b", "wecom:acme", groups=("wrOgAAAA",)), None)
     assert group.kind == "join_way" and group.url.startswith("https://wework.qpic.cn/")
     assert len(wecom.ways) == 2
+
+    # other staff members and group chats for the same printed codes: changed in WeCom first
+    with pytest.raises(CodeProblem, match="not in the corp") as left:
+        await codes.change(service, "store_b", CodeChange(staff=("lisi", "wangwu"), tags=("B店", "new")))
+    assert (left.value.field, left.value.status) == ("staff", 502)
+    [before] = [v for v in await _listing(service, clock) if v.name == "store_b"]
+    assert before.staff == ["zhangsan", "lisi"] and before.tags == ["B店"]  # nothing changed
+    changed = await codes.change(service, "store_b", CodeChange(staff=("lisi",), tags=("B店", "new"),
+                                                                 clear=frozenset({"coupon"})))
+    assert (changed.staff, changed.tags, changed.coupon, changed.url) == (["lisi"], ["B店", "new"], None, view.url)
+    [way] = [w for w in wecom.ways.values() if w.get("user")]
+    assert (way["user"], way["state"]) == (["lisi"], "store_b")
+    wecom.add_group("wrOgBBBB", "lisi", {"lisi": 1})
+    moved = await codes.change(service, "group_b", CodeChange(groups=("wrOgAAAA", "wrOgBBBB")))
+    assert moved.staff == ["wrOgAAAA", "wrOgBBBB"] and wecom.ways[wecom_ref(wecom, "join")]["chat_id_list"] == [
+        "wrOgAAAA", "wrOgBBBB"]
+    for name, change, field in (("group_b", CodeChange(staff=("lisi",)), "staff"),
+                                ("store_b", CodeChange(groups=("wrOgAAAA",)), "groups"),
+                                ("store_b", CodeChange(campaign="nope"), "campaign"),
+                                ("store_b", CodeChange(clear=frozenset({"tags"})), "tags")):
+        with pytest.raises(CodeProblem) as bad:
+            await codes.change(service, name, change)
+        assert (bad.value.field, bad.value.status) == (field, 400), name
     await codes.disable(service, "store_b")
     await codes.disable(service, "group_b")
     assert wecom.ways == {} and [v.state for v in await _listing(service, clock)] == ["disabled", "disabled"]
     wecom.fail_next["externalcontact/add_contact_way"] = [(45009, "api freq out of limit")]
     with pytest.raises(CodeProblem, match="quota"):
         await codes.create(service, CodeSpec("store_c", "wecom:acme", staff=("lisi",)), None)
+
+
+def wecom_ref(wecom: FakeWeCom, kind: str) -> str:
+    """The config_id of the fake's only way of a kind (contact or join)."""
+    [ref] = [k for k, w in wecom.ways.items() if ("chat_id_list" in w) == (kind == "join")]
+    return ref
 
 
 async def _listing(service, clock) -> list[codes.CodeView]:
@@ -379,8 +408,14 @@ async def test_cli_create_list_image_report_disable(store, wechat, tmp_path):
     assert code == 0 and decode((tmp_path / "w.png").read_bytes()).startswith("http://weixin.qq.com/q/")
     code, output = await scrm("codes", "report", "--days", "7")
     assert code == 0 and "window_1" in output
+    code, output = await scrm("codes", "update", "window_1", "--tags", "橱窗,vip", "--cost", "")
+    assert code == 0 and "tags 橱窗, vip" in output and "cost -" in output, output
+    code, output = await scrm("codes", "update", "window_1", "--staff", "zhangsan")
+    assert code == 2 and "staff:" in output and "WeCom" in output, output
     assert (await scrm("codes", "disable", "window_1"))[0] == 0
+    code, output = await scrm("codes", "update", "window_1", "--tags", "late")
+    assert code == 2 and "is disabled" in output
     code, output = await scrm("codes", "show", "window_1")
-    assert code == 0 and "disabled" in output and "橱窗, walk-in" in output
+    assert code == 0 and "disabled" in output and "橱窗, vip" in output
     code, output = await scrm("codes", "show", "nope")
     assert code == 2 and "no code named" in output

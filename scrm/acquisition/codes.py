@@ -3,7 +3,7 @@
 A code is a WeChat parametric QR code, a WeCom contact-me (or group join) way or a Telegram deep link;
 the channel module makes it (:meth:`scrm.channels.Channel.create_code`) and this module keeps what it
 does when someone comes through it (tags, welcome, campaign, coupon) and what it cost. The CLI, the API
-and the console all call these functions.
+and the console all call these functions: create, change, disable.
 """
 
 from __future__ import annotations
@@ -51,6 +51,26 @@ class CodeSpec:
     campaign: str | None = None
     coupon: str | None = None
     cost: float | None = None
+
+
+@dataclass(frozen=True)
+class CodeChange:
+    """What to change on a code (``scrm codes update``, the API, the console): a field left None stays as
+    it is; ``clear`` names the optional ones to empty (welcome, campaign, coupon, cost). The channel,
+    kind and lifetime stay: a printed code keeps working as it was made."""
+
+    staff: tuple[str, ...] | None = None
+    groups: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
+    welcome: str | None = None
+    campaign: str | None = None
+    coupon: str | None = None
+    cost: float | None = None
+    clear: frozenset[str] = frozenset()
+
+
+#: The fields :attr:`CodeChange.clear` may name.
+CLEARABLE = frozenset({"welcome", "campaign", "coupon", "cost"})
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,62 @@ async def create(runtime: Runtime, spec: CodeSpec, actor: str | None) -> CodeVie
         await channel.delete_code(issued)
         raise CodeProblem("name", f"a code named {spec.name!r} exists", 409) from exc
     return CodeView.of(row, now)
+
+
+async def change(runtime: Runtime, name: str, wanted: CodeChange) -> CodeView:
+    """Change what a code does. New staff members or group chats are changed on the platform first
+    (WeCom's update_contact_way / update_join_way, outside any transaction); the rest is the store's."""
+    if unknown := sorted(wanted.clear - CLEARABLE):
+        raise CodeProblem(unknown[0], "cannot be cleared")
+    async with runtime.sessions() as session:
+        row = await find(session, name)
+    if row.disabled_at is not None:
+        raise CodeProblem("name", f"code {name!r} is disabled", 409)
+    on_platform = _members(row, wanted)
+
+    def value(field: str, new: object, old: object) -> object:
+        return None if field in wanted.clear else old if new is None else new
+
+    spec = CodeSpec(
+        row.name, f"{row.channel}:{row.account}", permanent=True,
+        staff=() if row.kind == "join_way" else tuple(on_platform or row.staff),
+        groups=tuple(on_platform or row.staff) if row.kind == "join_way" else (),
+        tags=wanted.tags if wanted.tags is not None else tuple(row.tags),
+        welcome=value("welcome", wanted.welcome, row.welcome),  # type: ignore[arg-type]
+        campaign=value("campaign", wanted.campaign, row.campaign),  # type: ignore[arg-type]
+        coupon=value("coupon", wanted.coupon, row.coupon_pool),  # type: ignore[arg-type]
+        cost=value("cost", wanted.cost, row.cost))  # type: ignore[arg-type]
+    check(runtime.config, spec, set(runtime.campaigns))
+    if on_platform is not None and on_platform != tuple(row.staff):
+        channel = runtime.channel(row.channel, row.account)
+        if channel is None:
+            raise CodeProblem("channel", f"no account {row.channel}:{row.account} in the configuration")
+        request = CodeRequest(row.scene, None, spec.staff, spec.groups, remark=row.name)
+        try:
+            await channel.update_code(IssuedCode(row.kind, row.url, row.platform_ref), request)
+        except CodeError as exc:
+            raise CodeProblem("groups" if row.kind == "join_way" else "staff", exc.reason, 502) from exc
+    values = {"staff": list(spec.staff or spec.groups), "tags": list(spec.tags), "welcome": spec.welcome,
+              "campaign": spec.campaign, "coupon_pool": spec.coupon, "cost": spec.cost}
+    async with runtime.sessions() as session, session.begin():
+        await session.execute(update(AcquisitionCode).where(AcquisitionCode.id == row.id).values(**values))
+    for key, new in values.items():
+        setattr(row, key, new)
+    return CodeView.of(row, runtime.clock.now())
+
+
+def _members(row: AcquisitionCode, wanted: CodeChange) -> tuple[str, ...] | None:
+    """The staff members (or group chats, for a join way) the change asks for; None: unchanged."""
+    if row.kind == "join_way":
+        if wanted.staff is not None:
+            raise CodeProblem("staff", "a group join code has group chats, not staff members")
+        return wanted.groups
+    if wanted.groups is not None:
+        raise CodeProblem("groups", "only a group join code has group chats")
+    if wanted.staff is not None and row.kind == "contact_way" and len(row.staff) == 1 and len(wanted.staff) != 1:
+        raise CodeProblem("staff", "this code was made for one staff member, and WeCom cannot make it several: "
+                                   "make another code")
+    return wanted.staff
 
 
 async def find(session: AsyncSession, name: str) -> AcquisitionCode:

@@ -1,4 +1,4 @@
-"""Channel codes (渠道活码): ``scrm codes create|list|show|disable|image|report``."""
+"""Channel codes (渠道活码): ``scrm codes create|update|list|show|disable|image|report``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,39 @@ def codes_create(ctx: click.Context, name: str, channel: str, permanent: bool, e
     out.print(f"code {view.name} ({view.kind}) on {view.channel}:{view.account}: {view.url}", highlight=False)
     if view.expires_at:
         out.print(f"expires {view.expires_at:%Y-%m-%d %H:%M} UTC")
+
+
+@codes_group.command("update")
+@click.argument("name")
+@click.option("--staff", help="WeCom: the staff user ids the code adds from now on, comma-separated.")
+@click.option("--groups", help="WeCom: the group chats of a group join code from now on, comma-separated.")
+@click.option("--tags", help="Tags from now on, comma-separated (\"\" for none).")
+@click.option("--welcome", help="Welcome text from now on (\"\" for none).")
+@click.option("--campaign", help="Campaign from now on (\"\" for none).")
+@click.option("--coupon", help="Coupon pool from now on (\"\" for none).")
+@click.option("--cost", help="What the code cost (\"\" for unknown).")
+@click.pass_context
+@guard
+def codes_update(ctx: click.Context, name: str, staff: str | None, groups: str | None, tags: str | None,
+                 welcome: str | None, campaign: str | None, coupon: str | None, cost: str | None) -> None:
+    """Change what the code NAME does; the printed code stays the same (WeCom: its staff members change on
+    the platform)."""
+    config = load(ctx)
+    cleared = frozenset(f for f, v in (("welcome", welcome), ("campaign", campaign), ("coupon", coupon),
+                                       ("cost", cost)) if v == "")
+    try:
+        amount = float(cost) if cost else None
+    except ValueError:
+        err.print(f"[bold red]cost:[/] {cost!r} is not an amount", highlight=False)
+        sys.exit(EXIT_USAGE)
+    change = codes.CodeChange(
+        staff=None if staff is None else _csv(staff), groups=None if groups is None else _csv(groups),
+        tags=None if tags is None else _csv(tags), welcome=welcome or None, campaign=campaign or None,
+        coupon=coupon or None, cost=amount, clear=cleared)
+    view = _run(config, lambda service: codes.change(service, name, change))
+    out.print(f"code {view.name} updated: staff {', '.join(view.staff) or '-'}; tags {', '.join(view.tags) or '-'}; "
+              f"welcome {'set' if view.welcome else '-'}; campaign {view.campaign or '-'}; coupon {view.coupon or '-'}; "
+              f"cost {'-' if view.cost is None else f'{view.cost:g}'}", highlight=False, markup=False)
 
 
 def _campaign_names(config: Config) -> set[str]:

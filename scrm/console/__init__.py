@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 def page_modules() -> list[Pages]:
     """Every page module's routes (add a new page module here)."""
-    from scrm.console import audit, auth, campaigns, coupons, customer, customers, dashboard, inbox, segments
+    from scrm.console import audit, auth, campaigns, codes, coupons, customer, customers, dashboard, inbox, segments
 
     return [auth.pages, dashboard.pages, inbox.pages, customers.pages, customer.pages, campaigns.pages, coupons.pages,
-            segments.pages, audit.pages]
+            codes.pages, segments.pages, audit.pages]
 
 
 def mount(app: web.Application, service: Service) -> None:

@@ -151,6 +151,7 @@ NAV: list[tuple[str, str, Role]] = [
     ("/console/customers", "Customers 客户", "manager"),
     ("/console/campaigns", "Campaigns 活动", "manager"),
     ("/console/coupons", "Coupons 优惠券", "manager"),
+    ("/console/codes", "Codes 渠道活码", "manager"),
     ("/console/segments", "Segments 分群", "manager"),
     ("/console/audit", "Audit 审计", "admin"),
 ]

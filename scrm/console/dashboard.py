@@ -42,8 +42,9 @@ PERIOD_HINT = "7d, 30d or YYYY-MM-DD..YYYY-MM-DD"
 KEPT_WARM = ("7d", "30d")
 
 
-def _period(request: web.Request) -> tuple[str, reports.Period, str | None]:
-    """The asked period (``?period=``), or the last 7 days and what was wrong with the asked one."""
+def chosen_period(request: web.Request) -> tuple[str, reports.Period, str | None]:
+    """The asked period (``?period=``), or the last 7 days and what was wrong with the asked one (the
+    channel codes' page asks the same way)."""
     svc = service(request)
     arg = request.query.get("period", "7d")
     period = reports.parse_period(arg, svc.clock.now(), svc.config.service.timezone)
@@ -78,7 +79,7 @@ class Figures:
     conversations: ConversationFigures
 
 
-def _asked(svc: Service, arg: str) -> reports.Period:
+def period_now(svc: Service, arg: str) -> reports.Period:
     """The period ``arg`` (already checked) stands for now: a snapshot read again later reads the last
     7 days of then."""
     period = reports.parse_period(arg, svc.clock.now(), svc.config.service.timezone)
@@ -88,7 +89,7 @@ def _asked(svc: Service, arg: str) -> reports.Period:
 
 def _figures(svc: Service, arg: str) -> Callable[[], Awaitable[Figures]]:
     async def read() -> Figures:
-        period, now = _asked(svc, arg), svc.clock.now()
+        period, now = period_now(svc, arg), svc.clock.now()
         async with reading(svc.sessions) as session:
             return Figures(
                 await reports.summary(session, period, attribution_days=svc.config.reports.attribution_days),
@@ -110,7 +111,7 @@ def _top_tags(svc: Service) -> Callable[[], Awaitable[list[tuple[str, int, int]]
 async def dashboard(request: web.Request) -> web.StreamResponse:
     svc = service(request)
     config = svc.config
-    arg, _period_now, error = _period(request)
+    arg, _period_now, error = chosen_period(request)
     now = svc.clock.now()
     # The top tags are the same for every period: a snapshot of their own, read beside the period's.
     report, tags = await asyncio.gather(
@@ -141,13 +142,13 @@ async def trend_chart(request: web.Request) -> web.StreamResponse:
     """The ``/report`` trend chart (new customers, messages in, conversions per local day) as a PNG,
     kept as a snapshot like the page's figures."""
     svc = service(request)
-    arg, _period_now, error = _period(request)
+    arg, _period_now, error = chosen_period(request)
     if error:
         raise web.HTTPBadRequest(text=error)
 
     async def draw() -> bytes:
         async with reading(svc.sessions) as session:
-            trend = await reports.daily_trend(session, _asked(svc, arg), svc.config.service.timezone)
+            trend = await reports.daily_trend(session, period_now(svc, arg), svc.config.service.timezone)
         return await charts.chart(charts.trend_png, trend, "both").png()
 
     png = (await snapshots(request).get(("trend.png", arg), draw, warm=arg in KEPT_WARM)).value

@@ -215,8 +215,10 @@ class FakeWeCom:
             "externalcontact/get_groupmsg_send_result": self._get_send_result,
             "externalcontact/groupchat/get": self._groupchat_get,
             "externalcontact/add_contact_way": self._add_contact_way,
+            "externalcontact/update_contact_way": self._update_contact_way,
             "externalcontact/del_contact_way": self._del_way,
             "externalcontact/groupchat/add_join_way": self._add_join_way,
+            "externalcontact/groupchat/update_join_way": self._update_join_way,
             "externalcontact/groupchat/get_join_way": self._get_join_way,
             "externalcontact/groupchat/del_join_way": self._del_way,
         }.get(path)
@@ -237,7 +239,7 @@ class FakeWeCom:
         if not isinstance(state, str) or len(state) > 30:
             return _error(40058, "state exceeds 30 characters")
         config_id = secrets.token_hex(16)
-        self.ways[config_id] = {"config_id": config_id, "state": state, "user": users,
+        self.ways[config_id] = {"config_id": config_id, "type": body["type"], "state": state, "user": users,
                                 "qr_code": f"https://wework.qpic.cn/wwpic/{secrets.token_hex(8)}/0"}
         return _ok(config_id=config_id, qr_code=self.ways[config_id]["qr_code"])
 
@@ -251,6 +253,31 @@ class FakeWeCom:
         self.ways[config_id] = {"config_id": config_id, "state": body.get("state") or "", "chat_id_list": chats,
                                 "qr_code": f"https://wework.qpic.cn/wwpic/{secrets.token_hex(8)}/0"}
         return _ok(config_id=config_id)
+
+    def _update_contact_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        """The way keeps its config_id, type and QR code; a type 1 (one user) way takes one user only."""
+        way = self.ways.get(str(body.get("config_id")))
+        if way is None or "user" not in way:
+            return _error(41044, "invalid config_id")
+        users = body.get("user", way["user"])
+        if not isinstance(users, list) or not users or (way["type"] == 1 and len(users) != 1):
+            return _error(40058, "invalid user list")
+        if missing := [u for u in users if u not in self.staff]:
+            return _error(60111, f"invalid userid: {missing[0]}")
+        way.update(user=users, state=body.get("state", way["state"]))
+        return _ok()
+
+    def _update_join_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
+        way = self.ways.get(str(body.get("config_id")))
+        if way is None or "chat_id_list" not in way:
+            return _error(41044, "invalid config_id")
+        chats = body.get("chat_id_list") or []
+        if not isinstance(chats, list) or not 1 <= len(chats) <= 5:
+            return _error(40058, "chat_id_list takes 1 to 5 group chats")
+        if missing := [c for c in chats if c not in self.groups]:
+            return _error(90500, f"invalid chat id: {missing[0]}")
+        way.update(chat_id_list=chats, state=body.get("state", way["state"]))
+        return _ok()
 
     def _get_join_way(self, query: dict[str, str], body: dict[str, Any]) -> web.Response:
         way = self.ways.get(str(body.get("config_id")))
