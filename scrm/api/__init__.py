@@ -10,9 +10,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from scrm import logs, metrics
-from scrm.campaigns import timed
 from scrm.api.framework import API_SERVICE, PREFIX, Endpoint, api_errors, openapi, serve
 from scrm.api.routes import ENDPOINTS
+from scrm.campaigns import timed
 from scrm.service import Service
 
 __all__ = ["ENDPOINTS", "PREFIX", "create_api", "mount", "openapi_document"]

@@ -1,9 +1,9 @@
-"""``/codes``: channel codes (渠道活码) made, listed, withdrawn and drawn, and ``/reports/codes``, their
-figures; through :mod:`scrm.acquisition` as ``scrm codes`` and the console."""
+"""``/codes``: channel codes (渠道活码) made, listed, withdrawn and drawn, through :mod:`scrm.acquisition` as
+``scrm codes`` and the console (their figures over a period: ``/reports/codes``)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from scrm.acquisition import codes, figures, render
 from scrm.api import models as m
@@ -89,20 +89,6 @@ async def code_image(call: Call) -> Binary:
     return Binary(render.image(url, query.format, poster=query.poster), render.CONTENT_TYPES[query.format])
 
 
-async def codes_report(call: Call) -> m.CodeReport:
-    query: m.DaysQuery = call.query
-    svc = call.service
-    now = svc.clock.now()
-    since = now - timedelta(days=query.days)
-    async with reading(svc.sessions) as session:
-        found = await figures.code_figures(session, since, now, svc.config.service.timezone, now)
-    return m.CodeReport(since=_at(since), until=_at(now), days=query.days, codes=[code_figures(f) for f in found])
-
-
-def _at(moment: datetime) -> str:
-    return moment.isoformat(timespec="seconds")
-
-
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/codes", list_codes, "codes:read", "Channel codes, the newest first", m.CodeList),
     Endpoint("POST", "/codes", create_code, "codes:write", "Make a channel code on its platform", m.CodeOut,
@@ -120,9 +106,4 @@ ENDPOINTS: list[Endpoint] = [
                          "honoured; its figures stay. Disabling a disabled code answers it as it is."),
     Endpoint("GET", "/codes/{name}/image", code_image, "codes:read", "A channel code as PNG or SVG", None,
              params=_NAME, query=m.CodeImageQuery, errors=(404,), binary=tuple(render.CONTENT_TYPES.values())),
-    Endpoint("GET", "/reports/codes", codes_report, "reports:read",
-             "What each channel code brought: scans, new customers, conversions, revenue, cost per customer",
-             m.CodeReport, query=m.DaysQuery,
-             description="First-touch figures (the customers a code brought) beside last-touch ones, per code "
-                         "and local day; the same figures as `scrm codes report` and /report codes in chat."),
 ]

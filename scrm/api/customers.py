@@ -40,7 +40,7 @@ def _filters(call: Call, query: m.CustomerListQuery) -> list[ColumnElement[bool]
                         ("channel", query.channel and f"channel == {query.channel!r}")):
         if text:
             try:
-                out.append(segments.condition(text, now, configured))
+                out.append(segments.typed(text, now, configured))
             except segments.ExpressionError as exc:
                 raise ApiError(422, "validation_error", f"query.{field}: {exc}",
                                [{"field": f"query.{field}", "problem": str(exc)}]) from None

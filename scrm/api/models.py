@@ -6,7 +6,7 @@ document (``/api/v1/openapi.json``): one definition, so the document cannot drif
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -470,6 +470,233 @@ class CodeReport(_Out):
     until: str
     days: int
     codes: list[CodeFigures]
+
+
+# --- tags and segments -------------------------------------------------------------------------------
+
+class LimitQuery(_In):
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class TagCount(_Out):
+    name: str
+    #: Customers holding it now (unexpired).
+    customers: int
+    #: Of those, customers it was added to in the last 7 days.
+    added_7d: int
+
+
+class TagList(_Out):
+    """Tags, the most held first."""
+
+    tags: list[TagCount]
+
+
+class SegmentOut(_Out):
+    name: str
+    expression: str
+    #: Customers in it now.
+    count: int
+
+
+class SegmentList(_Out):
+    segments: list[SegmentOut]
+
+
+class PreviewQuery(_In):
+    limit: int = Field(20, ge=1, le=100)
+
+
+class SegmentPreviewIn(_In):
+    """A segment expression to count and preview (``tag('奶粉') and days_silent >= 30``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"expression": "tag('奶粉') and days_silent >= 30"}]})
+
+    expression: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    limit: int = Field(20, ge=1, le=100)
+
+
+class SegmentMember(_Out):
+    """A customer as a preview lists them: nothing personal beyond the display name."""
+
+    id: int
+    display_name: str | None
+    stage: str
+    last_seen_at: str
+
+
+class SegmentPreview(_Out):
+    #: The configured segment's name; null for an expression.
+    name: str | None
+    expression: str
+    count: int
+    #: The first customers by id.
+    members: list[SegmentMember]
+
+
+# --- campaigns: funnel, pause, preview ------------------------------------------------------------
+
+class FunnelStep(_Out):
+    """Customers at each step of a campaign's funnel, and what the conversions brought."""
+
+    audience: int
+    sent: int
+    delivered: int
+    replied: int
+    clicked: int
+    redeemed: int
+    converted: int
+    conversions: int
+    revenue: float
+    #: Each step against the one it follows (replies, clicks, redemptions, conversions against delivered).
+    rates: dict[str, float]
+
+
+class CampaignFunnel(_Out):
+    campaign: str
+    total: FunnelStep
+    by_variant: dict[str, FunnelStep]
+    by_channel: dict[str, FunnelStep]
+    #: Deliveries not delivered, by reason.
+    skips: dict[str, int]
+    unassigned_conversions: int
+    #: The attribution rule, in words.
+    attribution: str
+
+
+class PausedOut(_Out):
+    campaign: str
+    paused: bool
+
+
+class CampaignPreviewQuery(_In):
+    #: Whom to preview as: ``#42`` / ``42`` or a channel identity (``wechat:oAbC``).
+    customer: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class CampaignPreview(_Out):
+    campaign: str
+    customer_id: int
+    #: The channel the steps are rendered for (the reference's; the console for a store id).
+    channel: str
+    #: Every step's message as the customer would read it; nothing was sent or granted.
+    steps: list[str]
+
+
+# --- coupons -------------------------------------------------------------------------------------------
+
+class PoolOut(_Out):
+    name: str
+    value: float
+    #: Given to customers, ever.
+    issued: int
+    redeemed: int
+    #: Past their expiry unredeemed.
+    expired: int
+    #: Waiting to be given out, unexpired.
+    free: int
+    #: Whether [coupons.<name>] is in the config (a removed pool keeps its codes).
+    configured: bool
+    #: Whether the pool makes new codes when no free one is left.
+    generate: bool
+
+
+class PoolList(_Out):
+    pools: list[PoolOut]
+
+
+class ImportIn(_In):
+    """A supplier's codes for the pool (up to 10,000 a request; larger files: ``scrm coupons import``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"codes": ["SUP-7Q2M9XA1", "SUP-7Q2M9XA2"], "expires": "2027-01-31"}]})
+
+    codes: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] = Field(min_length=1,
+                                                                                         max_length=10_000)
+    #: Valid through this day (the service's time zone); else the pool's valid_days from the grant.
+    expires: date | None = None
+
+
+class ImportOut(_Out):
+    pool: str
+    #: New codes now waiting in the pool.
+    imported: int
+    #: Codes the store knew already, or that the request gave more than once.
+    duplicates: int
+
+
+class GrantIn(_In):
+    customer: CustomerRef
+
+
+class GrantOut(_Out):
+    pool: str
+    code: str
+    customer_id: int
+    value: float
+    expires_at: str | None
+
+
+# --- reports -----------------------------------------------------------------------------------------
+
+class SummaryQuery(_In):
+    #: ``7d``, ``30d`` (up to ``3650d``) or a date range ``2026-11-01..2026-11-07`` (local days).
+    period: Annotated[str, StringConstraints(max_length=32)] = "7d"
+
+
+class ReportFigures(_Out):
+    new_customers: int
+    new_by_channel: dict[str, int]
+    new_by_source: dict[str, int]
+    active_customers: int
+    messages_in: int
+    messages_out: int
+    opt_outs: int
+    campaign_sends: int
+    coupons_granted: int
+    coupon_redemptions: int
+    conversions: int
+    revenue: float
+    attributed_conversions: int
+    attributed_revenue: float
+    #: Attributed conversions and revenue per campaign.
+    by_campaign: dict[str, dict[str, float]]
+    reached_customers: int
+    converted_customers: int
+    #: Customers per stage at the end of the period.
+    stages: dict[str, int]
+    #: ``from>to``: customers moved during the period.
+    stage_moves: dict[str, int]
+    conversion_rate: float
+
+
+class PreviousFigures(ReportFigures):
+    since: str
+
+
+class ReportSummary(ReportFigures):
+    """The figures of ``/report`` in chat: the period's at the top level, the period before beside them."""
+
+    since: str
+    until: str
+    period: str
+    previous: PreviousFigures
+    attribution: str
+
+
+class CohortQuery(_In):
+    weeks: int = Field(6, ge=2, le=12)
+
+
+class Cohorts(_Out):
+    """Weekly acquisition cohorts and the share of each with an inbound message in each week after."""
+
+    #: Cohort week starts (local Mondays), oldest first.
+    weeks: list[str]
+    sizes: list[int]
+    retention: list[list[float]]
+    active: list[list[int]]
 
 
 class ErrorBody(_Out):

@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
-from scrm.api import campaigns, codes, conversations, coupons, customers, orders, webhooks
+from scrm.api import (
+    campaigns,
+    codes,
+    conversations,
+    coupons,
+    customers,
+    orders,
+    reports,
+    segments,
+    tags,
+    webhooks,
+)
 from scrm.api.framework import Endpoint
 
 ENDPOINTS: list[Endpoint] = (
@@ -13,5 +24,8 @@ ENDPOINTS: list[Endpoint] = (
     + campaigns.ENDPOINTS
     + conversations.ENDPOINTS
     + codes.ENDPOINTS
+    + tags.ENDPOINTS
+    + segments.ENDPOINTS
+    + reports.ENDPOINTS
     + webhooks.ENDPOINTS
 )

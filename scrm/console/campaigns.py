@@ -190,10 +190,7 @@ async def _switch(request: web.Request, paused: bool) -> web.StreamResponse:
     if loaded is None:
         return await _no_campaign(request)
     name = loaded.definition.name
-    async with writing(svc.sessions) as session:
-        found = await control.set_paused(session, name, paused, svc.clock.now())
-    if found:
-        (svc.paused.add if paused else svc.paused.discard)(name)
+    await control.switch(svc, name, paused)
     raise web.HTTPSeeOther(f"/console/campaigns/{name}?notice={'paused' if paused else 'resumed'}")
 
 
