@@ -1,5 +1,7 @@
-"""Property-based: requests generated from the *served* OpenAPI document (valid-looking bodies, broken
-ones, odd path parameters) never get a 5xx, and every error is the documented JSON shape.
+"""Property-based: requests generated from the *served* OpenAPI document (valid-looking bodies and query
+strings, broken ones, odd path parameters, retried idempotency keys) never get a 5xx, and every answer
+is one the document declares for the operation, with the declared media type, its body valid against
+the declared schema: the document cannot drift from what is served.
 
 The app runs in a thread with its own event loop so that hypothesis drives it from a plain test."""
 
@@ -10,21 +12,21 @@ import http.client
 import json
 import threading
 import urllib.parse
-from typing import Any
+from typing import Any, get_args
 
+import jsonschema
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scrm.config import ApiScope
 from scrm.messages import InboundEvent
 from scrm.web import SERVICE, create_app
 from tests.test_api import KEYS
 
 ALL = "all-scopes-key-0123456789"
-FUZZ_KEYS = {"api": {"keys": {**KEYS["api"]["keys"], "all": {"key": ALL, "scopes": [
-    "conversions:write", "customers:read", "customers:write", "coupons:redeem", "campaigns:read",
-    "campaigns:trigger", "conversations:read", "messages:write"]}}}}
+FUZZ_KEYS = {"api": {"keys": {**KEYS["api"]["keys"], "all": {"key": ALL, "scopes": list(get_args(ApiScope))}}}}
 WORDS = ["console", "alice", "local", "welcome", "13800138000", "+8613800138000", "WELABCDEFGH", "vip", "", " ",
          "console:alice", "1", "#1", "0", "-1", "%", "../", "🙂", "a" * 70]
 
@@ -55,11 +57,17 @@ class Served:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        status, _, raw = self.exchange(method, path, body, headers)
+        return status, raw
+
+    def exchange(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        """Status, media type (without parameters) and body."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
-            return resp.status, resp.read()
+            return resp.status, (resp.getheader("Content-Type") or "").split(";")[0].strip(), resp.read()
         finally:
             conn.close()
 
@@ -119,7 +127,18 @@ def value_for(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> s
     return junk
 
 
-def test_no_5xx_from_generated_requests(served):
+def conforms(doc: dict[str, Any], op: dict[str, Any], status: int, content_type: str, raw: bytes) -> None:
+    """The answer is one the operation declares: its status, its media type, a body valid against its schema."""
+    declared = op["responses"].get(str(status))
+    assert declared is not None, f"{op['operationId']}: {status} is not documented ({sorted(op['responses'])})"
+    media = declared["content"].get(content_type)
+    assert media is not None, f"{op['operationId']}: {status} answered {content_type}, not {sorted(declared['content'])}"
+    if content_type == "application/json":
+        schema = {**media["schema"], "components": doc["components"]}  # its $refs resolve in the document
+        jsonschema.Draft202012Validator(schema).validate(json.loads(raw))
+
+
+def test_answers_conform_to_the_document(served):
     status, raw = served.request("GET", "/api/v1/openapi.json")
     assert status == 200
     doc = json.loads(raw)
@@ -127,12 +146,22 @@ def test_no_5xx_from_generated_requests(served):
     operations = [(path, method, op) for path, ops in doc["paths"].items() for method, op in ops.items()]
 
     @st.composite
-    def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, str]]:
+    def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, str], dict[str, Any]]:
         path, method, op = draw(st.sampled_from(operations))
+        query: dict[str, str] = {}
         for param in op.get("parameters", []):
-            value = draw(st.sampled_from(WORDS) | st.text(min_size=1, max_size=12))
-            path = path.replace("{" + param["name"] + "}", urllib.parse.quote(value, safe=""))
+            if param["in"] == "path":
+                value = draw(st.sampled_from(WORDS) | st.text(min_size=1, max_size=12))
+                path = path.replace("{" + param["name"] + "}", urllib.parse.quote(value, safe=""))
+            elif param["in"] == "query" and draw(st.booleans()):
+                value = draw(value_for(param["schema"], defs).map(lambda v: v if isinstance(v, str) else json.dumps(v))
+                             | st.sampled_from(WORDS))
+                query[param["name"]] = value
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
         headers = draw(st.sampled_from([{"Authorization": f"Bearer {ALL}"}] * 4 + [{}, {"X-API-Key": "nope"}]))
+        if method == "post" and draw(st.booleans()):  # a few keys, so that retries and reuses happen
+            headers = {**headers, "Idempotency-Key": draw(st.sampled_from(["k1", "k2", "k 3"]))}
         body = None
         if "requestBody" in op:
             schema = op["requestBody"]["content"]["application/json"]["schema"]
@@ -141,16 +170,17 @@ def test_no_5xx_from_generated_requests(served):
                 st.binary(max_size=30),
             ))
             body, headers = raw_body, {**headers, "Content-Type": "application/json"}
-        return method.upper(), path, body, headers
+        return method.upper(), path, body, headers, op
 
-    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(requests())
-    def check(request: tuple[str, str, bytes | None, dict[str, str]]) -> None:
-        method, path, body, headers = request
-        status, raw = served.request(method, path, body, headers)
+    def check(request: tuple[str, str, bytes | None, dict[str, str], dict[str, Any]]) -> None:
+        method, path, body, headers, op = request
+        status, content_type, raw = served.exchange(method, path, body, headers)
         assert status < 500, (method, path, body, status, raw[:300])
-        data = json.loads(raw)
+        conforms(doc, op, status, content_type, raw)
         if status >= 400:
+            data = json.loads(raw)
             assert set(data) == {"error"} and {"code", "message"} <= set(data["error"]), data
             if status == 422:
                 assert data["error"].get("fields"), data

@@ -282,7 +282,7 @@ def openapi(endpoints: list[Endpoint], title: str, version: str) -> dict[str, An
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": refs[(e.body, "validation")]}}}
         statuses = {401, 403, *e.errors, *((413, 422) if e.body else ()), *((422,) if e.query else ()),
-                    *((409, 422) if e.method == "POST" else ())}
+                    *((409, 422) if e.method == "POST" else ()), *((404,) if e.params else ())}
         for status in sorted(statuses):
             op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Error"), **error_ref}
         paths.setdefault(PREFIX + e.path, {})[e.method.lower()] = op
