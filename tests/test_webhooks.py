@@ -5,6 +5,9 @@ delivered in order per customer through failures, filtered, replayed, disabled a
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -12,14 +15,15 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from standardwebhooks import Webhook
 
+from scrm.config_file import load_config
 from scrm.store.models import Customer, Touchpoint, WebhookAttempt, WebhookDelivery, WebhookSubscription
 from scrm.tagging import tag_where
 from scrm.web import SERVICE, create_app
 from scrm.webhooks.subscriptions import new_secret
-from tests.conftest import deep_merge, eventually, example_config
+from tests.conftest import cli_env, deep_merge, eventually, example_config
 
 SECRET = new_secret()
 
@@ -367,3 +371,88 @@ async def test_sigkill_between_the_change_and_its_delivery_delivers_after_restar
         await engine.dispose()
     assert receiver.ids == [event_id for event_id, _ in at_kill], "each event once after the restart, in order"
     assert [status for _, status in final] == ["delivered"] * len(at_kill)
+
+
+def scrm(cwd: Path, store: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scrm", *args], cwd=cwd, env=cli_env(store), capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+async def test_cli_lists_tests_logs_and_replays(tmp_path: Path, store: dict[str, Any], receiver: Receiver) -> None:
+    assert (await asyncio.to_thread(scrm, tmp_path, store, "init")).returncode == 0
+    config = tmp_path / "config.toml"
+    config.write_text(config.read_text("utf-8") + f'\n[webhooks.shop]\nurl = "{receiver.url}"\nsecret = "{SECRET}"\n'
+                      'events = ["customer.created"]\n', "utf-8")
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(scrm, tmp_path, store, *args)
+
+    listed = await run("webhooks", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    shop = json.loads(listed.stdout)
+    assert (shop["name"], shop["events"], shop["source"], shop["enabled"], shop["pending"]) == (
+        "shop", ["customer.created"], "config", True, 0)
+    queued = await run("webhooks", "test", "shop")
+    assert queued.returncode == 0 and "queued webhook.test msg_" in queued.stdout, queued.stderr
+    (tmp_path / "people.csv").write_text("name,identity\nAnn,console:ann\nBen,console:ben\n", "utf-8")
+    imported = await run("customers", "import", "people.csv")  # a command's changes emit their events too
+    assert imported.returncode == 0, imported.stderr
+    app = create_app(load_config(config, environ=cli_env(store)))  # the store (and schema) the commands used
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await eventually(lambda: _received(receiver, 3))
+        assert receiver.kinds() == ["webhook.test", "customer.created", "customer.created"]
+        assert receiver.events[0]["data"] == {"subscription": "shop"}
+        logged = await run("webhooks", "log", "shop", "--json")
+        assert logged.returncode == 0, logged.stderr
+        entries = [json.loads(line) for line in logged.stdout.splitlines()]
+        assert [(e["kind"], e["status"], e["http_status"]) for e in entries][-1] == ("webhook.test", "delivered", 204)
+        assert len(entries) == 3 and all(e["latency_ms"] >= 0 for e in entries)
+        replayed = await run("webhooks", "replay", "shop", "--since", "2000-01-01")
+        assert replayed.returncode == 0 and "3 event(s) of shop queued again" in replayed.stdout, replayed.stderr
+        await eventually(lambda: _received(receiver, 6))
+        assert receiver.ids[3:] == receiver.ids[:3], "replayed in order, with their webhook-ids"
+    finally:
+        await runner.cleanup()
+    unknown = await run("webhooks", "replay", "nosuch", "--since", "2000-01-01")
+    assert unknown.returncode == 1 and "no webhook subscription nosuch" in unknown.stderr
+
+
+async def test_two_instances_share_the_events_and_post_each_once(aiohttp_client, make_config, clock, receiver):
+    slow = receiver.handle
+
+    async def handle_slowly(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # deliveries take a while: both instances' workers are at it together
+        return await slow(request)
+
+    receiver.handle = handle_slowly  # type: ignore[method-assign]
+    config = make_config(deep_merge(hooks(receiver, ["tag.added"]), {
+        "webhook_delivery": {"concurrency": 4}, "scheduler": {"outbox_tick_seconds": 0.1}}))
+    one = await aiohttp_client(create_app(config, clock))
+    two = await aiohttp_client(create_app(config, clock))
+    first, second = one.app[SERVICE], two.app[SERVICE]
+    now = clock.now()
+    async with first.sessions() as s, s.begin():
+        await s.execute(insert(Customer), [{"display_name": f"m{i}", "first_seen_at": now, "last_seen_at": now,
+                                            "attributes": {}, "stage": "acquisition", "opted_out": False}
+                                           for i in range(150)])
+    for n, service in enumerate((first, second)):  # each instance writes one bulk change's events
+        async with service.sessions() as s, s.begin():
+            assert await tag_where(service, s, Customer.id > 0, f"wave-{n}", True, "test", now) == 150
+    claimers: set[str] = set()
+
+    async def all_delivered() -> bool:
+        async with first.sessions() as s:
+            claimers.update(c for c in (await s.scalars(select(WebhookDelivery.claimed_by).where(
+                WebhookDelivery.claimed_by.is_not(None)))).all())
+        return len(receiver.ids) >= 300
+
+    await eventually(all_delivered, interval=0.01)
+    await asyncio.sleep(0.3)  # a second post of anything would arrive by now
+    assert len(receiver.ids) == len(set(receiver.ids)) == 300, "each event posted once"
+    assert claimers == {first.instance_id, second.instance_id}, "both instances posted"
+    by_customer: dict[int, list[str]] = {}
+    for event in receiver.events:
+        by_customer.setdefault(event["data"]["customer_id"], []).append(event["data"]["tag"])
+    assert all(tags == ["wave-0", "wave-1"] for tags in by_customer.values()), "in order per customer"

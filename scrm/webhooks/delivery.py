@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 FIRST_WAIT = 5.0
 MAX_WAIT = 3600.0
-#: Events claimed per round.
-BATCH = 500
+#: Events claimed per round, in requests in flight (``concurrency``): enough to keep them busy, few enough
+#: that several instances share a backlog.
+BATCH_PER_REQUEST = 4
 _ERROR_CHARS = 255
 PRUNE_SECONDS = 3600.0
 
@@ -192,7 +193,7 @@ class WebhookWorker:
                       ~exists().where(earlier.subscription_id == d.subscription_id,
                                       earlier.customer_id == d.customer_id, earlier.id < d.id,
                                       earlier.status.in_(("pending", "claimed"))))
-               .order_by(d.id).limit(BATCH)
+               .order_by(d.id).limit(svc.config.webhook_delivery.concurrency * BATCH_PER_REQUEST)
                .with_for_update(of=d, skip_locked=True))
         async with writing(svc.sessions) as session:
             ids = (await session.scalars(due)).all()
