@@ -124,9 +124,10 @@ def pages() -> dict[str, tuple[str, str]]:
     return found
 
 
-def config_for(url: str, schema: str | None, folder: Path) -> Any:
+def config_for(url: str, schema: str | None, folder: Path, api_keys: dict[str, Any] | None = None) -> Any:
     """The demo config on the bench store, its campaigns and key file in ``folder``; channel accounts
-    named as the data set's identities (wechat:brand, telegram:brand), their APIs on a closed port."""
+    named as the data set's identities (wechat:brand, telegram:brand), their APIs on a closed port;
+    ``api_keys`` as ``[api.keys]`` (bench.api)."""
     data = tomllib.loads((ROOT / "config.example.toml").read_text("utf-8"))
     campaigns = folder / "campaigns"
     campaigns.mkdir(exist_ok=True)
@@ -137,6 +138,8 @@ def config_for(url: str, schema: str | None, folder: Path) -> Any:
     data["campaigns"] = {**data.get("campaigns", {}), "path": str(campaigns)}
     data["privacy"] = {**data.get("privacy", {}), "key_file": str(folder / "privacy.key")}
     data["logging"] = {**data.get("logging", {}), "level": "WARNING"}
+    if api_keys:
+        data["api"] = {"keys": api_keys}
     data["channels"] = {**data.get("channels", {}),
                         "wechat": {"brand": {"app_id": "wxbench", "app_secret": "bench", "token": "benchtoken",
                                              "api_base_url": "http://127.0.0.1:9/"}},
@@ -182,9 +185,10 @@ class Timings:
 
 
 @asynccontextmanager
-async def served(url: str, schema: str | None) -> AsyncIterator[tuple[str, Service, Timings]]:
+async def served(url: str, schema: str | None,
+                 api_keys: dict[str, Any] | None = None) -> AsyncIterator[tuple[str, Service, Timings]]:
     folder = work_folder(url)
-    app = create_app(config_for(url, schema, folder), ManualClock(NOW), role="web")
+    app = create_app(config_for(url, schema, folder, api_keys), ManualClock(NOW), role="web")
     timings = Timings()
     app.middlewares.insert(0, timings.middleware)
     app.on_startup.append(_tune_gc)  # the garbage-collector settings scrm run serves with
