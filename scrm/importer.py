@@ -304,6 +304,11 @@ class Importer:
                 await session.execute(insert_ignore_stmt(session, Identity.__table__), identities)
             if customer_tags:
                 await session.execute(insert_ignore_stmt(session, CustomerTag.__table__), customer_tags)
+                if events.active(session):
+                    names = {tid: name for name, tid in tag_id_of.items()}
+                    await events.emit_many(session, [("tag.added", t["customer_id"], {
+                        "channel": "system", "account": "-", "touchpoint": "tag_added", "tag": names[t["tag_id"]],
+                        "source": "import", "by": self.source}) for t in customer_tags], self.now)
             summary.created += len(new)
             summary.merged += merged_rows
             summary.updated += len(changed)

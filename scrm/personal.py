@@ -353,6 +353,7 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
         update(Identity).where(Identity.customer_id == customer.id)
         .values(external_id=literal("erased:") + cast(Identity.id, String))
         .execution_options(synchronize_session=False))) or 0
+    await events.redact(session, customer.id)
     events.emit(session, "customer.erased", customer.id, {"identities": identities}, now)
     await session.flush()
     return {"texts": texts, "identities": identities, "cancelled": cancelled}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import JSON, ColumnElement, String, cast, event, insert, literal, select
+from sqlalchemy import JSON, ColumnElement, String, cast, event, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -189,6 +189,13 @@ async def emit_select(session: AsyncSession, kind: EventKind,
             literal(sid), literal(prefix) + cast(customer_ids, String), literal(kind), customer_ids,
             literal(data, JSON), literal("pending"), literal(0), literal(now), literal(now)).where(where)))
     _wake_on_commit(session)
+
+
+async def redact(session: AsyncSession, customer_id: int) -> None:
+    """An erased customer's events, sent or not, keep nothing of what they said or were called (their
+    texts and names): only that something happened, like their touchpoints."""
+    await session.execute(update(WebhookDelivery).where(WebhookDelivery.customer_id == customer_id)
+                          .values(payload={"redacted": True}).execution_options(synchronize_session=False))
 
 
 def touchpoint_data(row: Mapping[str, Any]) -> dict[str, Any]:
