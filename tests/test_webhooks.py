@@ -477,3 +477,12 @@ async def test_erasure_is_an_event_and_leaves_no_text_in_the_outbox(aiohttp_clie
     assert receiver.events[1]["type"] == "customer.erased"
     stored = await rows(service, WebhookDelivery.kind == "message.received")
     assert [r.payload for r in stored] == [{"redacted": True}]
+
+
+async def test_staff_chat_is_no_customer_message(aiohttp_client, make_config, clock, receiver):
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, ["message.received", "message.sent"])), clock))
+    await say(client, "bob", "/report", "s1")  # console:bob is a manager in the demo config
+    await say(client, "ivy", "营业时间?", "i1")  # a customer, answered by the demo's opening-hours rule
+    await eventually(lambda: _has(receiver, {"message.received", "message.sent"}))
+    assert {e["data"]["customer_id"] for e in receiver.events} == {receiver.events[0]["data"]["customer_id"]}
+    assert sorted(receiver.kinds()) == ["message.received", "message.sent"]

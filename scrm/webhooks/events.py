@@ -208,9 +208,16 @@ def touchpoint_data(row: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _row_events(row: Mapping[str, Any]) -> tuple[EventKind, ...]:
+    """A touchpoint row's events; none for staff chat (a staff member's command, its answer, an alert)."""
+    if row["customer_id"] is None and str(row.get("actor") or "").startswith("staff:"):
+        return ()
+    return touchpoint_events(row["kind"], row["direction"])
+
+
 def emit_touchpoint(session: AsyncSession, row: Mapping[str, Any]) -> None:
     """The events of one touchpoint (scrm.customers.touchpoint)."""
-    for kind in touchpoint_events(row["kind"], row["direction"]):
+    for kind in _row_events(row):
         emit(session, kind, row["customer_id"], touchpoint_data(row), row["created_at"])
 
 
@@ -219,5 +226,5 @@ async def emit_touchpoints(session: AsyncSession, rows: list[dict[str, Any]]) ->
     if not active(session):
         return
     await emit_many(session, [(kind, row["customer_id"], touchpoint_data(row)) for row in rows
-                              for kind in touchpoint_events(row["kind"], row["direction"])],
+                              for kind in _row_events(row)],
                     rows[0]["created_at"] if rows else datetime.min)
