@@ -62,3 +62,20 @@ async def test_every_endpoint_checks_the_key_and_its_scope(client):
         assert (await resp.json())["error"] == {"code": "forbidden", "message": f"this key lacks the scope {e.scope!r}"}
         resp = await call(path, data=body, headers={"Authorization": f"Bearer only-{e.scope}-0123456789"})
         assert resp.status not in (401, 403), (e.method, e.path, resp.status, index[e.scope])
+
+
+async def test_a_nul_character_is_refused_not_an_error(client):
+    """PostgreSQL refuses NUL in text: a path or query value holding one is answered before any store read."""
+    for e in ENDPOINTS:
+        if e.params:
+            path = _path(e).replace("console:nobody", "%00").replace("welcome", "we%00").replace("nope", "%00")
+            resp = await getattr(client, e.method.lower())(
+                path, data=b"{}" if e.body is not None else None,
+                headers={"Authorization": f"Bearer only-{e.scope}-0123456789"})
+            assert resp.status == 404, (e.method, e.path, resp.status)
+        if e.query is not None:
+            name = next(iter(e.query.model_fields))
+            resp = await getattr(client, e.method.lower())(
+                _path(e) + f"?{name}=a%00b", headers={"Authorization": f"Bearer only-{e.scope}-0123456789"})
+            body = await resp.json()
+            assert resp.status == 422 and body["error"]["fields"][0]["field"] == f"query.{name}", (e.path, body)

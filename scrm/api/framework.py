@@ -131,8 +131,13 @@ def serve(endpoint: Endpoint) -> Handler:
             raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)")
         if endpoint.scope not in service.config.api.keys[key_name].scopes:
             raise ApiError(403, "forbidden", f"this key lacks the scope {endpoint.scope!r}")
+        if any("\x00" in value for value in request.match_info.values()):  # no name holds one; PostgreSQL refuses it
+            raise ApiError(404, "not_found", "no such resource")
         query: Any = None
         if endpoint.query is not None:
+            if nul := [name for name, value in request.query.items() if "\x00" in value]:
+                raise ApiError(422, "validation_error", f"query.{nul[0]}: a NUL character",
+                               [{"field": f"query.{name}", "problem": "a NUL character"} for name in nul])
             try:
                 query = endpoint.query.model_validate(dict(request.query))
             except ValidationError as exc:
@@ -170,7 +175,8 @@ def serve(endpoint: Endpoint) -> Handler:
                                              idempotency.fingerprint(request.method, request.path_qs, raw),
                                              service.clock.now())
         except idempotency.KeyConflict as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            fields = [{"field": f"header.{idempotency.HEADER}", "problem": exc.message}] if exc.status == 422 else None
+            raise ApiError(exc.status, exc.code, exc.message, fields) from None
         if replay is not None:
             return web.Response(text=replay.body, status=replay.status, content_type="application/json",
                                 headers={"Idempotent-Replayed": "true"})
