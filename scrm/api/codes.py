@@ -96,8 +96,9 @@ ENDPOINTS: list[Endpoint] = [
              description="A WeChat parametric QR code, a WeCom contact-me or group join way, or a Telegram deep "
                          "link, with what it does for everyone who comes through it. A malformed body is 422; a "
                          "value the configuration does not allow (an unknown account, campaign or coupon pool, a "
-                         "WeChat code with staff) 400 invalid_code naming its field (body.<field>); a name in use 409 code_exists; the platform's "
-                         "refusal (quota, a staff member who left) 502 platform_refused. Nothing is kept then."),
+                         "WeChat code with staff) 400 invalid_code naming its field (body.<field>); a name in use "
+                         "409 code_exists; the platform's refusal (quota, a staff member who left) 502 "
+                         "platform_refused. Nothing is kept then."),
     Endpoint("GET", "/codes/{name}", get_code, "codes:read", "A channel code and its figures since it was made",
              m.CodeDetail, params=_NAME, errors=(404,)),
     Endpoint("DELETE", "/codes/{name}", disable_code, "codes:write", "Disable a channel code", m.CodeOut,

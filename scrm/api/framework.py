@@ -175,8 +175,8 @@ def serve(endpoint: Endpoint) -> Handler:
                                              idempotency.fingerprint(request.method, request.path_qs, raw),
                                              service.clock.now())
         except idempotency.KeyConflict as exc:
-            fields = [{"field": f"header.{idempotency.HEADER}", "problem": exc.message}] if exc.status == 422 else None
-            raise ApiError(exc.status, exc.code, exc.message, fields) from None
+            named = [{"field": f"header.{idempotency.HEADER}", "problem": exc.message}] if exc.status == 422 else None
+            raise ApiError(exc.status, exc.code, exc.message, named) from None
         if replay is not None:
             return web.Response(text=replay.body, status=replay.status, content_type="application/json",
                                 headers={"Idempotent-Replayed": "true"})
