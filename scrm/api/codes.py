@@ -72,6 +72,23 @@ async def get_code(call: Call) -> m.CodeDetail:
     return m.CodeDetail(**_out(view).model_dump(), figures=code_figures(mine) if mine else None)
 
 
+async def change_code(call: Call) -> m.CodeOut:
+    body: m.CodeChangeIn = call.body
+    given = body.model_fields_set
+    cleared = frozenset(f for f in codes.CLEARABLE if f in given and getattr(body, f) is None)
+    wanted = codes.CodeChange(
+        staff=tuple(body.staff) if body.staff is not None else None,
+        groups=tuple(body.groups) if body.groups is not None else None,
+        tags=tuple(body.tags) if body.tags is not None else None,
+        welcome=body.welcome, campaign=body.campaign, coupon=body.coupon, cost=body.cost, clear=cleared)
+    try:
+        return _out(await codes.change(call.service, call.params["name"], wanted))
+    except codes.CodeProblem as exc:
+        if exc.status == 409:  # the one conflict a change has
+            raise ApiError(409, "code_disabled", f"{exc.field}: {exc.message}") from None
+        raise _problem(exc) from None
+
+
 async def disable_code(call: Call) -> m.CodeOut:
     try:
         return _out(await codes.disable(call.service, call.params["name"]))
@@ -101,6 +118,11 @@ ENDPOINTS: list[Endpoint] = [
                          "platform_refused. Nothing is kept then."),
     Endpoint("GET", "/codes/{name}", get_code, "codes:read", "A channel code and its figures since it was made",
              m.CodeDetail, params=_NAME, errors=(404,)),
+    Endpoint("PATCH", "/codes/{name}", change_code, "codes:write", "Change what a channel code does", m.CodeOut,
+             body=m.CodeChangeIn, params=_NAME, errors=(400, 404, 409, 502),
+             description="As `scrm codes update`: tags, welcome, campaign, coupon and cost (null clears the last "
+                         "four), and a WeCom code's staff members or group chats, changed on the platform first "
+                         "(502 platform_refused when it refuses). A disabled code is 409 code_disabled."),
     Endpoint("DELETE", "/codes/{name}", disable_code, "codes:write", "Disable a channel code", m.CodeOut,
              params=_NAME, errors=(404, 502),
              description="Withdrawn on the platform where it can be (WeCom deletes its contact way) and no longer "

@@ -394,6 +394,33 @@ class CodeIn(_In):
     cost: float | None = Field(None, ge=0, lt=1e9, allow_inf_nan=False)
 
 
+class CodeChangeIn(_In):
+    """What to change on a code (as ``scrm codes update``): a field left out stays as it is; ``null`` clears
+    welcome, campaign, coupon or cost. The channel, kind and lifetime stay: the printed code keeps working."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"tags": ["商场海报", "春季"], "welcome": None, "cost": 800}]})
+
+    #: WeCom: the staff members a contact-me code adds (changed on the platform first).
+    staff: list[Token] | None = Field(None, max_length=100)
+    #: WeCom: a group join code's group chats (changed on the platform first).
+    groups: list[Token] | None = Field(None, max_length=5)
+    tags: list[TagName] | None = Field(None, max_length=20)
+    welcome: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    campaign: Name | None = None
+    coupon: Name | None = None
+    cost: float | None = Field(None, ge=0, lt=1e9, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _something(self) -> CodeChangeIn:
+        if not self.model_fields_set:
+            raise ValueError("give something to change")
+        for field in ("staff", "groups", "tags"):
+            if field in self.model_fields_set and getattr(self, field) is None:
+                raise ValueError(f"{field}: a list (an empty one for none), not null")
+        return self
+
+
 class CodeOut(_Out):
     name: str
     channel: str
