@@ -147,8 +147,11 @@ class WebhookWorker:
             self._wake.clear()
 
     async def tick(self) -> int:
-        """Post what is due, round after round, until nothing is; returns the attempts made."""
+        """Post what is due, round after round, until nothing is; returns the attempts made. Without an
+        enabled subscription there is nothing to post: no transaction at all (SQLite's writer stays free)."""
         made = 0
+        if not self.registry.current.by_kind:
+            return made
         await self._recover()
         await self._prune()
         while not self.service.stopping:
