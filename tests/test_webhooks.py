@@ -486,3 +486,12 @@ async def test_staff_chat_is_no_customer_message(aiohttp_client, make_config, cl
     await eventually(lambda: _has(receiver, {"message.received", "message.sent"}))
     assert {e["data"]["customer_id"] for e in receiver.events} == {receiver.events[0]["data"]["customer_id"]}
     assert sorted(receiver.kinds()) == ["message.received", "message.sent"]
+
+
+async def test_conversation_events(aiohttp_client, make_config, clock, receiver):
+    kinds = ["conversation.opened", "conversation.assigned", "conversation.resolved"]
+    client = await aiohttp_client(create_app(make_config(hooks(receiver, kinds)), clock))
+    await say(client, "jo", "转人工", "j1")  # asking for a person opens a conversation
+    await eventually(lambda: _has(receiver, {"conversation.opened"}))
+    opened = next(e for e in receiver.events if e["type"] == "conversation.opened")
+    assert opened["data"]["channel"] == "console" and opened["data"]["customer_id"] > 0
