@@ -429,7 +429,7 @@ async def test_two_instances_share_the_events_and_post_each_once(aiohttp_client,
         await asyncio.sleep(0.05)  # deliveries take a while: both instances' workers are at it together
         return await slow(request)
 
-    receiver.handle = handle_slowly  # type: ignore[method-assign]
+    receiver.handle = handle_slowly
     config = make_config(deep_merge(hooks(receiver, ["tag.added"]), {
         "webhook_delivery": {"concurrency": 4}, "scheduler": {"outbox_tick_seconds": 0.1}}))
     one = await aiohttp_client(create_app(config, clock))
@@ -495,3 +495,24 @@ async def test_conversation_events(aiohttp_client, make_config, clock, receiver)
     await eventually(lambda: _has(receiver, {"conversation.opened"}))
     opened = next(e for e in receiver.events if e["type"] == "conversation.opened")
     assert opened["data"]["channel"] == "console" and opened["data"]["customer_id"] > 0
+
+
+async def test_a_code_scan_is_an_event(aiohttp_client, aiohttp_server, make_config, clock, receiver):
+    from scrm.acquisition import codes
+    from scrm.acquisition.codes import CodeSpec
+    from tests.fakes.telegram import FakeTelegram, Updates, user
+
+    token, secret = "123456789:AAwebhooksTestTokenForTheFakeBotApi000", "webhooks-test-secret"
+    fake = FakeTelegram(token)
+    fake.base_url = str((await aiohttp_server(fake.app())).make_url("/bot"))
+    config = make_config(deep_merge(hooks(receiver, ["code.scanned", "tag.added"]), {"channels": {"telegram": {
+        "main": {"token": token, "webhook_secret": secret, "api_base_url": fake.base_url}}}}))
+    client = await aiohttp_client(create_app(config, clock))
+    await codes.create(client.app[SERVICE], CodeSpec("flyer_7", "telegram:main", tags=("flyer",)), None)
+    resp = await client.post("/telegram/main", json=Updates(fake.bot_user).text(user(4242, "Dana"), "/start flyer_7"),
+                             headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+    assert resp.status == 200
+    await eventually(lambda: _has(receiver, {"code.scanned", "tag.added"}))
+    scanned = next(e for e in receiver.events if e["type"] == "code.scanned")
+    assert scanned["data"]["channel"] == "telegram" and "flyer_7" in json.dumps(scanned["data"])
+    assert {"flyer"} <= {e["data"]["tag"] for e in receiver.events if e["type"] == "tag.added"}
