@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,8 @@ from scrm.webhooks.events import EVENT_KINDS, Subscribers
 
 if TYPE_CHECKING:
     from scrm.config import Config
+
+log = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
 #: Why a subscription is off when the config turned it off (or dropped it): a config edit turns it on again.
@@ -81,7 +84,9 @@ async def sync_config(session: AsyncSession, config: Config, now: datetime) -> N
                 created_at=now, updated_at=now))
             continue
         if row.source != "config":
-            raise SubscriptionError(f"webhooks.{name}: a subscription made through the API has this name")
+            log.error("webhooks.%s: a subscription made through the API has this name; the config's is not used",
+                      name)
+            continue
         if (row.url, row.secret, list(row.events)) != (sub.url, secret, list(sub.events)):
             row.url, row.secret, row.events, row.updated_at = sub.url, secret, list(sub.events), now
         if not sub.enabled and row.enabled:
@@ -108,7 +113,7 @@ def _checked_events(events: list[str]) -> list[str]:
 
 
 async def create(session: AsyncSession, name: str, url: str, events: list[str], now: datetime) -> tuple[WebhookSubscription, str]:
-    """A new API subscription and its secret (shown once)."""
+    """A new API subscription and its secret (shown once); a name in use (by the config's too) is refused."""
     if await session.scalar(select(WebhookSubscription.id).where(WebhookSubscription.name == name)) is not None:
         raise SubscriptionError(f"a subscription named {name} exists")
     secret = new_secret()
