@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import func, select
 
 from scrm import reports, segments
+from scrm.conversations.figures import conversation_figures
+from scrm.loyalty.report import care_figures
 from scrm.store.models import AuditEntry, Campaign, CouponCode, Delivery, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import eventually
@@ -174,7 +176,10 @@ async def test_reports_as_json(client):
     async with service.sessions() as s:
         summary = await reports.summary(s, service.clock.now(), 7,
                                         attribution_days=service.config.reports.attribution_days)
-    assert body == summary.as_dict() and body["campaign_sends"] == 2
+        care = await care_figures(s, summary.period)
+        conversations = await conversation_figures(s, summary.since, summary.until, service.clock.now())
+    assert body == {**summary.as_dict(), "care": care, "conversations": conversations.as_dict()}
+    assert body["campaign_sends"] == 2 and body["conversations"]["by_staff"] == []
     status, body = await get(client, "/api/v1/reports/summary", period="2026-11-01..2026-11-07")
     assert status == 200 and body["period"] == "2026-11-01..2026-11-07"
     status, body = await get(client, "/api/v1/reports/summary", period="lately")

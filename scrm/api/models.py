@@ -702,14 +702,79 @@ class PreviousFigures(ReportFigures):
     since: str
 
 
+class Times(_Out):
+    count: int
+    p50_seconds: float | None
+    p90_seconds: float | None
+
+
+class StaffTimes(_Out):
+    #: A staff identity (``telegram:42``), or an API key's or console account's actor.
+    staff: str
+    channel: str
+    first_response: Times
+    resolution: Times
+
+
+class ConversationFigures(_Out):
+    """First-response and resolution times in the period, by staff member and channel, and the
+    conversations open and pending now."""
+
+    since: str
+    until: str
+    first_response: Times
+    resolution: Times
+    by_staff: list[StaffTimes]
+    open: int
+    pending: int
+    oldest_waiting_since: str | None
+    oldest_wait_seconds: float | None
+
+
+class SurveyScore(_Out):
+    answers: int
+    #: NPS surveys: % promoters (9-10) - % detractors (0-6).
+    nps: float | None = None
+    promoters: int | None = None
+    detractors: int | None = None
+    #: CSAT surveys: % answering 4-5, and the average.
+    csat: float | None = None
+    average: float | None = None
+
+
+class SurveySection(_Out):
+    total: SurveyScore
+    by_week: dict[str, SurveyScore]
+    by_channel: dict[str, SurveyScore]
+    by_campaign: dict[str, SurveyScore]
+
+
+class FollowupRate(_Out):
+    owner: str | None
+    kind: str
+    tasks: int
+    done: int
+    on_time: int
+    rate: float
+
+
+class CareFigures(_Out):
+    #: Per survey kind (``csat``, ``nps``).
+    surveys: dict[str, SurveySection]
+    followups: list[FollowupRate]
+
+
 class ReportSummary(ReportFigures):
-    """The figures of ``/report`` in chat: the period's at the top level, the period before beside them."""
+    """The figures of ``/report`` in chat: the period's at the top level, the period before beside them,
+    satisfaction and follow-ups, and how conversations were answered."""
 
     since: str
     until: str
     period: str
     previous: PreviousFigures
     attribution: str
+    care: CareFigures
+    conversations: ConversationFigures
 
 
 class CohortQuery(_In):

@@ -11,6 +11,8 @@ from scrm.acquisition import figures
 from scrm.api import models as m
 from scrm.api.codes import code_figures
 from scrm.api.framework import ApiError, Call, Endpoint
+from scrm.conversations.figures import conversation_figures
+from scrm.loyalty.report import care_figures
 from scrm.store.engine import reading
 
 
@@ -24,7 +26,9 @@ async def report_summary(call: Call) -> m.ReportSummary:
                                                                               "problem": problem}])
     async with reading(svc.sessions) as session:
         summary = await reports.summary(session, period, attribution_days=svc.config.reports.attribution_days)
-    return m.ReportSummary.model_validate(summary.as_dict())
+        care = await care_figures(session, period)
+        conversations = await conversation_figures(session, period.since, period.until, svc.clock.now())
+    return m.ReportSummary.model_validate({**summary.as_dict(), "care": care, "conversations": conversations.as_dict()})
 
 
 async def report_cohorts(call: Call) -> m.Cohorts:
@@ -51,7 +55,8 @@ ENDPOINTS: list[Endpoint] = [
              "The period's figures beside the period before's (chat's /report)", m.ReportSummary,
              query=m.SummaryQuery,
              description="New and active customers, messages, sends, coupons, conversions and revenue (attributed "
-                         "by the rule in attribution), stages and their moves."),
+                         "by the rule in attribution), stages and their moves; CSAT/NPS and follow-ups; "
+                         "conversations' first-response and resolution times."),
     Endpoint("GET", "/reports/cohort", report_cohorts, "reports:read",
              "Weekly acquisition cohorts and their retention (chat's /cohort)", m.Cohorts, query=m.CohortQuery),
     Endpoint("GET", "/reports/codes", codes_report, "reports:read",
