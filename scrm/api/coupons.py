@@ -9,6 +9,7 @@ from scrm import coupons
 from scrm.api import models as m
 from scrm.api.framework import ApiError, Call, Endpoint
 from scrm.api.refs import iso, resolve
+from scrm.config import CouponPool
 from scrm.customers import touchpoint
 from scrm.store.engine import reading, writing
 from scrm.store.models import (
@@ -23,6 +24,14 @@ _REDEEM_ERRORS = {"unknown": (404, "coupon_not_found"), "expired": (409, "coupon
 _POOL = {"pool": "The pool's name in [coupons]"}
 
 
+def _pool(call: Call) -> tuple[str, CouponPool]:
+    name = call.params["pool"]
+    pool = call.service.config.coupons.get(name)
+    if pool is None:
+        raise ApiError(404, "pool_not_found", f"no coupon pool {name[:64]!r} in the config")
+    return name, pool
+
+
 async def list_pools(call: Call) -> m.PoolList:
     svc = call.service
     async with reading(svc.sessions) as session:
@@ -35,10 +44,7 @@ async def list_pools(call: Call) -> m.PoolList:
 async def import_codes(call: Call) -> tuple[int, m.ImportOut]:
     body: m.ImportIn = call.body
     svc = call.service
-    name = call.params["pool"]
-    pool = svc.config.coupons.get(name)
-    if pool is None:
-        raise ApiError(404, "pool_not_found", f"no coupon pool {name[:64]!r} in the config")
+    name, pool = _pool(call)
     try:  # the checks of a supplier's file, code by code
         codes = coupons.parse_codes("\n".join(body.codes))
     except coupons.CodeFileError as exc:
@@ -58,10 +64,7 @@ async def import_codes(call: Call) -> tuple[int, m.ImportOut]:
 async def grant_coupon(call: Call) -> tuple[int, m.GrantOut]:
     body: m.GrantIn = call.body
     svc = call.service
-    name = call.params["pool"]
-    pool = svc.config.coupons.get(name)
-    if pool is None:
-        raise ApiError(404, "pool_not_found", f"no coupon pool {name[:64]!r} in the config")
+    name, pool = _pool(call)
     now = svc.clock.now()
     async with writing(svc.sessions) as session:
         customer = await resolve(call, session, body.customer)
