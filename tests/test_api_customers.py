@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from scrm import customer_search
 from scrm.messages import InboundEvent
 from scrm.store.models import AuditEntry, Customer, Touchpoint
 from scrm.web import SERVICE, create_app
@@ -98,8 +99,8 @@ async def test_customer_pages_and_filters(client, clock):
     assert (await page(client, "/api/v1/customers", POS_ONLY))[0] == 403
 
     async with service.sessions() as s:
-        entries = (await s.scalars(select(AuditEntry.detail).where(AuditEntry.actor == "api:reader",
-                                                                    AuditEntry.detail.like("api customers page%")))).all()
+        entries = (await s.scalars(select(AuditEntry.detail).where(
+            AuditEntry.actor == "api:reader", AuditEntry.detail.like("api customers page%")))).all()
     assert f"api customers page: 3 customers, #{ids['hana']}..#{ids['finn']}" in entries
 
 
@@ -130,3 +131,25 @@ async def test_touchpoint_and_message_pages(client, clock):
         assert await s.scalar(select(func.count()).select_from(AuditEntry).where(
             AuditEntry.customer_id == amy, AuditEntry.actor == "api:reader",
             AuditEntry.detail.like("api touchpoints%"))) == len(pages)
+
+
+async def test_a_search_out_of_time_answers_a_partial_page_and_goes_on(client, clock, monkeypatch):
+    """A filter few customers match reads a window of ids at a time; past its time budget the page stops
+    (partial) and next_cursor goes on from there: following the cursors finds each match once."""
+    service = client.app[SERVICE]
+    for name in NAMES:
+        await say(service, name, "你好")
+    ids = await ids_of(service)
+    monkeypatch.setattr(customer_search, "SCAN_WINDOW", 2)
+    monkeypatch.setattr(customer_search, "SCAN_BUDGET", 0.0)
+    partial, found, cursor = [], [], None
+    while True:
+        status, body = await page(client, "/api/v1/customers", q="name:a", **({"cursor": cursor} if cursor else {}))
+        assert status == 200, body
+        partial.append(body["partial"])
+        found += [c["id"] for c in body["customers"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert found == sorted((ids[n] for n in ("amy", "cara", "dan", "hana")), reverse=True)
+    assert any(partial)
