@@ -167,6 +167,7 @@ async def test_an_operator_makes_a_code_downloads_it_and_disables_it(console: Co
     assert wecom.ways == {} and (await stored(console))[0].disabled_at is not None
     await page.goto(f"{console.url}/console/codes")
     assert await page.locator("tr[data-code=store_b] [data-state]").get_attribute("data-state") == "disabled"
+    assert (await page.goto(f"{console.url}/console/codes/store_c")).status == 404  # type: ignore[union-attr]
 
 
 async def history(console: Console, name: str, new_per_day: list[int]) -> None:

@@ -94,7 +94,6 @@ def _spec(form: dict[str, str]) -> CodeSpec:
         form["welcome"] or None, form["campaign"] or None, form["coupon"] or None, cost)
 
 
-
 async def _list_page(request: web.Request, status: int = 200, **context: Any) -> web.Response:
     svc = service(request)
     arg, error, snapshot = await _period_figures(request)
