@@ -116,6 +116,8 @@ def pages() -> dict[str, tuple[str, str]]:
         "campaign bench_reports": ("campaigns", "/console/campaigns/bench_reports"),
         "campaign funnel chart": ("campaigns", "/console/campaigns/bench_reports/funnel.png"),
         "coupons": ("coupons", "/console/coupons"),
+        "channel codes 7d": ("codes", "/console/codes?period=7d"),
+        "channel codes 30d": ("codes", "/console/codes?period=30d"),
         "segments": ("segments", "/console/segments"),
         "segment preview silent_30d": ("segments", "/console/segments?show=silent_30d"),
         "segment ad-hoc expression": ("segments", "/console/segments?" + urlencode({"expr": SEGMENT})),
@@ -320,7 +322,7 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--repeat", type=int, default=20, help="requests per page")
     parser.add_argument("--pages", help="only these groups: dashboard, customers, customer, inbox, campaigns, "
-                                        "coupons, segments, audit, operations")
+                                        "coupons, codes, segments, audit, operations")
     args = parser.parse_args()
     groups = set(args.pages.split(",")) if args.pages else None
     with open("/proc/loadavg") as f:
