@@ -100,7 +100,11 @@ def write_config(tmp_path: Path, fake: FakeWeChat, menu: str = MENU) -> Path:
         if not (tmp_path / folder).exists():
             (tmp_path / folder).symlink_to(ROOT / folder)
     path = tmp_path / "config.toml"
-    path.write_text((ROOT / "config.example.toml").read_text("utf-8") + f"""
+    example = (ROOT / "config.example.toml").read_text("utf-8")
+    commented = '# base_url = "https://scrm.example.com"'
+    assert commented in example  # the example's [links] table, where this account's links are served
+    example = example.replace(commented, f'base_url = "{LINKS}"', 1)
+    path.write_text(example + f"""
 [channels.wechat.brand]
 app_id = "{fake.app_id}"
 app_secret = "{fake.app_secret}"
@@ -108,8 +112,6 @@ token = "{TOKEN}"
 api_base_url = "{fake.base_url}"
 request_timeout_seconds = 2
 {menu}
-[links]
-base_url = "{LINKS}"
 """, "utf-8")  # type: ignore[attr-defined]
     return path
 
