@@ -147,16 +147,20 @@ async def test_order_with_welcome_coupon_is_attributed_and_idempotent(client, cl
     assert resp.status == 409 and (await resp.json())["error"]["code"] == "coupon_used"
 
     # the funnel counts the send, the coupon and the attributed order
-    funnel = {c["name"]: c for c in (await (await client.get("/api/v1/campaigns", headers=auth(SHOP))).json())
-              ["campaigns"]}["welcome"]["funnel"]
-    assert {k: funnel[k] for k in ("sent", "coupons_granted", "coupons_redeemed", "conversions", "revenue")} == \
-        {"sent": 1, "coupons_granted": 1, "coupons_redeemed": 1, "conversions": 1, "revenue": 128.0}
-    # and the manager's /funnel (scrm.reports) credits the order to the welcome campaign too
+    welcome = {c["name"]: c for c in (await (await client.get("/api/v1/campaigns", headers=auth(SHOP))).json())
+               ["campaigns"]}["welcome"]
+    assert welcome["deliveries"]["sent"] == 1
+    funnel = welcome["funnel"]
+    assert {k: funnel[k] for k in ("delivered", "redeemed", "converted", "conversions", "revenue")} == \
+        {"delivered": 1, "redeemed": 1, "converted": 1, "conversions": 1, "revenue": 128.0}
+    # the same figures as the manager's /funnel (scrm.reports) and the campaign's own funnel endpoint
     from scrm import reports
 
     async with client.app[SERVICE].sessions() as s:
         report = await reports.funnel(s, "welcome")
     assert (report.total.conversions, report.total.revenue) == (1, 128.0)
+    own = await (await client.get("/api/v1/campaigns/welcome/funnel", headers=auth(SHOP))).json()
+    assert own["total"] == funnel
 
 
 async def test_attribution_without_coupon(client, clock):

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from jinja2 import TemplateError
-from sqlalchemy import distinct, func, literal_column, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import reports
-from scrm.acquisition import links
 from scrm.api import models as m
 from scrm.api.framework import ApiError, Call, Endpoint
 from scrm.api.refs import resolve
@@ -27,15 +26,7 @@ from scrm.campaigns.outbox import preview
 from scrm.campaigns.planner import plan_many
 from scrm.customers import BadCustomerRef, CustomerRefError, customer_of, parse_ref, touchpoint
 from scrm.store.engine import reading, writing
-from scrm.store.models import (
-    STAFF_REPLY,
-    Campaign,
-    Conversion,
-    CouponCode,
-    Customer,
-    Delivery,
-    Touchpoint,
-)
+from scrm.store.models import STAFF_REPLY, Campaign, Customer, Delivery
 
 
 def _triggerable(definition: Any) -> bool:
@@ -152,44 +143,23 @@ async def preview_campaign(call: Call) -> m.CampaignPreview:
     return m.CampaignPreview(campaign=d.name, customer_id=customer.id, channel=channel, steps=texts)
 
 
-async def funnels(session: AsyncSession) -> dict[str, m.Funnel]:
-    """Per campaign: deliveries by status, customers who clicked its links, coupons granted/redeemed through
-    them, attributed conversions.
-
-    Plain aggregate SQL over the outbox, the clicks (their own index) and conversions (four grouped queries,
-    whatever the base size).
-    """
-    out: dict[str, dict[str, Any]] = {}
+async def deliveries(session: AsyncSession) -> dict[str, m.DeliveryCounts]:
+    """Per campaign, its outbox rows by status (one grouped query; staff replies are no campaign)."""
+    out: dict[str, dict[str, int]] = {}
     for campaign, status, n in (await session.execute(
             select(Delivery.campaign, Delivery.status, func.count()).where(Delivery.campaign != STAFF_REPLY)
             .group_by(Delivery.campaign, Delivery.status))):
-        if status in m.Funnel.model_fields:
+        if status in m.DeliveryCounts.model_fields:
             out.setdefault(campaign, {})[status] = n
-    for campaign, granted, redeemed in (await session.execute(
-            select(Delivery.campaign, func.count(CouponCode.id), func.count(CouponCode.redeemed_at))
-            .join(CouponCode, CouponCode.delivery_id == Delivery.id).group_by(Delivery.campaign))):
-        out.setdefault(campaign, {}).update(coupons_granted=granted, coupons_redeemed=redeemed)
-    for clicked, people in (await session.execute(
-            select(Touchpoint.campaign, func.count(distinct(Touchpoint.customer_id)))
-            # The kind written out, not bound: the partial index on clicks applies only to the literal.
-            .where(Touchpoint.kind == literal_column(f"'{links.CLICK}'"), Touchpoint.campaign.is_not(None))
-            .group_by(Touchpoint.campaign))):
-        assert clicked is not None  # the query excludes clicks without a campaign
-        out.setdefault(clicked, {})["clicked_customers"] = people
-    for credited, n, people, revenue in (await session.execute(
-            select(Conversion.campaign, func.count(), func.count(distinct(Conversion.customer_id)),
-                   func.coalesce(func.sum(Conversion.amount), 0))
-            .where(Conversion.campaign.is_not(None)).group_by(Conversion.campaign))):
-        assert credited is not None  # the query excludes conversions without a campaign
-        out.setdefault(credited, {}).update(conversions=n, converted_customers=people, revenue=float(revenue))
-    return {name: m.Funnel(**values) for name, values in out.items()}
+    return {name: m.DeliveryCounts(**values) for name, values in out.items()}
 
 
 async def list_campaigns(call: Call) -> m.CampaignList:
     svc = call.service
-    async with svc.sessions() as session:
+    async with reading(svc.sessions) as session:
         paused = set((await session.scalars(select(Campaign.name).where(Campaign.paused))).all())
-        numbers = await funnels(session)
+        statuses = await deliveries(session)
+        numbers = await reports.funnels(session, svc.campaigns, svc.config.reports.attribution_days)
     items = []
     for name, loaded in sorted(svc.campaigns.items()):
         d, t = loaded.definition, loaded.definition.trigger
@@ -197,7 +167,8 @@ async def list_campaigns(call: Call) -> m.CampaignList:
             name=name, title=d.title, kind=d.kind, paused=name in paused, triggerable=_triggerable(d),
             trigger=m.TriggerInfo(event=t.event, tag=t.tag, stage=t.stage, cron=getattr(t, "cron", None),
                                   delay=t.delay),
-            funnel=numbers.get(name, m.Funnel())))
+            deliveries=statuses.get(name, m.DeliveryCounts()),
+            funnel=_step(numbers[name].total if name in numbers else reports.FunnelRow())))
     return m.CampaignList(campaigns=items)
 
 

@@ -199,8 +199,8 @@ class TriggerOut(_Out):
     due_at: str | None
 
 
-class Funnel(_Out):
-    """Deliveries by status, then what they led to (link clicks, coupons, redemptions, attributed conversions)."""
+class DeliveryCounts(_Out):
+    """The campaign's deliveries by status in the outbox (where its sending stands)."""
 
     planned: int = 0
     sending: int = 0
@@ -208,13 +208,6 @@ class Funnel(_Out):
     skipped: int = 0
     failed: int = 0
     unknown: int = 0
-    #: Customers who followed a tracked link of the campaign (each once).
-    clicked_customers: int = 0
-    coupons_granted: int = 0
-    coupons_redeemed: int = 0
-    conversions: int = 0
-    converted_customers: int = 0
-    revenue: float = 0.0
 
 
 class TriggerInfo(_Out):
@@ -233,7 +226,9 @@ class CampaignOut(_Out):
     paused: bool
     #: Whether ``POST /campaigns/{name}/trigger`` can start it for one customer.
     triggerable: bool
-    funnel: Funnel
+    deliveries: DeliveryCounts
+    #: Its funnel over its life, as GET /campaigns/{name}/funnel's total (the reports' own figures).
+    funnel: FunnelStep
 
 
 class CampaignList(_Out):
