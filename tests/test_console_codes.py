@@ -1,9 +1,12 @@
 """The console's channel codes page in Debian's Chromium, on both stores, against the fake WeChat and
 WeCom servers: an operator makes a WeCom code (a mistake shown at its field and nothing written, the
 platform's refusal said as such, then the code kept and made at the fake), downloads its images and
-reads them back, and disables it after a confirmation; a manager reads the figures after real arrivals
-through the WeChat service (a new follower, one who came back, one who left, a first message, an
-order) but finds no form, and a forged post is refused by role; a post without the CSRF token is refused.
+reads them back, and disables it after a confirmation; an operator changes a code's tags and welcome and
+the next arrival through it gets them, and a change that cannot be (a cost that is not one, a campaign
+no longer configured, staff WeCom cannot give the code, a disabled code) is said at its field with
+nothing written; a manager reads the figures after real arrivals through the WeChat service (a new
+follower, one who came back, one who left, a first message, an order) but finds no form, and a forged
+post is refused by role; a post without the CSRF token is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
+import xmltodict
 from PIL import Image
 from playwright.async_api import Page
 from sqlalchemy import select
@@ -30,7 +34,8 @@ from scrm.store.models import AcquisitionCode, CodeScan, Customer
 from tests.console_support import Console, page, screenshot, serve, sign_in  # noqa: F401 (fixtures)
 from tests.fakes.wechat import FakeWeChat, event_xml, message_xml, plaintext
 from tests.fakes.wecom import FakeWeCom
-from tests.test_codes import CORP_ID, POOL, WECOM_AES, WECOM_SECRET, WECOM_TOKEN, WX_TOKEN, customer_by, decode
+from tests.test_codes import (CORP_ID, POOL, WECOM_AES, WECOM_SECRET, WECOM_TOKEN, WX_TOKEN, customer_by, decode,
+                              tags_of)
 
 
 @pytest.fixture
@@ -170,6 +175,146 @@ async def test_an_operator_makes_a_code_downloads_it_and_disables_it(console: Co
     assert (await page.goto(f"{console.url}/console/codes/store_c")).status == 404  # type: ignore[union-attr]
 
 
+async def save(page: Page) -> int:
+    """Send a code's edit form; the status of the page it answers with."""
+    async with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        await page.click("#edit-code button[type=submit]")
+    await page.wait_for_load_state()
+    return (await posted.value).status
+
+
+async def csrf_of(page: Page) -> str:
+    """The signed-in staff member's own form token, as the page carries it for htmx."""
+    headers = await page.locator("body").get_attribute("hx-headers")
+    assert headers is not None
+    return headers.split('"')[3]
+
+
+def what_it_does(row: AcquisitionCode) -> tuple[Any, ...]:
+    return row.staff, row.tags, row.welcome, row.campaign, row.coupon_pool, row.cost, row.disabled_at
+
+
+async def test_an_operator_changes_what_a_code_does(console: Console, page: Page, wechat: FakeWeChat) -> None:
+    svc = console.service
+    await codes.create(svc, CodeSpec("window_1", "wechat:brand", permanent=True, tags=("橱窗",), welcome="欢迎光临",
+                                     coupon="poster", cost=80.0), "cli:tester")
+    await console.add_staff("olive", "operator")
+    await sign_in(page, console, "olive")
+    await page.goto(f"{console.url}/console/codes/window_1")
+    form = page.locator("#edit-code")
+    assert await form.get_attribute("open") is None  # folded until asked for
+    await page.click("#edit-code summary")
+    assert await page.locator("#edit-code input[name=staff]").count() == 0  # a WeChat code adds no staff
+    assert (await page.input_value("#edit-code input[name=tags]"), await page.input_value("#edit-code textarea"),
+            await page.input_value("#edit-code select[name=coupon]"),
+            await page.input_value("#edit-code input[name=cost]")) == ("橱窗", "欢迎光临", "poster", "80")
+    await page.fill("#edit-code input[name=tags]", "橱窗，vip")
+    await page.fill("#edit-code textarea[name=welcome]", "{{ customer.name }},欢迎回到橱窗\n第二行")
+    await page.select_option("#edit-code select[name=coupon]", "")
+    await page.fill("#edit-code input[name=cost]", "")  # unknown from now on
+    await page.click("#edit-code button[type=submit]")
+    await page.wait_for_url(f"{console.url}/console/codes/window_1?notice=changed")
+    assert "Changed" in await page.locator(".notice").inner_text()
+    [row] = await stored(console)
+    assert what_it_does(row) == ([], ["橱窗", "vip"], "{{ customer.name }},欢迎回到橱窗\n第二行", None, None, None, None)
+    assert await page.locator("[data-fact=tags] .tag").all_inner_texts() == ["橱窗", "vip"]
+    assert await page.locator("[data-fact=cost]").inner_text() == "–"
+    # the page's form holds what the code does now
+    assert await page.input_value("#edit-code input[name=tags]") == "橱窗, vip"
+    assert await page.input_value("#edit-code input[name=cost]") == ""
+
+    # the next follower through the printed code gets the new tag and the new welcome, and no coupon
+    cb = plaintext(WX_TOKEN, event_xml("o_dora", "subscribe", "qrscene_window_1", create_time=int(time.time()),
+                                       extra={"Ticket": "gQ0"}))
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{console.url}/wechat/brand", params=cb.query, data=cb.body, headers={"Content-Type": "text/xml"}) as resp:
+        assert resp.status == 200
+        reply = xmltodict.parse(await resp.text())["xml"]
+    dora = await customer_by(svc, "wechat", "o_dora")
+    assert dora is not None and dora.acquisition_source == "code:window_1"
+    assert await tags_of(svc, dora.id) >= {"橱窗", "vip"}
+    assert reply["Content"] == "朋友,欢迎回到橱窗\n第二行"
+
+    # a post without the form's token changes nothing
+    refused = await page.request.post(f"{console.url}/console/codes/window_1", form={"tags": "forged"})
+    assert refused.status == 403 and "security token" in await refused.text()
+    assert (await stored(console))[0].tags == ["橱窗", "vip"]
+
+
+async def test_a_change_that_cannot_be_is_said_at_its_field_and_writes_nothing(
+        console: Console, page: Page, wecom: FakeWeCom) -> None:
+    svc = console.service
+    await codes.create(svc, CodeSpec("store_b", "wecom:acme", staff=("zhangsan",), tags=("B店",), coupon="poster",
+                                     cost=600.0), "cli:tester")
+    [before] = await stored(console)
+    await console.add_staff("olive", "operator")
+    await sign_in(page, console, "olive")
+    await page.goto(f"{console.url}/console/codes/store_b")
+    await page.click("#edit-code summary")
+    assert await page.input_value("#edit-code input[name=staff]") == "zhangsan"
+    assert await page.locator("#edit-code input[name=groups]").count() == 0
+    await page.fill("#edit-code input[name=tags]", "B店, 新")
+
+    # a cost that is not an amount: at the cost box, the rest of the form as it was sent
+    await page.fill("#edit-code input[name=cost]", "six hundred")
+    assert await save(page) == 400
+    assert await page.get_attribute("#edit-code", "open") is not None
+    assert "an amount" in await page.locator("#cost-error").inner_text()
+    assert await page.get_attribute("#edit-code input[name=cost]", "aria-invalid") == "true"
+    assert await page.get_attribute("#edit-code input[name=tags]", "aria-invalid") is None
+    assert await page.input_value("#edit-code input[name=tags]") == "B店, 新"
+    assert await page.input_value("#edit-code input[name=cost]") == "six hundred"
+
+    # a campaign the configuration no longer has (the page was older than the file's removal)
+    await page.fill("#edit-code input[name=cost]", "650")
+    await page.evaluate("""() => {
+        const select = document.querySelector('#edit-code select[name=campaign]');
+        select.add(new Option('spring_sale', 'spring_sale', true, true));
+    }""")
+    assert await save(page) == 400
+    assert "no campaign 'spring_sale'" in await page.locator("#campaign-error").inner_text()
+    assert await page.get_attribute("#edit-code select[name=campaign]", "aria-invalid") == "true"
+    assert await page.input_value("#edit-code select[name=campaign]") == "spring_sale"  # as it was sent
+    assert await page.locator("#cost-error").count() == 0
+    assert await page.input_value("#edit-code input[name=cost]") == "650"
+
+    # a code made for one staff member cannot become several people's (WeCom's rule, the core's check)
+    await page.select_option("#edit-code select[name=campaign]", "")
+    await page.fill("#edit-code input[name=staff]", "zhangsan, lisi")
+    assert await save(page) == 400
+    assert "one staff member" in await page.locator("#staff-error").inner_text()
+    # someone WeCom does not know: the platform's refusal, said as such
+    await page.fill("#edit-code input[name=staff]", "wangwu")
+    assert await save(page) == 502
+    assert "not in the corp" in await page.locator("#refused").inner_text()
+    assert await page.input_value("#edit-code input[name=staff]") == "wangwu"
+    [after] = await stored(console)
+    assert what_it_does(after) == what_it_does(before)
+    assert [c for c in wecom.calls_to("externalcontact/update_contact_way") if c and c.get("user") != ["wangwu"]] == []
+
+    # another staff member in the same one-person way: changed at WeCom first, then kept
+    await page.fill("#edit-code input[name=staff]", "lisi")
+    await page.click("#edit-code button[type=submit]")
+    await page.wait_for_url(f"{console.url}/console/codes/store_b?notice=changed")
+    [after] = await stored(console)
+    assert what_it_does(after) == (["lisi"], ["B店", "新"], None, None, "poster", 650.0, None)
+    assert wecom.calls_to("externalcontact/update_contact_way")[-1]["user"] == ["lisi"]  # type: ignore[index]
+    assert await page.locator("[data-fact=staff]").inner_text() == "lisi"
+
+    # a disabled code: no form, and a post from an older page is refused with the reason, nothing written
+    csrf = await csrf_of(page)
+    await codes.disable(svc, "store_b")
+    [before] = await stored(console)
+    refused = await page.request.post(f"{console.url}/console/codes/store_b",
+                                      form={"_csrf": csrf, "staff": "lisi", "tags": "late"})
+    assert refused.status == 409 and "disabled" in await refused.text()
+    assert what_it_does((await stored(console))[0]) == what_it_does(before)
+    await page.goto(f"{console.url}/console/codes/store_b")
+    assert await page.locator("#edit-code").count() == 0
+    missing = await page.request.post(f"{console.url}/console/codes/store_c", form={"_csrf": csrf, "tags": "x"})
+    assert missing.status == 404
+
+
 async def history(console: Console, name: str, new_per_day: list[int]) -> None:
     """Earlier new customers through a code, a count a day going back from yesterday (as an import of
     last week's arrivals would leave them): lines beside today's for the chart."""
@@ -252,18 +397,16 @@ async def test_a_manager_reads_the_figures_after_arrivals_but_may_not_change_cod
     today = svc.clock.now().replace(tzinfo=UTC).astimezone(ZoneInfo(svc.config.service.timezone)).date().isoformat()
     assert (await page.locator(f"tr[data-day='{today}']").inner_text()).split() == [today, "3", "2", "1"]
     assert await page.locator("#code-url").inner_text() == poster.url
-    assert await page.locator("text=Disable 停用").count() == 0
+    assert await page.locator("text=Disable 停用").count() == 0 and await page.locator("#edit-code").count() == 0
     assert decode(await page.locator("#qr").screenshot()) == poster.url
 
     # the role is the route's, not the button's: a manager's own valid token does not make a post theirs
-    token = await page.locator("body").get_attribute("hx-headers")
-    assert token is not None
-    csrf = token.split('"')[3]
+    csrf = await csrf_of(page)
     for path, form in (("/console/codes", {"name": "forged", "channel": "wechat:brand"}),
-                       ("/console/codes/poster_mall/disable", {})):
+                       ("/console/codes/poster_mall/disable", {}), ("/console/codes/poster_mall", {"tags": "forged"})):
         forged = await page.request.post(f"{console.url}{path}", form={"_csrf": csrf, **form})
         assert forged.status == 403, path
     assert (await page.request.get(f"{console.url}/console/codes/poster_mall/disable")).status == 403
-    assert [(c.name, c.disabled_at) for c in await stored(console)] == [
-        ("poster_mall", None), ("mall_east", None), ("flyer_q4", None)]
+    assert [(c.name, c.disabled_at, c.tags) for c in await stored(console)] == [
+        ("poster_mall", None, ["商场海报"]), ("mall_east", None, ["商场海报", "东区"]), ("flyer_q4", None, [])]
     assert len([c for c in wechat.calls if c.endpoint == "qrcode/create"]) == qr_calls

@@ -1,10 +1,12 @@
 """Channel codes (渠道活码): every code with what it does and its figures for a period, the chart of new
 customers per code, a code's page (figures per day, its URL, the QR image inline and to download), a new
-code, and withdrawing one after a confirmation. Managers read; operators and admins create and disable.
+code, changing what one does, and withdrawing one after a confirmation. Managers read; operators and
+admins create, change and disable.
 
 Every check and figure is the core's, as ``scrm codes`` calls it: :func:`scrm.acquisition.codes.create`
 (which checks the spec first; a :class:`~scrm.acquisition.codes.CodeProblem` names the form's field, and
-a platform's refusal is its 502), :func:`~scrm.acquisition.codes.listing`,
+a platform's refusal is its 502), :func:`~scrm.acquisition.codes.change` (as ``scrm codes update`` and
+``PATCH /api/v1/codes/{name}``: a disabled code is its 409), :func:`~scrm.acquisition.codes.listing`,
 :func:`~scrm.acquisition.codes.disable`, :func:`scrm.acquisition.figures.code_figures` and
 :func:`~scrm.acquisition.figures.chart_png`, :func:`scrm.acquisition.render.image`.
 
@@ -12,7 +14,8 @@ The figures join scans with every conversion of the period (last touch), so like
 are a snapshot (:mod:`scrm.snapshots`) per period, shown with the time they were read; the codes
 themselves (state, what they do) are read on every view, so a code made a moment ago is listed at once.
 The form sits on the list page and posts to it: a code may be named anything a scene may hold (``new``
-included), so no path under ``/codes/`` is free for a form of its own.
+included), so no path under ``/codes/`` is free for a form of its own. Likewise a code's edit form sits on
+its page and posts to it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from aiohttp import web
 
 from scrm import charts
 from scrm.acquisition import codes, figures, render
-from scrm.acquisition.codes import CodeProblem, CodeSpec, CodeView
+from scrm.acquisition.codes import CLEARABLE, CodeChange, CodeProblem, CodeSpec, CodeView
 from scrm.acquisition.figures import CodeFigures
 from scrm.channels import Channel
 from scrm.console.app import Pages, error_page, service, snapshots, staff
@@ -45,6 +48,11 @@ IMAGES: dict[str, tuple[render.Format, bool, str]] = {
     "qr.png": ("png", False, ".png"), "qr.svg": ("svg", False, ".svg"), "poster.png": ("png", True, "-poster.png")}
 #: The form's boxes, as the page sends them back when something was wrong.
 FIELDS = ("name", "channel", "permanent", "expires", "staff", "groups", "tags", "welcome", "campaign", "coupon", "cost")
+#: A code's edit form: what :class:`~scrm.acquisition.codes.CodeChange` may change (staff or groups: a WeCom
+#: contact-me or group join way's only).
+CHANGE_FIELDS = ("staff", "groups", "tags", "welcome", "campaign", "coupon", "cost")
+#: Which of the members boxes a code's kind has on its edit form.
+MEMBERS = {"contact_way": "staff", "join_way": "groups"}
 
 
 def _figures(svc: Service, arg: str) -> Callable[[], Awaitable[dict[str, CodeFigures]]]:
@@ -161,17 +169,91 @@ async def _no_code(request: web.Request) -> web.Response:
     return await error_page(request, 404, f"No code named {request.match_info['name'][:64]!r}.")
 
 
+def _amount(value: float | None) -> str:
+    """A cost as the edit form's box shows it: 600, 99.5 (never 6e+02)."""
+    return "" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _as_form(view: CodeView) -> dict[str, str]:
+    """A code's edit form filled with what it does now."""
+    members = ", ".join(view.staff)
+    return {"staff": members if view.kind == "contact_way" else "",
+            "groups": members if view.kind == "join_way" else "", "tags": ", ".join(view.tags),
+            "welcome": view.welcome or "", "campaign": view.campaign or "", "coupon": view.coupon or "",
+            "cost": _amount(view.cost)}
+
+
+def _change(form: dict[str, str | None]) -> CodeChange:
+    """The edit form as a change: a box left out changes nothing, an empty one clears its value (no tags,
+    no welcome, campaign, coupon or cost); a cost that is not one is a problem at its field."""
+    try:
+        cost = float(form["cost"]) if form["cost"] else None
+    except ValueError:
+        raise CodeProblem("cost", "an amount, e.g. 500 or 99.5") from None
+
+    def listed(key: str) -> tuple[str, ...] | None:
+        value = form[key]
+        return None if value is None else _split(value)
+
+    return CodeChange(
+        staff=listed("staff"), groups=listed("groups"), tags=listed("tags"), welcome=form["welcome"] or None,
+        campaign=form["campaign"] or None, coupon=form["coupon"] or None, cost=cost,
+        clear=frozenset(key for key in CLEARABLE if form[key] == ""))
+
+
+def _boxes(view: CodeView) -> set[str]:
+    """The boxes of the code's edit form (a problem with anything else is said above them)."""
+    return {"tags", "welcome", "campaign", "coupon", "cost"} | ({MEMBERS[view.kind]} if view.kind in MEMBERS else set())
+
+
+async def _code_page(request: web.Request, view: CodeView, status: int = 200, **context: Any) -> web.Response:
+    svc = service(request)
+    arg, error, snapshot = await _period_figures(request)
+    values: dict[str, Any] = {
+        "code": view, "f": snapshot.value.get(view.name), "period": arg, "period_error": error,
+        "period_hint": PERIOD_HINT, "at": snapshot.at, "timezone": svc.config.service.timezone,
+        "notice": request.query.get("notice"), "campaigns": sorted(svc.campaigns), "pools": sorted(svc.config.coupons),
+        "members": MEMBERS.get(view.kind), "form": _as_form(view),
+        "errors": {}, "problem": None, "refused": None, "open": False, **context}
+    return aiohttp_jinja2.render_template("code.html", request, values, status=status)
+
+
 @pages.get("/codes/{name}", "manager")
 async def code_page(request: web.Request) -> web.StreamResponse:
     try:
         view = await _view(request)
     except CodeProblem:
         return await _no_code(request)
-    arg, error, snapshot = await _period_figures(request)
-    return aiohttp_jinja2.render_template("code.html", request, {
-        "code": view, "f": snapshot.value.get(view.name), "period": arg, "period_error": error,
-        "period_hint": PERIOD_HINT, "at": snapshot.at, "timezone": service(request).config.service.timezone,
-        "notice": request.query.get("notice")})
+    return await _code_page(request, view)
+
+
+@pages.post("/codes/{name}", "operator")
+async def change(request: web.Request) -> web.StreamResponse:
+    """Change what the code does (:func:`scrm.acquisition.codes.change`, new staff members or group chats on
+    the platform first); a problem shows at its field with the form as it was sent, and nothing is kept."""
+    posted = await request.post()
+    form: dict[str, str | None] = {
+        key: str(posted[key]).strip() if key in posted else None for key in CHANGE_FIELDS}
+    if "welcome" in posted:  # a textarea's lines end in CRLF; its text is kept as typed
+        form["welcome"] = str(posted["welcome"]).replace("\r\n", "\n")
+    try:
+        view = await codes.change(service(request), request.match_info["name"], _change(form))
+    except CodeProblem as problem:
+        try:
+            current = await _view(request)
+        except CodeProblem:
+            return await _no_code(request)
+        sent = {**_as_form(current), **{key: value for key, value in form.items() if value is not None}}
+        if problem.status == 409:  # disabled (meanwhile, or a post from an old page): said apart from the fields
+            return await _code_page(request, current, 409, problem="This code is disabled 已停用: it can no longer be "
+                                                                   "changed. Make a new code instead.")
+        if problem.status == 502:  # the platform refused the new staff members or group chats
+            return await _code_page(request, current, 502, form=sent, refused=problem.message, open=True)
+        if problem.field in _boxes(current):
+            return await _code_page(request, current, problem.status, form=sent,
+                                    errors={problem.field: problem.message}, open=True)
+        return await _code_page(request, current, problem.status, form=sent, problem=problem.message, open=True)
+    raise web.HTTPSeeOther(f"/console/codes/{view.name}?notice=changed")
 
 
 @pages.get(r"/codes/{name}/{image:qr\.png|qr\.svg|poster\.png}", "manager")
