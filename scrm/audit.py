@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 #: What staff did: ``view`` (360° card / ``/customer``), ``reveal`` (decrypted values), ``export``, ``erase``;
 #: ``campaign_edit``: a campaign file changed or added from the console (no customer; the detail holds the diff).
-ACTIONS = frozenset({"view", "reveal", "export", "erase", "consent", "merge", "import", "campaign_edit"})
+#: ``code_edit``: a channel code made, changed or disabled (scrm.acquisition.codes; no customer).
+ACTIONS = frozenset({"view", "reveal", "export", "erase", "consent", "merge", "import", "campaign_edit",
+                     "code_edit"})
 
 
 async def audit(session: AsyncSession, actor: str, role: str | None, customer_id: int | None, action: str,

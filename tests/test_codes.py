@@ -23,6 +23,7 @@ from scrm.acquisition import codes, figures, render
 from scrm.acquisition.codes import CodeChange, CodeProblem, CodeSpec
 from scrm.store.models import (
     AcquisitionCode,
+    AuditEntry,
     CodeScan,
     Conversion,
     CouponCode,
@@ -224,17 +225,17 @@ async def test_wecom_contact_way_welcome_and_refusals(aiohttp_client, make_confi
 
     # other staff members and group chats for the same printed codes: changed in WeCom first
     with pytest.raises(CodeProblem, match="not in the corp") as left:
-        await codes.change(service, "store_b", CodeChange(staff=("lisi", "wangwu"), tags=("B店", "new")))
+        await codes.change(service, "store_b", CodeChange(staff=("lisi", "wangwu"), tags=("B店", "new")), "cli:ops")
     assert (left.value.field, left.value.status) == ("staff", 502)
     [before] = [v for v in await _listing(service, clock) if v.name == "store_b"]
     assert before.staff == ["zhangsan", "lisi"] and before.tags == ["B店"]  # nothing changed
     changed = await codes.change(service, "store_b", CodeChange(staff=("lisi",), tags=("B店", "new"),
-                                                                 clear=frozenset({"coupon"})))
+                                                                 clear=frozenset({"coupon"})), "cli:ops")
     assert (changed.staff, changed.tags, changed.coupon, changed.url) == (["lisi"], ["B店", "new"], None, view.url)
     [way] = [w for w in wecom.ways.values() if w.get("user")]
     assert (way["user"], way["state"]) == (["lisi"], "store_b")
     wecom.add_group("wrOgBBBB", "lisi", {"lisi": 1})
-    moved = await codes.change(service, "group_b", CodeChange(groups=("wrOgAAAA", "wrOgBBBB")))
+    moved = await codes.change(service, "group_b", CodeChange(groups=("wrOgAAAA", "wrOgBBBB")), "cli:ops")
     assert moved.staff == ["wrOgAAAA", "wrOgBBBB"] and wecom.ways[wecom_ref(wecom, "join")]["chat_id_list"] == [
         "wrOgAAAA", "wrOgBBBB"]
     for name, change, field in (("group_b", CodeChange(staff=("lisi",)), "staff"),
@@ -242,10 +243,17 @@ async def test_wecom_contact_way_welcome_and_refusals(aiohttp_client, make_confi
                                 ("store_b", CodeChange(campaign="nope"), "campaign"),
                                 ("store_b", CodeChange(clear=frozenset({"tags"})), "tags")):
         with pytest.raises(CodeProblem) as bad:
-            await codes.change(service, name, change)
+            await codes.change(service, name, change, "cli:ops")
         assert (bad.value.field, bad.value.status) == (field, 400), name
-    await codes.disable(service, "store_b")
-    await codes.disable(service, "group_b")
+    await codes.disable(service, "store_b", "cli:ops")
+    await codes.disable(service, "group_b", "cli:ops")
+    # who made, changed and withdrew which code, in the audit log (a refused change records nothing)
+    async with service.sessions() as s:
+        logged = (await s.execute(select(AuditEntry.actor, AuditEntry.detail).where(AuditEntry.action == "code_edit")
+                                  .order_by(AuditEntry.id))).all()
+    assert [a for a, _ in logged] == ["cli:ops"] * 4 and [d.split(":")[0] for _, d in logged] == [
+        "code change store_b", "code change group_b", "code disable store_b", "code disable group_b"]
+    assert "tags: ['B店'] -> ['B店', 'new']" in logged[0][1] and "coupon_pool: 'poster' -> None" in logged[0][1]
     assert wecom.ways == {} and [v.state for v in await _listing(service, clock)] == ["disabled", "disabled"]
     wecom.fail_next["externalcontact/add_contact_way"] = [(45009, "api freq out of limit")]
     with pytest.raises(CodeProblem, match="quota"):

@@ -303,7 +303,7 @@ async def test_a_change_that_cannot_be_is_said_at_its_field_and_writes_nothing(
 
     # a disabled code: no form, and a post from an older page is refused with the reason, nothing written
     csrf = await csrf_of(page)
-    await codes.disable(svc, "store_b")
+    await codes.disable(svc, "store_b", "cli:ops")
     [before] = await stored(console)
     refused = await page.request.post(f"{console.url}/console/codes/store_b",
                                       form={"_csrf": csrf, "staff": "lisi", "tags": "late"})

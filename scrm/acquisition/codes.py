@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm.audit import audit
 from scrm.campaigns import templates
 from scrm.channels import CodeError, CodeRequest, IssuedCode
 from scrm.store.models import AcquisitionCode
@@ -175,15 +176,17 @@ async def create(runtime: Runtime, spec: CodeSpec, actor: str | None) -> CodeVie
     try:
         async with runtime.sessions() as session, session.begin():
             session.add(row)
+            await _record(session, actor, f"code create {spec.name} on {spec.channel}", now)
     except IntegrityError as exc:
         await channel.delete_code(issued)
         raise CodeProblem("name", f"a code named {spec.name!r} exists", 409) from exc
     return CodeView.of(row, now)
 
 
-async def change(runtime: Runtime, name: str, wanted: CodeChange) -> CodeView:
+async def change(runtime: Runtime, name: str, wanted: CodeChange, actor: str | None) -> CodeView:
     """Change what a code does. New staff members or group chats are changed on the platform first
-    (WeCom's update_contact_way / update_join_way, outside any transaction); the rest is the store's."""
+    (WeCom's update_contact_way / update_join_way, outside any transaction); the rest is the store's,
+    with the change in the audit log (what each field was and became)."""
     if unknown := sorted(wanted.clear - CLEARABLE):
         raise CodeProblem(unknown[0], "cannot be cleared")
     async with runtime.sessions() as session:
@@ -216,11 +219,22 @@ async def change(runtime: Runtime, name: str, wanted: CodeChange) -> CodeView:
             raise CodeProblem("groups" if row.kind == "join_way" else "staff", exc.reason, 502) from exc
     values = {"staff": list(spec.staff or spec.groups), "tags": list(spec.tags), "welcome": spec.welcome,
               "campaign": spec.campaign, "coupon_pool": spec.coupon, "cost": spec.cost}
+    before = {key: getattr(row, key) for key in values}
+    changed = "; ".join(f"{key}: {before[key]!r} -> {new!r}" for key, new in values.items() if before[key] != new)
+    now = runtime.clock.now()
     async with runtime.sessions() as session, session.begin():
         await session.execute(update(AcquisitionCode).where(AcquisitionCode.id == row.id).values(**values))
+        await _record(session, actor, f"code change {row.name}: {changed or 'nothing'}", now)
     for key, new in values.items():
         setattr(row, key, new)
-    return CodeView.of(row, runtime.clock.now())
+    return CodeView.of(row, now)
+
+
+async def _record(session: AsyncSession, actor: str | None, detail: str, now: datetime) -> None:
+    """A code's making, change or withdrawal in the audit log, by who did it (a command of the
+    service's own, with no one behind it, records nothing)."""
+    if actor:
+        await audit(session, actor, None, None, "code_edit", detail, at=now)
 
 
 def _members(row: AcquisitionCode, wanted: CodeChange) -> tuple[str, ...] | None:
@@ -251,7 +265,7 @@ async def listing(session: AsyncSession, now: datetime, include_disabled: bool =
     return [CodeView.of(row, now) for row in await session.scalars(query)]
 
 
-async def disable(runtime: Runtime, name: str) -> CodeView:
+async def disable(runtime: Runtime, name: str, actor: str | None) -> CodeView:
     """Withdraw the code on the platform (WeCom deletes its contact way; WeChat's QR codes cannot be
     withdrawn and Telegram's links are only text) and stop honouring it; its figures stay."""
     async with runtime.sessions() as session:
@@ -268,6 +282,7 @@ async def disable(runtime: Runtime, name: str) -> CodeView:
     async with runtime.sessions() as session, session.begin():
         await session.execute(update(AcquisitionCode).where(AcquisitionCode.id == row.id)
                               .values(disabled_at=now))
+        await _record(session, actor, f"code disable {row.name}", now)
     row.disabled_at = now
     return CodeView.of(row, now)
 

@@ -82,7 +82,7 @@ async def change_code(call: Call) -> m.CodeOut:
         tags=tuple(body.tags) if body.tags is not None else None,
         welcome=body.welcome, campaign=body.campaign, coupon=body.coupon, cost=body.cost, clear=cleared)
     try:
-        return _out(await codes.change(call.service, call.params["name"], wanted))
+        return _out(await codes.change(call.service, call.params["name"], wanted, call.actor))
     except codes.CodeProblem as exc:
         if exc.status == 409:  # the one conflict a change has
             raise ApiError(409, "code_disabled", f"{exc.field}: {exc.message}") from None
@@ -91,7 +91,7 @@ async def change_code(call: Call) -> m.CodeOut:
 
 async def disable_code(call: Call) -> m.CodeOut:
     try:
-        return _out(await codes.disable(call.service, call.params["name"]))
+        return _out(await codes.disable(call.service, call.params["name"], call.actor))
     except codes.CodeProblem as exc:
         raise _problem(exc) from None
 

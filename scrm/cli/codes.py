@@ -113,7 +113,7 @@ def codes_update(ctx: click.Context, name: str, staff: str | None, groups: str |
         staff=None if staff is None else _csv(staff), groups=None if groups is None else _csv(groups),
         tags=None if tags is None else _csv(tags), welcome=welcome or None, campaign=campaign or None,
         coupon=coupon or None, cost=amount, clear=cleared)
-    view = _run(config, lambda service: codes.change(service, name, change))
+    view = _run(config, lambda service: codes.change(service, name, change, cli_actor(None)))
     out.print(f"code {view.name} updated: staff {', '.join(view.staff) or '-'}; tags {', '.join(view.tags) or '-'}; "
               f"welcome {'set' if view.welcome else '-'}; campaign {view.campaign or '-'}; coupon {view.coupon or '-'}; "
               f"cost {'-' if view.cost is None else f'{view.cost:g}'}", highlight=False, markup=False)
@@ -186,7 +186,7 @@ def codes_show(ctx: click.Context, name: str) -> None:
 def codes_disable(ctx: click.Context, name: str) -> None:
     """Withdraw the code on its platform (where the platform can) and stop honouring it."""
     config = load(ctx)
-    view = _run(config, lambda service: codes.disable(service, name))
+    view = _run(config, lambda service: codes.disable(service, name, cli_actor(None)))
     out.print(f"code {view.name} disabled")
 
 

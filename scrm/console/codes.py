@@ -237,7 +237,7 @@ async def change(request: web.Request) -> web.StreamResponse:
     if "welcome" in posted:  # a textarea's lines end in CRLF; its text is kept as typed
         form["welcome"] = str(posted["welcome"]).replace("\r\n", "\n")
     try:
-        view = await codes.change(service(request), request.match_info["name"], _change(form))
+        view = await codes.change(service(request), request.match_info["name"], _change(form), staff(request).actor)
     except CodeProblem as problem:
         try:
             current = await _view(request)
@@ -285,7 +285,7 @@ async def disable_confirm(request: web.Request) -> web.StreamResponse:
 async def disable(request: web.Request) -> web.StreamResponse:
     """Withdraw the code on its platform where it can be and stop honouring it; its figures stay."""
     try:
-        view = await codes.disable(service(request), request.match_info["name"])
+        view = await codes.disable(service(request), request.match_info["name"], staff(request).actor)
     except CodeProblem as problem:
         if problem.status == 404:
             return await _no_code(request)
