@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import xmltodict
+from aiohttp import ClientError, ClientSession, ClientTimeout
 from sqlalchemy import func, select
 
 from scrm import pipeline
@@ -19,8 +21,15 @@ from scrm.commands import OPT_OUT_REPLY
 from scrm.ingest import Consumer
 from scrm.messages import InboundEvent
 from scrm.service import Service
+from scrm.store.engine import make_sessionmaker
 from scrm.store.models import InboundJournal, Touchpoint
 from tests.conftest import eventually
+from tests.e2e import Instance, kill_all, local_in, prepare_store, start_fake, store_engine, wait_for, write_setup
+from tests.fakes.wechat import event_xml, plaintext, text_xml
+from tests.test_wechat import TOKEN as WECHAT_TOKEN
+from tests.test_wechat import fake  # noqa: F401 - the fake WeChat API, a fixture
+from tests.test_wechat import post as wechat_post
+from tests.test_wechat import start as wechat_start
 
 BatchFn = Callable[..., Awaitable[pipeline.BatchOutcome]]
 
@@ -233,3 +242,110 @@ async def test_metrics_and_healthz_show_the_backlog_and_the_lag(service, monkeyp
     await accepted.applied
     assert (await service.health())["ingest_backlog"] == "0"
 
+
+
+# -- WeChat: acknowledged once durable where no passive reply can follow -----------------------------------
+
+
+async def test_wechat_acknowledges_a_location_report_before_applying_it_and_still_answers_text(
+        aiohttp_client, make_config, clock, fake, monkeypatch):
+    gate, entered = asyncio.Event(), asyncio.Event()
+    hold(monkeypatch, gate, entered)
+    client, service = await wechat_start(aiohttp_client, make_config, clock, fake)
+    resp = await wechat_post(client, plaintext(WECHAT_TOKEN, location_report("o_lu", 1_700_000_100)))
+    assert (resp.status, await resp.text()) == (200, "success")
+    row, = await journal(service)  # the answer came with the event durable and not applied
+    assert row.applied_at is None and row.event["kind"] == "location_report" and await inbound(service) == []
+
+    gate.set()
+    resp = await wechat_post(client, plaintext(WECHAT_TOKEN, text_xml("o_lu", "退订", 6_200_000_000_000_000_777),
+                                               openid="o_lu"))
+    assert xmltodict.parse(await resp.text())["xml"]["Content"] == OPT_OUT_REPLY  # its passive reply, as before
+    assert [t.kind for t in await inbound(service)] == ["location_report", "text"]  # in order, each once
+
+
+def location_report(openid: str, at: int) -> str:
+    return event_xml(openid, "LOCATION", create_time=at,
+                     extra={"Latitude": 23.137466, "Longitude": 113.352425, "Precision": 119.385040})
+
+
+# -- SIGKILL between durable and applied -------------------------------------------------------------------
+
+
+async def test_sigkill_between_durable_and_applied_loses_no_acknowledged_event_and_applies_each_once(
+        tmp_path, store):
+    """A ``--role web`` instance makes events durable and applies none: killed, its acknowledged events
+    wait in the journal. Then an ``all`` instance is killed while taking and applying a stream of them.
+    After a restart every acknowledged event has been applied exactly once."""
+    fake, runner = await start_fake()
+    wechat = {"brand": {"app_id": "wx0123456789abcdef", "app_secret": "s", "token": WECHAT_TOKEN,
+                        "api_base_url": fake.base_url}}
+    config = write_setup(tmp_path, store, fake.base_url, rate=10, at=local_in(3600),
+                         overrides={"channels": {"wechat": wechat}, "ingest": {"poll_seconds": 0.05}})
+    await prepare_store(config, 0)
+    engine = store_engine(config)
+    sessions = make_sessionmaker(engine)
+    web, first, second = Instance(config, "web", "web"), Instance(config, "all-1"), Instance(config, "all-2")
+    acknowledged: set[str] = set()
+
+    async def send(instance: Instance, http: ClientSession, n: int) -> None:
+        openid, at = f"o_{n % 7}", 1_700_000_000 + n
+        cb = plaintext(WECHAT_TOKEN, location_report(openid, at))
+        try:
+            async with http.post(f"http://127.0.0.1:{instance.port}/wechat/brand", params=cb.query, data=cb.body,
+                                 headers={"Content-Type": "text/xml"}) as resp:
+                if resp.status == 200 and await resp.text() == "success":
+                    acknowledged.add(f"{openid}:{at}")
+        except (OSError, ClientError, TimeoutError):
+            pass  # not acknowledged: the platform would try again
+
+    async def stream(instance: Instance, numbers: range) -> None:
+        async with ClientSession(timeout=ClientTimeout(total=10)) as http:
+            pending = iter(numbers)
+
+            async def lane() -> None:
+                for n in pending:
+                    if not instance.alive:
+                        return
+                    await send(instance, http, n)
+
+            await asyncio.gather(*(lane() for _ in range(8)))
+
+    async def unapplied() -> int:
+        async with sessions() as s:
+            return int(await s.scalar(select(func.count()).select_from(InboundJournal)
+                                      .where(InboundJournal.applied_at.is_(None))) or 0)
+
+    async def drained() -> bool:
+        return await unapplied() == 0
+
+    try:
+        await web.start()
+        await web.wait_ready()
+        await stream(web, range(0, 60))
+        await web.kill()
+        assert len(acknowledged) == 60 and await unapplied() == 60  # durable, none applied
+
+        await first.start()
+        await first.wait_ready()
+        sending = asyncio.ensure_future(stream(first, range(60, 600)))
+        await wait_for(lambda: len(acknowledged) >= 200, 60, lambda: f"events acknowledged\n{first.tail()}")
+        await first.kill()
+        await sending
+
+        await second.start()
+        await second.wait_ready()
+        await wait_for(drained, 60, lambda: f"journal applied\n{second.tail()}")
+        async with sessions() as s:
+            applied = (await s.execute(select(Touchpoint.platform_msg_id, func.count())
+                                       .where(Touchpoint.kind == "location_report")
+                                       .group_by(Touchpoint.platform_msg_id))).all()
+            journaled = set(await s.scalars(select(InboundJournal.dedup_key)))
+        counts = dict(applied)
+        assert acknowledged <= journaled  # nothing acknowledged was lost
+        assert acknowledged <= set(counts), sorted(acknowledged - set(counts))[:5]
+        assert set(counts.values()) == {1}  # and nothing applied twice
+    finally:
+        await kill_all([web, first, second])
+        await engine.dispose()
+        await runner.cleanup()
