@@ -109,9 +109,10 @@ class Consumer:
         while True:
             try:
                 applied = await self._apply_next()
-            except Exception:  # noqa: BLE001 - the store is unreachable: the next poll tries again
+            except Exception as exc:  # noqa: BLE001 - the store is unreachable: the next poll tries again
                 metrics.store_error("ingest_apply")
-                log.exception("could not apply inbound events")
+                log.warning("could not apply inbound events (tried again in %ss): %r",
+                            self.service.config.ingest.poll_seconds, exc)
                 return total
             total += applied
             if applied == 0:
@@ -122,6 +123,8 @@ class Consumer:
         try:
             return await self._apply(limit)
         except Exception:  # noqa: BLE001 - rolled back whole: one at a time finds the event that fails
+            if self._first is None:  # no event read: the store itself failed
+                raise
             log.warning("a batch of inbound events failed; applying them one at a time", exc_info=True)
         applied = 0
         while applied < limit:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scrm import metrics
 from scrm.group_commit import GroupCommit, StoreUnavailable
 from scrm.messages import Article, InboundEvent, Original, Reaction
 from scrm.store.dialect import dialect_of
@@ -194,8 +195,10 @@ class Journal:
                         self._answers[journal_id] = item.answer
                     self._waiting[journal_id].append(_Waiter(item.applied, duplicate=False))
                 elif key in inserted:  # a retry of an event earlier in this batch
+                    metrics.received(item.event, Reaction(duplicate=True))
                     self._waiting[inserted[key]].append(_Waiter(item.applied, duplicate=True))
                 else:
+                    metrics.received(item.event, Reaction(duplicate=True))
                     journal_id, received_at, recorded = earlier[key]
                     if recorded is None:
                         self._waiting[journal_id].append(_Waiter(item.applied, duplicate=True))
