@@ -54,6 +54,7 @@ PRUNE_CHUNK = 5000
 _T = InboundJournal.__table__
 _NEXT = (select(_T.c.id, _T.c.channel, _T.c.account, _T.c.external_id, _T.c.event, _T.c.received_at)
          .where(_T.c.applied_at.is_(None)).order_by(_T.c.id).limit(bindparam("limit")))
+_ANY = select(_T.c.id).where(_T.c.applied_at.is_(None)).limit(1)
 _MARK = update(_T).where(_T.c.id == bindparam("row_id")).values(applied_at=bindparam("now"),
                                                                reaction=bindparam("reaction"))
 _SCRUB = update(_T).where(_T.c.id == bindparam("row_id")).values(event=bindparam("stored"))
@@ -143,6 +144,9 @@ class Consumer:
         """One batch: the oldest ``limit`` unapplied events, their effects and their marks, one transaction."""
         service = self.service
         self._first = None
+        async with service.sessions() as session:  # a read first: a poll that finds nothing takes no write lock
+            if await session.scalar(_ANY) is None:
+                return 0
         async with writing(service.sessions) as session:
             if not await _exclusive(session):
                 return 0
