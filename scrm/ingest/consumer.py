@@ -201,12 +201,15 @@ class Consumer:
         before = self.service.clock.now() - timedelta(days=self.service.config.ingest.retention_days)
         total = 0
         try:
+            old = select(_T.c.id).where(_T.c.applied_at < before).order_by(_T.c.id).limit(PRUNE_CHUNK)
             while True:
-                async with writing(self.service.sessions) as session:
-                    old = select(_T.c.id).where(_T.c.applied_at < before).order_by(_T.c.id).limit(PRUNE_CHUNK)
+                # Read beside the writer (applied rows never change again): nothing to delete, no write lock.
+                async with self.service.sessions() as session:
                     ids = list(await session.scalars(old))
-                    if ids:
-                        await session.execute(delete(_T).where(_T.c.id.in_(ids)))
+                if not ids:
+                    return total
+                async with writing(self.service.sessions) as session:
+                    await session.execute(delete(_T).where(_T.c.id.in_(ids)))
                 total += len(ids)
                 if len(ids) < PRUNE_CHUNK:
                     return total
