@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The advisory lock (PostgreSQL) that lets one consumer apply at a time: "SCRM" "IN" as a number.
-APPLY_LOCK = 0x5343524D494E
+#: The advisory lock (PostgreSQL) that lets one consumer apply at a time: this number ("SCIN") with the
+#: store's schema hashed, as advisory locks are shared by every schema of the database.
+APPLY_LOCK = 0x5343494E
 #: How often applied rows past the retention are deleted, and how many in one transaction.
 PRUNE_EVERY = 600.0
 PRUNE_CHUNK = 5000
@@ -224,4 +225,5 @@ async def _exclusive(session: AsyncSession) -> bool:
     SQLite's writing transaction already excludes every other writer."""
     if dialect_name(session) != "postgresql":
         return True
-    return bool(await session.scalar(select(func.pg_try_advisory_xact_lock(APPLY_LOCK))))
+    return bool(await session.scalar(select(func.pg_try_advisory_xact_lock(
+        APPLY_LOCK, func.hashtext(func.current_schema())))))
