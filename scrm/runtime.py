@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from scrm.clock import Clock
     from scrm.config import Config
     from scrm.conversations.replies import ReplyBook
-    from scrm.ingest import Accepted
     from scrm.keyring import Keyring
     from scrm.acquisition.menus import MenuClick
     from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
@@ -83,9 +82,6 @@ class Runtime(Protocol):
 
     def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
         """Resolves once the event and its effects are committed."""
-
-    def accept(self, event: InboundEvent) -> Accepted:
-        """The event's ``durable`` (acknowledge on it) and ``applied`` (its reaction) futures."""
 
     def wake_outbox(self) -> None: ...
 
