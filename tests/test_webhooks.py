@@ -362,9 +362,14 @@ async def test_sigkill_between_the_change_and_its_delivery_delivers_after_restar
         await second.start()
         await second.wait_ready()
         await wait_for(lambda: len(receiver.ids) >= len(at_kill), 60, lambda: f"all delivered\n{second.tail()}")
-        async with sessions() as s:
-            final = (await s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status)
-                                     .order_by(WebhookDelivery.id))).all()
+
+        async def recorded() -> list[Any]:  # the worker records each answer after the receiver gave it
+            async with sessions() as s:
+                rows = (await s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status)
+                                        .order_by(WebhookDelivery.id))).all()
+            return list(rows) if all(status != "claimed" for _, status in rows) else []
+
+        final = await wait_for(recorded, 60, lambda: f"every answer recorded\n{second.tail()}")
     finally:
         await kill_all([first, second])
         await engine.dispose()
