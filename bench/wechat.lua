@@ -1,7 +1,9 @@
 -- wrk script for bench/ingest.py: signed WeChat plaintext text-message callbacks, a unique MsgId each.
 -- WeChat's plaintext signature is sha1(sorted(token, timestamp, nonce)): it covers the query string,
 -- not the body, so one signed query serves every request and only the XML body changes.
--- args: <path with signed query> <first MsgId> <repeat-customer pool size>
+-- args: <path with signed query> <first MsgId> <repeat-customer pool size> [text|location]
+-- location: location-report events, which the service acknowledges once durable; their CreateTime is
+-- the id, so that each is a distinct event (WeChat's events carry no MsgId: sender + time name them).
 
 local threads = {}
 local counter = 0
@@ -26,6 +28,7 @@ function init(args)
   path = args[1]
   base = tonumber(args[2])
   pool = tonumber(args[3])
+  kind = args[4] or "text"
   tid = tonumber(tid) or 0
   headers = { ["Content-Type"] = "text/xml" }
 end
@@ -39,10 +42,19 @@ function request()
   else
     openid = string.format("o_new_%.0f", id)             -- a first-time customer
   end
-  local body = string.format(
-    "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>" ..
-    "<CreateTime>%d</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[%s]]></Content>" ..
-    "<MsgId>%.0f</MsgId></xml>", openid, os.time(), texts[(counter % #texts) + 1], id)
+  local body
+  if kind == "location" then
+    body = string.format(
+      "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>" ..
+      "<CreateTime>%.0f</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[LOCATION]]></Event>" ..
+      "<Latitude>23.137466</Latitude><Longitude>113.352425</Longitude><Precision>119.385040</Precision></xml>",
+      openid, id)
+  else
+    body = string.format(
+      "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>" ..
+      "<CreateTime>%d</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[%s]]></Content>" ..
+      "<MsgId>%.0f</MsgId></xml>", openid, os.time(), texts[(counter % #texts) + 1], id)
+  end
   return wrk.format("POST", path, headers, body)
 end
 

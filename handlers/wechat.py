@@ -1,9 +1,18 @@
 """WeChat Official Account (公众号): passive callbacks in, customer-service and template messages out.
 
 Inbound: ``GET /wechat/<account>`` answers WeChat's URL check; ``POST /wechat/<account>`` takes messages
-and events in plaintext or safe mode (AES), commits them through the core and answers within WeChat's
-5-second limit — with a passive text reply when the core has one (a news card for a keyword auto-reply
-that has one), else ``success``.
+and events in plaintext or safe mode (AES), hands them to the core and answers within WeChat's 5-second
+limit — with a passive text reply when the core has one (a news card for a keyword auto-reply that has
+one), else ``success``.
+
+When it answers: a passive reply can only ride on the answer to the callback, so the callbacks that may
+have one wait until the core has applied the event (scrm.ingest), at most ``reply_timeout_seconds``
+(a reply found later goes out as a customer-service message): text messages (keyword auto-replies,
+the fallback reply, opt-out, coupon, loyalty and staff commands), ``subscribe`` and ``scan`` (a channel
+code's welcome) and menu clicks (a button's text or reply rule). Every other callback (location reports,
+menu links opened, unfollows, pictures, voice, video, location and link messages) has no answer in the
+core, so it is acknowledged as soon as it is durable in the journal; its effects follow. An event that
+cannot be made durable is not acknowledged (503: WeChat tries again).
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
 the campaign's template message outside it (or a ``skipped`` result). Images (report charts, digest
@@ -57,6 +66,8 @@ REPLY_WINDOW = timedelta(hours=48)
 #: WeChat shows text replies up to about this many bytes.
 MAX_REPLY_BYTES = 2048
 OUTSIDE_WINDOW = "outside_48h_window"
+#: The callbacks that may get a passive reply and so wait for the core to apply them (module docstring).
+WAIT_FOR_REPLY = frozenset({"text", "subscribe", "scan", "menu_click"})
 TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
 QUOTA_ERRCODES = frozenset({45009, 45047})
 MAX_BACKOFF_SECONDS = 300.0
@@ -513,13 +524,21 @@ class WeChatChannel(Channel):
                             scene=scene if isinstance(scene, str) and scene else None)
 
     async def _react(self, event: InboundEvent) -> Reaction | None:
-        """The core's reaction to answer now, or None when the commit takes longer than WeChat waits
-        (the commit goes on and its reaction follows as customer-service messages). A duplicate is
-        WeChat retrying: within its window it gets the replies recorded for the first try, whose
-        answer WeChat did not get; only the answer is given again, nothing is run twice."""
-        committed = self.service.receive(event)
+        """The core's reaction to answer now, or None to answer ``success``: for a callback that cannot
+        have a passive reply, once it is durable; else when applying it takes longer than WeChat waits
+        (it goes on and its reaction follows as customer-service messages). A duplicate is WeChat
+        retrying: within its window it gets the replies recorded for the first try, whose answer WeChat
+        did not get; only the answer is given again, nothing is run twice."""
+        accepted = self.service.accept(event)
+        if event.kind not in WAIT_FOR_REPLY:
+            accepted.applied.add_done_callback(partial(self._applied_behind, event))
+            await asyncio.shield(accepted.durable)  # a store error: 503, and WeChat tries again
+            return None
+        committed = accepted.applied
         await asyncio.wait((committed,), timeout=self.settings.reply_timeout_seconds)  # never cancels it
         if not committed.done():
+            if not accepted.durable.done() or accepted.durable.exception() is not None:
+                await asyncio.shield(accepted.durable)  # never acknowledged before it is durable
             log.warning("wechat %s: event %s took over %ss; answered success", self.account,
                         event.platform_msg_id, self.settings.reply_timeout_seconds)
             committed.add_done_callback(partial(self._late_reaction, event.external_id))
@@ -531,6 +550,11 @@ class WeChatChannel(Channel):
         if original is None or not original.replies or self.service.clock.now() - original.received_at > RETRY_WINDOW:
             return None
         return Reaction(duplicate=True, replies=original.replies)
+
+    def _applied_behind(self, event: InboundEvent, applied: asyncio.Future[Reaction]) -> None:
+        """An event acknowledged on durable whose application failed for good (the consumer set it aside)."""
+        if not applied.cancelled() and (exc := applied.exception()) is not None:
+            log.error("wechat %s: event %s acknowledged but not applied: %r", self.account, event.platform_msg_id, exc)
 
     def _late_reaction(self, openid: str, committed: asyncio.Future[Reaction]) -> None:
         """Replies and charts the passive answer missed go out as customer-service messages (the window

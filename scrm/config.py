@@ -104,6 +104,22 @@ class ClusterConfig(_Strict):
     lease_seconds: float = Field(15.0, gt=0)
 
 
+class IngestConfig(_Strict):
+    """The inbound journal and its consumer (scrm.ingest): events are acknowledged once durable, their
+    effects applied behind them by worker instances."""
+
+    #: How often a worker looks for events appended by ``--role web`` instances (its own wake it at
+    #: once), and how often an instance answering a webhook looks whether another applied its event.
+    poll_seconds: float = Field(0.2, gt=0, le=10)
+    #: Events applied together in one transaction at most.
+    batch: int = Field(500, gt=0, le=5000)
+    #: Applied events stay in the journal this long (a platform retry within it gets the first answer).
+    retention_days: float = Field(7.0, gt=0)
+    #: Tries an event that fails alone gets before it is set aside (logged, counted, reaction ``failed``)
+    #: so that the events behind it are applied.
+    max_attempts: int = Field(5, ge=1)
+
+
 class CampaignsConfig(_Strict):
     path: str = "campaigns"
 
@@ -482,6 +498,7 @@ class Config(_Strict):
     store: StoreConfig = StoreConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     cluster: ClusterConfig = ClusterConfig()
+    ingest: IngestConfig = IngestConfig()
     campaigns: CampaignsConfig = CampaignsConfig()
     replies: RepliesConfig = RepliesConfig()
     tagging: TaggingConfig = TaggingConfig()

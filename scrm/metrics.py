@@ -30,7 +30,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from scrm.store.models import Delivery, Touchpoint
+from scrm.store.models import Delivery, InboundJournal, Touchpoint
 
 if TYPE_CHECKING:
     from apscheduler.events import JobExecutionEvent
@@ -70,6 +70,8 @@ OUTBOX_DUE = Gauge("scrm_outbox_due", "Planned deliveries already due (waiting f
 OUTBOX_PLANNED = Gauge("scrm_outbox_planned", "Planned deliveries, due now or later.")
 OUTBOX_SENDING = Gauge("scrm_outbox_sending", "Deliveries claimed and being sent.")
 OUTBOX_AGE = Gauge("scrm_outbox_oldest_due_seconds", "How long the oldest due delivery has waited past its due time.")
+INGEST_BACKLOG = Gauge("scrm_ingest_backlog", "Inbound events durable (acknowledged) but not applied yet.")
+INGEST_LAG = Gauge("scrm_ingest_lag_seconds", "How long the oldest inbound event not applied yet has waited.")
 CHANNEL_DEGRADED = Gauge("scrm_channel_degraded", "1 while sends through a channel account cannot reach its "
                          "platform (they are retried later), 0 again after its next successful send.",
                          ["channel", "account"])
@@ -164,6 +166,17 @@ async def refresh_outbox(session: AsyncSession, now: datetime) -> None:
     OUTBOX_AGE.set(max(0.0, (now - row[1]).total_seconds()) if row[1] is not None else 0.0)
     OUTBOX_PLANNED.set(row[2] or 0)
     OUTBOX_SENDING.set(row[3] or 0)
+
+
+async def refresh_ingest(session: AsyncSession, now: datetime) -> tuple[int, float]:
+    """Set the ingest gauges (scrm.ingest) from the journal's unapplied rows, and return them: the backlog
+    and the lag, in seconds (run at scrape time and by /healthz)."""
+    count, oldest = (await session.execute(select(func.count(), func.min(InboundJournal.received_at))
+                                           .where(InboundJournal.applied_at.is_(None)))).one()
+    lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+    INGEST_BACKLOG.set(count or 0)
+    INGEST_LAG.set(lag)
+    return count or 0, lag
 
 
 def campaigns_failing(campaigns: Iterable[str], failing: set[str]) -> None:

@@ -323,10 +323,10 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
     channel ids go; aggregates (orders, coupons, tags, touchpoint metadata, consent history,
     the audit log) stay, so reports keep their figures except the person's chat opt-outs, which
     are counted by reply text (see :func:`redact_messages`). Planned sends to them are cancelled."""
-    from sqlalchemy import String, cast, literal, update
+    from sqlalchemy import String, cast, delete, literal, update
 
     from scrm import rollups
-    from scrm.store.models import Delivery, Identity, Touchpoint
+    from scrm.store.models import Delivery, Identity, InboundJournal, Touchpoint
     from scrm.webhooks import events
 
     await rollups.before_redaction(session, Touchpoint.customer_id == customer.id)
@@ -347,6 +347,13 @@ async def erase(session: AsyncSession, customer: Customer, now: datetime) -> dic
     )) or 0
     await session.execute(update(Delivery).where(Delivery.customer_id == customer.id)
                           .values(text=None, external_id="erased").execution_options(synchronize_session=False))
+    # The inbound journal keeps the person's applied messages for a few days (scrm.ingest): they go now.
+    for channel, account, external_id in (await session.execute(
+            select(Identity.channel, Identity.account, Identity.external_id)
+            .where(Identity.customer_id == customer.id))).all():
+        await session.execute(delete(InboundJournal).where(
+            InboundJournal.channel == channel, InboundJournal.account == account,
+            InboundJournal.external_id == external_id, InboundJournal.applied_at.is_not(None)))
     # The identity row stays (reports count customers by channel) but no longer names the person; their
     # next message, if any, starts a new customer.
     identities = rowcount(await session.execute(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from scrm.clock import Clock
     from scrm.config import Config
     from scrm.conversations.replies import ReplyBook
+    from scrm.ingest import Accepted
     from scrm.keyring import Keyring
     from scrm.acquisition.menus import MenuClick
     from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
@@ -82,6 +83,9 @@ class Runtime(Protocol):
 
     def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
         """Resolves once the event and its effects are committed."""
+
+    def accept(self, event: InboundEvent) -> Accepted:
+        """The event's ``durable`` (acknowledge on it) and ``applied`` (its reaction) futures."""
 
     def wake_outbox(self) -> None: ...
 

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, func, select, text
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from scrm import profiles, rfm, staff
+from scrm import metrics, profiles, rfm, staff
 from scrm.campaigns import timed
 from scrm.campaigns.definitions import DefinitionError, LoadedCampaign, load_campaigns
 from scrm.campaigns.outbox import Outbox
@@ -25,7 +25,7 @@ from scrm.clock import Clock, SystemClock
 from scrm.cluster import Cluster
 from scrm.config import Config, Role
 from scrm.conversations.replies import ReplyBook, load_replies
-from scrm.ingest import Ingestor
+from scrm.ingest import Accepted, Consumer, Journal
 from scrm.keyring import Keyring, KeyringError, KeyringMissing
 from scrm.messages import InboundEvent, Reaction, cleaned
 from scrm.personal import open_keyring
@@ -70,7 +70,9 @@ class Service:
         except KeyringMissing:
             self._keyring = None  # a new store gets its key file in start(); a used one fails there
         self.cluster = Cluster(self, role)
-        self.ingestor = Ingestor(self)
+        self.journal = Journal(self)
+        #: Workers apply the journal's events; a ``--role web`` instance only makes them durable.
+        self.consumer = Consumer(self, self.journal) if role in ("worker", "all") else None
         self.outbox = Outbox(self)
         #: Webhook subscriptions: every session this service opens emits to them (scrm.webhooks.events).
         self.webhooks = events.Registry()
@@ -101,17 +103,18 @@ class Service:
         return self.channels.get((kind, account))
 
     def receive(self, event: InboundEvent) -> asyncio.Future[Reaction]:
-        """Channels call this and await the future, which resolves once the event is committed."""
+        """A future resolved with the event's reaction once its effects are committed."""
+        return self.accept(event).applied
+
+    def accept(self, event: InboundEvent) -> Accepted:
+        """Hand an event to the journal: ``durable`` resolves once it may be acknowledged, ``applied``
+        with its reaction once its effects are committed (scrm.ingest)."""
         event = cleaned(event)
         role = staff.role_of(self, event)
         if role is not None and staff.reads_only(event.text, role):
-            # shielded: like the ingest future, a caller that stops waiting does not stop the commit
-            return asyncio.shield(self._report(event, role))
-        return self.ingestor.submit(event)
-
-    async def _report(self, event: InboundEvent, role: Role) -> Reaction:
-        """A staff report: read beside the writer first, then committed with its answer."""
-        return await self.ingestor.submit(event, await staff.answer_beside_writer(self, event, role))
+            # A staff report is read beside the writer first; the consumer records its answer.
+            return self.journal.accept_after(event, staff.answer_beside_writer(self, event, role))
+        return self.journal.accept(event)
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)
@@ -240,7 +243,9 @@ class Service:
         await self.cluster.heartbeat()
         for channel in self.channels.values():
             await channel.start()
-        await self.ingestor.start()
+        await self.journal.start()
+        if self.consumer is not None:
+            await self.consumer.start()
         await self.outbox.start()
         async with self.sessions() as session, session.begin():
             await subscriptions.sync_config(session, self.config, self.clock.now())
@@ -272,11 +277,15 @@ class Service:
         self._stopping = True
         # APScheduler's asyncio executor cancels running jobs on shutdown: let them finish first.
         await asyncio.gather(*self._running_jobs, return_exceptions=True)
+        # Events already handed over are committed, and applied here when this instance applies.
+        await self.journal.stop()
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.journal.close()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.outbox.stop()
         await self.webhook_worker.stop()
-        await self.ingestor.stop()
         for channel in self.channels.values():
             await channel.stop()
         try:
@@ -289,9 +298,11 @@ class Service:
         status = {"scheduler": "running" if self.scheduler.running else "stopped", "role": self.cluster.role,
                   "planner": "leader" if self.cluster.is_leader else "standby"}
         try:
-            async with self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with self.sessions() as session:
+                backlog, lag = await metrics.refresh_ingest(session, self.clock.now())
             status["store"] = "ok"
+            # Acknowledged events whose effects have not followed yet, and how long the oldest has waited.
+            status["ingest_backlog"], status["ingest_lag_seconds"] = str(backlog), f"{lag:.1f}"
         except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to an operator
             status["store"] = f"unreachable: {type(exc).__name__}"
         # A platform that is down is no reason to take this instance out of service: named, not failed.

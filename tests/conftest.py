@@ -122,3 +122,18 @@ async def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+async def applied(service: Any) -> None:
+    """Wait until the journal holds no event still to apply: a channel acknowledges most events once they
+    are durable, and their effects follow (scrm.ingest)."""
+    from sqlalchemy import func, select
+
+    from scrm.store.models import InboundJournal
+
+    async def none_left() -> bool:
+        async with service.sessions() as session:
+            return not await session.scalar(select(func.count()).select_from(InboundJournal)
+                                            .where(InboundJournal.applied_at.is_(None)))
+
+    await eventually(none_left)

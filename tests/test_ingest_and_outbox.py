@@ -131,7 +131,7 @@ async def test_healthz(aiohttp_client, make_config, clock):
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok", "scheduler": "running", "store": "ok", "role": "all",
-                                 "planner": "leader"}
+                                 "planner": "leader", "ingest_backlog": "0", "ingest_lag_seconds": "0.0"}
 
 
 async def test_planner_lease_moves_when_the_holder_stops_heartbeating(make_config, clock):

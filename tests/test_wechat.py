@@ -22,7 +22,7 @@ from scrm.config import ConfigError
 from scrm.messages import Chart, OutboundMessage
 from scrm.store.models import Customer, CustomerTag, Delivery, Identity, Tag, Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, applied, eventually
 from tests.fakes.wechat import (
     Callback,
     FakeWeChat,
@@ -176,6 +176,7 @@ async def test_follow_scan_and_unfollow(aiohttp_client, make_config, clock, fake
     await post(client, plaintext(TOKEN, event_xml("o_erin", "SCAN", "store_42", create_time=1700000002,
                                                   extra={"Ticket": "gQH47joAAAAAAAAAASxodHRx"})))
     await post(client, plaintext(TOKEN, event_xml("o_erin", "unsubscribe", create_time=1700000003)))
+    await applied(service)  # acknowledged once durable: no passive reply to wait for
     assert (await customer_of(service, "o_erin")).opted_out is True
     await post(client, plaintext(TOKEN, event_xml("o_erin", "subscribe", "", create_time=1700000004)))
     erin = await customer_of(service, "o_erin")
@@ -209,6 +210,7 @@ async def test_message_and_event_kinds(aiohttp_client, make_config, clock, fake)
     for body in bodies:
         resp = await post(client, plaintext(TOKEN, body))
         assert (resp.status, await resp.text()) == (200, "success")
+    await applied(service)  # acknowledged once durable: their effects follow
     seen = [(t.kind, t.payload) for t in await inbound(service)]
     assert seen == [
         ("image", {"media_id": "m-img", "pic_url": "http://mmbiz.qpic.cn/x.jpg"}),

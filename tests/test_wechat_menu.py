@@ -23,7 +23,7 @@ from scrm.config_file import load_config, parse_config
 from scrm.conversations.replies import load_replies
 from scrm.acquisition.menus import check_clicks
 from scrm.store.models import CustomerTag, Delivery, Tag, Touchpoint, TrackedLink
-from tests.conftest import ROOT
+from tests.conftest import ROOT, applied
 from tests.fakes.wechat import FakeWeChat, event_xml, plaintext
 from tests.test_quickstart import SECRETS, uncommented_example
 from tests.test_wechat import TOKEN, customer_of, post, start
@@ -303,6 +303,7 @@ async def test_click_tags_answers_and_starts_its_campaign(aiohttp_client, make_c
     resp = await post(client, plaintext(TOKEN, event_xml("o_ann", "VIEW", "https://shop.example.com/orders",
                                                          create_time=1_800_000_003)))
     assert await resp.text() == "success"
+    await applied(service)  # a view is acknowledged once durable: its touchpoint follows
     async with service.sessions() as s:
         taps = [(tp.kind, tp.payload) for tp in await s.scalars(select(Touchpoint).where(
             Touchpoint.customer_id == ann.id, Touchpoint.direction == "in").order_by(Touchpoint.id))]

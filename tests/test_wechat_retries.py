@@ -16,15 +16,14 @@ from typing import Any
 
 import pytest
 import xmltodict
-from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import func, select
 
 from handlers.wechat import RETRY_WINDOW
 from scrm import commands
 from scrm.messages import InboundEvent
 from scrm.store.models import Consent, Customer, ReportDigest, Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import POSTGRES_URL, eventually
+from tests.conftest import POSTGRES_URL, applied, eventually
 from tests.fakes.wechat import Callback, FakeWeChat, event_xml, open_reply, plaintext, safe_mode, text_xml
 from tests.test_wechat import fake  # noqa: F401 - the fake WeChat API fixture
 from tests.test_wechat import AES_KEY, TOKEN, account, count, inbound, post, start
@@ -140,9 +139,9 @@ async def test_duplicates_in_one_batch_get_the_first_ones_replies(aiohttp_client
 @pytest.mark.parametrize("known", [False, True], ids=["new-customer", "known-customer"])
 async def test_retry_racing_its_original_on_another_instance_gets_its_reply(
         aiohttp_client, make_config, clock, fake, store, monkeypatch, known):
-    """The retry reaches a second instance while the first still holds the original's uncommitted rows:
-    the second blocks on the unique key (the touchpoint's MsgId, or the new customer's identity), fails
-    once the first commits, and is tried again: a duplicate, answered with the reply the first recorded."""
+    """The retry reaches a second instance while the first is still applying the original (its consumer
+    holds the original's uncommitted effects): the retry is recognised at append by the journal's unique
+    key, waits for the original's application and is answered with the reply the first recorded."""
     if "schema_name" not in store:
         pytest.skip("PostgreSQL variant only")
     from scrm import pipeline
@@ -153,34 +152,29 @@ async def test_retry_racing_its_original_on_another_instance_gets_its_reply(
     if known:
         assert await (await post(first, plaintext(TOKEN, text_xml("o_xia", "你好", 40)))).text() == "success"
     held, release = asyncio.Event(), asyncio.Event()
-    holder: list[int] = []
     load_customer = pipeline._Batch.customer
 
     async def hold_first(batch: Any, customer_id: int) -> Customer:
-        """The opt-out loads the customer after the batch's rows are written: the first caller waits there."""
+        """The opt-out loads the customer after the batch's rows are written: the first batch waits there."""
         customer = await load_customer(batch, customer_id)
-        if not holder:
-            holder.append(await batch.session.scalar(text("SELECT pg_backend_pid()")))
+        if not held.is_set():
             held.set()
             await release.wait()
         return customer
 
     monkeypatch.setattr(pipeline._Batch, "customer", hold_first)
     original = asyncio.ensure_future(post(first, plaintext(TOKEN, text_xml("o_xia", "TD", 41))))
-    await held.wait()
-    retry = asyncio.ensure_future(post(second, plaintext(TOKEN, text_xml("o_xia", "TD", 41))))
-    admin = create_async_engine(POSTGRES_URL)
     try:
-        async def blocked() -> bool:
-            async with admin.connect() as conn:
-                query = "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
-                waiting = await conn.scalar(text(query), {"pid": holder[0]})
-                return bool(waiting)
+        await held.wait()
+        retry = asyncio.ensure_future(post(second, plaintext(TOKEN, text_xml("o_xia", "TD", 41))))
+        waiting = second.app[SERVICE].journal._waiting
 
-        await eventually(blocked)  # the retry waits on the first instance's uncommitted row
+        async def recognised() -> bool:  # durable as a retry of the original, waiting for its application
+            return bool(waiting)
+
+        await eventually(recognised)
     finally:
-        await admin.dispose()
-    release.set()
+        release.set()
     answers = [content(await answer(await resp, "plaintext", fake)) for resp in (original, retry)]
     assert answers == [commands.OPT_OUT_REPLY, commands.OPT_OUT_REPLY]
     service = first.app[SERVICE]
@@ -247,5 +241,6 @@ async def test_loose_xml_is_refused_and_writes_nothing(aiohttp_client, make_conf
     for xml in accepted:
         resp = await post(client, signed(xml))
         assert (resp.status, await resp.text()) == (200, "success")
+    await applied(service)  # the location report is acknowledged once durable: its touchpoint follows
     assert [(t.kind, t.platform_msg_id) for t in await inbound(service)] == [
         ("text", str(2**64 - 1)), ("menu_click", "o_yan:1700000301"), ("location_report", "o_yan:1700000302")]

@@ -66,6 +66,7 @@ async def scrape(request: web.Request) -> web.Response:
     try:
         async with service.sessions() as session:
             await metrics.refresh_outbox(session, service.clock.now())
+            await metrics.refresh_ingest(session, service.clock.now())
             runs = await timed.last_runs(session)
             metrics.campaigns_failing(service.campaigns, {n for n, r in runs.items() if r.status == "failed"})
     except Exception:  # noqa: BLE001  (the scrape must still answer: the error counter is what tells the operator)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -916,3 +917,35 @@ class WebhookAttempt(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     error: Mapped[str | None]
+
+
+class InboundJournal(Base):
+    """The inbound journal (scrm.ingest.journal): every event a channel hands over, made durable before
+    the platform is answered, and applied later by the consumer (scrm.ingest.consumer), which sets
+    ``applied_at`` and the recorded ``reaction`` in the transaction that writes the event's effects.
+
+    ``dedup_key`` is the platform's message id, so the platform's retry of an event already here is
+    recognised at append; an event without one gets a key of its own (never a duplicate, as before).
+    ``event`` is the rest of the event as JSON, a shared phone number sealed with the privacy keys.
+    Applied rows are deleted after ``ingest.retention_days``."""
+
+    __tablename__ = "inbound_events"
+    __table_args__ = (
+        UniqueConstraint("channel", "account", "dedup_key", name="uq_inbound_events_dedup"),
+        # The consumer's next batch and the backlog figures read only the unapplied rows.
+        Index("ix_inbound_events_unapplied", "id", sqlite_where=text("applied_at IS NULL"),
+              postgresql_where=text("applied_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    account: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    dedup_key: Mapped[str] = mapped_column(String(128))
+    event: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime]
+    #: Pruning reads it (applied before the retention).
+    applied_at: Mapped[datetime | None] = mapped_column(index=True)
+    #: Failed tries to apply it alone; past ``ingest.max_attempts`` it is set aside (reaction ``failed``).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reaction: Mapped[dict[str, Any] | None] = mapped_column(JSON)
