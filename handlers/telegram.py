@@ -528,22 +528,32 @@ class TelegramChannel(Channel):
         return web.Response(text="ok")
 
     async def _ingest(self, update: Update, events: list[InboundEvent] | None = None) -> None:
-        """Commit the update's events, then (in the background) send the core's replies."""
+        """Make the update's events durable (what Telegram is answered on, or the poll's offset moves
+        past), then, in the background, send the core's replies once they are applied (scrm.ingest)."""
         if events is None:
             events = update_events(update, self.type_name, self.account)
         if not events:
             return
-        reactions: list[Reaction] = await asyncio.gather(*(self.service.receive(e) for e in events))
+        accepted = [self.service.accept(e) for e in events]
+        # shielded: a caller that goes away stops neither the append nor the application
+        await asyncio.gather(*(asyncio.shield(a.durable) for a in accepted))
         if (tap := update.callback_query) is not None:
             self._spawn(self._answer_tap(tap.id))
-        fresh = [r for r in reactions if not r.duplicate]
+        self._spawn(self._answer(_reply_chat(update), [a.applied for a in accepted]))
+
+    async def _answer(self, chat_id: int | None, applied: list[asyncio.Future[Reaction]]) -> None:
+        """The replies of an update's events, sent once every one of them is applied."""
+        outcomes = await asyncio.gather(*applied, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                log.error("telegram bot %s: an update acknowledged but not applied: %r", self.account, outcome)
+        fresh = [r for r in outcomes if isinstance(r, Reaction) and not r.duplicate]
         # a reaction's buttons (a keyword auto-reply's) go under its last reply
         replies = [(text, r.buttons if i == len(r.replies) - 1 else ())
                    for r in fresh for i, text in enumerate(r.replies)]
         images = [image for r in fresh for image in r.images]
-        chat_id = _reply_chat(update)
         if (replies or images) and chat_id is not None:
-            self._spawn(self._send_replies(chat_id, replies, images))
+            await self._send_replies(chat_id, replies, images)
 
     async def _send_replies(self, chat_id: int, replies: list[tuple[str, tuple[tuple[str, str], ...]]],
                             images: list[Chart]) -> None:

@@ -5,14 +5,14 @@ and events in plaintext or safe mode (AES), hands them to the core and answers w
 limit — with a passive text reply when the core has one (a news card for a keyword auto-reply that has
 one), else ``success``.
 
-When it answers: a passive reply can only ride on the answer to the callback, so the callbacks that may
-have one wait until the core has applied the event (scrm.ingest), at most ``reply_timeout_seconds``
-(a reply found later goes out as a customer-service message): text messages (keyword auto-replies,
-the fallback reply, opt-out, coupon, loyalty and staff commands), ``subscribe`` and ``scan`` (a channel
-code's welcome) and menu clicks (a button's text or reply rule). Every other callback (location reports,
-menu links opened, unfollows, pictures, voice, video, location and link messages) has no answer in the
-core, so it is acknowledged as soon as it is durable in the journal; its effects follow. An event that
-cannot be made durable is not acknowledged (503: WeChat tries again).
+When it answers: a passive reply can only ride on the answer to the callback, so a callback whose
+application may give one (scrm.ingest.replying: commands, a matching keyword reply rule, ``subscribe``
+and ``scan`` for a channel code's welcome, menu clicks) waits until the core has applied the event, at
+most ``reply_timeout_seconds`` (a reply found later goes out as a customer-service message). Every other
+callback (text no reply rule matches, location reports, pictures, unfollows...) is acknowledged as soon
+as it is durable in the journal (scrm.ingest); its effects follow, and an answer it gets then (the
+fallback reply, say) goes out as a customer-service message. An event that cannot be made durable is
+not acknowledged (503: WeChat tries again).
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
 the campaign's template message outside it (or a ``skipped`` result). Images (report charts, digest
@@ -66,8 +66,6 @@ REPLY_WINDOW = timedelta(hours=48)
 #: WeChat shows text replies up to about this many bytes.
 MAX_REPLY_BYTES = 2048
 OUTSIDE_WINDOW = "outside_48h_window"
-#: The callbacks that may get a passive reply and so wait for the core to apply them (module docstring).
-WAIT_FOR_REPLY = frozenset({"text", "subscribe", "scan", "menu_click"})
 TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
 QUOTA_ERRCODES = frozenset({45009, 45047})
 MAX_BACKOFF_SECONDS = 300.0
@@ -525,13 +523,14 @@ class WeChatChannel(Channel):
 
     async def _react(self, event: InboundEvent) -> Reaction | None:
         """The core's reaction to answer now, or None to answer ``success``: for a callback that cannot
-        have a passive reply, once it is durable; else when applying it takes longer than WeChat waits
-        (it goes on and its reaction follows as customer-service messages). A duplicate is WeChat
+        have a passive reply, once it is durable (an answer found when it is applied follows as a
+        customer-service message); else when applying it takes longer than WeChat waits (likewise). A
+        duplicate is WeChat
         retrying: within its window it gets the replies recorded for the first try, whose answer WeChat
         did not get; only the answer is given again, nothing is run twice."""
         accepted = self.service.accept(event)
-        if event.kind not in WAIT_FOR_REPLY:
-            accepted.applied.add_done_callback(partial(self._applied_behind, event))
+        if not accepted.answers:
+            accepted.applied.add_done_callback(partial(self._late_reaction, event.external_id))
             await asyncio.shield(accepted.durable)  # a store error: 503, and WeChat tries again
             return None
         committed = accepted.applied
@@ -551,18 +550,13 @@ class WeChatChannel(Channel):
             return None
         return Reaction(duplicate=True, replies=original.replies)
 
-    def _applied_behind(self, event: InboundEvent, applied: asyncio.Future[Reaction]) -> None:
-        """An event acknowledged on durable whose application failed for good (the consumer set it aside)."""
-        if not applied.cancelled() and (exc := applied.exception()) is not None:
-            log.error("wechat %s: event %s acknowledged but not applied: %r", self.account, event.platform_msg_id, exc)
-
     def _late_reaction(self, openid: str, committed: asyncio.Future[Reaction]) -> None:
-        """Replies and charts the passive answer missed go out as customer-service messages (the window
-        is open: the person just wrote)."""
+        """Replies and charts the passive answer did not carry go out as customer-service messages (the
+        window is open: the person just wrote). An event acknowledged but set aside by the consumer is logged."""
         if committed.cancelled():
             return
         if (exc := committed.exception()) is not None:
-            log.error("wechat %s: event from %s answered success but not committed: %r", self.account, openid, exc)
+            log.error("wechat %s: event from %s acknowledged but not applied: %r", self.account, openid, exc)
             return
         reaction = committed.result()
         if (reaction.replies or reaction.images) and not reaction.duplicate:

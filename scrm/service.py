@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
@@ -26,6 +27,7 @@ from scrm.cluster import Cluster
 from scrm.config import Config, Role
 from scrm.conversations.replies import ReplyBook, load_replies
 from scrm.ingest import Accepted, Consumer, Journal
+from scrm.ingest.replying import may_answer
 from scrm.keyring import Keyring, KeyringError, KeyringMissing
 from scrm.messages import InboundEvent, Reaction, cleaned
 from scrm.personal import open_keyring
@@ -114,7 +116,7 @@ class Service:
         if role is not None and staff.reads_only(event.text, role):
             # A staff report is read beside the writer first; the consumer records its answer.
             return self.journal.accept_after(event, staff.answer_beside_writer(self, event, role))
-        return self.journal.accept(event)
+        return replace(self.journal.accept(event), answers=may_answer(self, event))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)

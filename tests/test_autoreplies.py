@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import xmltodict
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from scrm.clock import ManualClock
 from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies
@@ -177,6 +177,61 @@ async def test_negation_cancels_a_keyword(wechat):
     assert await resp.text() == "success"  # no rule, and these rules have no fallback
     resp = await post(client, plaintext(TOKEN, text_xml("o_cat", "那快递要几天", 8102)))
     assert xmltodict.parse(await resp.text())["xml"]["Content"] == "48 小时内发货"
+
+
+async def test_text_no_rule_matches_is_acknowledged_once_durable_and_its_fallback_follows_as_a_message(
+        aiohttp_server, aiohttp_client, make_config, tmp_path):
+    # Only text a rule (or a command) may answer waits to be applied; the fallback is sent once it is
+    # applied, as a customer-service message inside the window the message opened (scrm.ingest.replying).
+    fake = FakeWeChat()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("/"))  # type: ignore[attr-defined]
+    write_replies(tmp_path / "replies", rules=RULES, fallback=ALWAYS)
+    config = make_config({"channels": {"wechat": {"brand": account(fake)}}, **GIFT_POOL})
+    client = await aiohttp_client(create_app(config, ManualClock(WEDNESDAY)))
+    service = client.app[SERVICE]
+    assert not service.accept(InboundEvent("wechat", "brand", "o_x", "location_report")).answers
+    resp = await post(client, plaintext(TOKEN, text_xml("o_dee", "今天天气不错", 8201)))
+    assert await resp.text() == "success"
+
+    async def sent() -> list[str]:  # the fallback's customer-service messages (the demo welcome goes too)
+        return [m["text"]["content"] for m in fake.custom_messages
+                if m["touser"] == "o_dee" and m["text"]["content"].startswith("收到")]
+
+    assert await eventually(sent) == ["收到,客服稍后回复"]
+    assert [(r, t) for r, t, _ in await auto_replies(service)] == [("8201", "收到,客服稍后回复")]
+    # a rule's answer is still passive, and the fallback's cooldown holds the next unmatched message
+    resp = await post(client, plaintext(TOKEN, text_xml("o_dee", "营业时间?", 8202)))
+    assert xmltodict.parse(await resp.text())["xml"]["Content"] == "朋友,营业时间 9:00-21:00"
+    resp = await post(client, plaintext(TOKEN, text_xml("o_dee", "好的谢谢", 8203)))
+    assert await resp.text() == "success"
+    await eventually(lambda: _applied(service, "8203"))
+    assert await sent() == ["收到,客服稍后回复"]
+
+
+async def _applied(service: Service, msg_id: str) -> bool:
+    async with service.sessions() as s:
+        return await s.scalar(select(Touchpoint.id).where(Touchpoint.platform_msg_id == msg_id)) is not None
+
+
+async def test_a_passive_reply_arrives_inside_the_timeout_while_the_journal_takes_a_flood(wechat):
+    # Hundreds of messages no rule answers, acknowledged once durable, arrive around one a rule answers:
+    # that one waits for its application behind the flood's and still gets its passive reply.
+    fake, client = wechat
+    flood = [post(client, plaintext(TOKEN, text_xml(f"o_f{i}", "随便看看", 9000 + i))) for i in range(300)]
+    asked = post(client, plaintext(TOKEN, text_xml("o_amy", "几点开门", 8999)))
+    answers = await asyncio.gather(*flood[:150], asked, *flood[150:])
+    assert all(r.status == 200 for r in answers)
+    assert {await r.text() for i, r in enumerate(answers) if i != 150} == {"success"}
+    assert xmltodict.parse(await answers[150].text())["xml"]["Content"] == "朋友,营业时间 9:00-21:00"
+    service = client.app[SERVICE]
+
+    async def inbound() -> int:
+        async with service.sessions() as s:
+            return await s.scalar(select(func.count()).select_from(Touchpoint).where(Touchpoint.direction == "in"))
+
+    await eventually(lambda: _applied(service, "9299"))
+    assert await inbound() == 301  # every one applied, each once
 
 
 # -- Telegram: buttons under the answer; a group gets no fallback ---------------------------------------------

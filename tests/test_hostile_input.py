@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 
 from scrm.messages import InboundEvent
 from scrm.service import Service
-from scrm.store.models import CouponCode, Customer, Delivery, Touchpoint
+from scrm.store.models import CouponCode, Customer, Delivery, InboundJournal, Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import POSTGRES_URL, eventually
+from tests.conftest import POSTGRES_URL, applied, eventually
 from tests.fakes.wechat import signature
 from tests.test_api_fuzz import Served
 
@@ -82,12 +82,16 @@ def served(make_config, clock):
     server.stop()
 
 
-def _touchpoints(server: Served) -> tuple[int, int]:
-    """What a request can write: inbound touchpoints and customers (the outbox writes others meanwhile)."""
-    async def count() -> tuple[int, int]:
-        async with server.runner.app[SERVICE].sessions() as s:
+def _touchpoints(server: Served) -> tuple[int, int, int]:
+    """What a request can write: journal rows, inbound touchpoints and customers (the outbox writes others
+    meanwhile), counted once the events acknowledged before are applied (scrm.ingest)."""
+    async def count() -> tuple[int, int, int]:
+        service = server.runner.app[SERVICE]
+        await applied(service)
+        async with service.sessions() as s:
             inbound = await s.scalar(select(func.count()).select_from(Touchpoint).where(Touchpoint.direction == "in"))
-            return int(inbound), int(await s.scalar(select(func.count()).select_from(Customer)))
+            return (int(await s.scalar(select(func.count()).select_from(InboundJournal))), int(inbound),
+                    int(await s.scalar(select(func.count()).select_from(Customer))))
     return server.call(count())
 
 

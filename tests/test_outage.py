@@ -35,7 +35,7 @@ from scrm.config import Config
 from scrm.messages import OutboundMessage
 from scrm.store.models import CouponCode, Customer, Delivery, Identity, Touchpoint
 from scrm.web import SERVICE, create_app
-from tests.conftest import free_port
+from tests.conftest import applied, free_port
 from tests.fakes.loopback import LoopbackServer
 from tests.fakes.telegram import FakeTelegram, Updates, user
 from tests.fakes.wechat import FakeWeChat
@@ -82,6 +82,7 @@ async def arrive(client: Any, updates: Updates, people: list[dict[str, Any]]) ->
 
     for start_at in range(0, len(people), 100):
         await asyncio.gather(*(one(p) for p in people[start_at:start_at + 100]))
+    await applied(client.app[SERVICE])  # answered once durable: the welcomes are planned as they are applied
 
 
 async def welcomes(client: Any) -> dict[str, int]:

@@ -36,7 +36,7 @@ from scrm.store.models import (
     Touchpoint,
 )
 from scrm.web import SERVICE, create_app
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, applied, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, png, user
 
 TOKEN = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0"
@@ -72,9 +72,13 @@ async def client(aiohttp_client, make_config, clock, fake):
 
 
 async def post(client, update: Any, secret: str | None = SECRET, path: str = "/telegram/main"):
+    """Post an update; once Telegram is answered 200 (the events are durable), wait until they are applied."""
     headers = {SECRET_HEADER: secret} if secret is not None else {}
     data = update if isinstance(update, bytes) else json.dumps(update).encode()
-    return await client.post(path, data=data, headers={**headers, "Content-Type": "application/json"})
+    resp = await client.post(path, data=data, headers={**headers, "Content-Type": "application/json"})
+    if resp.status == 200:
+        await applied(client.app[SERVICE])
+    return resp
 
 
 async def deliver(client, update: dict[str, Any]) -> None:

@@ -66,6 +66,9 @@ class Accepted:
 
     durable: asyncio.Future[None]
     applied: asyncio.Future[Reaction]
+    #: Whether applying it may give an answer for the acknowledgement to carry (scrm.ingest.replying):
+    #: a channel with passive replies waits for ``applied`` then, else only for ``durable``.
+    answers: bool = True
 
 
 @dataclass

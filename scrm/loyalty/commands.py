@@ -59,11 +59,15 @@ def command(name: str, pattern: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def is_command(text: str) -> bool:
+    """Whether ``text`` is a customer command (签到, 积分, a survey answer...): one that has an answer."""
+    return any(spec.pattern.match(text) for spec in _COMMANDS)
+
+
 def concerns(config: LoyaltyConfig, text: str) -> bool:
     """Whether :func:`dispatch` has anything to do with ``text``: a command, or a buying-intent word.
     Other text needs neither the customer's row nor a query, so the pipeline keeps it set-based."""
-    return (any(spec.pattern.match(text) for spec in _COMMANDS)
-            or any(word in text for word in config.followups.intent_keywords))
+    return is_command(text) or any(word in text for word in config.followups.intent_keywords)
 
 
 async def dispatch(service: Runtime, session: AsyncSession, customer: Customer, event: InboundEvent, text: str,
