@@ -3,8 +3,10 @@
 Inbound: ``/wecom/<corp>`` takes WeCom's encrypted callbacks (wechatpy's ``WeChatCrypto`` verifies and
 decrypts, ``parse_message`` parses). Contact changes become :class:`InboundEvent`\\ s; customer-group
 lifecycle events are recorded without a customer (a group is not a person). When a new contact carries a
-``WelcomeCode``, the welcome rule chosen by the contact-me ``State`` is sent after the event is committed,
-in a background task bounded by the code's 20-second validity.
+``WelcomeCode``, the welcome rule chosen by the contact-me ``State`` is sent after the event is applied,
+in a background task bounded by the code's 20-second validity. Contact changes are answered once
+durable in the journal (scrm.ingest); group member changes wait until applied, as telling who left a
+group reads the members the store has applied so far.
 
 Outbound: WeCom cannot message a customer directly outside the welcome window. :meth:`WeComChannel.send`
 creates a mass-send task (``add_msg_template``) that the staff member confirms in their client; a periodic
@@ -51,7 +53,7 @@ from scrm.campaigns.planner import Trigger, plan_events
 from scrm.channels import Channel, CodeError, CodeRequest, IssuedCode, register
 from scrm.customers import find_customer, touchpoint
 from scrm.group_commit import StoreUnavailable
-from scrm.messages import InboundEvent, OutboundMessage, SendResult
+from scrm.messages import InboundEvent, OutboundMessage, Reaction, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.models import Coupon, CouponCode, Customer, Identity, Touchpoint
 from scrm.tagging import add_tag
@@ -333,12 +335,31 @@ class WeComChannel(Channel):
         event = InboundEvent("wecom", self.account, external, kind, source=source, payload=payload,
                              platform_msg_id=_msg_id("change_external_contact", change, external, created),
                              scene=state if kind == "subscribe" else None)
-        reaction = await self.service.receive(event)
-        if kind == "subscribe" and not reaction.duplicate and reaction.customer_id is not None:
-            job = _WelcomeJob(reaction.customer_id, external, owner, state, _text(data, "WelcomeCode") or None,
-                              received_at + WELCOME_CODE_TTL - WELCOME_MARGIN,
-                              reaction.replies[0] if reaction.replies else None)
-            self._spawn(self._welcome(job), external)
+        accepted = self.service.accept(event)
+        await asyncio.shield(accepted.durable)  # WeCom is answered once it is durable (scrm.ingest)
+        if kind == "subscribe":
+            self._spawn(self._welcome_once_applied(accepted.applied, external, owner, state,
+                                                   _text(data, "WelcomeCode") or None, received_at), external)
+
+    async def _welcome_once_applied(self, applied: asyncio.Future[Reaction], external: str, owner: str,
+                                    state: str | None, code: str | None, received_at: float) -> None:
+        """A new contact's welcome, once the core has applied the contact (its customer, a channel code's
+        welcome text), inside the welcome code's window."""
+        try:
+            reaction = await asyncio.wait_for(asyncio.shield(applied),
+                                              max(received_at + WELCOME_CODE_TTL - WELCOME_MARGIN
+                                                  - asyncio.get_running_loop().time(), 0.1))
+        except TimeoutError:
+            log.warning("wecom %s: contact %s not applied inside the welcome code's window", self.account, external)
+            return
+        except Exception as exc:  # noqa: BLE001 - set aside by the consumer: logged, nothing to welcome
+            log.error("wecom %s: contact %s acknowledged but not applied: %r", self.account, external, exc)
+            return
+        if reaction.duplicate or reaction.customer_id is None:
+            return
+        await self._welcome(_WelcomeJob(reaction.customer_id, external, owner, state, code,
+                                        received_at + WELCOME_CODE_TTL - WELCOME_MARGIN,
+                                        reaction.replies[0] if reaction.replies else None))
 
     async def _chat_event(self, data: dict[str, Any]) -> None:
         chat_id, change, created = _text(data, "ChatId"), _text(data, "ChangeType"), _text(data, "CreateTime")

@@ -21,7 +21,7 @@ from scrm.store.models import (
     Touchpoint,
 )
 from scrm.web import SERVICE, create_app
-from tests.conftest import eventually
+from tests.conftest import applied, eventually
 from tests.fakes.wecom import CallbackSigner, FakeWeCom, chat_event, contact_event
 
 CORP_ID = "ww5f3c0d2e9a8b7c6d"
@@ -65,9 +65,11 @@ async def post(client, xml: str, **kwargs: Any):
 
 
 async def ok(client, xml: str) -> None:
+    """Post a callback; WeCom is answered once its event is durable: wait until it is applied too."""
     resp = await post(client, xml)
     assert resp.status == 200, await resp.text()
     assert await resp.text() == "success"
+    await applied(client.app[SERVICE])
 
 
 def channel(client) -> WeComChannel:
