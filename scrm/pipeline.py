@@ -102,6 +102,8 @@ class _Batch:
     noted: list[threads.Noted] = field(default_factory=list)
     #: The batch's customers a person is talking to: auto-replies leave them alone.
     handled: set[int] = field(default_factory=set)
+    #: Customers who asked a price (scrm.loyalty.commands.note_intents).
+    intents: set[int] = field(default_factory=set)
 
     def note(self, customer_id: int, event: InboundEvent, *, person: bool = False, answered: bool = False) -> None:
         if threads.enabled_for(self.service.config, event.channel):
@@ -166,6 +168,9 @@ class _Batch:
         if self.noted:
             noted, self.noted = self.noted, []
             await threads.note_messages(session, noted, now)
+        if self.intents:
+            intents, self.intents = self.intents, set()
+            await loyalty_commands.note_intents(self.service, session, intents, now)
         if self.triggers:
             triggers, self.triggers = self.triggers, []
             self.planned += await plan_events(session, list(self.service.campaigns.values()), self.service.paused,
@@ -388,10 +393,12 @@ async def _customer_text(batch: _Batch, customer_id: int, event: InboundEvent, t
             batch.touchpoint(event, customer_id, "internal", "coupon_redeemed", payload={"code": result.code})
         return [result.reply]
     loyalty = service.config.loyalty
-    if loyalty is not None and loyalty_commands.concerns(loyalty, text):  # 签到, 积分, 积分兑换, /invite, survey answers
+    if loyalty is not None and loyalty_commands.is_command(text):  # 签到, 积分, 积分兑换, /invite, survey answers
         answers = await loyalty_commands.dispatch(service, session, await batch.customer(customer_id), event, text, now)
         if answers is not None:
             return answers
+    if loyalty is not None and loyalty_commands.shows_intent(loyalty, text):
+        batch.intents.add(customer_id)  # set-based in flush: no customer row read, no flush here
     if threads.enabled_for(service.config, event.channel) and threads.wants_person(service.config, text):
         batch.note(customer_id, event, person=True)
         return [service.config.conversations.person_reply]

@@ -9,7 +9,7 @@ rewards use ``积分兑换 <n>`` / ``/rewards <n>``). Nothing here runs without 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypedDict
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.config import LoyaltyConfig
 from scrm.customers import touchpoint
+from scrm.store.dialect import insert_ignore
 from scrm.loyalty import points, referrals, surveys, tiers
 from scrm.messages import InboundEvent
 from scrm.store.models import Customer, LoyaltyAccount
@@ -64,33 +65,33 @@ def is_command(text: str) -> bool:
     return any(spec.pattern.match(text) for spec in _COMMANDS)
 
 
-def concerns(config: LoyaltyConfig, text: str) -> bool:
-    """Whether :func:`dispatch` has anything to do with ``text``: a command, or a buying-intent word.
-    Other text needs neither the customer's row nor a query, so the pipeline keeps it set-based."""
-    return is_command(text) or any(word in text for word in config.followups.intent_keywords)
+def shows_intent(config: LoyaltyConfig, text: str) -> bool:
+    """Whether ``text`` has a buying-intent word (a price question): see :func:`note_intents`."""
+    return any(word in text for word in config.followups.intent_keywords)
 
 
 async def dispatch(service: Runtime, session: AsyncSession, customer: Customer, event: InboundEvent, text: str,
                    now: datetime) -> list[str] | None:
-    """The replies to a customer command, or None for ordinary text (which also notes buying intent)."""
+    """The replies to a customer command (:func:`is_command`), or None when no command answered."""
     if service.config.loyalty is None:
         return None
     ctx = CustomerContext(service, session, customer, event, now)
     for spec in _COMMANDS:
         if (match := spec.pattern.match(text)) is not None and (reply := await spec.handler(ctx, match)) is not None:
             return [reply]
-    await _note_intent(ctx, text)
     return None
 
 
-async def _note_intent(ctx: CustomerContext, text: str) -> None:
-    """A price question starts the "no order within N days" follow-up clock (scrm.loyalty.followups)."""
-    config = points.loyalty(ctx.service).followups
-    if any(word in text for word in config.intent_keywords):
-        await points.ensure_account(ctx.session, ctx.customer.id, ctx.now, points.base_tier(points.loyalty(ctx.service)))
-        await ctx.session.execute(update(LoyaltyAccount).where(LoyaltyAccount.customer_id == ctx.customer.id,
-                                                               LoyaltyAccount.intent_at.is_(None))
-                                  .values(intent_at=ctx.now))
+async def note_intents(service: Runtime, session: AsyncSession, customer_ids: Collection[int], now: datetime) -> None:
+    """Price questions (:func:`shows_intent`) start the "no order within N days" follow-up clock
+    (scrm.loyalty.followups) of their customers: two statements for a whole ingest batch."""
+    if not customer_ids:
+        return
+    tier = points.base_tier(points.loyalty(service))
+    await insert_ignore(session, LoyaltyAccount.__table__, [
+        {"customer_id": c, "balance": 0, "tier": tier, "updated_at": now} for c in sorted(customer_ids)])
+    await session.execute(update(LoyaltyAccount).where(LoyaltyAccount.customer_id.in_(sorted(customer_ids)),
+                                                       LoyaltyAccount.intent_at.is_(None)).values(intent_at=now))
 
 
 class _Where(TypedDict):
