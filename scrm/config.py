@@ -113,6 +113,9 @@ class IngestConfig(_Strict):
     poll_seconds: float = Field(0.2, gt=0, le=10)
     #: Events applied together in one transaction at most.
     batch: int = Field(500, gt=0, le=5000)
+    #: Under load (the last round applied at least a few dozen events), a worker woken by an append waits
+    #: this long for more before applying: bigger batches cost less per event (scrm.ingest.consumer).
+    apply_linger_ms: float = Field(50.0, ge=0, le=1000)
     #: Applied events stay in the journal this long (a platform retry within it gets the first answer).
     retention_days: float = Field(7.0, gt=0)
     #: Tries an event that fails alone gets before it is set aside (logged, counted, reaction ``failed``)

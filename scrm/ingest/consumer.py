@@ -18,7 +18,10 @@ A batch that fails is rolled back whole and its events applied one at a time, in
 that fails; that one is tried again on the next poll, and after ``ingest.max_attempts`` failed tries
 it is set aside (marked applied with reaction ``failed``, logged and counted) so that the events
 behind it are not held up for ever. The consumer is woken by an append committed in this process and
-polls every ``ingest.poll_seconds`` for events appended by ``--role web`` instances. Applied rows are
+polls every ``ingest.poll_seconds`` for events appended by ``--role web`` instances. Under load (its
+last round applied :data:`BUSY` events or more) it waits ``ingest.apply_linger_ms`` after a wake before
+applying, so that batches fill: a batch's statements are set-based, and the cost per event falls as
+batches grow; a lone event is applied at once. Applied rows are
 deleted after ``ingest.retention_days``.
 """
 
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 APPLY_LOCK = 0x5343494E
 #: How often applied rows past the retention are deleted, and how many in one transaction.
 PRUNE_EVERY = 600.0
+#: A round that applied this many events means load: the next one lingers first (ingest.apply_linger_ms).
+BUSY = 32
 PRUNE_CHUNK = 5000
 
 _T = InboundJournal.__table__
@@ -92,13 +97,16 @@ class Consumer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         self._next_prune = loop.time() + self.service.config.ingest.poll_seconds
+        busy = False
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.service.config.ingest.poll_seconds)
             except TimeoutError:
                 pass
             self._wake.clear()
-            await self.drain()
+            if busy and not self._stopping:  # under load: let the batch fill (cheaper per event)
+                await asyncio.sleep(self.service.config.ingest.apply_linger_ms / 1000)
+            busy = await self.drain() >= BUSY
             if self._stopping:
                 return
             if loop.time() >= self._next_prune:
