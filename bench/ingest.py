@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, free_port, machine, table, write_results
+from bench.common import ROOT, free_port, machine, postgres_url, table, write_results
 
 TOKEN = "benchtoken2024"
 APP_ID = "wx0123456789abcdef"
@@ -265,40 +265,78 @@ async def _open_loop(url: str, rate: float, seconds: float, first_id: int, event
 # -- the benchmark -------------------------------------------------------------------------------------
 
 
-def wait_applied(db: Path, timeout: float = 300.0) -> float:
+class Store:
+    """The service's store as the benchmark reads it: the SQLite file, or a PostgreSQL schema."""
+
+    def __init__(self, db: Path | None = None, url: str | None = None, schema: str | None = None) -> None:
+        self.db, self.url, self.schema = db, url, schema
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        if self.db is not None:
+            with sqlite3.connect(self.db) as conn:
+                return conn.execute(sql, params).fetchall()
+        return asyncio.run(self._pg(sql.replace("?", "{}").format(*(f"${i + 1}" for i in range(len(params)))),
+                                    params))
+
+    async def _pg(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(self.url or "", connect_args={"server_settings": {"search_path": self.schema or "public"}})
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                return [tuple(r) for r in await raw.driver_connection.fetch(sql, *params)]  # type: ignore[union-attr]
+        finally:
+            await engine.dispose()
+
+    def scalar(self, sql: str, *params: Any) -> Any:
+        return self.rows(sql, *params)[0][0]
+
+
+def wait_applied(store: Store, timeout: float = 300.0) -> float:
     """Wait until the service's inbound journal holds nothing unapplied; returns when (perf_counter)."""
     deadline = time.perf_counter() + timeout
     while True:
-        with sqlite3.connect(db) as conn:
-            left = conn.execute("SELECT count(*) FROM inbound_events WHERE applied_at IS NULL").fetchone()[0]
+        left = store.scalar("SELECT count(*) FROM inbound_events WHERE applied_at IS NULL")
         if not left or time.perf_counter() > deadline:
             return time.perf_counter()
         time.sleep(0.02)
 
 
-def journal_mark(db: Path) -> int:
+def journal_mark(store: Store) -> int:
     """The journal's last id: the rows after it are a later phase's."""
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT coalesce(max(id), 0) FROM inbound_events").fetchone()[0])
+    return int(store.scalar("SELECT coalesce(max(id), 0) FROM inbound_events"))
 
 
-def lag_p99(db: Path, after: int) -> tuple[float, int]:
+def lag_p99(store: Store, after: int) -> tuple[float, int]:
     """Effect lag (applied_at - received_at) p99 in seconds of the journal rows after ``after``, and their count."""
     from datetime import datetime
 
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT received_at, applied_at FROM inbound_events WHERE id > ? AND applied_at IS NOT NULL",
-                            (after,)).fetchall()
-    lags = sorted((datetime.fromisoformat(a) - datetime.fromisoformat(r)).total_seconds() for r, a in rows)
+    def at(value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+    rows = store.rows("SELECT received_at, applied_at FROM inbound_events WHERE id > ? AND applied_at IS NOT NULL",
+                      after)
+    lags = sorted((at(a) - at(r)).total_seconds() for r, a in rows)
     return (lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else 0.0), len(lags)
 
 
-def count_store(db: Path) -> tuple[int, int, dict[str, int]]:
+def exactly_once(store: Store) -> tuple[int, int, int]:
+    """Journal rows (each event once: deduplicated at append), inbound WeChat touchpoints, and distinct
+    message ids among them: equal when every acknowledged event was applied exactly once. (wrk does not
+    count the requests in flight when a run ends, so the service holds a few more than it counts.)"""
+    journal = store.scalar("SELECT count(*) FROM inbound_events WHERE channel='wechat'")
+    tps, distinct = store.rows("SELECT count(*), count(DISTINCT platform_msg_id) FROM touchpoints "
+                               "WHERE channel='wechat' AND direction='in'")[0]
+    return int(journal), int(tps), int(distinct)
+
+
+def count_store(store: Store) -> tuple[int, int, dict[str, int]]:
     """Inbound WeChat touchpoints, customers and campaign deliveries by status in the service's store."""
-    with sqlite3.connect(db) as conn:
-        tps = conn.execute("SELECT count(*) FROM touchpoints WHERE channel='wechat' AND direction='in'").fetchone()[0]
-        customers = conn.execute("SELECT count(*) FROM identities WHERE channel='wechat'").fetchone()[0]
-        deliveries = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall())
+    tps = store.scalar("SELECT count(*) FROM touchpoints WHERE channel='wechat' AND direction='in'")
+    customers = store.scalar("SELECT count(*) FROM identities WHERE channel='wechat'")
+    deliveries = {str(k): int(v) for k, v in store.rows("SELECT status, count(*) FROM deliveries GROUP BY status")}
     return int(tps), int(customers), deliveries
 
 
@@ -312,6 +350,8 @@ def main() -> None:
                         help="no demo campaigns: isolates ingest from the outbox's work on welcome messages")
     parser.add_argument("--events", choices=("text", "location"), default="text",
                         help="text messages (answered once applied) or location reports (answered once durable)")
+    parser.add_argument("--postgres", action="store_true",
+                        help=f"on PostgreSQL ({postgres_url()}): one --role web instance answers, one --role worker applies")
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="the service's event loop (scrm run --loop): uvloop when installed, by default")
     parser.add_argument("--keep", action="store_true", help="keep the service's folder (config, store, log)")
@@ -332,13 +372,32 @@ def main() -> None:
     load = run_wrk if generator == "wrk" else run_aiohttp
 
     folder = Path(tempfile.mkdtemp(prefix="scrm-bench-ingest-"))
-    service_port, bare_port, wechat_port = free_port(), free_port(), free_port()
+    service_port, worker_port, bare_port, wechat_port = free_port(), free_port(), free_port(), free_port()
     config = write_config(folder, wechat_port, campaigns=not args.no_campaigns)
+    schema = None
+    if args.postgres:  # one web instance (journal only) and one worker (applies), in a schema of their own
+        schema = f"bench_ingest_{int(time.time())}"
+        store = Store(url=postgres_url(), schema=schema)
+        store.rows(f"CREATE SCHEMA {schema}")
+        text = config.read_text("utf-8").replace('url = "sqlite+aiosqlite:///scrm.db"',
+                                                 f'url = "{postgres_url()}"\nschema_name = "{schema}"', 1)
+        config.write_text(text, "utf-8")
+    else:
+        store = Store(db=folder / "scrm.db")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (folder / "service.log").open("w")
-    service = subprocess.Popen([sys.executable, "-m", "scrm", "-c", str(config), "run", "--port", str(service_port),
-                                "--loop", args.loop],
-                               cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def scrm_run(port: int, role: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "scrm", "-c", str(config), "run", "--port", str(port),
+                                 "--loop", args.loop, "--role", role],
+                                cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    service = scrm_run(service_port, "web" if args.postgres else "all")
+    instances = [service]
+    if args.postgres:
+        wait_ready(f"http://127.0.0.1:{service_port}/healthz")  # it made the tables: no race at migration
+        instances.append(scrm_run(worker_port, "worker"))
+        wait_ready(f"http://127.0.0.1:{worker_port}/healthz")
     bare = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--serve-bare", str(bare_port)], cwd=ROOT, env=env)
     wechat = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--serve-wechat", str(wechat_port)], cwd=ROOT,
                               env=env)
@@ -355,14 +414,14 @@ def main() -> None:
                 "bare": f"http://127.0.0.1:{bare_port}/wechat/bench?{query}"}
         # warm-up: jieba, connection pools, first customers (not counted in the ratio, counted in the store)
         warm = load(urls["service"], 1.0, args.connections, 9 * 10**12, "service", args.events)
-        wait_applied(folder / "scrm.db")
+        wait_applied(store)
         load(urls["bare"], 1.0, args.connections, 9 * 10**12, "bare", args.events)
         for i in range(args.rounds):
             for j, target in enumerate(("service", "bare")):
                 started = time.perf_counter()
                 run = load(urls[target], args.seconds, args.connections, (1 + 2 * i + j) * 10**10, target, args.events)
                 if target == "service":  # the backlog drained before the next run: each has the machine alone
-                    run.extra["applied_per_s"] = run.ok / (wait_applied(folder / "scrm.db") - started)
+                    run.extra["applied_per_s"] = run.ok / (wait_applied(store) - started)
                 runs.append(run)
                 applied = f"  applied {run.extra['applied_per_s']:8.0f}/s" if "applied_per_s" in run.extra else ""
                 print(f"  round {i + 1} {target:7} {run.rps:8.0f} req/s  p50 {run.p50_ms:6.1f} ms  "
@@ -370,24 +429,24 @@ def main() -> None:
         # Lag at 80% of the applied rate, then a burst at twice it, both open loop (scrm.ingest's floors).
         applied_rps = sum(r.ok for r in runs if r.target == "service") / sum(
             r.ok / r.extra["applied_per_s"] for r in runs if r.target == "service")
-        mark = journal_mark(folder / "scrm.db")
+        mark = journal_mark(store)
         steady = asyncio.run(_open_loop(urls["service"], 0.8 * applied_rps, args.seconds, 7 * 10**12, args.events))
-        wait_applied(folder / "scrm.db")
-        lag, lag_rows = lag_p99(folder / "scrm.db", mark)
+        wait_applied(store)
+        lag, lag_rows = lag_p99(store, mark)
         print(f"  steady {steady.extra['rate']:8.0f} req/s sent  p99 {steady.p99_ms:6.1f} ms  errors {steady.errors}"
               f"  effect lag p99 {lag:.3f} s over {lag_rows} events", flush=True)
         burst = asyncio.run(_open_loop(urls["service"], 2 * applied_rps, BURST_SECONDS, 8 * 10**12, args.events))
         burst_end = time.perf_counter()
-        drained = wait_applied(folder / "scrm.db") - burst_end
+        drained = wait_applied(store) - burst_end
         print(f"  burst  {burst.extra['rate']:8.0f} req/s sent for {BURST_SECONDS:g}s  p99 {burst.p99_ms:6.1f} ms  "
               f"5xx {burst.extra['5xx']}  errors {burst.errors}  drained {drained:.1f} s after", flush=True)
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
-        for proc in (service, bare, wechat):
+        for proc in (*instances, bare, wechat):
             proc.send_signal(signal.SIGINT)
-        for proc in (service, bare, wechat):
+        for proc in (*instances, bare, wechat):
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -395,7 +454,9 @@ def main() -> None:
         log.close()
 
     answered = warm.ok + sum(r.ok for r in runs if r.target == "service") + steady.ok + burst.ok
-    stored, customers, deliveries = count_store(folder / "scrm.db")
+    stored, customers, deliveries = count_store(store)
+    journaled, applied_tps, distinct = exactly_once(store)
+    once = journaled == applied_tps == distinct and stored >= answered
     service_runs = [r for r in runs if r.target == "service"]
     bare_runs = [r for r in runs if r.target == "bare"]
     service_rps = sum(r.ok for r in service_runs) / sum(r.seconds for r in service_runs)
@@ -404,31 +465,36 @@ def main() -> None:
     p50 = sorted(r.p50_ms for r in service_runs)[len(service_runs) // 2]
     p99 = max(r.p99_ms for r in service_runs)
     figures = {
+        "store": "postgresql" if args.postgres else "sqlite", "loop": args.loop,
         "campaigns": not args.no_campaigns, "events": args.events, "applied_rps": round(applied_rps, 1),
         "applied_vs_bare": round(applied_rps / bare_rps, 4), "generator": generator, "connections": args.connections, "seconds_per_run": args.seconds,
         "rounds": args.rounds, "service_rps": round(service_rps, 1), "bare_rps": round(bare_rps, 1),
         "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2),
         "bare_p50_ms": round(sorted(r.p50_ms for r in bare_runs)[len(bare_runs) // 2], 2),
         "answered_200": answered, "touchpoints_stored": stored, "wechat_customers": customers,
-        "all_answered_stored": stored >= answered, "exactly_once": stored == answered,
+        "all_answered_stored": stored >= answered, "exactly_once": once, "journal_rows": journaled,
+        "distinct_applied": distinct,
         "before_ratio": BEFORE_RATIO, "applied_vs_before": round(applied_rps / bare_rps / BEFORE_RATIO, 3),
         "steady": steady.__dict__ | {"lag_p99_s": round(lag, 3), "lag_events": lag_rows},
         "burst": burst.__dict__ | {"drained_s": round(drained, 1)}, "deliveries": deliveries, "service_errors": sum(r.errors for r in service_runs),
         "ratio": round(ratio, 4), "target_ratio": 0.30, "runs": [r.__dict__ | {"rps": r.rps} for r in runs],
     }
-    write_results("ingest", figures)
+    if schema is not None:
+        store.rows(f"DROP SCHEMA {schema} CASCADE")
+    write_results("ingest" + ("_postgresql" if args.postgres else ""), figures)
     print()
     print(table([
         ("", "req/s", "p50 ms", "p99 ms"),
-        ("service (scrm run, SQLite)", f"{service_rps:.0f}", f"{p50:.1f}", f"{p99:.1f}"),
+        (f"service (scrm run, {'PostgreSQL, web + worker' if args.postgres else 'SQLite'})", f"{service_rps:.0f}", f"{p50:.1f}", f"{p99:.1f}"),
         ("  applied behind it", f"{applied_rps:.0f}", "", ""),
         ("bare aiohttp", f"{bare_rps:.0f}", f"{figures['bare_p50_ms']:.1f}",
          f"{max(r.p99_ms for r in bare_runs):.1f}"),
     ]))
     print(f"generator {generator}, {args.connections} connections, {args.rounds} x {args.seconds:g}s each, "
           f"{machine()['cpus']} CPUs")
-    print(f"answered 200: {answered}, touchpoints stored: {stored} "
-          f"({'each once' if stored == answered else 'MISSING ' + str(answered - stored) if stored < answered else 'EXTRA ' + str(stored - answered)})")
+    print(f"answered 200: {answered} (wrk's last in-flight requests uncounted); journal rows {journaled}, "
+          f"inbound touchpoints {applied_tps}, distinct message ids {distinct}: "
+          f"{'each acknowledged event applied exactly once' if once else 'NOT EXACTLY ONCE'}")
     if deliveries:
         print("campaign deliveries: " + ", ".join(f"{n} {status}" for status, n in sorted(deliveries.items())))
     if args.keep:
