@@ -50,6 +50,8 @@ _SEALED = "sealed_phone"
 _PHONE_FIELD = "journal_phone"
 #: Keys of events the platform gives no id: unique, so never taken for a retry (as before the journal).
 _OWN_KEY = "~"
+#: Waiting events looked up per statement by an instance whose events another one applies.
+WATCH_CHUNK = 500
 
 _EXISTING = select(_T.c.id, _T.c.dedup_key, _T.c.received_at, _T.c.reaction).where(
     _T.c.channel == bindparam("channel"), _T.c.account == bindparam("account"),
@@ -224,9 +226,11 @@ class Journal:
             if not self._waiting:
                 continue
             try:
-                ids = list(self._waiting)
+                ids = sorted(self._waiting)
+                found: list[Any] = []
                 async with self.service.sessions() as session:
-                    found = (await session.execute(_APPLIED, {"ids": ids})).all()
+                    for start in range(0, len(ids), WATCH_CHUNK):  # a backlog of thousands: bounded statements
+                        found += (await session.execute(_APPLIED, {"ids": ids[start:start + WATCH_CHUNK]})).all()
             except Exception:  # noqa: BLE001 - the next poll tries again; the events are durable
                 log.exception("could not read the applied events of the journal")
                 continue
