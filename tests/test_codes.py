@@ -35,7 +35,7 @@ from scrm.store.models import (
     TrackedLink,
 )
 from scrm.web import SERVICE, create_app
-from tests.conftest import cli_env, eventually
+from tests.conftest import applied, cli_env, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, user
 from tests.fakes.wechat import FakeWeChat, event_xml, plaintext
 from tests.fakes.wecom import CallbackSigner, FakeWeCom, contact_event
@@ -92,6 +92,7 @@ async def follow(client, openid: str, event: str, key: str, when: int) -> str:
     cb = plaintext(WX_TOKEN, event_xml(openid, event, key, create_time=when, extra={"Ticket": "gQ0"}))
     resp = await client.post("/wechat/brand", params=cb.query, data=cb.body, headers={"Content-Type": "text/xml"})
     assert resp.status == 200
+    await applied(client.app[SERVICE])  # an unfollow is answered once durable, applied behind
     return await resp.text()
 
 

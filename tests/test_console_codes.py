@@ -31,6 +31,7 @@ from scrm.acquisition import codes
 from scrm.acquisition.codes import CodeSpec
 from scrm.store.engine import writing
 from scrm.store.models import AcquisitionCode, CodeScan, Customer
+from tests.conftest import applied
 from tests.console_support import Console, page, screenshot, serve, sign_in  # noqa: F401 (fixtures)
 from tests.fakes.wechat import FakeWeChat, event_xml, message_xml, plaintext
 from tests.fakes.wecom import FakeWeCom
@@ -358,6 +359,7 @@ async def test_a_manager_reads_the_figures_after_arrivals_but_may_not_change_cod
                                                           extra={"Ticket": "gQ0"} if key else {}))
         await arrive(console, http, "o_amy", message_xml("o_amy", "text", {"Content": "有没有新款?"}, msg_id=9001,
                                                          create_time=now + len(events)))
+    await applied(svc)  # the unfollow and the text are answered once durable, applied behind
     amy = await customer_by(svc, "wechat", "o_amy")
     assert amy is not None and amy.acquisition_source == "code:poster_mall"
     async with writing(svc.sessions) as session:

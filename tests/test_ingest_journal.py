@@ -252,7 +252,7 @@ async def test_wechat_acknowledges_a_location_report_before_applying_it_and_stil
     gate, entered = asyncio.Event(), asyncio.Event()
     hold(monkeypatch, gate, entered)
     client, service = await wechat_start(aiohttp_client, make_config, clock, fake)
-    resp = await wechat_post(client, plaintext(WECHAT_TOKEN, location_report("o_lu", 1_700_000_100)))
+    resp = await wechat_post(client, plaintext(WECHAT_TOKEN, location_report("o_lu", 1_700_000_100)), wait=False)
     assert (resp.status, await resp.text()) == (200, "success")
     row, = await journal(service)  # the answer came with the event durable and not applied
     assert row.applied_at is None and row.event["kind"] == "location_report" and await inbound(service) == []

@@ -61,8 +61,13 @@ async def start(aiohttp_client, make_config, clock, fake: FakeWeChat, overrides:
     return client, client.app[SERVICE]
 
 
-async def post(client, cb: Callback, path: str = "/wechat/brand"):
-    return await client.post(path, params=cb.query, data=cb.body, headers={"Content-Type": "text/xml"})
+async def post(client, cb: Callback, path: str = "/wechat/brand", *, wait: bool = True):
+    """Post a callback; once WeChat is answered 200 (most callbacks once durable: scrm.ingest), wait until the
+    journal holds nothing unapplied, unless ``wait`` is False (a test that holds the consumer)."""
+    resp = await client.post(path, params=cb.query, data=cb.body, headers={"Content-Type": "text/xml"})
+    if wait and resp.status == 200:
+        await applied(client.app[SERVICE])
+    return resp
 
 
 async def count(service, model, *where) -> int:
