@@ -209,7 +209,9 @@ class WeComChannel(Channel):
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
         #: In-flight welcome per external id, so a welcome campaign can wait for it instead of racing it.
-        self._welcomes: dict[str, asyncio.Task[None]] = {}
+        # Welcomes under way per contact: a retried callback spawns a second one (its event turns out a
+        # duplicate only once applied), and a campaign message must wait for all of them.
+        self._welcomes: dict[str, set[asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -610,12 +612,14 @@ class WeComChannel(Channel):
     def _spawn(self, coro: Awaitable[None], external_id: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._background.add(task)
-        self._welcomes[external_id] = task
+        self._welcomes.setdefault(external_id, set()).add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._background.discard(t)
-            if self._welcomes.get(external_id) is t:
-                del self._welcomes[external_id]
+            under_way = self._welcomes.get(external_id, set())
+            under_way.discard(t)
+            if not under_way:
+                self._welcomes.pop(external_id, None)
 
         task.add_done_callback(done)
 
@@ -764,8 +768,8 @@ class WeComChannel(Channel):
         loaded = self.service.campaigns.get(message.campaign or "")
         if loaded is None or loaded.definition.trigger.event != "first_message":
             return False
-        if (task := self._welcomes.get(message.external_id)) is not None:
-            await asyncio.wait({task}, timeout=WELCOME_CODE_TTL + 5)
+        if under_way := self._welcomes.get(message.external_id):
+            await asyncio.wait(set(under_way), timeout=WELCOME_CODE_TTL + 5)
         async with self.service.sessions() as session:
             customer = await find_customer(session, "wecom", message.external_id, self.account)
             if customer is None:
