@@ -149,6 +149,8 @@ class FakeWeCom:
         self.welcomes: list[tuple[str, float, dict[str, Any]]] = []
         #: Queued forced errors per API path, answered before normal handling.
         self.fail_next: dict[str, list[tuple[int, str]]] = {}
+        #: API paths whose next call finds every token issued so far expired.
+        self.expire_on: set[str] = set()
         self.app = web.Application()
         self.app.router.add_route("*", "/cgi-bin/{path:.+}", self._dispatch)
 
@@ -200,6 +202,9 @@ class FakeWeCom:
         self.calls.append((path, query, body))
         if path == "gettoken":
             return self._gettoken(query)
+        if path in self.expire_on:
+            self.expire_on.discard(path)
+            self.expire_tokens()
         expiry = self.tokens.get(query.get("access_token", ""))
         if expiry is None:
             return _error(*INVALID_TOKEN)
