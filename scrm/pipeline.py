@@ -82,6 +82,16 @@ class BatchOutcome:
     customers: set[int]
 
 
+def _row(customer_id: int | None, channel: str, account: str, direction: str, kind: str, now: datetime, *,
+         text: str | None = None, payload: dict[str, Any] | None = None, platform_msg_id: str | None = None,
+         actor: str | None = None, reply_to: str | None = None) -> dict[str, Any]:
+    """One touchpoint of a batch, as a row of its multi-row insert."""
+    return {"customer_id": customer_id, "actor": actor, "channel": channel, "account": account,
+            "direction": direction, "kind": kind, "text": text, "payload": payload or {},
+            "platform_msg_id": platform_msg_id, "campaign": None, "delivery_id": None, "created_at": now,
+            "reply_to": reply_to}
+
+
 @dataclass
 class _Batch:
     """What the batch's events queued, written together by :meth:`flush`."""
@@ -112,12 +122,9 @@ class _Batch:
     def touchpoint(self, event: InboundEvent, customer_id: int | None, direction: str, kind: str, *,
                    text: str | None = None, payload: dict[str, Any] | None = None,
                    platform_msg_id: str | None = None, actor: str | None = None, reply_to: str | None = None) -> None:
-        self.touchpoints.append({
-            "customer_id": customer_id, "actor": actor, "channel": event.channel, "account": event.account,
-            "direction": direction, "kind": kind, "text": text, "payload": payload or {},
-            "platform_msg_id": platform_msg_id, "campaign": None, "delivery_id": None, "created_at": self.now,
-            "reply_to": reply_to,
-        })
+        self.touchpoints.append(_row(customer_id, event.channel, event.account, direction, kind, self.now,
+                                     text=text, payload=payload, platform_msg_id=platform_msg_id, actor=actor,
+                                     reply_to=reply_to))
 
     def reply(self, event: InboundEvent, customer_id: int | None, text: str, actor: str | None = None) -> None:
         """A reply to the event, found again by the event's platform id when the platform retries it."""
@@ -160,14 +167,16 @@ class _Batch:
         if self.names:
             await session.execute(_NAMED, [{"row_id": i, "name": n} for i, n in self.names.items()])
             self.names.clear()
+        if self.noted:
+            noted, self.noted = self.noted, []
+            for c in await threads.note_messages(session, noted, now):
+                self.touchpoints.append(_row(c.customer_id, c.channel, c.account, "internal", "conversation_opened",
+                                             now, payload={"conversation": c.conversation_id, "person": c.person}))
         if self.touchpoints:
             rows, self.touchpoints = self.touchpoints, []
             await session.execute(_INSERT_TOUCHPOINTS, rows)
             metrics.bulk_touchpoints(session, rows)
             await webhook_events.emit_touchpoints(session, rows)
-        if self.noted:
-            noted, self.noted = self.noted, []
-            await threads.note_messages(session, noted, now)
         if self.intents:
             intents, self.intents = self.intents, set()
             await loyalty_commands.note_intents(self.service, session, intents, now)

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm.campaigns import templates
 from scrm.conversations.replies import WorkingHours, at_work, staff_zone
 from scrm.customers import touchpoint
 from scrm.store.models import STAFF_REPLY, Conversation, Customer, Delivery, Identity
+
+_C = Conversation.__table__
 
 if TYPE_CHECKING:
     from scrm.config import Config
@@ -120,9 +122,22 @@ def _as_naive(value: Any) -> datetime:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-async def note_messages(session: AsyncSession, noted: Iterable[Noted], now: datetime) -> list[int]:
-    """Open, reopen or update the conversations of a batch's customer messages; returns the ids of
-    conversations that opened or reopened (their assignee is told by :func:`alert_new`)."""
+@dataclass(frozen=True)
+class Opened:
+    """A conversation a batch opened or reopened: its ``conversation_opened`` touchpoint is the batch's to
+    write (with the batch's other touchpoints), and :func:`alert_new` tells its assignee."""
+
+    conversation_id: int
+    customer_id: int
+    channel: str
+    account: str
+    person: bool
+
+
+async def note_messages(session: AsyncSession, noted: Iterable[Noted], now: datetime) -> list[Opened]:
+    """Open, reopen or update the conversations of a batch's customer messages; returns those that opened
+    or reopened. New conversations are one multi-row INSERT ... RETURNING: through the ORM, SQLite (whose
+    RETURNING keeps no row order) would take one statement per row."""
     latest: dict[tuple[int, str, str], Noted] = {}
     for n in noted:
         key = (n.customer_id, n.channel, n.account)
@@ -133,17 +148,16 @@ async def note_messages(session: AsyncSession, noted: Iterable[Noted], now: date
         return []
     existing = {(c.customer_id, c.channel, c.account): c for c in (await session.scalars(
         select(Conversation).where(Conversation.customer_id.in_({k[0] for k in latest})))).all()}
-    opened: list[Conversation] = []
+    opened: list[Opened] = []
+    new: list[dict[str, Any]] = []
     for key, n in latest.items():
         conv = existing.get(key)
         if conv is None:
             if n.answered and not n.person:
                 continue
-            conv = Conversation(customer_id=n.customer_id, channel=n.channel, account=n.account, state="open",
-                                handled=n.person, opened_at=now, waiting_since=now, last_customer_at=now,
-                                updated_at=now)
-            session.add(conv)
-            opened.append(conv)
+            new.append({"customer_id": n.customer_id, "channel": n.channel, "account": n.account, "state": "open",
+                        "handled": n.person, "opened_at": now, "waiting_since": now, "last_customer_at": now,
+                        "updated_at": now})
             continue
         conv.last_customer_at, conv.updated_at = now, now
         if conv.state == "resolved":
@@ -152,19 +166,18 @@ async def note_messages(session: AsyncSession, noted: Iterable[Noted], now: date
             conv.state, conv.opened_at, conv.waiting_since = "open", now, now
             conv.handled, conv.first_response_at, conv.resolved_at, conv.resolved_by = n.person, None, None, None
             conv.alerted_at = None
-            opened.append(conv)
+            opened.append(Opened(conv.id, conv.customer_id, conv.channel, conv.account, n.person))
         elif not n.answered or n.person:
             conv.state = "open"
             conv.waiting_since = conv.waiting_since or now
             conv.handled = conv.handled or n.person
             if n.person and not conv.alerted_at:
-                opened.append(conv)
+                opened.append(Opened(conv.id, conv.customer_id, conv.channel, conv.account, bool(conv.handled)))
     await session.flush()
-    for conv in opened:
-        touchpoint(session, customer_id=conv.customer_id, channel=conv.channel, account=conv.account,
-                   direction="internal", kind="conversation_opened", now=now,
-                   payload={"conversation": conv.id, "person": conv.handled})
-    return [c.id for c in opened]
+    if new:
+        opened += [Opened(*row) for row in await session.execute(insert(_C).returning(
+            _C.c.id, _C.c.customer_id, _C.c.channel, _C.c.account, _C.c.handled), new)]
+    return opened
 
 
 async def current(session: AsyncSession, customer_id: int, channel: str | None = None) -> Conversation | None:
