@@ -298,19 +298,34 @@ def agents(config: Config) -> list[str]:
     return config.conversations.agents or sorted(k for k, role in config.staff.items() if role in ("operator", "admin"))
 
 
-async def next_agent(config: Config, session: AsyncSession, now: datetime,
-                     hours: WorkingHours | None = None) -> str | None:
+class Rota:
     """Round-robin among the agents on duty (inside ``hours`` in their own time zone; all of them when
-    none is, or without hours): the one whose last assignment is the oldest, never assigned first."""
-    names = agents(config)
-    if hours is not None:
-        names = [n for n in names if at_work(hours, staff_zone(config, n), now)] or names
-    if not names:
-        return None
-    last = dict((await session.execute(select(Conversation.assignee, func.max(Conversation.assigned_at))
-                                       .where(Conversation.assignee.in_(names))
-                                       .group_by(Conversation.assignee))).all())
-    return min(names, key=lambda name: (last.get(name) is not None, last.get(name) or datetime.min, name))
+    none is, or without hours): the one whose last assignment is the oldest, never assigned first. Read
+    once for a batch of assignments, and kept current as it hands them out."""
+
+    def __init__(self, names: list[str], last: dict[str, datetime], now: datetime) -> None:
+        self._names, self._last, self._now = names, last, now
+        self._turn: dict[str, int] = {}  # name -> the number of the turn it last took in this batch
+
+    @classmethod
+    async def read(cls, config: Config, session: AsyncSession, now: datetime,
+                   hours: WorkingHours | None = None) -> Rota:
+        names = agents(config)
+        if hours is not None:
+            names = [n for n in names if at_work(hours, staff_zone(config, n), now)] or names
+        rows = (await session.execute(select(Conversation.assignee, func.max(Conversation.assigned_at))
+                                      .where(Conversation.assignee.in_(names))
+                                      .group_by(Conversation.assignee))).all() if names else []
+        return cls(names, {name: at for name, at in rows if name is not None and at is not None}, now)
+
+    def next(self) -> str | None:
+        if not self._names:
+            return None
+        name = min(self._names, key=lambda n: (self._last.get(n) is not None, self._last.get(n) or datetime.min,
+                                               self._turn.get(n, 0), n))
+        self._last[name] = self._now
+        self._turn[name] = max(self._turn.values(), default=0) + 1
+        return name
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ crash can lose one but never send one twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,17 @@ log = logging.getLogger(__name__)
 
 
 async def owner_of(service: Runtime, session: AsyncSession, customer_id: int) -> str | None:
-    owner = await session.scalar(select(LoyaltyAccount.owner).where(LoyaltyAccount.customer_id == customer_id))
-    return owner or (loyalty(service).followups.default_owner if service.config.loyalty else None)
+    return (await owners_of(service, session, [customer_id]))[customer_id]
+
+
+async def owners_of(service: Runtime, session: AsyncSession, customer_ids: Collection[int]) -> dict[int, str | None]:
+    """Each customer's owner (their loyalty account's, else the follow-ups' default owner): one query."""
+    default = loyalty(service).followups.default_owner if service.config.loyalty else None
+    if not customer_ids:
+        return {}
+    owners = dict((await session.execute(select(LoyaltyAccount.customer_id, LoyaltyAccount.owner).where(
+        LoyaltyAccount.customer_id.in_(set(customer_ids))))).all())
+    return {customer_id: owners.get(customer_id) or default for customer_id in customer_ids}
 
 
 async def assign(service: Runtime, session: AsyncSession, customer_id: int, owner: str, now: datetime,
@@ -162,16 +172,24 @@ async def send_to_staff(service: Runtime, session: AsyncSession, staff: str, tex
                         kind: str = "staff_alert", **payload: object) -> bool:
     """Send a chat message to a staff identity ``<channel>:<id>`` and record it as a touchpoint (with
     ``payload``, e.g. what the alert is about)."""
+    message = await staff_message(service, session, staff, text)
+    if message is None:
+        return False
+    result = await service.channels[(message.channel, message.account)].send(message)
+    staff_message_touchpoint(session, message, result, kind, now, **payload)
+    return result.status == "sent"
+
+
+async def staff_message(service: Runtime, session: AsyncSession, staff: str, text: str) -> OutboundMessage | None:
+    """A message to a staff identity ``<channel>:<id>`` with when they last wrote (WeChat's window), or
+    None when no configured channel reaches them."""
     channel_kind, _, external_id = staff.partition(":")
     account = next((acc for (k, acc) in service.channels if k == channel_kind), None)
     if not external_id or account is None:
         log.warning("no configured %s channel to reach staff %s", channel_kind, staff)
-        return False
+        return None
     seen = await staff_last_inbound(session, channel_kind, account, external_id)
-    message = OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen)
-    result = await service.channels[(channel_kind, account)].send(message)
-    staff_message_touchpoint(session, message, result, kind, now, **payload)
-    return result.status == "sent"
+    return OutboundMessage(channel_kind, account, external_id, text, last_inbound_at=seen)
 
 
 async def alert_new_tasks(service: Runtime, session: AsyncSession, now: datetime) -> int:
