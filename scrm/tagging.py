@@ -9,6 +9,7 @@ rules. Hits carry a score; a tag is applied when its accumulated score reaches t
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import unicodedata
@@ -52,6 +53,9 @@ _segmenter_lock = threading.Lock()
 _segmenter: rjieba.Jieba | None = None
 #: How many tokens before a hit are searched for the rule's negation words.
 NEGATION_WINDOW = 2
+#: Texts whose tokens are kept, and the longest text kept (at most a few MB in all).
+TOKENS_CACHED = 4096
+CACHED_CHARS = 500
 _PUNCT = re.compile(r"^[\W_]+$")
 #: jieba-rs keeps ``win-back``, ``2026-01-05`` or ``opted_out`` whole; Python jieba splits them into
 #: letter/digit runs and single marks, and keywords were written against that.
@@ -89,7 +93,24 @@ def _cut(text: str) -> list[str]:
 
 
 def tokenize(text: str) -> list[str]:
-    return [t for t in _cut(normalize(text)) if t.strip() and not _PUNCT.match(t)]
+    return list(_cached_tokens(text) if len(text) <= CACHED_CHARS else _tokens(text))
+
+
+def _tokens(text: str) -> tuple[str, ...]:
+    return tuple(t for t in _cut(normalize(text)) if t.strip() and not _PUNCT.match(t))
+
+
+@functools.lru_cache(maxsize=TOKENS_CACHED)
+def _cached_tokens(text: str) -> tuple[str, ...]:
+    """A message is segmented on the webhook path (does a reply rule answer it?) and again when its event
+    is applied, milliseconds later: the second finds the first's tokens here. Cleared whenever the
+    dictionary gains words."""
+    return _tokens(text)
+
+
+def _add_word(word: str, freq: int | None, tag: str | None) -> None:
+    segmenter().add_word(word, freq, tag)
+    _cached_tokens.cache_clear()
 
 
 def load_dictionary(path: Path) -> None:
@@ -98,7 +119,7 @@ def load_dictionary(path: Path) -> None:
         parts = line.split()
         if parts:
             freq = int(parts[1]) if len(parts) > 1 and parts[1].isascii() and parts[1].isdigit() else None
-            segmenter().add_word(parts[0], freq, parts[2] if len(parts) > 2 else None)
+            _add_word(parts[0], freq, parts[2] if len(parts) > 2 else None)
 
 
 class KeywordTagger:
@@ -114,7 +135,7 @@ class KeywordTagger:
             for word in [*rule.keywords, *rule.negations]:
                 word = normalize(word)
                 if len(word) > 1 and " " not in word:
-                    segmenter().add_word(word, 100_000, None)
+                    _add_word(word, 100_000, None)
         for i, rule in enumerate(self.rules):
             self._negations.append(frozenset(normalize(w) for w in rule.negations))
             for keyword in rule.keywords:
