@@ -7,7 +7,7 @@ Starts ``scrm run`` (its event loop: ``--loop``; a config written by ``scrm init
 whose API is the fake WeChat server of tests/fakes/wechat.py in its own process, so the demo welcome
 messages are delivered as on a live account) and a bare aiohttp app whose handler reads the body
 and answers ``success``. Both get the same signed WeChat text messages (unique MsgIds; every other
-one from a returning customer) at the same concurrency for the same time, alternating A B A B, from
+one from a returning customer; the texts, drawn from a few, end with the MsgId, so no two are the same) at the same concurrency for the same time, alternating A B A B, from
 ``wrk`` (bench/wechat.lua) when installed, else an aiohttp load generator. Afterwards every request
 the service answered 200 must be a touchpoint in the store. Headline: service req/s / bare req/s.
 
@@ -100,7 +100,7 @@ def body(msg_id: int, events: str = "text") -> bytes:
                 "<Precision>119.385040</Precision></xml>").encode()
     return (f"<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[{openid}]]>"
             f"</FromUserName><CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-            f"<Content><![CDATA[{TEXTS[msg_id % len(TEXTS)]}]]></Content><MsgId>{msg_id}</MsgId></xml>").encode()
+            f"<Content><![CDATA[{TEXTS[msg_id % len(TEXTS)]} {msg_id}]]></Content><MsgId>{msg_id}</MsgId></xml>").encode()
 
 
 # -- the servers ---------------------------------------------------------------------------------------

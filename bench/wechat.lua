@@ -52,8 +52,8 @@ function request()
   else
     body = string.format(
       "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>" ..
-      "<CreateTime>%d</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[%s]]></Content>" ..
-      "<MsgId>%.0f</MsgId></xml>", openid, os.time(), texts[(counter % #texts) + 1], id)
+      "<CreateTime>%d</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[%s %.0f]]></Content>" ..
+      "<MsgId>%.0f</MsgId></xml>", openid, os.time(), texts[(counter % #texts) + 1], id, id)
   end
   return wrk.format("POST", path, headers, body)
 end
