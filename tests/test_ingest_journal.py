@@ -349,3 +349,15 @@ async def test_sigkill_between_durable_and_applied_loses_no_acknowledged_event_a
         await kill_all([web, first, second])
         await engine.dispose()
         await runner.cleanup()
+
+
+def test_an_instance_looks_up_the_events_it_waits_for_in_bounded_id_ranges():
+    """A web instance polls for the events another instance applied: ranges of at most WATCH_CHUNK ids, a
+    new range after a gap wider than WATCH_SPAN (an old event still waiting must not drag in every row
+    since it)."""
+    from scrm.ingest.journal import WATCH_CHUNK, WATCH_SPAN, _ranges
+
+    assert _ranges([7]) == [(7, 7)]
+    assert _ranges([1, 2, 3, 3 + WATCH_SPAN + 1, 3 + WATCH_SPAN + 2]) == [(1, 3), (4 + WATCH_SPAN, 5 + WATCH_SPAN)]
+    many = list(range(1, 2 * WATCH_CHUNK + 2))
+    assert _ranges(many) == [(1, WATCH_CHUNK), (WATCH_CHUNK + 1, 2 * WATCH_CHUNK), (2 * WATCH_CHUNK + 1,) * 2]
