@@ -11,8 +11,7 @@ and ``scan`` for a channel code's welcome, menu clicks) waits until the core has
 most ``reply_timeout_seconds`` (a reply found later goes out as a customer-service message). Every other
 callback (text no reply rule matches, location reports, pictures, unfollows...) is acknowledged as soon
 as it is durable in the journal (scrm.ingest); its effects follow, and an answer it gets then (the
-fallback reply, say) is queued in the outbox with them, which sends it as a customer-service message
-(retried like any message, from whichever instance runs the outbox). An event that cannot be made durable is
+fallback reply, say) goes out as a customer-service message. An event that cannot be made durable is
 not acknowledged (503: WeChat tries again).
 
 Outbound: customer-service text messages inside the 48-hour window after the person's last interaction,
@@ -524,14 +523,15 @@ class WeChatChannel(Channel):
 
     async def _react(self, event: InboundEvent) -> Reaction | None:
         """The core's reaction to answer now, or None to answer ``success``: for a callback that cannot
-        have a passive reply, once it is durable (an answer found when it is applied is queued in the
-        outbox, which sends it as a customer-service message); else when applying it takes longer than
-        WeChat waits (an answer then follows from here, as a customer-service message). A duplicate is
-        WeChat retrying: within its window it gets the replies recorded for the first try, whose answer WeChat
+        have a passive reply, once it is durable (an answer found when it is applied follows as a
+        customer-service message); else when applying it takes longer than WeChat waits (likewise). A
+        duplicate is WeChat
+        retrying: within its window it gets the replies recorded for the first try, whose answer WeChat
         did not get; only the answer is given again, nothing is run twice."""
-        accepted = self.service.accept_passive(event)
-        if isinstance(accepted, asyncio.Future):  # no passive reply possible: its answers go by the outbox
-            await asyncio.shield(accepted)  # a store error: 503, and WeChat tries again
+        accepted = self.service.accept(event)
+        if not accepted.answers:
+            accepted.applied.add_done_callback(partial(self._late_reaction, event.external_id))
+            await asyncio.shield(accepted.durable)  # a store error: 503, and WeChat tries again
             return None
         committed = accepted.applied
         await asyncio.wait((committed,), timeout=self.settings.reply_timeout_seconds)  # never cancels it

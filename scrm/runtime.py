@@ -87,10 +87,6 @@ class Runtime(Protocol):
     def accept(self, event: InboundEvent) -> Accepted:
         """The event's ``durable`` (acknowledge on it) and ``applied`` (its reaction) futures."""
 
-    def accept_passive(self, event: InboundEvent) -> Accepted | asyncio.Future[None]:
-        """For a passive-reply channel: as accept(), or only ``durable`` when the event cannot have a
-        passive reply (its answers then go through the outbox)."""
-
     def wake_outbox(self) -> None: ...
 
     def touch(self, customer_ids: set[int]) -> None:

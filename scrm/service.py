@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
@@ -110,23 +111,12 @@ class Service:
     def accept(self, event: InboundEvent) -> Accepted:
         """Hand an event to the journal: ``durable`` resolves once it may be acknowledged, ``applied``
         with its reaction once its effects are committed (scrm.ingest)."""
-        return self._accept(cleaned(event))
-
-    def accept_passive(self, event: InboundEvent) -> Accepted | asyncio.Future[None]:
-        """For a channel whose answer rides on the acknowledgement (WeChat's passive reply): the event to
-        wait for when applying it may give such an answer (scrm.ingest.replying); else only its append's
-        commit, and what applying it answers goes out through the outbox (Journal.accept_unanswered)."""
         event = cleaned(event)
-        if may_answer(self, event):
-            return self._accept(event)
-        return self.journal.accept_unanswered(event)
-
-    def _accept(self, event: InboundEvent) -> Accepted:
         role = staff.role_of(self, event)
         if role is not None and staff.reads_only(event.text, role):
             # A staff report is read beside the writer first; the consumer records its answer.
             return self.journal.accept_after(event, staff.answer_beside_writer(self, event, role))
-        return self.journal.accept(event)
+        return replace(self.journal.accept(event), answers=may_answer(self, event))
 
     def wake_outbox(self) -> None:
         run_soon(self.scheduler, OUTBOX_JOB)

@@ -22,7 +22,7 @@ from scrm.conversations.autoreply import AUTO_REPLY, AutoReplies
 from scrm.conversations.replies import ReplyError, check_file, load_replies
 from scrm.messages import InboundEvent, Reaction
 from scrm.service import Service
-from scrm.store.models import AUTO_REPLY_ACTOR, Conversation, Delivery, Identity, Touchpoint
+from scrm.store.models import Conversation, Delivery, Identity, Touchpoint
 from scrm.web import SERVICE, create_app
 from tests.conftest import ROOT, eventually
 from tests.fakes.telegram import FakeTelegram, Updates, group_chat, user
@@ -181,9 +181,8 @@ async def test_negation_cancels_a_keyword(wechat):
 
 async def test_text_no_rule_matches_is_acknowledged_once_durable_and_its_fallback_follows_as_a_message(
         aiohttp_server, aiohttp_client, make_config, tmp_path):
-    # Only text a rule (or a command) may answer waits to be applied; the fallback is queued in the outbox
-    # when it is applied, and sent as a customer-service message inside the window the message opened
-    # (scrm.ingest.replying).
+    # Only text a rule (or a command) may answer waits to be applied; the fallback is sent once it is
+    # applied, as a customer-service message inside the window the message opened (scrm.ingest.replying).
     fake = FakeWeChat()
     server = await aiohttp_server(fake.app())
     fake.base_url = str(server.make_url("/"))  # type: ignore[attr-defined]
@@ -191,7 +190,7 @@ async def test_text_no_rule_matches_is_acknowledged_once_durable_and_its_fallbac
     config = make_config({"channels": {"wechat": {"brand": account(fake)}}, **GIFT_POOL})
     client = await aiohttp_client(create_app(config, ManualClock(WEDNESDAY)))
     service = client.app[SERVICE]
-    assert isinstance(service.accept_passive(InboundEvent("wechat", "brand", "o_x", "location_report")), asyncio.Future)
+    assert not service.accept(InboundEvent("wechat", "brand", "o_x", "location_report")).answers
     resp = await post(client, plaintext(TOKEN, text_xml("o_dee", "今天天气不错", 8201)))
     assert await resp.text() == "success"
 
@@ -201,7 +200,6 @@ async def test_text_no_rule_matches_is_acknowledged_once_durable_and_its_fallbac
 
     assert await eventually(sent) == ["收到,客服稍后回复"]
     assert [(r, t) for r, t, _ in await auto_replies(service)] == [("8201", "收到,客服稍后回复")]
-    assert await later_answers(service) == [("o_dee", "收到,客服稍后回复", "sent")]
     # a rule's answer is still passive, and the fallback's cooldown holds the next unmatched message
     resp = await post(client, plaintext(TOKEN, text_xml("o_dee", "营业时间?", 8202)))
     assert xmltodict.parse(await resp.text())["xml"]["Content"] == "朋友,营业时间 9:00-21:00"
@@ -209,57 +207,6 @@ async def test_text_no_rule_matches_is_acknowledged_once_durable_and_its_fallbac
     assert await resp.text() == "success"
     await eventually(lambda: _applied(service, "8203"))
     assert await sent() == ["收到,客服稍后回复"]
-
-
-async def later_answers(service: Service) -> list[tuple[str, str | None, str]]:
-    async with service.sessions() as s:
-        return [tuple(r) for r in await s.execute(
-            select(Delivery.external_id, Delivery.text, Delivery.status)
-            .where(Delivery.actor == AUTO_REPLY_ACTOR).order_by(Delivery.id))]  # type: ignore[misc]
-
-
-async def test_a_fallback_that_wechat_refuses_for_a_while_is_sent_by_the_outbox_when_it_takes_it(
-        aiohttp_server, aiohttp_client, make_config, tmp_path):
-    # The answer goes through the outbox, so a busy WeChat delays it instead of losing it; a refusal
-    # that lasts is recorded against the customer, and nothing is sent twice.
-    fake = FakeWeChat()
-    server = await aiohttp_server(fake.app())
-    fake.base_url = str(server.make_url("/"))  # type: ignore[attr-defined]
-    write_replies(tmp_path / "replies", rules=RULES, fallback=ALWAYS)
-    clock = ManualClock(WEDNESDAY)
-    (tmp_path / "no-campaigns").mkdir()  # no demo welcome beside the answer
-    config = make_config({"channels": {"wechat": {"brand": account(fake)}}, **GIFT_POOL,
-                          "campaigns": {"path": str(tmp_path / "no-campaigns")}})
-    client = await aiohttp_client(create_app(config, clock))
-    service = client.app[SERVICE]
-    fake.fail_next("message/custom/send", -1, times=2)  # system busy
-    resp = await post(client, plaintext(TOKEN, text_xml("o_eve", "今天天气不错", 8301)))
-    assert await resp.text() == "success"
-
-    async def retried() -> bool:
-        return fake.count("message/custom/send") == 1 and await later_answers(service) == [
-            ("o_eve", "收到,客服稍后回复", "planned")]
-
-    await eventually(retried)
-    for seconds in (1, 2):  # the outbox's waits after WeChat's busy answers
-        clock.advance(seconds)
-        await service.outbox.tick()
-    assert await later_answers(service) == [("o_eve", "收到,客服稍后回复", "sent")]
-    assert [m["text"]["content"] for m in fake.custom_messages if m["touser"] == "o_eve"] == ["收到,客服稍后回复"]
-    async with service.sessions() as s:  # the auto_reply touchpoint stands for it: nothing more recorded
-        kinds = list(await s.scalars(select(Touchpoint.kind).where(Touchpoint.direction == "out")))
-    assert kinds == [AUTO_REPLY]
-
-    fake.fail_next("message/custom/send", 45015)  # out of the reply window (say, it closed): skipped, not retried
-    clock.advance(3600)
-    resp = await post(client, plaintext(TOKEN, text_xml("o_fay", "今天天气不错", 8302)))
-    assert await resp.text() == "success"
-
-    async def refused() -> list[str]:
-        async with service.sessions() as s:
-            return list(await s.scalars(select(Touchpoint.kind).where(Touchpoint.kind.like("auto_reply_%"))))
-
-    assert await eventually(refused) == ["auto_reply_skipped"]
 
 
 async def _applied(service: Service, msg_id: str) -> bool:

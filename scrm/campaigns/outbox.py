@@ -42,7 +42,6 @@ from scrm.messages import Article, NoticeTemplate, OutboundMessage, SendResult
 from scrm.store.dialect import insert_ignore
 from scrm.store.engine import writing
 from scrm.store.models import (
-    AUTO_REPLY_ACTOR,
     STAFF_REPLY,
     Campaign,
     ChatGroup,
@@ -492,11 +491,7 @@ class Outbox:
             d.platform_msg_id = result.platform_msg_id
             kind = {"sent": "campaign_message", "skipped": "delivery_skipped",
                     "unknown": "delivery_unknown"}.get(d.status, "delivery_failed")
-            if d.campaign == STAFF_REPLY and d.actor == AUTO_REPLY_ACTOR:
-                if d.status == "sent":
-                    continue  # its auto_reply touchpoint, written when the message was applied, stands for it
-                kind = f"auto_reply_{d.status}"
-            elif d.campaign == STAFF_REPLY:
+            if d.campaign == STAFF_REPLY:
                 kind = "staff_reply" if d.status == "sent" else f"staff_reply_{d.status}"
             payload: dict[str, Any] = {"step": d.step}
             if result.reason:

@@ -44,7 +44,7 @@ from scrm.conversations import threads
 from scrm.customers import MAX_ID
 from scrm.messages import MESSAGE_KINDS
 from scrm.store.engine import reading, writing
-from scrm.store.models import AUTO_REPLY_ACTOR, STAFF_REPLY, Conversation, Customer, Delivery, StaffAccount, Touchpoint
+from scrm.store.models import STAFF_REPLY, Conversation, Customer, Delivery, StaffAccount, Touchpoint
 
 pages = Pages()
 CONVERSATION = "/inbox/{id:[0-9]{1,10}}"
@@ -158,8 +158,7 @@ async def thread_page(session: AsyncSession, conv: Conversation, size: int, befo
 async def _queued(session: AsyncSession, conv: Conversation) -> list[Delivery]:
     """Replies to the conversation still in the outbox, in the order they go out."""
     return list((await session.scalars(select(Delivery).where(
-        Delivery.campaign == STAFF_REPLY, Delivery.actor != AUTO_REPLY_ACTOR,
-        Delivery.customer_id == conv.customer_id, Delivery.channel == conv.channel,
+        Delivery.campaign == STAFF_REPLY, Delivery.customer_id == conv.customer_id, Delivery.channel == conv.channel,
         Delivery.account == conv.account, Delivery.status.in_(_QUEUED)).order_by(Delivery.id))).all())
 
 

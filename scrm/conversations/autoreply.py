@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2 import TemplateError
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import coupons
@@ -30,7 +30,7 @@ from scrm.campaigns import templates
 from scrm.campaigns.outbox import customer_extras
 from scrm.conversations.replies import FALLBACK, LoadedRule, in_working_hours
 from scrm.messages import Article, InboundEvent
-from scrm.store.models import AUTO_REPLY_ACTOR, STAFF_REPLY, Customer, Delivery, Touchpoint
+from scrm.store.models import Customer, Touchpoint
 
 if TYPE_CHECKING:
     from scrm.runtime import Runtime
@@ -201,30 +201,3 @@ class AutoReplies:
             tags, recommendations = self._extras[customer_id]
             customer |= {"tags": tags, "recommendations": recommendations}
         return customer
-
-
-@dataclass(frozen=True)
-class LaterAnswer:
-    """An answer the acknowledgement of its message did not carry (scrm.ingest.journal.ANSWER_LATER)."""
-
-    #: The message's journal row: the delivery's occurrence, so one message queues one answer.
-    journal_id: int
-    customer_id: int
-    channel: str
-    account: str
-    external_id: str
-    text: str
-
-
-async def queue_later(session: AsyncSession, answers: list[LaterAnswer], now: datetime) -> int:
-    """Queue answers in the outbox, in the transaction that applies their messages: reply deliveries
-    (as staff replies are: in order per customer, at most once, retried while the platform is unreachable)
-    from :data:`~scrm.store.models.AUTO_REPLY_ACTOR`, recorded only when one fails (the ``auto_reply``
-    touchpoint already stands for it). Returns how many it queued."""
-    if answers:
-        await session.execute(insert(Delivery.__table__), [
-            {"campaign": STAFF_REPLY, "step": 0, "target": f"c{a.customer_id}", "occurrence": f"j{a.journal_id}",
-             "customer_id": a.customer_id, "group_id": None, "channel": a.channel, "account": a.account,
-             "external_id": a.external_id, "variant": None, "status": "planned", "attempts": 0, "text": a.text,
-             "actor": AUTO_REPLY_ACTOR, "due_at": now, "created_at": now} for a in answers])
-    return len(answers)

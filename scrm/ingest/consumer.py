@@ -2,10 +2,8 @@
 
 Runs in instances with role ``worker`` or ``all``. Each batch is one writing transaction that reads the
 oldest unapplied events, runs the pipeline on them (scrm.pipeline.handle_batch: set-based, a few
-statements per batch) and marks them applied, with the reaction recorded, in that same transaction (an
-event whose acknowledgement carried no answer has what applying it answers queued in the outbox there
-too: scrm.conversations.autoreply.queue_later): an event's effects and its ``applied_at`` commit together
-or not at all, so nothing is applied twice and
+statements per batch) and marks them applied, with the reaction recorded, in that same transaction: an
+event's effects and its ``applied_at`` commit together or not at all, so nothing is applied twice and
 nothing acknowledged is lost when the process dies (SIGKILL) between the append and the application.
 
 One consumer applies at a time. On PostgreSQL each batch transaction first takes a transaction-level
@@ -38,9 +36,8 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scrm import metrics, pipeline
-from scrm.conversations import autoreply
 from scrm.group_commit import StoreUnavailable
-from scrm.ingest.journal import ANSWER_LATER, Journal, decode, encode_reaction, scrubbed
+from scrm.ingest.journal import Journal, decode, encode_reaction, scrubbed
 from scrm.messages import Reaction
 from scrm.store.dialect import dialect_name
 from scrm.store.engine import writing
@@ -171,12 +168,6 @@ class Consumer:
             events = [decode(r.channel, r.account, r.external_id, r.event, keyring) for r in rows]
             items = [(event, self.journal.answer_for(r.id)) for event, r in zip(events, rows, strict=True)]
             outcome = await pipeline.handle_batch(service, session, items, now)
-            planned = outcome.planned + await autoreply.queue_later(session, [
-                autoreply.LaterAnswer(r.id, reaction.customer_id, r.channel, r.account, r.external_id,
-                                      "\n".join(reaction.replies))
-                for r, reaction in zip(rows, outcome.reactions, strict=True)
-                if r.event.get(ANSWER_LATER) and reaction.replies and not reaction.duplicate
-                and reaction.customer_id is not None], now)
             await session.execute(_MARK, [{"row_id": r.id, "now": now, "reaction": encode_reaction(reaction)}
                                           for r, reaction in zip(rows, outcome.reactions, strict=True)])
             kept = [{"row_id": r.id, "stored": s} for r in rows if (s := scrubbed(r.event)) is not None]
@@ -184,7 +175,7 @@ class Consumer:
                 await session.execute(_SCRUB, kept)
         for event, reaction in zip(events, outcome.reactions, strict=True):
             metrics.received(event, reaction)
-        if planned:
+        if outcome.planned:
             service.wake_outbox()
         service.touch(outcome.customers)
         self.journal.applied([(r.id, r.received_at, reaction) for r, reaction in zip(rows, outcome.reactions,

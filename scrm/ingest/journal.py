@@ -11,8 +11,6 @@ may be acknowledged on), and ``applied``, resolved with the :class:`~scrm.messag
 consumer (scrm.ingest.consumer) has committed the event's effects. The consumer in this process
 resolves the futures of what it applies at its commit; events applied by another instance's consumer
 (a ``--role web`` instance has none) are found by polling the journal rows every ``ingest.poll_seconds``.
-An event appended with :meth:`Journal.accept_unanswered` has no ``applied`` and nobody waits for it:
-the consumer queues what applying it answers in the outbox (the row's :data:`ANSWER_LATER` mark).
 
 Personal data: a phone number a person shares is sealed with the privacy keys (scrm.keyring), as the
 customer row keeps it; the consumer opens it to apply the event and drops it from the row once applied.
@@ -50,9 +48,6 @@ _T = InboundJournal.__table__
 #: The sealed phone's place in the stored event, and the field name bound into its ciphertext.
 _SEALED = "sealed_phone"
 _PHONE_FIELD = "journal_phone"
-#: The stored event's mark: its acknowledgement carried no answer, so the consumer queues what applying
-#: it answers in the outbox (scrm.conversations.threads.answer_later).
-ANSWER_LATER = "answer_later"
 #: Keys of events the platform gives no id: unique, so never taken for a retry (as before the journal).
 _OWN_KEY = "~"
 #: Waiting events looked up per statement (an id range) by an instance whose events another one applies.
@@ -77,6 +72,9 @@ class Accepted:
 
     durable: asyncio.Future[None]
     applied: asyncio.Future[Reaction]
+    #: Whether applying it may give an answer for the acknowledgement to carry (scrm.ingest.replying):
+    #: a channel with passive replies waits for ``applied`` then, else only for ``durable``.
+    answers: bool = True
 
 
 @dataclass
@@ -91,8 +89,7 @@ class _Item:
     event: InboundEvent
     #: A staff report's answer, read before the append (scrm.staff); the consumer records it.
     answer: StaffReply | None
-    #: None for an event whose answers go through the outbox (nobody waits for its application).
-    applied: asyncio.Future[Reaction] | None
+    applied: asyncio.Future[Reaction]
 
 
 class Journal:
@@ -131,13 +128,6 @@ class Journal:
         committed = self._commits.submit(_Item(event, answer, applied))
         committed.add_done_callback(lambda done: _fail_with(done, applied))
         return Accepted(committed, applied)
-
-    def accept_unanswered(self, event: InboundEvent) -> asyncio.Future[None]:
-        """Append an event whose acknowledgement carries no answer: what applying it answers (the fallback
-        reply, say) is queued in the outbox by the consumer, in the transaction of its effects, so it is
-        sent even when this process is gone by then, and retried like any message. Nobody waits for its
-        application, so nothing here watches for it. Returns the append's commit."""
-        return self._commits.submit(_Item(event, None, None))
 
     def accept_after(self, event: InboundEvent, answer: Awaitable[StaffReply]) -> Accepted:
         """Append the event once ``answer`` (a staff report's, read beside the writer) is read."""
@@ -189,9 +179,8 @@ class Journal:
             keys.append(key)
             firsts.setdefault(key, index)
         rows = [{"channel": key[0], "account": key[1], "external_id": items[index].event.external_id,
-                 "dedup_key": key[2], "event": encode(items[index].event, keyring, later=items[index].applied is None),
-                 "received_at": now, "applied_at": None, "attempts": 0, "reaction": None}
-                for key, index in firsts.items()]
+                 "dedup_key": key[2], "event": encode(items[index].event, keyring), "received_at": now,
+                 "applied_at": None, "attempts": 0, "reaction": None} for key, index in firsts.items()]
         statement = dialect_of(session).insert(_T).on_conflict_do_nothing(
             index_elements=["channel", "account", "dedup_key"]).returning(_T.c.id, _T.c.channel, _T.c.account,
                                                                           _T.c.dedup_key)
@@ -209,19 +198,16 @@ class Journal:
 
         def committed() -> None:
             for index, (item, key) in enumerate(zip(items, keys, strict=True)):
-                first = key in inserted and firsts[key] == index
-                if not first:  # a retry, of an event earlier in this batch or already in the journal
-                    metrics.received(item.event, Reaction(duplicate=True))
-                if item.applied is None:
-                    continue
-                if first:
+                if key in inserted and firsts[key] == index:
                     journal_id = inserted[key]
                     if item.answer is not None:
                         self._answers[journal_id] = item.answer
                     self._waiting[journal_id].append(_Waiter(item.applied, duplicate=False))
-                elif key in inserted:
+                elif key in inserted:  # a retry of an event earlier in this batch
+                    metrics.received(item.event, Reaction(duplicate=True))
                     self._waiting[inserted[key]].append(_Waiter(item.applied, duplicate=True))
                 else:
+                    metrics.received(item.event, Reaction(duplicate=True))
                     journal_id, received_at, recorded = earlier[key]
                     if recorded is None:
                         self._waiting[journal_id].append(_Waiter(item.applied, duplicate=True))
@@ -275,14 +261,11 @@ def _ranges(ids: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def encode(event: InboundEvent, keyring: Keyring, later: bool = False) -> dict[str, Any]:
-    """The event as the journal keeps it: a shared phone number sealed, never in clear; ``later``: its
-    answers go through the outbox (:data:`ANSWER_LATER`)."""
+def encode(event: InboundEvent, keyring: Keyring) -> dict[str, Any]:
+    """The event as the journal keeps it: a shared phone number sealed, never in clear."""
     payload = dict(event.payload)
     stored: dict[str, Any] = {"kind": event.kind, "text": event.text, "platform_msg_id": event.platform_msg_id,
                               "display_name": event.display_name, "source": event.source, "scene": event.scene}
-    if later:
-        stored[ANSWER_LATER] = True
     phone = payload.pop("phone", None)
     if isinstance(phone, str):
         sealed, key_id = keyring.seal(_PHONE_FIELD, phone)

@@ -198,9 +198,6 @@ class GroupMember(Base):
 
 #: ``Delivery.campaign`` of staff replies (scrm.conversations): sent by the outbox, no campaign's.
 STAFF_REPLY = "@reply"
-#: ``Delivery.actor`` of a reply delivery that is an auto-reply the acknowledgement of its message did not
-#: carry (scrm.conversations.autoreply.queue_later): its ``auto_reply`` touchpoint is already written.
-AUTO_REPLY_ACTOR = "auto-reply"
 
 
 class Delivery(Base):
